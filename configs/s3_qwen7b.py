@@ -1,0 +1,46 @@
+"""The paper's setup (spec §1, §6) for a TPU pod or a GPU cluster.
+
+Searcher Qwen2.5-7B-Instruct, dense E5-base-v2 over wiki-18 (FAISS, `query: `/`passage: ` prefixes),
+Qwen2.5-14B-Instruct generator on vLLM, 120 questions per PPO step, 20 steps. The retriever and
+generator run as services (launch/); point their addresses and the data paths at your hosts.
+
+  --config configs/s3_qwen7b.py[:X-Y-Z][,seed=N]
+
+X-Y-Z = docs retrieved per query - docs selected per turn - turns (paper Table 3): 8-3-3 (default),
+5-3-3, 3-3-3, 3-3-4, 5-3-4, ...
+"""
+
+import re
+
+from s3_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, variant="8-3-3", seed=0)
+  match = re.fullmatch(r"(\d+)-(\d+)-(\d+)", arg.variant)
+  if not match:
+    raise ValueError(f"configs/s3_qwen7b.py: variant {arg.variant!r} must be X-Y-Z, e.g. 8-3-3")
+  c = config_lib.default_config()
+  c.seed = arg.seed
+  c.rollout.topk, c.rollout.max_select, c.rollout.max_turns = (int(g) for g in match.groups())
+
+  c.data.train = "data/nq_hotpotqa_train/train_e5_s3.parquet"
+  c.data.test = "data/nq_hotpotqa_train/test_e5_s3.parquet"
+  c.data.corpus = "data/wiki-18/wiki-18.jsonl"
+
+  c.searcher.init_from = "models/Qwen2.5-7B-Instruct"
+  c.searcher.tokenizer = "models/Qwen2.5-7B-Instruct"
+  c.searcher.compute_dtype = "bfloat16"
+
+  c.retriever.kind = "dense"
+  c.retriever.address = "127.0.0.1:50051"
+  c.retriever.encoder = "models/e5-base-v2"
+  c.retriever.query_prefix = "query: "
+  c.retriever.passage_prefix = "passage: "
+
+  c.generator.backend = "vllm"
+  c.generator.model = "Qwen/Qwen2.5-14B-Instruct-GPTQ-Int4"
+  c.generator.address = "127.0.0.1:50052"
+
+  c.checkpoint.every = 10
+  return c

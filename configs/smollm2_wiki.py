@@ -1,0 +1,43 @@
+"""The real small run: the s3 recipe at laptop scale.
+
+SmolLM2-135M-Instruct searcher (critic from the same checkpoint), SmolLM2 generator, BM25 or MiniLM
+dense retrieval over the 10,033 Wikipedia summaries, FanOutQA or trivia questions.
+
+  --config configs/smollm2_wiki.py[:bm25|dense][,qa=fanout|trivia][,runlocal]
+"""
+
+from s3_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, variant="bm25", qa="fanout", runlocal=False)
+  if arg.variant not in ("bm25", "dense"):
+    raise ValueError(f"configs/smollm2_wiki.py: variant {arg.variant!r} must be bm25 or dense")
+  if arg.qa not in ("fanout", "trivia"):
+    raise ValueError(f"configs/smollm2_wiki.py: qa={arg.qa!r} must be fanout or trivia")
+  c = config_lib.default_config()
+  c.data.train = f"asset:qa-{arg.qa}/train.jsonl"
+  c.data.test = f"asset:qa-{arg.qa}/test.jsonl"
+
+  c.retriever.kind = arg.variant
+
+  # 8-3-3 as in the paper; contexts sized for a 135M model.
+  c.rollout.max_prompt_length = 4096
+  c.rollout.max_response_length = 200
+  c.rollout.max_start_length = 2000
+  c.rollout.max_obs_length = 700
+
+  c.ppo.batch_size = 16
+  c.ppo.mini_batch_size = 8
+  c.ppo.actor_micro_batch_size = 4
+  c.ppo.critic_micro_batch_size = 4
+
+  if arg.runlocal:  # a few minutes on a laptop: fewer questions, shorter turns
+    c.total_steps = 2
+    c.ppo.batch_size = 4
+    c.ppo.mini_batch_size = 2
+    c.ppo.actor_micro_batch_size = 1
+    c.ppo.critic_micro_batch_size = 1
+    c.rollout.max_turns = 1
+    c.rollout.max_response_length = 64
+  return c

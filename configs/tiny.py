@@ -1,0 +1,40 @@
+"""The CI pulse: a random few-million-parameter searcher with the SmolLM2 tokenizer, a corpus subset,
+and a handful of PPO steps that finish in about a minute on a laptop CPU.
+
+  --config configs/tiny.py[:bm25|dense][,steps=N]
+"""
+
+from s3_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, variant="bm25", steps=3)
+  if arg.variant not in ("bm25", "dense"):
+    raise ValueError(f"configs/tiny.py: variant {arg.variant!r} must be bm25 or dense")
+  c = config_lib.default_config()
+  c.total_steps = arg.steps
+  c.checkpoint.every = arg.steps
+  c.checkpoint.hf_export_every = 0
+
+  c.data.corpus_limit = 2000
+  c.data.train_limit = 64
+
+  c.searcher.init_from = ""  # random init of c.searcher.model (vocab 49152, hidden 64, 2 layers)
+  c.retriever.kind = arg.variant
+  c.generator.max_tokens = 16
+
+  c.rollout.topk = 3
+  c.rollout.max_select = 2
+  c.rollout.max_turns = 1
+  c.rollout.max_prompt_length = 1024
+  c.rollout.max_response_length = 48
+  c.rollout.max_start_length = 512
+  c.rollout.max_obs_length = 256
+
+  c.ppo.batch_size = 8
+  c.ppo.mini_batch_size = 4
+  c.ppo.actor_micro_batch_size = 2
+  c.ppo.critic_micro_batch_size = 2
+  c.ppo.actor_lr = 1e-4
+  c.ppo.critic_lr = 1e-4
+  return c

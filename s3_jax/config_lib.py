@@ -1,0 +1,336 @@
+"""Experiment configs: the `:arg` syntax, loading, the default schema, and validation.
+
+A config file is `configs/NAME.py` with `get_config(arg=None) -> ml_collections.ConfigDict`. On the
+command line (absl `config_flags`, locked so a mistyped key fails at once):
+
+    --config configs/s3_qwen7b.py:8-3-3,runlocal --config.ppo.actor_lr=2e-6
+
+`arg` is `variant,key=value,flag`: a bare word is `True` for a boolean key and otherwise the value of
+`variant` (big_vision's `parse_arg`, plus the positional variant). Print a resolved config with
+`python -m s3_jax.config_lib --config configs/tiny.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _coerce(key: str, text: str, default: Any, label: str = "config arg") -> Any:
+  kind = type(default)
+  if kind is bool:
+    if text.lower() in _TRUE:
+      return True
+    if text.lower() in _FALSE:
+      return False
+    raise ValueError(f"{label} {key}={text!r}: expected a boolean ({'/'.join(_TRUE + _FALSE)})")
+  if kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      raise ValueError(f"{label} {key}={text!r}: expected {kind.__name__}") from None
+  return text
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config file's `:arg` string against `defaults` (their types give the value types).
+
+  `parse_arg("8-3-3,runlocal,seed=3", variant="8-3-3", runlocal=False, seed=0)` gives
+  `variant="8-3-3", runlocal=True, seed=3`. Unknown keys and malformed values raise `ValueError`.
+  """
+  values = dict(defaults)
+  for token in filter(None, (t.strip() for t in (arg or "").split(","))):
+    key, sep, text = token.partition("=")
+    if not sep:
+      if isinstance(defaults.get(key), bool):
+        values[key] = True
+        continue
+      if "variant" in defaults:
+        key, text = "variant", token
+      else:
+        raise ValueError(f"config arg {token!r} is not a boolean key; known keys: {sorted(defaults)}")
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; known keys: {sorted(defaults)}")
+    values[key] = _coerce(key, text, defaults[key])
+  return ml_collections.ConfigDict(values)
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]`, applies `key.sub=value` overrides, locks and validates the config.
+
+  The programmatic twin of `--config path.py:arg --config.key=value`; overrides parse their value as
+  the type of the existing key, and an unknown key raises.
+  """
+  path, _, arg = spec.partition(":")
+  file = Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"config file not found: {file}")
+  module_spec = importlib.util.spec_from_file_location(f"_s3_jax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{file}: a config file must define get_config(arg=None)")
+  config = module.get_config(arg or None)
+  config.lock()
+  for override in overrides:
+    key, sep, text = override.partition("=")
+    if not sep:
+      raise ValueError(f"override {override!r} must be key=value")
+    try:
+      current = _lookup(config, key)
+    except (KeyError, AttributeError):
+      raise ValueError(f"override {key!r}: no such config key") from None
+    value = text if current is None else _coerce(key, text, current, label="override")
+    config.update_from_flattened_dict({key: value})
+  validate(config)
+  return config
+
+
+def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node: Any = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key the project reads, with s3's values (spec §6) where s3 has one.
+
+  Config files start from this and change what their experiment changes.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 20  # s3 reports its step-20 checkpoint
+  c.log_every = 1
+
+  # Device mesh ("data", "fsdp", "tensor"); one size may be -1 to take the remaining devices.
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  # Logical parameter/activation axis -> mesh axes; sampling drops fsdp on weights.
+  c.sharding_rules = [("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", "fsdp"),
+                      ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor")]
+  c.sampling_sharding_rules = [("batch", ("data", "fsdp")), ("vocab", "tensor"), ("embed", None),
+                               ("mlp", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor")]
+
+  # Datasets: a path, or `asset:NAME/FILE` for an offline asset (python -m s3_jax.assets).
+  c.data = ml_collections.ConfigDict()
+  c.data.train = "asset:qa-fanout/train.jsonl"
+  c.data.test = "asset:qa-fanout/test.jsonl"
+  c.data.corpus = "asset:wiki-vital/corpus.jsonl"
+  c.data.corpus_limit = 0  # 0 = the whole corpus
+  c.data.train_limit = 0
+  c.data.shuffle_seed = 42  # s3's data.random_seed
+
+  # The searcher (policy) and its critic. init_from: an HF folder or asset; "" = random init of `model`.
+  c.searcher = ml_collections.ConfigDict()
+  c.searcher.init_from = "asset:smollm2-135m-instruct"
+  c.searcher.tokenizer = "asset:smollm2-135m-instruct"
+  c.searcher.param_dtype = "float32"
+  c.searcher.compute_dtype = "float32"
+  c.searcher.model = ml_collections.ConfigDict({
+      "vocab_size": 49152, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+      "head_dim": 16, "mlp_size": 128, "rope_theta": 10000.0, "tie_embeddings": True})
+  c.critic = ml_collections.ConfigDict({"separate_model": True})  # s3: a separate critic network
+
+  c.retriever = ml_collections.ConfigDict()
+  c.retriever.kind = "bm25"  # bm25 | dense
+  c.retriever.address = ""  # "" = start an embedded service on a free loopback port
+  c.retriever.encoder = "asset:minilm-l6-v2"
+  c.retriever.query_prefix = ""  # E5: "query: "
+  c.retriever.passage_prefix = ""  # E5: "passage: "
+  c.retriever.faiss = "flat"  # flat | ivf | hnsw
+
+  c.generator = ml_collections.ConfigDict()
+  c.generator.backend = "jax"  # jax | vllm | openai
+  c.generator.model = "asset:smollm2-135m-instruct"
+  c.generator.address = ""
+  c.generator.max_tokens = 64
+
+  # The s3 protocol and rollout (spec §1.1, §2): X-Y-Z = topk-max_select-max_turns.
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.topk = 8
+  c.rollout.max_select = 3
+  c.rollout.max_turns = 3
+  c.rollout.turn_semantics = "s3"  # s3 (max_turns + 1 search rounds) | exact
+  c.rollout.doc_extraction = "safe"  # safe | faithful (spec §2.6, §12 item 6)
+  c.rollout.temperature = 0.6
+  c.rollout.top_p = 0.95
+  c.rollout.top_k = -1  # -1 = off
+  c.rollout.max_prompt_length = 8000
+  c.rollout.max_response_length = 500
+  c.rollout.max_start_length = 2000
+  c.rollout.max_obs_length = 1400
+
+  c.reward = ml_collections.ConfigDict({"kind": "paper", "use_judge": True})
+
+  c.ppo = ml_collections.ConfigDict()
+  c.ppo.batch_size = 120
+  c.ppo.mini_batch_size = 30
+  c.ppo.actor_micro_batch_size = 15
+  c.ppo.critic_micro_batch_size = 10
+  c.ppo.epochs = 1
+  c.ppo.clip_ratio = 0.2
+  c.ppo.dual_clip = 0.0  # 0 = off; otherwise the dual-clip constant c > 1
+  c.ppo.value_clip = 0.5
+  c.ppo.entropy_coef = 0.001
+  c.ppo.gamma = 1.0
+  c.ppo.lam = 1.0
+  c.ppo.kl_coef = 0.001
+  c.ppo.kl_estimator = "k1"
+  c.ppo.kl_mode = "reward"  # reward (s3) | loss
+  c.ppo.adv_estimator = "gae"  # gae | grpo | reinforce_pp
+  c.ppo.actor_lr = 1e-6
+  c.ppo.critic_lr = 1e-5
+  c.ppo.actor_warmup_ratio = 0.0
+  c.ppo.critic_warmup_ratio = 0.01
+  c.ppo.weight_decay = 0.01
+  c.ppo.grad_clip = 1.0
+
+  c.checkpoint = ml_collections.ConfigDict({"every": 10, "keep": 3, "hf_export_every": 20})
+  return c
+
+
+_CHOICES = {
+    "retriever.kind": ("bm25", "dense"),
+    "retriever.faiss": ("flat", "ivf", "hnsw"),
+    "generator.backend": ("jax", "vllm", "openai"),
+    "rollout.turn_semantics": ("s3", "exact"),
+    "rollout.doc_extraction": ("safe", "faithful"),
+    "reward.kind": ("paper", "code", "genacc", "em", "f1"),
+    "ppo.kl_estimator": ("k1", "k2", "k3"),
+    "ppo.kl_mode": ("reward", "loss"),
+    "ppo.adv_estimator": ("gae", "grpo", "reinforce_pp"),
+    "searcher.param_dtype": ("float32", "bfloat16"),
+    "searcher.compute_dtype": ("float32", "bfloat16"),
+}
+_POSITIVE_INTS = (
+    "total_steps", "log_every", "rollout.topk", "rollout.max_select", "rollout.max_turns",
+    "rollout.max_prompt_length", "rollout.max_response_length", "rollout.max_start_length",
+    "rollout.max_obs_length", "generator.max_tokens", "ppo.batch_size", "ppo.mini_batch_size",
+    "ppo.actor_micro_batch_size", "ppo.critic_micro_batch_size", "ppo.epochs", "checkpoint.every",
+    "checkpoint.keep", "searcher.model.vocab_size", "searcher.model.hidden_size",
+    "searcher.model.num_layers", "searcher.model.num_heads", "searcher.model.num_kv_heads",
+    "searcher.model.head_dim", "searcher.model.mlp_size")
+_NON_NEGATIVE_INTS = ("data.corpus_limit", "data.train_limit", "checkpoint.hf_export_every")
+_UNIT_INTERVAL = ("rollout.top_p", "ppo.gamma", "ppo.lam", "ppo.actor_warmup_ratio",
+                  "ppo.critic_warmup_ratio")
+_NON_NEGATIVE_FLOATS = ("rollout.temperature", "ppo.clip_ratio", "ppo.value_clip", "ppo.entropy_coef",
+                        "ppo.kl_coef", "ppo.actor_lr", "ppo.critic_lr", "ppo.weight_decay",
+                        "ppo.grad_clip")
+_MESH_AXES = ("data", "fsdp", "tensor")
+_DATA_PATH = re.compile(r"^asset:[a-z0-9-]+/.+$")
+
+
+def _bad(key: str, value: Any, why: str) -> ValueError:
+  return ValueError(f"config.{key}={value!r}: {why}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every key `default_config` defines; raises `ValueError` naming the key and the value."""
+  flat = config.to_dict()
+
+  def get(key: str) -> Any:
+    try:
+      return _lookup(flat, key)
+    except KeyError:
+      raise ValueError(f"config.{key} is missing (start config files from "
+                       f"config_lib.default_config())") from None
+
+  for key, choices in _CHOICES.items():
+    if get(key) not in choices:
+      raise _bad(key, get(key), f"must be one of {', '.join(choices)}")
+  for key in _POSITIVE_INTS:
+    value = get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise _bad(key, value, "must be a positive integer")
+  for key in _NON_NEGATIVE_INTS:
+    value = get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise _bad(key, value, "must be a non-negative integer")
+  for key in _UNIT_INTERVAL + _NON_NEGATIVE_FLOATS:
+    value = get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+      raise _bad(key, value, "must be a non-negative number")
+    if key in _UNIT_INTERVAL and value > 1:
+      raise _bad(key, value, "must be in [0, 1]")
+
+  mesh = get("mesh")
+  if sorted(mesh) != sorted(_MESH_AXES):
+    raise _bad("mesh", mesh, f"must have exactly the axes {', '.join(_MESH_AXES)}")
+  for axis, size in mesh.items():
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      raise _bad(f"mesh.{axis}", size, "must be a positive integer or -1 (take the rest)")
+  if sum(size == -1 for size in mesh.values()) > 1:
+    raise _bad("mesh", mesh, "at most one axis may be -1")
+  for key in ("sharding_rules", "sampling_sharding_rules"):
+    for rule in get(key):
+      if len(rule) != 2 or not isinstance(rule[0], str):
+        raise _bad(key, rule, "each rule is (logical_axis, mesh_axis | tuple of mesh axes | None)")
+      targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+      for target in targets:
+        if target is not None and target not in _MESH_AXES:
+          raise _bad(key, rule, f"mesh axis {target!r} is not one of {', '.join(_MESH_AXES)}")
+
+  for key in ("data.train", "data.test", "data.corpus"):
+    value = get(key)
+    if not isinstance(value, str) or not value or (value.startswith("asset:")
+                                                   and not _DATA_PATH.match(value)):
+      raise _bad(key, value, "must be a file path or asset:NAME/FILE")
+
+  rollout, ppo = get("rollout"), get("ppo")
+  if rollout["top_k"] != -1 and rollout["top_k"] < 1:
+    raise _bad("rollout.top_k", rollout["top_k"], "must be -1 (off) or a positive integer")
+  if rollout["top_p"] == 0:
+    raise _bad("rollout.top_p", 0, "must be in (0, 1]")
+  if rollout["max_select"] > rollout["topk"]:
+    raise _bad("rollout.max_select", rollout["max_select"],
+               f"cannot exceed rollout.topk={rollout['topk']}")
+  if rollout["max_start_length"] > rollout["max_prompt_length"]:
+    raise _bad("rollout.max_start_length", rollout["max_start_length"],
+               f"cannot exceed rollout.max_prompt_length={rollout['max_prompt_length']}")
+  if ppo["batch_size"] % ppo["mini_batch_size"]:
+    raise _bad("ppo.mini_batch_size", ppo["mini_batch_size"],
+               f"must divide ppo.batch_size={ppo['batch_size']}")
+  for key in ("actor_micro_batch_size", "critic_micro_batch_size"):
+    if ppo["mini_batch_size"] % ppo[key]:
+      raise _bad(f"ppo.{key}", ppo[key], f"must divide ppo.mini_batch_size={ppo['mini_batch_size']}")
+  if ppo["dual_clip"] != 0 and ppo["dual_clip"] <= 1:
+    raise _bad("ppo.dual_clip", ppo["dual_clip"], "must be 0 (off) or greater than 1")
+
+  model = get("searcher.model")
+  if model["num_heads"] % model["num_kv_heads"]:
+    raise _bad("searcher.model.num_kv_heads", model["num_kv_heads"],
+               f"must divide searcher.model.num_heads={model['num_heads']}")
+  return config
+
+
+def _cli() -> None:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flag = config_flags.DEFINE_config_file("config", None, "config file[:arg]", lock_config=True)
+  flags.mark_flag_as_required("config")
+
+  def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+      config = validate(config_flag.value)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _cli()

@@ -1,0 +1,46 @@
+"""Test setup: 8 fake CPU devices for JAX, the `gpu` marker, and asset fixtures."""
+
+import os
+
+# Must happen before anything imports jax: XLA reads the flag once, at backend start.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def pytest_collection_modifyitems(config, items):
+  gpu_items = [item for item in items if "gpu" in item.keywords]
+  if not gpu_items:
+    return
+  import jax
+
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason=f"needs a GPU; JAX backend is {jax.default_backend()}")
+  for item in gpu_items:
+    item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def asset():
+  """`asset(name)` -> the prepared asset folder (built into the cache on first use)."""
+  from s3_jax import assets
+
+  return lambda name: assets.prepare(name, log=lambda message: None)
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+  """An empty asset cache for tests of missing or freshly built assets."""
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("S3_JAX_CACHE", str(cache))
+  return cache
