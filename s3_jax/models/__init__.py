@@ -1,0 +1,1 @@
+"""Models and checkpoint conversion (`gguf_export`: GGUF -> plain Hugging Face folder)."""
