@@ -1,0 +1,287 @@
+"""One Flax NNX decoder for the Llama (SmolLM2, Llama 3), Qwen2/2.5 and Qwen3 families, and its value-head
+variant (the PPO critic).
+
+Layers are stacked along a leading `layers` axis and run with `lax.scan`, so compile time does not grow
+with depth. The math lives in pure functions over plain arrays (`forward`, `lm_logits`); the modules hold
+the parameters, each an `nnx.Param` tagged with logical axis names (`logical_axes` metadata) that
+`s3_jax.sharding` maps onto the mesh.
+
+Dimension letters in einsum strings: b batch, t query positions, s key positions, d embed, h heads,
+k kv heads, g query heads per kv head, e head_dim, f mlp, v vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from s3_jax.models.config import DecoderConfig
+
+_NEG_INF = float(np.finfo(np.float32).min)
+
+
+class KVCache(NamedTuple):
+  """Keys/values `[layers, batch, slots, kv_heads, head_dim]`, which slots hold real tokens
+  (`valid [batch, slots]`), and the next slot to write (`index`, shared by all rows)."""
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, config: DecoderConfig, batch: int, slots: int, dtype: Any) -> KVCache:
+    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
+               jnp.zeros((), jnp.int32))
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """`scale * x / sqrt(mean(x²) + eps)`, the statistics in float32 (as Hugging Face does)."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
+  """Inverse rotary frequencies `[head_dim / 2]` in float32, with Llama-3 scaling when configured."""
+  dim = config.head_dim
+  inv_freq = (1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)))
+  inv_freq = inv_freq.astype(np.float32)
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  old_len = scaling.original_max_position_embeddings
+  low_wavelen = old_len / scaling.low_freq_factor
+  high_wavelen = old_len / scaling.high_freq_factor
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = ((old_len / wavelen - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates `x [b, t, heads, e]` by `positions [b, t]` (half-split layout, as Hugging Face)."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, e/2]
+  cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+  return x * cos + rotated * sin
+
+
+def _attention(q, k, v, mask):
+  """q `[b, t, h, e]`, k/v `[b, s, k, e]`, mask `[b, t, s]` -> `[b, t, h, e]` (grouped-query)."""
+  b, t, h, e = q.shape
+  groups = h // k.shape[2]
+  q = q.reshape(b, t, k.shape[2], groups, e)
+  scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(e)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, h, e)
+
+
+def _layer(config: DecoderConfig, x, p, positions, inv_freq, kv_in, mask, cache_index):
+  """One pre-norm block. Returns the new residual stream and this layer's keys/values (full cache
+  when `kv_in` is given, else the fresh ones)."""
+  dtype = x.dtype
+  h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+  q = jnp.einsum("btd,dhe->bthe", h, p["q"].astype(dtype))
+  k = jnp.einsum("btd,dke->btke", h, p["k"].astype(dtype))
+  v = jnp.einsum("btd,dke->btke", h, p["v"].astype(dtype))
+  if config.qkv_bias:
+    q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
+  if config.qk_norm:
+    q = rms_norm(q, p["q_norm"], config.rms_norm_eps)
+    k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
+  q = apply_rope(q, positions, inv_freq)
+  k = apply_rope(k, positions, inv_freq)
+  if kv_in is not None:
+    k_all = jax.lax.dynamic_update_slice_in_dim(kv_in[0], k.astype(kv_in[0].dtype), cache_index, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(kv_in[1], v.astype(kv_in[1].dtype), cache_index, axis=1)
+    attn = _attention(q, k_all.astype(dtype), v_all.astype(dtype), mask)
+    kv_out = (k_all, v_all)
+  else:
+    attn = _attention(q, k, v, mask)
+    kv_out = (k, v)
+  x = x + jnp.einsum("bthe,hed->btd", attn, p["o"].astype(dtype))
+  h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, p["gate"].astype(dtype))
+  up = jnp.einsum("btd,df->btf", h, p["up"].astype(dtype))
+  x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"].astype(dtype))
+  return x, kv_out
+
+
+def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array, *,
+            attention_mask: jax.Array | None = None, cache: KVCache | None = None,
+            compute_dtype: Any = jnp.float32) -> tuple[jax.Array, KVCache | None]:
+  """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
+
+  Without a cache, attention is causal over the `t` tokens and skips keys where `attention_mask [b, t]`
+  is 0. With a cache, the tokens are written at slots `cache.index ... + t` (the same for every row: prompts
+  are left-padded) and attend to every valid slot up to their own; the updated cache is returned.
+  """
+  b, t = tokens.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((b, t), bool)
+  attention_mask = attention_mask.astype(bool)
+  x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
+  inv_freq = jnp.asarray(rope_inv_freq(config))
+  if cache is None:
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    mask = causal[None] & attention_mask[:, None, :]
+    kv_stack = None
+    cache_index = 0
+  else:
+    slots = cache.k.shape[2]
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.index, axis=1)
+    query_slot = cache.index + jnp.arange(t)
+    mask = valid[:, None, :] & (jnp.arange(slots)[None, :] <= query_slot[:, None])[None]
+    kv_stack = (cache.k, cache.v)
+    cache_index = cache.index
+
+  def body(carry, layer):
+    p, kv_in = layer
+    carry, kv_out = _layer(config, carry, p, positions, inv_freq, kv_in, mask, cache_index)
+    return carry, (kv_out if cache is not None else None)
+
+  x, kv_new = jax.lax.scan(body, x, (params["layers"], kv_stack))
+  x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+  if cache is None:
+    return x, None
+  return x, KVCache(kv_new[0], kv_new[1], valid, cache.index + t)
+
+
+def lm_logits(params: dict[str, Any], hidden: jax.Array) -> jax.Array:
+  """Float32 logits `[..., vocab]` from final hidden states (tied embeddings when there is no head)."""
+  if "lm_head" in params:
+    return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+  """Positions that skip left padding: 0 at each row's first real token."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# name -> (shape from config, logical axes); the leading "layers" axis marks stacked per-layer params.
+def param_specs(config: DecoderConfig, lm_head: bool = True) -> dict[str, tuple[tuple[int, ...], tuple]]:
+  c = config
+  layer = {
+      "attn_norm": ((c.hidden_size,), ("norm",)),
+      "q": ((c.hidden_size, c.num_heads, c.head_dim), ("embed", "heads", "head_dim")),
+      "k": ((c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim")),
+      "v": ((c.hidden_size, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim")),
+      "o": ((c.num_heads, c.head_dim, c.hidden_size), ("heads", "head_dim", "embed")),
+      "mlp_norm": ((c.hidden_size,), ("norm",)),
+      "gate": ((c.hidden_size, c.intermediate_size), ("embed", "mlp")),
+      "up": ((c.hidden_size, c.intermediate_size), ("embed", "mlp")),
+      "down": ((c.intermediate_size, c.hidden_size), ("mlp", "embed")),
+  }
+  if c.qkv_bias:
+    layer["q_bias"] = ((c.num_heads, c.head_dim), ("heads", "head_dim"))
+    layer["k_bias"] = ((c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"))
+    layer["v_bias"] = ((c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"))
+  if c.qk_norm:
+    layer["q_norm"] = ((c.head_dim,), ("head_dim",))
+    layer["k_norm"] = ((c.head_dim,), ("head_dim",))
+  specs = {"embed": ((c.vocab_size, c.hidden_size), ("vocab", "embed"))}
+  specs.update({f"layers.{name}": ((c.num_layers, *shape), ("layers", *axes))
+                for name, (shape, axes) in layer.items()})
+  specs["final_norm"] = ((c.hidden_size,), ("norm",))
+  if lm_head and not c.tie_embeddings:
+    specs["lm_head"] = ((c.hidden_size, c.vocab_size), ("embed", "vocab"))
+  return specs
+
+
+class _Params(nnx.Module):
+  """A flat namespace of `nnx.Param`s (one attribute per parameter)."""
+
+
+class Decoder(nnx.Module):
+  """Causal LM: `model(input_ids [b, t] int32) -> logits [b, t, vocab] float32`.
+
+  `param_dtype` is the storage dtype, `compute_dtype` the activation/matmul dtype (float32 or bfloat16).
+  """
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+               compute_dtype: Any = jnp.float32, lm_head: bool = True):
+    self.config = config
+    self.compute_dtype = compute_dtype
+    init = jax.nn.initializers.normal(config.initializer_range)
+    self.layers = _Params()
+    for name, (shape, axes) in param_specs(config, lm_head).items():
+      if name.endswith("norm") or name.endswith("_bias"):
+        value = (jnp.ones if name.endswith("norm") else jnp.zeros)(shape, param_dtype)
+      else:
+        value = init(rngs.params(), shape, param_dtype)
+      owner, attr = (self.layers, name[len("layers."):]) if name.startswith("layers.") else (self, name)
+      setattr(owner, attr, nnx.Param(value, logical_axes=axes))
+
+  def named_params(self) -> dict[str, nnx.Param]:
+    """`{"embed": Param, "layers.q": Param, ...}` in the order of `param_specs`."""
+    out = {}
+    for name in param_specs(self.config, lm_head=hasattr(self, "lm_head")):
+      owner, attr = (self.layers, name[len("layers."):]) if name.startswith("layers.") else (self, name)
+      out[name] = getattr(owner, attr)
+    return out
+
+  def arrays(self) -> dict[str, Any]:
+    """The parameters as the nested dict of arrays that `forward` takes."""
+    params: dict[str, Any] = {"layers": {}}
+    for name, param in self.named_params().items():
+      if name.startswith("layers."):
+        params["layers"][name[len("layers."):]] = param[...]
+      else:
+        params[name] = param[...]
+    return params
+
+  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                    positions: jax.Array | None = None) -> jax.Array:
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, bool)
+    if positions is None:
+      positions = default_positions(attention_mask)
+    hidden, _ = forward(self.config, self.arrays(), input_ids, positions, attention_mask=attention_mask,
+                        compute_dtype=self.compute_dtype)
+    return hidden
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    return lm_logits(self.arrays(), self.hidden_states(input_ids, attention_mask, positions))
+
+
+class ValueModel(nnx.Module):
+  """PPO critic: the decoder backbone plus a scalar head per token, `model(input_ids) -> values [b, t]`."""
+
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+               compute_dtype: Any = jnp.float32):
+    self.backbone = Decoder(config, rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype,
+                            lm_head=False)
+    init = jax.nn.initializers.normal(config.initializer_range)
+    self.value_kernel = nnx.Param(init(rngs.params(), (config.hidden_size,), param_dtype),
+                                  logical_axes=("embed",))
+    self.value_bias = nnx.Param(jnp.zeros((), param_dtype), logical_axes=())
+
+  @property
+  def config(self) -> DecoderConfig:
+    return self.backbone.config
+
+  def named_params(self) -> dict[str, nnx.Param]:
+    return {**self.backbone.named_params(), "value_kernel": self.value_kernel, "value_bias": self.value_bias}
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    hidden = self.backbone.hidden_states(input_ids, attention_mask, positions)
+    values = jnp.einsum("btd,d->bt", hidden, self.value_kernel[...].astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return values + self.value_bias[...].astype(jnp.float32)

@@ -1,0 +1,211 @@
+"""The NNX decoder against PyTorch `transformers` (fp32, CPU) on random tiny configs of each family."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from s3_jax import sharding
+from s3_jax.models.decoder import KVCache, ValueModel, forward, lm_logits
+from s3_jax.models.hf import load_hf, save_hf
+
+_CONFIGS = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
+            "Qwen3ForCausalLM": transformers.Qwen3Config}
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}
+CASES = {
+    "llama-gqa-untied": ("LlamaForCausalLM", {}),
+    "llama-tied-llama3-rope": ("LlamaForCausalLM", {"tie_word_embeddings": True, "rope_theta": 500000.0,
+                                                    "rope_scaling": _LLAMA3_ROPE}),
+    "qwen2-qkv-bias": ("Qwen2ForCausalLM", {"rope_theta": 1000000.0}),
+    "qwen2-tied-mha": ("Qwen2ForCausalLM", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    "qwen3-qk-norm": ("Qwen3ForCausalLM", {"head_dim": 32}),
+}
+
+
+def make_hf_model(architecture, folder, seed=0, **overrides):
+  """A tiny HF model with every parameter (biases and norm scales included) randomised, saved to folder."""
+  base = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+  config = _CONFIGS[architecture](**{**base, **overrides})
+  torch.manual_seed(seed)
+  model = getattr(transformers, architecture)(config).eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      noise = torch.randn_like(param) * (0.1 if "norm" in name else 0.05)
+      param.copy_((1.0 if "norm" in name else 0.0) + noise)
+  model.save_pretrained(folder)
+  return model
+
+
+def _ids(batch, length, seed=0, vocab=128):
+  return np.random.default_rng(seed).integers(0, vocab, (batch, length))
+
+
+def _relative_error(got, ref):
+  return float(np.abs(np.asarray(got) - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(case, tmp_path):
+  architecture, overrides = CASES[case]
+  reference = make_hf_model(architecture, tmp_path, **overrides)
+  model = load_hf(tmp_path)
+  ids = _ids(2, 40)  # 40 > original_max_position_embeddings: the llama3 scaling matters
+  with torch.no_grad():
+    expected = reference(torch.tensor(ids)).logits.numpy()
+  logits = model(jnp.asarray(ids, jnp.int32))
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 40, 128)
+  assert _relative_error(logits, expected) <= 1e-4
+
+
+def test_left_padding_matches_the_unpadded_rows(tmp_path):
+  reference = make_hf_model("Qwen2ForCausalLM", tmp_path)
+  model = load_hf(tmp_path)
+  rows = [_ids(1, 12, seed=1)[0], _ids(1, 7, seed=2)[0]]
+  padded = np.zeros((2, 12), np.int64)
+  mask = np.zeros((2, 12), bool)
+  for i, row in enumerate(rows):
+    padded[i, 12 - len(row):] = row
+    mask[i, 12 - len(row):] = True
+  logits = np.asarray(model(jnp.asarray(padded, jnp.int32), jnp.asarray(mask)))
+  for i, row in enumerate(rows):
+    with torch.no_grad():
+      expected = reference(torch.tensor(row[None])).logits.numpy()[0]
+    assert _relative_error(logits[i, 12 - len(row):], expected) <= 1e-4
+
+
+def test_kv_cache_decode_equals_full_forward(tmp_path):
+  make_hf_model("Qwen3ForCausalLM", tmp_path, head_dim=32)
+  model = load_hf(tmp_path)
+  params, config = model.arrays(), model.config
+  ids = jnp.asarray(_ids(2, 20, seed=3), jnp.int32)
+  mask = jnp.ones((2, 20), bool).at[1, :5].set(False)  # row 1 is left-padded by 5
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  full = lm_logits(params, forward(config, params, ids, positions, attention_mask=mask)[0])
+  cache = KVCache.zeros(config, batch=2, slots=32, dtype=jnp.float32)
+  hidden, cache = forward(config, params, ids[:, :12], positions[:, :12], attention_mask=mask[:, :12],
+                          cache=cache)
+  steps = [lm_logits(params, hidden)]
+  for t in range(12, 20):
+    hidden, cache = forward(config, params, ids[:, t:t + 1], positions[:, t:t + 1],
+                            attention_mask=mask[:, t:t + 1], cache=cache)
+    steps.append(lm_logits(params, hidden))
+  incremental = jnp.concatenate(steps, axis=1)
+  real = np.asarray(mask)
+  np.testing.assert_allclose(np.asarray(incremental)[real], np.asarray(full)[real], rtol=0, atol=1e-5)
+  assert int(cache.index) == 20
+
+
+@pytest.mark.parametrize("case", ["llama-tied-llama3-rope", "qwen2-qkv-bias", "qwen3-qk-norm"])
+def test_export_round_trip_is_bit_identical_and_loads_in_transformers(case, tmp_path):
+  architecture, overrides = CASES[case]
+  make_hf_model(architecture, tmp_path / "src", **overrides)
+  model = load_hf(tmp_path / "src")
+  save_hf(model, tmp_path / "out")
+  again = load_hf(tmp_path / "out")
+  for (name, a), (_, b) in zip(model.named_params().items(), again.named_params().items(), strict=True):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=name)
+  exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  ids = _ids(2, 24, seed=4)
+  with torch.no_grad():
+    expected = exported(torch.tensor(ids)).logits.numpy()
+  assert _relative_error(model(jnp.asarray(ids, jnp.int32)), expected) <= 1e-4
+
+
+def test_sharded_safetensors_export_and_import(tmp_path):
+  make_hf_model("LlamaForCausalLM", tmp_path / "src")
+  model = load_hf(tmp_path / "src")
+  save_hf(model, tmp_path / "out", max_shard_bytes=100_000)
+  index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 1
+  again = load_hf(tmp_path / "out")
+  ids = jnp.asarray(_ids(1, 9), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
+  reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+  with torch.no_grad():
+    expected = reference(torch.tensor(np.asarray(ids))).logits.numpy()
+  assert _relative_error(again(ids), expected) <= 1e-4
+
+
+def test_value_model_backbone_matches_and_exports_as_token_classification(tmp_path):
+  reference = make_hf_model("LlamaForCausalLM", tmp_path / "src")
+  critic = load_hf(tmp_path / "src", value_head=True)
+  assert isinstance(critic, ValueModel)
+  ids = _ids(2, 10, seed=5)
+  with torch.no_grad():
+    hidden = reference.model(torch.tensor(ids)).last_hidden_state.numpy()
+  kernel = np.asarray(critic.value_kernel.get_value())
+  expected = hidden @ kernel + float(critic.value_bias.get_value())
+  values = np.asarray(critic(jnp.asarray(ids, jnp.int32)))
+  assert values.shape == (2, 10)
+  np.testing.assert_allclose(values, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+  save_hf(critic, tmp_path / "critic")
+  exported = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "critic").eval()
+  assert type(exported).__name__ == "LlamaForTokenClassification"
+  with torch.no_grad():
+    torch_values = exported(torch.tensor(ids)).logits.numpy()[..., 0]
+  np.testing.assert_allclose(values, torch_values, rtol=0, atol=1e-4 * np.abs(torch_values).max())
+  reloaded = load_hf(tmp_path / "critic", value_head=True)
+  np.testing.assert_array_equal(np.asarray(reloaded(jnp.asarray(ids, jnp.int32))), values)
+
+
+def test_forward_sharded_over_eight_devices_equals_unsharded(tmp_path):
+  make_hf_model("Qwen2ForCausalLM", tmp_path, num_attention_heads=8, num_key_value_heads=4,
+                hidden_size=64, intermediate_size=128)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+  sharded = load_hf(tmp_path, mesh=mesh)
+  plain = load_hf(tmp_path)
+  q = sharded.named_params()["layers.q"].get_value()
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
+  assert q.addressable_shards[0].data.shape == (2, 64, 2, 8)  # 8 heads split 4 ways
+  ids = jnp.asarray(_ids(4, 16, seed=6), jnp.int32)
+  ids_sharded = jax.device_put(ids, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  params, config = sharded.arrays(), sharded.config
+
+  @jax.jit
+  def run(params, ids):
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    return lm_logits(params, forward(config, params, ids, positions)[0])
+
+  np.testing.assert_allclose(np.asarray(run(params, ids_sharded)), np.asarray(plain(ids)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(architectures=["GPT2LMHeadModel"], model_type="gpt2"),
+     r"unsupported architecture 'GPT2LMHeadModel' \(model_type 'gpt2'\); supported: LlamaForCausalLM"),
+    (lambda c: c.update(intermediate_size=100),
+     r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(96, 64\), "
+     r"but config.json implies \(100, 64\)"),
+    (lambda c: c.update(num_hidden_layers=3), r"missing tensor 'model.layers.2.input_layernorm.weight'"),
+    (lambda c: c.update(rope_scaling={"rope_type": "yarn", "factor": 2.0}),
+     r"rope type 'yarn' is not supported"),
+])
+def test_bad_checkpoints_name_the_problem(tmp_path, edit, message):
+  make_hf_model("LlamaForCausalLM", tmp_path)
+  config_path = tmp_path / "config.json"
+  config = json.loads(config_path.read_text())
+  edit(config)
+  config.pop("rope_parameters", None) if "rope_scaling" in config else None
+  config_path.write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=message):
+    load_hf(tmp_path)
+
+
+def test_missing_folder_keys_or_weights(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+    load_hf(tmp_path)
+  make_hf_model("LlamaForCausalLM", tmp_path)
+  (tmp_path / "model.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
+    load_hf(tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  del config["intermediate_size"]
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"config\.json: missing key 'intermediate_size'"):
+    load_hf(tmp_path)
