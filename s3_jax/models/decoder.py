@@ -203,6 +203,17 @@ def param_specs(config: DecoderConfig, lm_head: bool = True) -> dict[str, tuple[
   return specs
 
 
+def nest_params(flat: dict[str, Any]) -> dict[str, Any]:
+  """`{"embed": a, "layers.q": b}` -> `{"embed": a, "layers": {"q": b}}`, the layout `forward` takes."""
+  nested: dict[str, Any] = {"layers": {}}
+  for name, value in flat.items():
+    if name.startswith("layers."):
+      nested["layers"][name[len("layers."):]] = value
+    else:
+      nested[name] = value
+  return nested
+
+
 class _Params(nnx.Module):
   """A flat namespace of `nnx.Param`s (one attribute per parameter)."""
 
@@ -237,13 +248,7 @@ class Decoder(nnx.Module):
 
   def arrays(self) -> dict[str, Any]:
     """The parameters as the nested dict of arrays that `forward` takes."""
-    params: dict[str, Any] = {"layers": {}}
-    for name, param in self.named_params().items():
-      if name.startswith("layers."):
-        params["layers"][name[len("layers."):]] = param[...]
-      else:
-        params[name] = param[...]
-    return params
+    return nest_params({name: param[...] for name, param in self.named_params().items()})
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                     positions: jax.Array | None = None) -> jax.Array:
