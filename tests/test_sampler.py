@@ -12,7 +12,7 @@ from s3_jax import sharding
 from s3_jax.models.hf import load_hf
 from s3_jax.models.sampler import Sampler, SamplingParams, sample_logits
 
-PROMPTS = [[5, 9, 17, 3, 44, 2, 7], [11, 12], [100, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+PROMPTS = [[5, 9, 17, 3, 44, 2, 7], [11, 12], [100, *range(1, 18)]]
 
 
 @pytest.fixture(scope="module")
