@@ -23,17 +23,19 @@ import numpy as np
 from jax.sharding import Mesh
 
 from s3_jax import sharding as sharding_lib
-from s3_jax.models.decoder import Decoder, KVCache, default_positions, forward, lm_logits, nest_params
+from s3_jax.models.decoder import Decoder, forward, lm_logits, nest_params, prefill
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """`temperature=0` is greedy; `top_k <= 0` and `top_p >= 1` are off."""
+  """`temperature=0` is greedy; `top_k <= 0` and `top_p >= 1` are off; `ignore_eos` generates exactly
+  `max_new_tokens` (benchmarks)."""
 
   temperature: float = 0.0
   top_p: float = 1.0
   top_k: int = 0
   max_new_tokens: int = 128
+  ignore_eos: bool = False
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -111,22 +113,19 @@ class Sampler:
     self.params = params
     self.trace_counts = {"prefill": 0, "decode": 0}
     self._prefill = jax.jit(self._prefill_fn)
-    self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p"),
+    self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "ignore_eos"),
                            donate_argnames=("state",))
 
   # -- jitted bodies ---------------------------------------------------------------------------------
 
   def _prefill_fn(self, params, tokens, mask, slots_like):
     self.trace_counts["prefill"] += 1  # runs at trace time only
-    batch = tokens.shape[0]
-    cache = KVCache.zeros(self.config, batch, slots_like.shape[0], self.compute_dtype)
-    hidden, cache = forward(self.config, params, tokens, default_positions(mask), attention_mask=mask,
-                            cache=cache, compute_dtype=self.compute_dtype)
+    hidden, cache = prefill(self.config, params, tokens, mask, slots_like.shape[0], self.compute_dtype)
     logits = lm_logits(params, hidden[:, -1])
     next_position = jnp.sum(mask, axis=1).astype(jnp.int32)
     return cache, logits, next_position
 
-  def _decode_fn(self, params, state, temperature, top_p, *, greedy, top_k, use_top_p):
+  def _decode_fn(self, params, state, temperature, top_p, *, greedy, top_k, use_top_p, ignore_eos):
     self.trace_counts["decode"] += 1
     eos = jnp.asarray(self.eos_token_ids)
     end = jnp.minimum(state["step"] + self.chunk, state["tokens"].shape[1])
@@ -144,7 +143,7 @@ class Sampler:
       tokens = s["tokens"].at[:, s["step"]].set(token)
       logprobs = s["logprobs"].at[:, s["step"]].set(jnp.where(active, logprob, 0.0))
       count = s["count"] + active.astype(jnp.int32)
-      hit_eos = active & jnp.isin(token, eos)
+      hit_eos = active & jnp.isin(token, eos) & (not ignore_eos)
       done = s["done"] | hit_eos | (count >= s["max_new"])
       hidden, cache = forward(self.config, params, token[:, None], s["position"][:, None],
                               attention_mask=active[:, None], cache=s["cache"],
@@ -198,7 +197,7 @@ class Sampler:
     }
     greedy = params.temperature == 0
     static = {"greedy": greedy, "top_k": 0 if greedy else max(params.top_k, 0),
-              "use_top_p": not greedy and params.top_p < 1}
+              "use_top_p": not greedy and params.top_p < 1, "ignore_eos": params.ignore_eos}
     temperature = jnp.float32(params.temperature if not greedy else 1.0)
     stopped = np.zeros(batch, bool)
     while True:
