@@ -3,8 +3,9 @@ installed), SmolLM2-135M-Instruct fp32, 512-token prompts, exactly 128 new token
 
 Settings follow shared/reference/anchor_measurements.md §1: prompts `default_rng(0).integers(100, 40000,
 (16, 512))` (batch 1 = row 0), torch on 2 threads, 1 warm-up then the median of 3 timed calls, and a
-prefill-only call (1 new token) to split prefill from decode. Also prints the batch-1 memory-bandwidth
-ceiling: measured copy bandwidth / weight bytes read per token.
+prefill-only call (1 new token) to split prefill from decode. Each engine runs in its own process (XLA's
+idle worker threads otherwise slow torch down). Also prints the batch-1 memory-bandwidth ceiling: measured
+copy bandwidth / weight bytes read per token.
 
   python benchmarks/sampler.py [--batches 1,16] [--repeats 3]
 """
@@ -13,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -42,8 +46,6 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def bench_ours(folder, prompts, batches, repeats, new_tokens):
-  import jax
-
   from s3_jax.models.hf import load_hf
   from s3_jax.models.sampler import Sampler, SamplingParams
 
@@ -55,7 +57,7 @@ def bench_ours(folder, prompts, batches, repeats, new_tokens):
     first = SamplingParams(max_new_tokens=1, ignore_eos=True)
     out = sampler.generate(rows, full)
     assert all(len(t) == new_tokens for t in out.tokens)
-    wall = _median_time(lambda rows=rows, p=full: jax.block_until_ready(sampler.generate(rows, p)), repeats)
+    wall = _median_time(lambda rows=rows, p=full: sampler.generate(rows, p), repeats)
     prefill = _median_time(lambda rows=rows, p=first: sampler.generate(rows, p), repeats)
     results[b] = (wall, prefill, out.tokens)
   return results
@@ -88,17 +90,30 @@ def main() -> None:
   parser.add_argument("--batches", default="1,16")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--new-tokens", type=int, default=128)
+  parser.add_argument("--engine", choices=("s3_jax", "transformers"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
 
-  from s3_jax import assets
+  if args.engine:  # child process: measure one engine, print JSON
+    from s3_jax import assets
 
-  folder = assets.path("smollm2-135m-instruct")
-  prompts = np.random.default_rng(0).integers(100, 40000, (max(batches), 512))
-  ours = bench_ours(folder, prompts, batches, args.repeats, args.new_tokens)
-  theirs = bench_transformers(folder, prompts, batches, args.repeats, args.new_tokens)
+    folder = assets.path("smollm2-135m-instruct")
+    prompts = np.random.default_rng(0).integers(100, 40000, (max(batches), 512))
+    bench = bench_ours if args.engine == "s3_jax" else bench_transformers
+    print(json.dumps(bench(folder, prompts, batches, args.repeats, args.new_tokens)))
+    return
 
-  print(f"SmolLM2-135M fp32, 512 prompt tokens, {args.new_tokens} new tokens, greedy, median of {args.repeats}")
+  def child(engine):
+    done = subprocess.run([sys.executable, __file__, "--engine", engine, "--batches", args.batches,
+                           "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)],
+                          capture_output=True, text=True, check=True)
+    return {int(b): tuple(v) for b, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+  ours = child("s3_jax")
+  theirs = child("transformers")
+
+  print(f"SmolLM2-135M fp32, 512 prompt tokens, {args.new_tokens} new tokens, greedy, "
+        f"median of {args.repeats}, one process per engine")
   print(f"{'batch':>5}  {'engine':<14} {'new tok/s':>9} {'wall s':>7} {'prefill s':>9} {'decode tok/s':>12}")
   for b in batches:
     for name, (wall, prefill, _) in (("s3_jax", ours[b]), ("transformers", theirs[b])):

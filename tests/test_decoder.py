@@ -209,3 +209,19 @@ def test_missing_folder_keys_or_weights(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match=r"config\.json: missing key 'intermediate_size'"):
     load_hf(tmp_path)
+
+
+def test_bfloat16_compute_and_parameter_dtypes(tmp_path):
+  reference = make_hf_model("Qwen3ForCausalLM", tmp_path, head_dim=32)
+  ids = _ids(2, 24, seed=8)
+  with torch.no_grad():
+    expected = reference(torch.tensor(ids)).logits.numpy()
+  mixed = load_hf(tmp_path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+  assert mixed.named_params()["layers.q"].get_value().dtype == jnp.float32
+  logits = mixed(jnp.asarray(ids, jnp.int32))
+  assert logits.dtype == jnp.float32
+  # bfloat16 keeps 8 significant bits (relative step 2^-8 ≈ 4e-3); two layers of rounding stay within 4x that.
+  assert _relative_error(logits, expected) <= 1.6e-2
+  stored = load_hf(tmp_path, dtype=jnp.bfloat16)
+  assert stored.named_params()["layers.q"].get_value().dtype == jnp.bfloat16
+  assert _relative_error(stored(jnp.asarray(ids, jnp.int32)), expected) <= 1.6e-2
