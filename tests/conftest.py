@@ -5,7 +5,10 @@ import os
 # Must happen before anything imports jax: XLA reads the flag once, at backend start.
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite runs on CPU (8 fake devices) even on a GPU host; S3_JAX_TEST_GPU=1 lets JAX see the GPU so the
+# `gpu`-marked tests run.
+if os.environ.get("S3_JAX_TEST_GPU") != "1":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -25,7 +28,8 @@ def pytest_collection_modifyitems(config, items):
 
   if jax.default_backend() == "gpu":
     return
-  skip = pytest.mark.skip(reason=f"needs a GPU; JAX backend is {jax.default_backend()}")
+  skip = pytest.mark.skip(reason=f"needs a GPU (JAX backend is {jax.default_backend()}); on a GPU host run "
+                                 "with S3_JAX_TEST_GPU=1")
   for item in gpu_items:
     item.add_marker(skip)
 
