@@ -10,8 +10,8 @@ import torch
 import transformers
 
 from s3_jax import sharding
+from s3_jax.models import load_hf, save_hf
 from s3_jax.models.decoder import KVCache, ValueModel, forward, lm_logits
-from s3_jax.models.hf import load_hf, save_hf
 
 _CONFIGS = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
             "Qwen3ForCausalLM": transformers.Qwen3Config}

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from s3_jax.models.encoder import load_encoder
+from s3_jax.models import load_encoder
 
 TEXTS = [
     "Who composed the opera Carmen?",
