@@ -1,0 +1,54 @@
+"""BM25 over a corpus with `bm25s` (in process, no JVM): English stopwords and the Snowball stemmer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from s3_jax.data.corpus import Doc
+from s3_jax.retrieval.doc_store import DocStore
+
+
+def _stemmer():
+  import Stemmer
+
+  return Stemmer.Stemmer("english")
+
+
+def tokenize(texts: Sequence[str], ids: bool = True):
+  import bm25s
+
+  return bm25s.tokenize(list(texts), stopwords="en", stemmer=_stemmer(), return_ids=ids, show_progress=False)
+
+
+def build_bm25(texts: Iterable[str], out_dir: Path, k1: float, b: float) -> None:
+  """Indexes `texts` (one per corpus row, in order) into `out_dir/bm25/`."""
+  import bm25s
+
+  index = bm25s.BM25(k1=k1, b=b)
+  index.index(tokenize(list(texts)), show_progress=False)
+  index.save(str(out_dir / "bm25"), show_progress=False)
+
+
+class BM25Retriever:
+  """`search(queries, k) -> list[list[Doc]]`; only documents with a positive score are returned (a query
+  of stopwords only matches nothing, as in Lucene)."""
+
+  def __init__(self, index_dir: Path, store: DocStore):
+    import bm25s
+
+    self.index = bm25s.BM25.load(str(index_dir / "bm25"), mmap=True, show_progress=False)
+    self.store = store
+
+  def search_rows(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = min(k, len(self.store))
+    rows, scores = self.index.retrieve(tokenize(queries, ids=False), k=k, show_progress=False,
+                                       n_threads=0)
+    return np.asarray(rows), np.asarray(scores)
+
+  def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
+    rows, scores = self.search_rows(queries, k)
+    return [self.store.get([r for r, s in zip(row, score, strict=True) if s > 0],
+                           [s for s in score if s > 0]) for row, score in zip(rows, scores, strict=True)]

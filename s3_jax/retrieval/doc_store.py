@@ -1,0 +1,63 @@
+"""Random access to corpus rows by position without loading the corpus: a byte-offset table over the
+corpus JSONL (8 bytes per row) and a memory map. A 21M-passage wiki-18 needs ~170 MB of offsets instead
+of tens of GB of Python objects, and opening it takes milliseconds."""
+
+from __future__ import annotations
+
+import json
+import mmap
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from s3_jax.data.corpus import Doc, doc_from_row
+from s3_jax.data.jsonl import DataFormatError
+
+
+def build_offsets(corpus: str | Path, out: str | Path) -> int:
+  """Writes the start offset of every non-blank line of `corpus` to `out` (.npy); validates each row.
+  Returns the number of rows."""
+  offsets = []
+  ids: dict[str, int] = {}
+  with open(corpus, "rb") as f:
+    position = 0
+    for line_no, raw in enumerate(f, start=1):
+      if raw.strip():
+        try:
+          doc = doc_from_row(json.loads(raw))
+        except (ValueError, UnicodeDecodeError) as e:
+          raise DataFormatError(corpus, line_no, str(e)) from e
+        if doc.id in ids:
+          raise DataFormatError(corpus, line_no, f"duplicate doc id {doc.id!r} (first at row {ids[doc.id]})")
+        ids[doc.id] = len(offsets)
+        offsets.append(position)
+      position += len(raw)
+  np.save(out, np.asarray(offsets, np.uint64))
+  return len(offsets)
+
+
+class DocStore:
+  """`store[rows] -> list[Doc]` for row positions of a corpus JSONL."""
+
+  def __init__(self, corpus: str | Path, offsets: str | Path):
+    self.path = Path(corpus)
+    self.offsets = np.load(offsets, mmap_mode="r")
+    self._file = open(self.path, "rb")  # stays open as long as the mmap
+    self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  def get(self, rows: Sequence[int], scores: Sequence[float] | None = None) -> list[Doc]:
+    docs = []
+    for i, row in enumerate(rows):
+      start = int(self.offsets[row])
+      end = self._map.find(b"\n", start)
+      doc = doc_from_row(json.loads(self._map[start:end if end != -1 else len(self._map)]))
+      docs.append(Doc(doc.id, doc.title, doc.text, None if scores is None else float(scores[i])))
+    return docs
+
+  def close(self) -> None:
+    self._map.close()
+    self._file.close()

@@ -1,0 +1,98 @@
+"""Index folders: build (BM25 or dense) with a manifest, and load a retriever from one.
+
+    DIR/manifest.json   kind, corpus path/sha256/bytes, count, encoder, dim, faiss kind, fp16, BM25 k1/b,
+                        query and passage prefixes, build seconds
+    DIR/offsets.npy     byte offset of every corpus row (DocStore)
+    DIR/bm25/           bm25s index                  (kind=bm25)
+    DIR/vectors/, DIR/faiss.index                    (kind=dense; vector chunks kept for resuming)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from s3_jax.data.corpus import iter_corpus
+from s3_jax.retrieval.doc_store import DocStore, build_offsets
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str | Path | None = None,
+                faiss_kind: str = "flat", fp16: bool = False, k1: float = 0.9, b: float = 0.4,
+                query_prefix: str = "", passage_prefix: str = "", chunk_size: int = 4096,
+                show_progress: bool = True) -> dict[str, Any]:
+  """Builds a BM25 or dense index of `corpus` into `out` and returns its manifest. A dense build that was
+  interrupted resumes from the vector chunks already in `out/vectors/`."""
+  from tqdm import tqdm
+
+  corpus, out = Path(corpus).resolve(), Path(out)
+  if kind not in ("bm25", "dense"):
+    raise ValueError(f"--kind {kind!r} must be bm25 or dense")
+  if kind == "dense" and encoder is None:
+    raise ValueError("a dense index needs --encoder (an HF BERT-family folder, e.g. asset:minilm-l6-v2)")
+  if not corpus.is_file():
+    raise FileNotFoundError(f"corpus not found: {corpus}")
+  out.mkdir(parents=True, exist_ok=True)
+  (out / MANIFEST).unlink(missing_ok=True)  # the manifest marks a finished build
+  start = time.perf_counter()
+  count = build_offsets(corpus, out / "offsets.npy")
+  manifest: dict[str, Any] = {
+      "kind": kind, "count": count,
+      "corpus": {"path": str(corpus), "sha256": _sha256(corpus), "bytes": corpus.stat().st_size},
+      "query_prefix": query_prefix, "passage_prefix": passage_prefix,
+  }
+  texts = [passage_prefix + doc.contents for doc in iter_corpus(corpus)]
+  if kind == "bm25":
+    from s3_jax.retrieval.bm25 import build_bm25
+
+    build_bm25(texts, out, k1, b)
+    manifest["bm25"] = {"k1": k1, "b": b, "tokenizer": "bm25s: english stopwords, snowball stemmer"}
+  else:
+    from s3_jax.models.encoder import load_encoder
+    from s3_jax.retrieval.dense import build_faiss, encode_chunks
+
+    model = load_encoder(encoder)
+    with tqdm(total=count, desc="encoding", unit="doc", disable=not show_progress) as progress:
+      paths = encode_chunks(model, texts, out / "vectors", chunk_size, progress)
+    build_faiss(paths, out / "faiss.index", faiss_kind, fp16, count, model.dim)
+    manifest.update({"encoder": str(Path(encoder).resolve()), "dim": model.dim, "faiss": faiss_kind,
+                     "fp16": fp16, "max_length": model.max_length})
+  manifest["build_seconds"] = round(time.perf_counter() - start, 2)
+  (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+  return manifest
+
+
+def load_retriever(index_dir: str | Path, *, encoder: Any = None):
+  """A `BM25Retriever` or `DenseRetriever` for a built index folder (the encoder is loaded from the
+  manifest unless given)."""
+  index_dir = Path(index_dir)
+  manifest_path = index_dir / MANIFEST
+  if not manifest_path.is_file():
+    raise FileNotFoundError(f"{index_dir}: no {MANIFEST} (not an index, or its build did not finish); "
+                            f"run: python -m s3_jax.index build --corpus FILE --out {index_dir} ...")
+  manifest = json.loads(manifest_path.read_text())
+  corpus = Path(manifest["corpus"]["path"])
+  if not corpus.is_file() or corpus.stat().st_size != manifest["corpus"]["bytes"]:
+    raise FileNotFoundError(f"{index_dir}: its corpus {corpus} is missing or changed since the build")
+  store = DocStore(corpus, index_dir / "offsets.npy")
+  if manifest["kind"] == "bm25":
+    from s3_jax.retrieval.bm25 import BM25Retriever
+
+    return BM25Retriever(index_dir, store)
+  from s3_jax.models.encoder import load_encoder
+  from s3_jax.retrieval.dense import DenseRetriever
+
+  return DenseRetriever(index_dir, store, encoder or load_encoder(manifest["encoder"]),
+                        query_prefix=manifest["query_prefix"])
