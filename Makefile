@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # What `make demo` runs. Until the trainer lands (issue 7) it prepares and lists the embedded world.
 DEMO ?= $(PY) -m s3_jax.assets list
 
-.PHONY: install assets lint test test-fast demo
+.PHONY: install assets lint test test-fast demo protos
 
 # Re-runs only when a requirements file or pyproject.toml changes, so a second `make test` installs
 # nothing and reaches pytest within seconds.
@@ -40,3 +40,7 @@ test-fast: assets
 
 demo: assets
 	$(DEMO)
+
+# Regenerate the gRPC stubs after editing a .proto (tests/test_protos.py fails when they are stale).
+protos: install
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. s3_jax/services/protos/*.proto

@@ -1,0 +1,77 @@
+"""The retriever gRPC server: validates every request, answers INVALID_ARGUMENT with the reason, and
+keeps serving whatever a request contains."""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from s3_jax.services import auth
+from s3_jax.services.protos import retrieval_pb2, retrieval_pb2_grpc
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  max_k: int = 100
+  max_queries: int = 4096
+  max_query_chars: int = 8192
+
+
+class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
+  def __init__(self, retriever: Any, kind: str, count: int, token: str | None = None,
+               limits: Limits = Limits()):
+    self.retriever, self.kind, self.count, self.token, self.limits = retriever, kind, count, token, limits
+
+  def _validate(self, request) -> list[str]:
+    if not 1 <= request.k <= self.limits.max_k:
+      raise ValueError(f"k={request.k} must be in [1, {self.limits.max_k}]")
+    if not request.queries:
+      raise ValueError("no queries")
+    if len(request.queries) > self.limits.max_queries:
+      raise ValueError(f"{len(request.queries)} queries exceed the limit of {self.limits.max_queries} "
+                       "per call")
+    queries = []
+    for i, raw in enumerate(request.queries):
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"query {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+      if len(text) > self.limits.max_query_chars:
+        raise ValueError(f"query {i} has {len(text)} characters, over the limit of "
+                         f"{self.limits.max_query_chars}")
+      queries.append(text)
+    return queries
+
+  def Search(self, request, context):  # gRPC's method name
+    auth.check(context, self.token)
+    try:
+      queries = self._validate(request)
+    except ValueError as e:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    results = self.retriever.search(queries, request.k)
+    return retrieval_pb2.SearchResponse(results=[
+        retrieval_pb2.DocList(docs=[retrieval_pb2.ScoredDoc(id=d.id, title=d.title, text=d.text,
+                                                            score=d.score or 0.0) for d in docs])
+        for docs in results])
+
+  def Health(self, request, context):
+    auth.check(context, self.token)
+    return retrieval_pb2.HealthResponse(status="SERVING", kind=self.kind, count=self.count)
+
+
+def start_server(service: RetrieverService, host: str = "127.0.0.1", port: int = 0,
+                 max_workers: int = 4) -> tuple[grpc.Server, int]:
+  """Starts a gRPC server for `service`; returns it and the bound port (0 picks a free one)."""
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                       options=[("grpc.max_receive_message_length", 64 << 20),
+                                ("grpc.max_send_message_length", 256 << 20),
+                                ("grpc.so_reuseport", 0)])
+  retrieval_pb2_grpc.add_RetrieverServicer_to_server(service, server)
+  bound = server.add_insecure_port(f"{host}:{port}")
+  if bound == 0:
+    raise OSError(f"cannot bind the retriever to {host}:{port}")
+  server.start()
+  return server, bound

@@ -1,0 +1,141 @@
+"""The retriever over real gRPC on 127.0.0.1: round trip, restart, bad requests, auth, CLI."""
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from conftest import REPO
+
+from s3_jax.retrieval import build_index, load_retriever
+from s3_jax.services import RetrieverClient, ServiceUnavailableError
+from s3_jax.services.protos import retrieval_pb2, retrieval_pb2_grpc
+from s3_jax.services.retriever_server import Limits, RetrieverService, start_server
+
+QUERIES = ["Who composed the opera Carmen?", "capital of France", "largest ocean", "the of and",
+           "theory of relativity"]
+
+
+@pytest.fixture(scope="module")
+def bm25_index(asset, tmp_path_factory):
+  out = tmp_path_factory.mktemp("bm25")
+  build_index(asset("wiki-vital") / "corpus.jsonl", out, "bm25")
+  return out
+
+
+@pytest.fixture(scope="module")
+def retriever(bm25_index):
+  return load_retriever(bm25_index)
+
+
+@pytest.fixture
+def server(retriever):
+  server, port = start_server(RetrieverService(retriever, "bm25", 10_033, limits=Limits(max_queries=64)))
+  yield port
+  server.stop(grace=0).wait()
+
+
+def test_round_trip_equals_in_process(server, retriever):
+  client = RetrieverClient(f"127.0.0.1:{server}")
+  assert client.health().status == "SERVING" and client.health().count == 10_033
+  got = client.search(QUERIES, 5)
+  expected = retriever.search(QUERIES, 5)
+  assert [[d.id for d in r] for r in got] == [[d.id for d in r] for r in expected]
+  assert [[d.title for d in r] for r in got] == [[d.title for d in r] for r in expected]
+  for r, e in zip(got, expected, strict=True):
+    assert [d.score for d in r] == pytest.approx([d.score for d in e], rel=1e-6)  # float32 on the wire
+  assert got[0][0].title == "Carmen" and got[3] == []
+
+
+def test_large_batches_are_split(server, retriever):
+  queries = [f"{q} {i}" for i in range(30) for q in QUERIES]  # 150 queries, server limit 64 per call
+  client = RetrieverClient(f"127.0.0.1:{server}", max_batch=64)
+  got = client.search(queries, 3)
+  assert [[d.id for d in r] for r in got] == [[d.id for d in r] for r in retriever.search(queries, 3)]
+
+
+@pytest.mark.parametrize("request_kwargs, reason", [
+    ({"queries": [b"q"], "k": 0}, r"k=0 must be in \[1, 100\]"),
+    ({"queries": [b"q"], "k": 101}, r"k=101 must be in \[1, 100\]"),
+    ({"queries": [], "k": 3}, "no queries"),
+    ({"queries": [b"q"] * 65, "k": 3}, "65 queries exceed the limit of 64"),
+    ({"queries": [b"ok", b"x" * 9000], "k": 3}, "query 1 has 9000 characters"),
+    ({"queries": [b"ok", b"\xff\xfe bad"], "k": 3}, "query 1 is not valid UTF-8"),
+])
+def test_bad_requests_get_invalid_argument_and_the_server_keeps_serving(server, request_kwargs, reason):
+  stub = retrieval_pb2_grpc.RetrieverStub(grpc.insecure_channel(f"127.0.0.1:{server}"))
+  with pytest.raises(grpc.RpcError) as info:
+    stub.Search(retrieval_pb2.SearchRequest(**request_kwargs), timeout=10)
+  assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+  assert re.search(reason, info.value.details())
+  assert stub.Search(retrieval_pb2.SearchRequest(queries=[b"Carmen opera"], k=1), timeout=10).results
+  with pytest.raises(ValueError, match=f"retriever at 127.0.0.1:{server} rejected the request: k=0"):
+    RetrieverClient(f"127.0.0.1:{server}").search(["q"], 0)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_client_reaches_a_restarted_server(retriever):
+  port = _free_port()
+  service = RetrieverService(retriever, "bm25", 10_033)
+  first, _ = start_server(service, port=port)
+  client = RetrieverClient(f"127.0.0.1:{port}", retries=8, backoff=0.1, timeout=5)
+  before = client.search(QUERIES[:2], 3)
+  first.stop(grace=0).wait()
+  holder = {}
+
+  def restart():
+    time.sleep(0.5)
+    holder["server"], _ = start_server(service, port=port)
+
+  thread = threading.Thread(target=restart)
+  thread.start()
+  after = client.search(QUERIES[:2], 3)  # fails while the server is down, then retries succeed
+  thread.join()
+  holder["server"].stop(grace=0).wait()
+  assert [[d.id for d in r] for r in after] == [[d.id for d in r] for r in before]
+
+
+def test_unreachable_server_names_the_address():
+  port = _free_port()
+  client = RetrieverClient(f"127.0.0.1:{port}", retries=2, backoff=0.01, timeout=1)
+  with pytest.raises(ServiceUnavailableError, match=f"retriever at 127.0.0.1:{port} did not answer after 3"):
+    client.search(["q"], 1)
+
+
+def test_auth_token_is_checked_on_every_call(retriever):
+  server, port = start_server(RetrieverService(retriever, "bm25", 10_033, token="s3cret"))
+  try:
+    with pytest.raises(PermissionError, match="missing or wrong bearer token"):
+      RetrieverClient(f"127.0.0.1:{port}").search(["q"], 1)
+    with pytest.raises(PermissionError):
+      RetrieverClient(f"127.0.0.1:{port}", auth_token="wrong").health()
+    assert RetrieverClient(f"127.0.0.1:{port}", auth_token="s3cret").search(["Carmen"], 1)[0]
+  finally:
+    server.stop(grace=0).wait()
+
+
+@pytest.mark.entry
+def test_serve_cli(bm25_index, monkeypatch):
+  monkeypatch.delenv("S3_JAX_AUTH_TOKEN", raising=False)
+  refused = subprocess.run([sys.executable, "-m", "s3_jax.serve", "retriever", "--index", str(bm25_index),
+                            "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, cwd=REPO)
+  assert refused.returncode == 1 and "pass --auth-token or set S3_JAX_AUTH_TOKEN" in refused.stderr
+  process = subprocess.Popen([sys.executable, "-m", "s3_jax.serve", "retriever", "--index", str(bm25_index),
+                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=REPO)
+  try:
+    line = process.stdout.readline()
+    port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", line).group(1))
+    assert RetrieverClient(f"127.0.0.1:{port}").search(["Carmen opera Bizet"], 1)[0][0].title == "Carmen"
+  finally:
+    process.terminate()
+    assert process.wait(timeout=20) == 0
