@@ -139,3 +139,31 @@ def test_serve_cli(bm25_index, monkeypatch):
   finally:
     process.terminate()
     assert process.wait(timeout=20) == 0
+
+
+def test_http_retrieve_interop(retriever):
+  import json
+  import urllib.request
+
+  from s3_jax.services.http_retrieve import HttpRetrieverClient, serve_http
+
+  server, port = serve_http(retriever, default_k=3)
+  url = f"http://127.0.0.1:{port}/retrieve"
+  try:
+    # The raw s3 request/response shape (spec §5).
+    body = json.dumps({"queries": ["Carmen opera"], "topk": None, "return_scores": True}).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST")) as response:
+      raw = json.loads(response.read())
+    hit = raw["result"][0][0]
+    assert len(raw["result"][0]) == 3  # null topk -> the server default
+    assert hit["document"]["contents"].startswith('"Carmen"\n') and isinstance(hit["score"], float)
+    got = HttpRetrieverClient(url).search(QUERIES, 4)
+    expected = retriever.search(QUERIES, 4)
+    assert [[(d.id, d.title, d.text) for d in r] for r in got] == \
+           [[(d.id, d.title, d.text) for d in r] for r in expected]
+    with pytest.raises(ValueError, match=r"rejected the request: .*topk=500 must be an integer"):
+      HttpRetrieverClient(url).search(["q"], 500)
+  finally:
+    server.shutdown()
+  with pytest.raises(ServiceUnavailableError, match=f"retriever at {url} did not answer after 2"):
+    HttpRetrieverClient(url, retries=1, backoff=0.01, timeout=1).search(["q"], 1)
