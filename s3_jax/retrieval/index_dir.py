@@ -32,7 +32,7 @@ def _sha256(path: Path) -> str:
 def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str | Path | None = None,
                 faiss_kind: str = "flat", fp16: bool = False, k1: float = 0.9, b: float = 0.4,
                 query_prefix: str = "", passage_prefix: str = "", chunk_size: int = 4096,
-                show_progress: bool = True) -> dict[str, Any]:
+                bm25_backend: str = "bm25s", show_progress: bool = True) -> dict[str, Any]:
   """Builds a BM25 or dense index of `corpus` into `out` and returns its manifest. A dense build that was
   interrupted resumes from the vector chunks already in `out/vectors/`."""
   from tqdm import tqdm
@@ -40,6 +40,8 @@ def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str 
   corpus, out = Path(corpus).resolve(), Path(out)
   if kind not in ("bm25", "dense"):
     raise ValueError(f"--kind {kind!r} must be bm25 or dense")
+  if bm25_backend not in ("bm25s", "lucene"):
+    raise ValueError(f"--bm25-backend {bm25_backend!r} must be bm25s or lucene")
   if kind == "dense" and encoder is None:
     raise ValueError("a dense index needs --encoder (an HF BERT-family folder, e.g. asset:minilm-l6-v2)")
   if not corpus.is_file():
@@ -54,11 +56,17 @@ def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str 
       "query_prefix": query_prefix, "passage_prefix": passage_prefix,
   }
   texts = [passage_prefix + doc.contents for doc in iter_corpus(corpus)]
-  if kind == "bm25":
+  if kind == "bm25" and bm25_backend == "lucene":
+    from s3_jax.retrieval.lucene import build_lucene
+
+    build_lucene(texts, out)
+    manifest["bm25"] = {"backend": "lucene", "k1": k1, "b": b, "analyzer": "Lucene English (Porter)"}
+  elif kind == "bm25":
     from s3_jax.retrieval.bm25 import build_bm25
 
     build_bm25(texts, out, k1, b)
-    manifest["bm25"] = {"k1": k1, "b": b, "tokenizer": "bm25s: english stopwords, snowball stemmer"}
+    manifest["bm25"] = {"backend": "bm25s", "k1": k1, "b": b,
+                        "tokenizer": "bm25s: english stopwords, snowball stemmer"}
   else:
     from s3_jax.models.encoder import load_encoder
     from s3_jax.retrieval.dense import build_faiss, encode_chunks
@@ -87,6 +95,10 @@ def load_retriever(index_dir: str | Path, *, encoder: Any = None):
   if not corpus.is_file() or corpus.stat().st_size != manifest["corpus"]["bytes"]:
     raise FileNotFoundError(f"{index_dir}: its corpus {corpus} is missing or changed since the build")
   store = DocStore(corpus, index_dir / "offsets.npy")
+  if manifest["kind"] == "bm25" and manifest["bm25"].get("backend") == "lucene":
+    from s3_jax.retrieval.lucene import LuceneRetriever
+
+    return LuceneRetriever(index_dir, store, manifest["bm25"]["k1"], manifest["bm25"]["b"])
   if manifest["kind"] == "bm25":
     from s3_jax.retrieval.bm25 import BM25Retriever
 
