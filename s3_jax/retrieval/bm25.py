@@ -39,13 +39,15 @@ class BM25Retriever:
   def __init__(self, index_dir: Path, store: DocStore):
     import bm25s
 
-    self.index = bm25s.BM25.load(str(index_dir / "bm25"), mmap=True, show_progress=False)
+    # numba-compiled top-k scoring: ~10x the numpy backend on batched queries (compiles once, ~seconds).
+    self.index = bm25s.BM25.load(str(index_dir / "bm25"), mmap=True, show_progress=False,
+                                 override_params={"backend": "numba"})
     self.store = store
 
   def search_rows(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(k, len(self.store))
     rows, scores = self.index.retrieve(tokenize(queries, ids=False), k=k, show_progress=False,
-                                       n_threads=0)
+                                       n_threads=0, backend_selection="numba")
     return np.asarray(rows), np.asarray(scores)
 
   def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
