@@ -154,3 +154,22 @@ def test_index_cli(tmp_path):
                            "--out", str(tmp_path / "j"), "--kind", "bm25"], capture_output=True, text=True,
                           cwd=REPO)
   assert failed.returncode == 1 and "corpus not found" in failed.stderr
+
+
+def test_dense_top_k_over_grpc_equals_numpy(dense_index, sample_corpus):
+  from s3_jax.services import RetrieverClient
+  from s3_jax.services.retriever_server import RetrieverService, start_server
+
+  retriever = load_retriever(dense_index)
+  vectors = np.concatenate([np.load(p) for p in sorted((dense_index / "vectors").glob("chunk-*.npy"))])
+  docs = read_corpus(sample_corpus)
+  server, port = start_server(RetrieverService(retriever, "dense", 300))
+  try:
+    results = RetrieverClient(f"127.0.0.1:{port}").search(QUERIES, 5)
+  finally:
+    server.stop(grace=0).wait()
+  scores = retriever.encoder.encode(QUERIES) @ vectors.T
+  for got, row_scores in zip(results, scores, strict=True):
+    rows = np.argsort(-row_scores, kind="stable")[:5]
+    assert [d.id for d in got] == [docs[r].id for r in rows]
+    np.testing.assert_allclose([d.score for d in got], row_scores[rows], rtol=0, atol=1e-5)
