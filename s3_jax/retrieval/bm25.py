@@ -1,4 +1,5 @@
-"""BM25 over a corpus with `bm25s` (in process, no JVM): English stopwords and the Snowball stemmer."""
+"""BM25 over a corpus with `bm25s` (in process, no JVM), tokenised like pyserini's default Lucene English
+analyzer (s3's BM25): lowercase word tokens, Lucene's 33 English stopwords, Porter stemming."""
 
 from __future__ import annotations
 
@@ -10,17 +11,25 @@ import numpy as np
 from s3_jax.data.corpus import Doc
 from s3_jax.retrieval.doc_store import DocStore
 
+# Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET.
+LUCENE_STOPWORDS = ("a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is",
+                    "it", "no", "not", "of", "on", "or", "such", "that", "the", "their", "then", "there",
+                    "these", "they", "this", "to", "was", "will", "with")
+
 
 def _stemmer():
   import Stemmer
 
-  return Stemmer.Stemmer("english")
+  return Stemmer.Stemmer("porter")
 
 
 def tokenize(texts: Sequence[str], ids: bool = True):
   import bm25s
 
-  return bm25s.tokenize(list(texts), stopwords="en", stemmer=_stemmer(), return_ids=ids, show_progress=False)
+  # Possessive "'s" dropped first, as Lucene's EnglishPossessiveFilter does; single characters are tokens.
+  texts = [t.replace("'s ", " ").replace("\u2019s ", " ") for t in texts]
+  return bm25s.tokenize(texts, stopwords=list(LUCENE_STOPWORDS), stemmer=_stemmer(),
+                        token_pattern=r"(?u)\b\w+\b", return_ids=ids, show_progress=False)
 
 
 def build_bm25(texts: Iterable[str], out_dir: Path, k1: float, b: float) -> None:

@@ -66,7 +66,7 @@ def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str 
 
     build_bm25(texts, out, k1, b)
     manifest["bm25"] = {"backend": "bm25s", "k1": k1, "b": b,
-                        "tokenizer": "bm25s: english stopwords, snowball stemmer"}
+                        "tokenizer": "Lucene-like: word tokens, Lucene English stopwords, Porter stemmer"}
   else:
     from s3_jax.models.encoder import load_encoder
     from s3_jax.retrieval.dense import build_faiss, encode_chunks
