@@ -8,20 +8,10 @@ all trivia + FanOutQA questions in one batch, top 10, Lucene on 2 threads. Needs
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-
-def _median(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from timing import median_time
 
 
 def main() -> None:
@@ -39,8 +29,8 @@ def main() -> None:
     build_index(corpus, Path(tmp) / "bm25s", "bm25", k1=0.9, b=0.4)
     build_index(corpus, Path(tmp) / "lucene", "bm25", k1=0.9, b=0.4, bm25_backend="lucene")
     ours, lucene = load_retriever(Path(tmp) / "bm25s"), load_retriever(Path(tmp) / "lucene")
-    ours_s = _median(lambda: ours.search_rows(questions, 10), args.repeats)
-    lucene_s = _median(lambda: lucene.search_rows(questions, 10), args.repeats)
+    ours_s = median_time(lambda: ours.search_rows(questions, 10), args.repeats)
+    lucene_s = median_time(lambda: lucene.search_rows(questions, 10), args.repeats)
     rows, scores = ours.search_rows(questions, 10)
     top_ours = [int(r[0]) if s[0] > 0 else None for r, s in zip(rows, scores, strict=True)]
     top_lucene = [hits[0][0] if hits else None for hits in lucene.search_rows(questions, 10)]

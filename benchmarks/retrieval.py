@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from timing import median_time
 
 
 def _texts(n: int) -> list[str]:
@@ -30,14 +31,6 @@ def _texts(n: int) -> list[str]:
   return [doc.contents for doc in read_corpus(assets.path("wiki-vital") / "corpus.jsonl", limit=n)]
 
 
-def _median(fn, repeats: int) -> float:
-  fn()  # warm-up (and compile every bucket)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def encode_s3_jax(texts, repeats):
@@ -45,7 +38,7 @@ def encode_s3_jax(texts, repeats):
   from s3_jax.models.encoder import load_encoder
 
   encoder = load_encoder(assets.path("minilm-l6-v2"), max_length=256, batch_size=64)
-  return _median(lambda: encoder.encode(texts), repeats)
+  return median_time(lambda: encoder.encode(texts), repeats)
 
 
 def encode_transformers(texts, repeats):
@@ -68,7 +61,7 @@ def encode_transformers(texts, repeats):
       mask = batch["attention_mask"].unsqueeze(-1).float()
       torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
-  return _median(run, repeats)
+  return median_time(run, repeats)
 
 
 def _questions() -> list[str]:
@@ -86,12 +79,12 @@ def bm25_and_grpc(index_dir: str, repeats: int) -> dict:
 
   retriever = load_retriever(index_dir)
   questions = _questions()
-  batched = _median(lambda: retriever.search_rows(questions, 10), repeats)
+  batched = median_time(lambda: retriever.search_rows(questions, 10), repeats)
   batch = questions[:120]
-  in_process = _median(lambda: retriever.search(batch, 8), max(repeats, 5))
+  in_process = median_time(lambda: retriever.search(batch, 8), max(repeats, 5))
   server, port = start_server(RetrieverService(retriever, "bm25", len(retriever.store)))
   client = RetrieverClient(f"127.0.0.1:{port}")
-  over_grpc = _median(lambda: client.search(batch, 8), max(repeats, 5))
+  over_grpc = median_time(lambda: client.search(batch, 8), max(repeats, 5))
   server.stop(grace=0)
   return {"questions": len(questions), "bm25_qps": len(questions) / batched, "in_process": in_process,
           "grpc": over_grpc}

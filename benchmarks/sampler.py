@@ -15,22 +15,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
-
-
-def _median_time(fn, repeats: int) -> float:
-  fn()  # warm-up (and compile)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from timing import median_time
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
@@ -57,8 +47,8 @@ def bench_ours(folder, prompts, batches, repeats, new_tokens):
     first = SamplingParams(max_new_tokens=1, ignore_eos=True)
     out = sampler.generate(rows, full)
     assert all(len(t) == new_tokens for t in out.tokens)
-    wall = _median_time(lambda rows=rows, p=full: sampler.generate(rows, p), repeats)
-    prefill = _median_time(lambda rows=rows, p=first: sampler.generate(rows, p), repeats)
+    wall = median_time(lambda rows=rows, p=full: sampler.generate(rows, p), repeats)
+    prefill = median_time(lambda rows=rows, p=first: sampler.generate(rows, p), repeats)
     results[b] = (wall, prefill, out.tokens)
   return results
 
@@ -79,8 +69,8 @@ def bench_transformers(folder, prompts, batches, repeats, new_tokens):
                               do_sample=False, pad_token_id=2)
 
     tokens = run(new_tokens)[:, ids.shape[1]:].tolist()
-    wall = _median_time(lambda run=run: run(new_tokens), repeats)
-    prefill = _median_time(lambda run=run: run(1), repeats)
+    wall = median_time(lambda run=run: run(new_tokens), repeats)
+    prefill = median_time(lambda run=run: run(1), repeats)
     results[b] = (wall, prefill, tokens)
   return results
 

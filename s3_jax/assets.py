@@ -185,7 +185,8 @@ def resolve(spec: str) -> Path:
   return target
 
 
-def _sha256(file: Path) -> str:
+def sha256_file(file: Path) -> str:
+  """Hex sha256 of a file, read in 1 MiB blocks."""
   digest = hashlib.sha256()
   with file.open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -224,7 +225,7 @@ def prepare(name: str, force: bool = False, log: Callable[[str], None] = print) 
     try:
       os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a builder must never reach a model hub
       stats = asset.build(source, tmp)
-      files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+      files = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                for f in sorted(tmp.rglob("*")) if f.is_file()}
       manifest = {
           "name": name, "description": asset.description, "license": asset.license,

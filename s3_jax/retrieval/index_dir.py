@@ -9,24 +9,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
+from s3_jax.assets import sha256_file
 from s3_jax.data.corpus import iter_corpus
 from s3_jax.retrieval.doc_store import DocStore, build_offsets
 
 MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with path.open("rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str | Path | None = None,
@@ -52,7 +44,7 @@ def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str 
   count = build_offsets(corpus, out / "offsets.npy")
   manifest: dict[str, Any] = {
       "kind": kind, "count": count,
-      "corpus": {"path": str(corpus), "sha256": _sha256(corpus), "bytes": corpus.stat().st_size},
+      "corpus": {"path": str(corpus), "sha256": sha256_file(corpus), "bytes": corpus.stat().st_size},
       "query_prefix": query_prefix, "passage_prefix": passage_prefix,
   }
   texts = [passage_prefix + doc.contents for doc in iter_corpus(corpus)]
