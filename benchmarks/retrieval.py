@@ -4,7 +4,8 @@
    weights, mean pooling + L2 norm, max length 256, batch 64, torch on 2 threads), first N passages, each
    engine in its own process;
 2. BM25 queries/s (k1=0.9, b=0.4) of the in-process bm25s backend, batched, on the QA questions;
-3. a 120-query BM25 batch through the gRPC service on 127.0.0.1 vs the same retriever in process;
+3. a 120-query batch through the gRPC service (a server process on 127.0.0.1) vs the same retriever in
+   process, for each index built;
 4. time and peak memory (ru_maxrss of a fresh process) to build the BM25 and dense indexes.
 
   python benchmarks/retrieval.py [--texts 1024] [--repeats 3] [--skip-dense-build]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from timing import median_time
+from timing import interleaved_medians, median_time
 
 
 def _texts(n: int) -> list[str]:
@@ -72,22 +74,38 @@ def _questions() -> list[str]:
   return [ex.question for split in ("train", "dev", "test") for ex in read_qa(folder / f"{split}.jsonl")]
 
 
-def bm25_and_grpc(index_dir: str, repeats: int) -> dict:
+def bm25_speed(index_dir: str, repeats: int) -> dict:
   from s3_jax.retrieval import load_retriever
-  from s3_jax.services import RetrieverClient
-  from s3_jax.services.retriever_server import RetrieverService, start_server
 
   retriever = load_retriever(index_dir)
   questions = _questions()
   batched = median_time(lambda: retriever.search_rows(questions, 10), repeats)
-  batch = questions[:120]
-  in_process = median_time(lambda: retriever.search(batch, 8), max(repeats, 5))
-  server, port = start_server(RetrieverService(retriever, "bm25", len(retriever.store)))
-  client = RetrieverClient(f"127.0.0.1:{port}")
-  over_grpc = median_time(lambda: client.search(batch, 8), max(repeats, 5))
-  server.stop(grace=0)
-  return {"questions": len(questions), "bm25_qps": len(questions) / batched, "in_process": in_process,
-          "grpc": over_grpc}
+  return {"questions": len(questions), "bm25_qps": len(questions) / batched}
+
+
+def service_overhead(index_dir: str, repeats: int) -> dict:
+  """120 questions, top 8: the retriever in this process vs `python -m s3_jax.serve retriever` in another
+  process on 127.0.0.1 (as deployed), with the client receiving the documents' text, or reading them from
+  its own copy of the index (`local_index`). Calls interleaved, median of `repeats`."""
+  from s3_jax.retrieval import load_retriever
+  from s3_jax.services import RetrieverClient
+
+  retriever = load_retriever(index_dir)
+  batch = _questions()[:120]
+  server = subprocess.Popen([sys.executable, "-m", "s3_jax.serve", "retriever", "--index", index_dir,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    port = next(int(m.group(1)) for line in server.stdout
+                if (m := re.search(r"serving on 127\.0\.0\.1:(\d+)", line)))
+    text_client = RetrieverClient(f"127.0.0.1:{port}")
+    local_client = RetrieverClient(f"127.0.0.1:{port}", local_index=index_dir)
+    expected = retriever.search(batch, 8)
+    assert text_client.search(batch, 8) == expected and local_client.search(batch, 8) == expected
+    return interleaved_medians({"in_process": lambda: retriever.search(batch, 8),
+                                "grpc": lambda: text_client.search(batch, 8),
+                                "grpc_local_index": lambda: local_client.search(batch, 8)}, repeats)
+  finally:
+    server.kill()
 
 
 def build(kind: str, out: str) -> dict:
@@ -110,6 +128,7 @@ def main() -> None:
   parser.add_argument("--engine", choices=("s3_jax", "transformers"), help=argparse.SUPPRESS)
   parser.add_argument("--build", choices=("bm25", "dense"), help=argparse.SUPPRESS)
   parser.add_argument("--bm25", help=argparse.SUPPRESS)
+  parser.add_argument("--service", help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.engine:
@@ -120,7 +139,10 @@ def main() -> None:
     print(json.dumps(build(args.build, args.out)))
     return
   if args.bm25:
-    print(json.dumps(bm25_and_grpc(args.bm25, args.repeats)))
+    print(json.dumps(bm25_speed(args.bm25, args.repeats)))
+    return
+  if args.service:
+    print(json.dumps(service_overhead(args.service, max(args.repeats, 40))))
     return
 
   def child(*flags):
@@ -131,17 +153,20 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     builds = {kind: child("--build", kind, "--out", str(Path(tmp) / kind))
               for kind in (("bm25",) if args.skip_dense_build else ("bm25", "dense"))}
-    service = child("--bm25", str(Path(tmp) / "bm25"))
+    bm25 = child("--bm25", str(Path(tmp) / "bm25"))
+    services = {kind: child("--service", str(Path(tmp) / kind)) for kind in builds}
   ours, theirs = child("--engine", "s3_jax"), child("--engine", "transformers")
   print(f"dense encoder, all-MiniLM-L6-v2, {args.texts} wiki-vital passages, max length 256, batch 64")
   print(f"  s3_jax (JAX)   {args.texts / ours:8.1f} texts/s  ({ours:.2f} s)")
   print(f"  transformers   {args.texts / theirs:8.1f} texts/s  ({theirs:.2f} s)")
   print(f"  ratio          {theirs / ours:8.2f}x  (target >= 1.5x)")
-  print(f"BM25 (bm25s, k1=0.9, b=0.4), {service['questions']} trivia questions in one batch, top 10: "
-        f"{service['bm25_qps']:,.0f} queries/s")
-  overhead = service["grpc"] / service["in_process"] - 1
-  print(f"120-query BM25 batch, top 8: in process {1000 * service['in_process']:.1f} ms, over gRPC "
-        f"{1000 * service['grpc']:.1f} ms -> overhead {100 * overhead:+.1f}% (target <= 5%)")
+  print(f"BM25 (bm25s, k1=0.9, b=0.4), {bm25['questions']} trivia questions in one batch, top 10: "
+        f"{bm25['bm25_qps']:,.0f} queries/s")
+  for kind, t in services.items():
+    text, local = (100 * (t[name] / t["in_process"] - 1) for name in ("grpc", "grpc_local_index"))
+    print(f"120-query {kind} batch, top 8: in process {1000 * t['in_process']:.1f} ms; over gRPC (server "
+          f"process on 127.0.0.1) {1000 * t['grpc']:.1f} ms = {text:+.1f}%, with local_index "
+          f"{1000 * t['grpc_local_index']:.1f} ms = {local:+.1f}% (target <= +5%)")
   for kind, figures in builds.items():
     print(f"build {kind} index of wiki-vital (10,033 docs): {figures['seconds']:.1f} s, "
           f"peak RSS {figures['peak_rss_mb']:.0f} MB")

@@ -27,8 +27,9 @@ def serve_retriever(index: str, host: str, port: int, auth_token: str | None, ht
   token = auth.resolve_token(host, auth_token)
   retriever = load_retriever(index)  # raises with the build command when `index` is not an index
   manifest = json.loads((Path(index) / "manifest.json").read_text())
-  server, bound = start_server(RetrieverService(retriever, manifest["kind"], manifest["count"], token), host,
-                               port)
+  service = RetrieverService(retriever, manifest["kind"], manifest["count"], token,
+                             corpus_sha256=manifest["corpus"]["sha256"])
+  server, bound = start_server(service, host, port)
   stop = threading.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda *_: stop.set())

@@ -8,6 +8,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -32,9 +33,16 @@ def retriever(bm25_index):
   return load_retriever(bm25_index)
 
 
+def _corpus_sha256(index):
+  import json
+
+  return json.loads((index / "manifest.json").read_text())["corpus"]["sha256"]
+
+
 @pytest.fixture
-def server(retriever):
-  server, port = start_server(RetrieverService(retriever, "bm25", 10_033, limits=Limits(max_queries=64)))
+def server(retriever, bm25_index):
+  server, port = start_server(RetrieverService(retriever, "bm25", 10_033, limits=Limits(max_queries=64),
+                                               corpus_sha256=_corpus_sha256(bm25_index)))
   yield port
   server.stop(grace=0).wait()
 
@@ -49,6 +57,36 @@ def test_round_trip_equals_in_process(server, retriever):
   for r, e in zip(got, expected, strict=True):
     assert [d.score for d in r] == pytest.approx([d.score for d in e], rel=1e-6)  # float32 on the wire
   assert got[0][0].title == "Carmen" and got[3] == []
+
+
+def test_plain_results_for_simple_clients(server, retriever):
+  stub = retrieval_pb2_grpc.RetrieverStub(grpc.insecure_channel(f"127.0.0.1:{server}"))
+  response = stub.Search(retrieval_pb2.SearchRequest(queries=[q.encode() for q in QUERIES], k=4), timeout=10)
+  assert not response.HasField("packed")
+  expected = retriever.search(QUERIES, 4)
+  assert [[(d.id, d.title, d.text) for d in r.docs] for r in response.results] == \
+         [[(d.id, d.title, d.text) for d in r] for r in expected]
+
+
+def test_local_index_gets_row_numbers_only(server, retriever, bm25_index):
+  stub = retrieval_pb2_grpc.RetrieverStub(grpc.insecure_channel(f"127.0.0.1:{server}"))
+  request = retrieval_pb2.SearchRequest(queries=[b"Carmen opera"], k=3, packed=True, rows_only=True)
+  packed = stub.Search(request, timeout=10).packed
+  assert packed.rows == b"" and np.frombuffer(packed.counts, "<i4").tolist() == [3]
+  rows = np.frombuffer(packed.row_ids, "<i8")
+  assert [d.id for d in retriever.store.get(rows)] == [d.id for d in retriever.search(["Carmen opera"], 3)[0]]
+  queries = [f"{q} {i}" for i in range(20) for q in QUERIES]  # 100 queries: 4 chunks, pipelined
+  client = RetrieverClient(f"127.0.0.1:{server}", local_index=bm25_index)
+  assert client.search(queries, 5) == retriever.search(queries, 5)
+
+
+def test_local_index_of_another_corpus_is_refused(retriever, bm25_index):
+  server, port = start_server(RetrieverService(retriever, "bm25", 10_033, corpus_sha256="ab" * 32))
+  try:
+    with pytest.raises(ValueError, match=f"the retriever at 127.0.0.1:{port} serves abababababab"):
+      RetrieverClient(f"127.0.0.1:{port}", local_index=bm25_index).search(["q"], 1)
+  finally:
+    server.stop(grace=0).wait()
 
 
 def test_large_batches_are_split(server, retriever):

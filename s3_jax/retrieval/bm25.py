@@ -59,7 +59,10 @@ class BM25Retriever:
                                        n_threads=0, backend_selection="numba")
     return np.asarray(rows), np.asarray(scores)
 
-  def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
+  def hits(self, queries: Sequence[str], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query, the rows and scores of its matching documents (score > 0), best first."""
     rows, scores = self.search_rows(queries, k)
-    return [self.store.get([r for r, s in zip(row, score, strict=True) if s > 0],
-                           [s for s in score if s > 0]) for row, score in zip(rows, scores, strict=True)]
+    return [(row[score > 0], score[score > 0]) for row, score in zip(rows, scores, strict=True)]
+
+  def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
+    return [self.store.get(rows, scores) for rows, scores in self.hits(queries, k)]

@@ -96,7 +96,10 @@ class DenseRetriever:
     scores, rows = self.index.search(vectors, min(k, len(self.store)))
     return rows, scores
 
-  def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
+  def hits(self, queries: Sequence[str], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query, the rows and scores of its nearest documents, best first (FAISS's -1 fillers dropped)."""
     rows, scores = self.search_rows(queries, k)
-    return [self.store.get([r for r in row if r >= 0], [s for r, s in zip(row, score, strict=True) if r >= 0])
-            for row, score in zip(rows, scores, strict=True)]
+    return [(row[row >= 0], score[row >= 0]) for row, score in zip(rows, scores, strict=True)]
+
+  def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
+    return [self.store.get(rows, scores) for rows, scores in self.hits(queries, k)]

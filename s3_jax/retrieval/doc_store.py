@@ -49,15 +49,26 @@ class DocStore:
   def __len__(self) -> int:
     return len(self.offsets)
 
-  def get(self, rows: Sequence[int], scores: Sequence[float] | None = None) -> list[Doc]:
-    docs = []
-    for i, row in enumerate(rows):
-      start = int(self.offsets[row])
+  def raw(self, rows: Sequence[int]) -> list[bytes]:
+    """The corpus JSONL lines of `rows`, as stored (without their newline)."""
+    lines = []
+    for start in self.offsets[np.asarray(rows, np.int64)].tolist():
       end = self._map.find(b"\n", start)
-      doc = doc_from_row(json.loads(self._map[start:end if end != -1 else len(self._map)]))
-      docs.append(Doc(doc.id, doc.title, doc.text, None if scores is None else float(scores[i])))
-    return docs
+      lines.append(self._map[start:end if end != -1 else len(self._map)])
+    return lines
+
+  def get(self, rows: Sequence[int], scores: Sequence[float] | None = None) -> list[Doc]:
+    return docs_from_lines(self.raw(rows), scores)
 
   def close(self) -> None:
     self._map.close()
     self._file.close()
+
+
+def docs_from_lines(lines: Sequence[bytes], scores: Sequence[float] | None = None) -> list[Doc]:
+  """`Doc`s from corpus JSONL lines (either row format), with their scores when given."""
+  docs = []
+  for i, line in enumerate(lines):
+    doc = doc_from_row(json.loads(line))
+    docs.append(doc if scores is None else Doc(doc.id, doc.title, doc.text, float(scores[i])))
+  return docs

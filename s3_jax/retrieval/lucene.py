@@ -74,6 +74,9 @@ class LuceneRetriever:
     hits = self.searcher.batch_search(list(queries), ids, k=k, threads=self.threads)
     return [[(int(h.docid), float(h.score)) for h in hits[i]] for i in ids]
 
+  def hits(self, queries: Sequence[str], k: int) -> list[tuple[list[int], list[float]]]:
+    """Per query, the rows and scores of its hits, best first."""
+    return [([r for r, _ in hits], [s for _, s in hits]) for hits in self.search_rows(queries, k)]
+
   def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
-    return [self.store.get([r for r, _ in hits], [s for _, s in hits])
-            for hits in self.search_rows(queries, k)]
+    return [self.store.get(rows, scores) for rows, scores in self.hits(queries, k)]

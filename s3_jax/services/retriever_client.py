@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
+import numpy as np
 
 from s3_jax.data.corpus import Doc
+from s3_jax.retrieval.doc_store import DocStore, docs_from_lines
 from s3_jax.services import auth
 from s3_jax.services.protos import retrieval_pb2, retrieval_pb2_grpc
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _unpack(packed: retrieval_pb2.PackedResults, n_queries: int, store: DocStore | None) -> list[list[Doc]]:
+  counts = np.frombuffer(packed.counts, "<i4")
+  scores = np.frombuffer(packed.scores, "<f4").tolist()
+  lines = packed.rows.split(b"\n")[:-1] if store is None else store.raw(np.frombuffer(packed.row_ids, "<i8"))
+  if len(counts) != n_queries or int(counts.sum()) != len(scores) or len(scores) != len(lines):
+    raise ValueError(f"malformed packed response: {len(counts)} counts for {n_queries} queries, "
+                     f"{len(scores)} scores, {len(lines)} rows")
+  docs = docs_from_lines(lines, scores)
+  ends = np.cumsum(counts).tolist()
+  return [docs[end - n:end] for n, end in zip(counts.tolist(), ends, strict=True)]
 
 
 class ServiceUnavailableError(ConnectionError):
@@ -25,15 +42,42 @@ class RetrieverClient:
   Batches larger than `max_batch` queries are split into several calls; each call has a `timeout`
   deadline and is retried up to `retries` times (exponential backoff from `backoff` seconds) when the
   server is unavailable or slow. Bad requests raise `ValueError` with the server's reason, at once.
+
+  `local_index`: a copy of the server's index folder (same host or a shared filesystem). The server then
+  sends only row numbers and scores, and the documents are read here; the first search checks that the
+  server's corpus has the same sha256 as this copy's manifest.
   """
 
   def __init__(self, address: str, *, timeout: float = 60.0, retries: int = 5, backoff: float = 0.2,
-               max_batch: int = 512, auth_token: str | None = None):
+               max_batch: int = 32, concurrency: int = 2, auth_token: str | None = None,
+               local_index: str | Path | None = None):
     self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
-    self.max_batch = max_batch
+    self.max_batch, self.concurrency = max_batch, concurrency
     self._metadata = auth.metadata(auth_token)
     self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20)])
     self._stub = retrieval_pb2_grpc.RetrieverStub(self._channel)
+    self._local_index = None if local_index is None else Path(local_index)
+    self._local_store: DocStore | None = None
+
+  def _store(self) -> DocStore | None:
+    """The local copy's DocStore, opened and checked against the server on first use."""
+    if self._local_index is None or self._local_store is not None:
+      return self._local_store
+    manifest_path = self._local_index / "manifest.json"
+    if not manifest_path.is_file():
+      raise FileNotFoundError(f"local_index {self._local_index}: no manifest.json (not an index folder)")
+    corpus = json.loads(manifest_path.read_text())["corpus"]
+    served = self.health().corpus_sha256
+    if served != corpus["sha256"]:
+      raise ValueError(f"local_index {self._local_index} was built from a corpus with sha256 "
+                       f"{corpus['sha256'][:12]}…, but the retriever at {self.address} serves "
+                       f"{served[:12] or 'an unnamed corpus'}…; use the server's index folder or no "
+                       "local_index")
+    path = Path(corpus["path"])
+    if not path.is_file() or path.stat().st_size != corpus["bytes"]:
+      raise FileNotFoundError(f"local_index {self._local_index}: its corpus {path} is missing or changed")
+    self._local_store = DocStore(path, self._local_index / "offsets.npy")
+    return self._local_store
 
   def _call(self, method, request):
     for attempt in range(self.retries + 1):
@@ -53,11 +97,25 @@ class RetrieverClient:
     raise AssertionError("unreachable")
 
   def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
+    """Sends the batch in chunks of at most `max_batch` queries with up to `concurrency` calls in flight,
+    so that the server searches the next chunks while this process decodes one."""
+    chunks = [[q.encode("utf-8") for q in queries[start:start + self.max_batch]]
+              for start in range(0, len(queries), self.max_batch)]
+    store = self._store()
+    requests = [retrieval_pb2.SearchRequest(queries=chunk, k=k, packed=True, rows_only=store is not None)
+                for chunk in chunks]
+    send = lambda r: self._stub.Search.future(r, timeout=self.timeout, metadata=self._metadata)  # noqa: E731
+    in_flight = collections.deque(send(r) for r in requests[:self.concurrency])
     results: list[list[Doc]] = []
-    for start in range(0, len(queries), self.max_batch):
-      batch = [q.encode("utf-8") for q in queries[start:start + self.max_batch]]
-      response = self._call(self._stub.Search, retrieval_pb2.SearchRequest(queries=batch, k=k))
-      results.extend([Doc(d.id, d.title, d.text, d.score) for d in docs.docs] for docs in response.results)
+    for i, request in enumerate(requests):
+      future = in_flight.popleft()
+      try:
+        response = future.result()
+      except grpc.RpcError:  # retried one call at a time, with backoff
+        response = self._call(self._stub.Search, request)
+      if i + self.concurrency < len(requests):  # keep the server busy while this chunk is decoded
+        in_flight.append(send(requests[i + self.concurrency]))
+      results.extend(_unpack(response.packed, len(request.queries), store))
     return results
 
   def health(self) -> retrieval_pb2.HealthResponse:

@@ -8,6 +8,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+import numpy as np
 
 from s3_jax.services import auth
 from s3_jax.services.protos import retrieval_pb2, retrieval_pb2_grpc
@@ -22,8 +23,9 @@ class Limits:
 
 class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
   def __init__(self, retriever: Any, kind: str, count: int, token: str | None = None,
-               limits: Limits = Limits()):
+               limits: Limits = Limits(), corpus_sha256: str = ""):
     self.retriever, self.kind, self.count, self.token, self.limits = retriever, kind, count, token, limits
+    self.corpus_sha256 = corpus_sha256
 
   def _validate(self, request) -> list[str]:
     if not 1 <= request.k <= self.limits.max_k:
@@ -51,15 +53,32 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
       queries = self._validate(request)
     except ValueError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if request.packed:
+      return retrieval_pb2.SearchResponse(packed=self._packed(queries, request.k, request.rows_only))
     results = self.retriever.search(queries, request.k)
     return retrieval_pb2.SearchResponse(results=[
         retrieval_pb2.DocList(docs=[retrieval_pb2.ScoredDoc(id=d.id, title=d.title, text=d.text,
                                                             score=d.score or 0.0) for d in docs])
         for docs in results])
 
+  def _packed(self, queries: list[str], k: int, rows_only: bool) -> retrieval_pb2.PackedResults:
+    """The corpus rows are sent as stored (the server never parses or re-encodes a document), or only
+    their row numbers."""
+    hits = self.retriever.hits(queries, k)
+    rows = np.concatenate([np.asarray(r, "<i8") for r, _ in hits])
+    packed = retrieval_pb2.PackedResults(
+        counts=np.asarray([len(r) for r, _ in hits], "<i4").tobytes(),
+        scores=np.concatenate([np.asarray(s, "<f4") for _, s in hits]).tobytes())
+    if rows_only:
+      packed.row_ids = rows.tobytes()
+    elif len(rows):
+      packed.rows = b"\n".join(self.retriever.store.raw(rows)) + b"\n"
+    return packed
+
   def Health(self, request, context):
     auth.check(context, self.token)
-    return retrieval_pb2.HealthResponse(status="SERVING", kind=self.kind, count=self.count)
+    return retrieval_pb2.HealthResponse(status="SERVING", kind=self.kind, count=self.count,
+                                        corpus_sha256=self.corpus_sha256)
 
 
 def start_server(service: RetrieverService, host: str = "127.0.0.1", port: int = 0,

@@ -7,12 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("queries", "k")
+    __slots__ = ("queries", "k", "packed", "rows_only")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_ONLY_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedScalarFieldContainer[bytes]
     k: int
-    def __init__(self, queries: _Optional[_Iterable[bytes]] = ..., k: _Optional[int] = ...) -> None: ...
+    packed: bool
+    rows_only: bool
+    def __init__(self, queries: _Optional[_Iterable[bytes]] = ..., k: _Optional[int] = ..., packed: _Optional[bool] = ..., rows_only: _Optional[bool] = ...) -> None: ...
 
 class ScoredDoc(_message.Message):
     __slots__ = ("id", "title", "text", "score")
@@ -32,22 +36,38 @@ class DocList(_message.Message):
     docs: _containers.RepeatedCompositeFieldContainer[ScoredDoc]
     def __init__(self, docs: _Optional[_Iterable[_Union[ScoredDoc, _Mapping]]] = ...) -> None: ...
 
+class PackedResults(_message.Message):
+    __slots__ = ("counts", "scores", "rows", "row_ids")
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    counts: bytes
+    scores: bytes
+    rows: bytes
+    row_ids: bytes
+    def __init__(self, counts: _Optional[bytes] = ..., scores: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., row_ids: _Optional[bytes] = ...) -> None: ...
+
 class SearchResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "packed")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[DocList]
-    def __init__(self, results: _Optional[_Iterable[_Union[DocList, _Mapping]]] = ...) -> None: ...
+    packed: PackedResults
+    def __init__(self, results: _Optional[_Iterable[_Union[DocList, _Mapping]]] = ..., packed: _Optional[_Union[PackedResults, _Mapping]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "kind", "count")
+    __slots__ = ("status", "kind", "count", "corpus_sha256")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_SHA256_FIELD_NUMBER: _ClassVar[int]
     status: str
     kind: str
     count: int
-    def __init__(self, status: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+    corpus_sha256: str
+    def __init__(self, status: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ..., corpus_sha256: _Optional[str] = ...) -> None: ...
