@@ -3,6 +3,7 @@
   python -m s3_jax.index build --corpus FILE --out DIR --kind bm25|dense [--encoder DIR|asset:NAME]
       [--faiss flat|ivf|hnsw] [--fp16] [--k1 0.9] [--b 0.4] [--query-prefix "query: "]
       [--passage-prefix "passage: "] [--chunk-size 4096] [--bm25-backend bm25s|lucene]
+      [--bm25-norms lucene|exact]
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ def main(argv: list[str] | None = None) -> int:
   build.add_argument("--chunk-size", type=int, default=4096)
   build.add_argument("--bm25-backend", choices=("bm25s", "lucene"), default="bm25s",
                      help="lucene needs requirements-lucene.txt (pyserini + a PyPI Java 21)")
+  build.add_argument("--bm25-norms", choices=("lucene", "exact"), default="lucene",
+                     help="document lengths as Lucene's one-byte norms keep them (default) or exact")
   args = parser.parse_args(argv)
   try:
     manifest = build_index(
         assets.resolve(args.corpus), args.out, args.kind,
         encoder=assets.resolve(args.encoder) if args.encoder else None, faiss_kind=args.faiss,
         fp16=args.fp16, k1=args.k1, b=args.b, query_prefix=args.query_prefix,
-        passage_prefix=args.passage_prefix, chunk_size=args.chunk_size, bm25_backend=args.bm25_backend)
+        passage_prefix=args.passage_prefix, chunk_size=args.chunk_size, bm25_backend=args.bm25_backend,
+        bm25_norms=args.bm25_norms)
   except (ValueError, FileNotFoundError, ImportError, DataFormatError, assets.AssetError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -10,7 +10,7 @@ from conftest import FIXTURES, REPO
 
 from s3_jax.data import read_corpus
 from s3_jax.retrieval import build_index, load_retriever
-from s3_jax.retrieval.bm25 import LUCENE_STOPWORDS
+from s3_jax.retrieval.analyzer import analyze
 from s3_jax.retrieval.dense import encode_chunks
 
 QUERIES = ["Who composed the opera Carmen?", "capital of France", "theory of relativity physicist",
@@ -40,26 +40,22 @@ def dense_index(sample_corpus, asset, tmp_path_factory):
 
 
 def test_bm25_equals_bm25s_called_directly(corpus, tmp_path):
+  """With exact document lengths, our index scores as bm25s's own "lucene" BM25 on the same terms (the
+  default, Lucene's one-byte length norms, is checked against Lucene itself in test_bm25_lucene.py)."""
   import bm25s
-  import Stemmer
 
-  manifest = build_index(corpus, tmp_path, "bm25", k1=0.9, b=0.4)
+  manifest = build_index(corpus, tmp_path, "bm25", k1=0.9, b=0.4, bm25_norms="exact")
   assert manifest["count"] == 10_033 and manifest["bm25"]["k1"] == 0.9
+  assert manifest["bm25"]["norms"] == "exact"
   docs = read_corpus(corpus)
-  # bm25s driven directly (default numpy backend) with the analyzer settings the backend documents.
-  stemmer = Stemmer.Stemmer("porter")
-  settings = {"stopwords": list(LUCENE_STOPWORDS), "stemmer": stemmer, "token_pattern": r"(?u)\b\w+\b",
-              "show_progress": False}
-  reference = bm25s.BM25(k1=0.9, b=0.4)
-  reference.index(bm25s.tokenize([d.contents.replace("'s ", " ").replace("\u2019s ", " ") for d in docs],
-                                 **settings), show_progress=False)
-  rows, scores = reference.retrieve(bm25s.tokenize(QUERIES, return_ids=False, **settings), k=5,
-                                    show_progress=False)
+  reference = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")  # default numpy backend
+  reference.index([analyze(d.contents) for d in docs], show_progress=False)
+  rows, scores = reference.retrieve([analyze(q) for q in QUERIES], k=5, show_progress=False)
   results = load_retriever(tmp_path).search(QUERIES, 5)
   for got, row, score in zip(results, rows, scores, strict=True):
     expected = [(docs[r].id, float(s)) for r, s in zip(row, score, strict=True) if s > 0]
     assert [d.id for d in got] == [doc_id for doc_id, _ in expected]
-    assert [d.score for d in got] == [s for _, s in expected]  # same float32 computation
+    assert [d.score for d in got] == pytest.approx([s for _, s in expected], rel=1e-6)  # float32 sums
   assert results[0][0].title == "Carmen"
   assert results[4] == []  # stopwords only: no match, not arbitrary zero-score docs
 

@@ -24,7 +24,8 @@ MANIFEST = "manifest.json"
 def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str | Path | None = None,
                 faiss_kind: str = "flat", fp16: bool = False, k1: float = 0.9, b: float = 0.4,
                 query_prefix: str = "", passage_prefix: str = "", chunk_size: int = 4096,
-                bm25_backend: str = "bm25s", show_progress: bool = True) -> dict[str, Any]:
+                bm25_backend: str = "bm25s", bm25_norms: str = "lucene",
+                show_progress: bool = True) -> dict[str, Any]:
   """Builds a BM25 or dense index of `corpus` into `out` and returns its manifest. A dense build that was
   interrupted resumes from the vector chunks already in `out/vectors/`."""
   from tqdm import tqdm
@@ -34,6 +35,8 @@ def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str 
     raise ValueError(f"--kind {kind!r} must be bm25 or dense")
   if bm25_backend not in ("bm25s", "lucene"):
     raise ValueError(f"--bm25-backend {bm25_backend!r} must be bm25s or lucene")
+  if bm25_norms not in ("lucene", "exact"):
+    raise ValueError(f"--bm25-norms {bm25_norms!r} must be lucene or exact")
   if kind == "dense" and encoder is None:
     raise ValueError("a dense index needs --encoder (an HF BERT-family folder, e.g. asset:minilm-l6-v2)")
   if not corpus.is_file():
@@ -56,9 +59,9 @@ def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str 
   elif kind == "bm25":
     from s3_jax.retrieval.bm25 import build_bm25
 
-    build_bm25(texts, out, k1, b)
-    manifest["bm25"] = {"backend": "bm25s", "k1": k1, "b": b,
-                        "tokenizer": "Lucene-like: word tokens, Lucene English stopwords, Porter stemmer"}
+    build_bm25(texts, out, k1, b, bm25_norms)
+    manifest["bm25"] = {"backend": "bm25s", "k1": k1, "b": b, "norms": bm25_norms,
+                        "analyzer": "Lucene English (Porter), s3_jax.retrieval.analyzer"}
   else:
     from s3_jax.models.encoder import load_encoder
     from s3_jax.retrieval.dense import build_faiss, encode_chunks
