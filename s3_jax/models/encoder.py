@@ -2,8 +2,8 @@
 
 `load_encoder(path).encode(texts)` returns mean-pooled, L2-normalised float32 vectors `[n, dim]`, as
 sentence-transformers and s3's E5 retriever compute them. Callers add E5's `query: ` / `passage: `
-prefixes. Batch lengths are padded to multiples of 32 and batch sizes to powers of two, so the jitted
-forward compiles once per bucket.
+prefixes. Texts are sorted by token count, batch lengths padded to multiples of 16 and batch sizes to
+powers of two, so the jitted forward compiles once per bucket and batches carry little padding.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ _HF_NAMES = {
 def _logical_axes(name: str) -> tuple[str, ...]:
   base = name.removeprefix("layers.")
   axes = {"word_embed": ("vocab", "embed"), "position_embed": (None, "embed"), "type_embed": (None, "embed"),
-          "q": ("embed", "heads"), "k": ("embed", "heads"), "v": ("embed", "heads"), "o": ("heads", "embed"),
+          "qkv": ("embed", None), "o": ("heads", "embed"),
           "up": ("embed", "mlp"), "down": ("mlp", "embed"), "up_bias": ("mlp",)}.get(base, ("norm",))
   return ("layers", *axes) if name.startswith("layers.") else axes
 
@@ -98,16 +98,16 @@ def encoder_forward(config: EncoderConfig, params: dict[str, Any], input_ids: ja
   x = (jnp.take(params["word_embed"], input_ids, axis=0) + params["position_embed"][:t][None]
        + params["type_embed"][0][None, None])
   x = _layer_norm(x, params["embed_norm_scale"], params["embed_norm_bias"], config.layer_norm_eps)
-  key_mask = attention_mask.astype(bool)[:, None, None, :]
+  key_bias = jnp.where(attention_mask.astype(bool), 0.0, _NEG_INF)[:, None, None, :]
+  scale = 1 / np.sqrt(d // heads)
 
   def layer(x, p):
-    # Heads moved next to batch before the attention dots: XLA:CPU runs batched dots fastest with the
-    # batch dimensions leading.
-    q = (x @ p["q"] + p["q_bias"]).reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3)
-    k = (x @ p["k"] + p["k_bias"]).reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3)
-    v = (x @ p["v"] + p["v_bias"]).reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bhqe,bhke->bhqk", q, k) / np.sqrt(d // heads)
-    probs = jax.nn.softmax(jnp.where(key_mask, scores, _NEG_INF), axis=-1)
+    # One fused q|k|v matmul; heads moved next to batch before the attention dots (XLA:CPU runs batched
+    # dots fastest with the batch dimensions leading); the mask is an additive bias. Together ~10% faster
+    # per batch than three matmuls and a select.
+    qkv = (x @ p["qkv"] + p["qkv_bias"]).reshape(b, t, 3, heads, d // heads).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * scale, qkv[1], qkv[2]
+    probs = jax.nn.softmax(jnp.einsum("bhqe,bhke->bhqk", q, k) + key_bias, axis=-1)
     attn = jnp.einsum("bhqk,bhke->bhqe", probs, v).transpose(0, 2, 1, 3).reshape(b, t, d)
     x = _layer_norm(x + attn @ p["o"] + p["o_bias"], p["attn_norm_scale"], p["attn_norm_bias"],
                     config.layer_norm_eps)
@@ -146,12 +146,13 @@ class Encoder:
   """A loaded encoder: parameters, tokenizer, and the jitted forward behind `encode`."""
 
   def __init__(self, config: EncoderConfig, arrays: dict[str, np.ndarray], tokenizer: Any,
-               max_length: int, batch_size: int = 64):
+               max_length: int, batch_size: int = 64, length_multiple: int = 16):
     self.config = config
     self.params = EncoderParams(arrays)
     self.tokenizer = tokenizer
     self.max_length = max_length
     self.batch_size = batch_size
+    self.length_multiple = length_multiple
     self.trace_count = 0
     self._forward = jax.jit(self._forward_fn)
 
@@ -164,16 +165,19 @@ class Encoder:
     if isinstance(texts, str):
       raise TypeError("encode() takes a list of strings, not a string")
     out = np.zeros((len(texts), self.config.hidden_size), np.float32)
+    if not texts:
+      return out
     params = self.params.arrays()
-    # Sorting by length puts similar lengths in one batch, so fewer batches pay for a long bucket.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    ids_all = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+    # Sorting by token count puts equal lengths in one batch, so batches carry little padding.
+    order = sorted(range(len(texts)), key=lambda i: len(ids_all[i]))
     for start in range(0, len(texts), self.batch_size):
       idx = order[start:start + self.batch_size]
-      encoded = self.tokenizer([texts[i] for i in idx], truncation=True, max_length=self.max_length)
-      ids = encoded["input_ids"]
-      # Lengths round up to a multiple of 32: at most max_length / 32 compiled shapes, and far less
-      # padding than powers of two (a 130-token batch runs at 160, not 256).
-      length = min(-(-max(len(r) for r in ids) // 32) * 32, self.max_length)
+      ids = [ids_all[i] for i in idx]
+      # Lengths round up to a multiple of `length_multiple` (16): at most max_length / 16 compiled shapes,
+      # and far less padding than powers of two (a 130-token batch runs at 144, not 256).
+      step = self.length_multiple
+      length = min(-(-max(len(r) for r in ids) // step) * step, self.max_length)
       rows = max(1, 1 << (len(ids) - 1).bit_length())
       input_ids = np.zeros((rows, length), np.int32)
       mask = np.zeros((rows, length), np.int32)
@@ -218,6 +222,8 @@ def load_encoder(path: str | Path, max_length: int | None = None, batch_size: in
         arrays[name] = np.stack([read(hf_name.format(i=i), transform) for i in range(config.num_layers)])
       else:
         arrays[name] = read(hf_name, transform)
+  for part in ("", "_bias"):  # q, k, v -> one [d, 3d] matrix (and bias)
+    arrays[f"layers.qkv{part}"] = np.concatenate([arrays.pop(f"layers.{n}{part}") for n in "qkv"], axis=-1)
   if arrays["word_embed"].shape != (config.vocab_size, config.hidden_size):
     raise ValueError(f"{weights}: word embeddings {arrays['word_embed'].shape} do not match config.json "
                      f"({config.vocab_size}, {config.hidden_size})")
