@@ -127,7 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.test = "asset:qa-fanout/test.jsonl"
   c.data.corpus = "asset:wiki-vital/corpus.jsonl"
   c.data.corpus_limit = 0  # 0 = the whole corpus
-  c.data.train_limit = 0
+  c.data.train_limit = 0  # 0 = every question (also the precompute's limit per split)
+  c.data.test_limit = 0
   c.data.shuffle_seed = 42  # s3's data.random_seed
 
   # The searcher (policy) and its critic. init_from: an HF folder or asset; "" = random init of `model`.
@@ -171,6 +172,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.max_obs_length = 1400
 
   c.reward = ml_collections.ConfigDict({"kind": "paper", "use_judge": True})
+
+  # Naive-RAG precompute (python -m s3_jax.precompute; spec §3.3). dir "" = a cache folder named by a hash
+  # of the settings the results depend on.
+  c.precompute = ml_collections.ConfigDict({"dir": "", "retrieval_topk": 12, "context_docs": 3,
+                                            "chunk_size": 64, "splits": "train,test"})
 
   c.ppo = ml_collections.ConfigDict()
   c.ppo.batch_size = 120
@@ -219,8 +225,10 @@ _POSITIVE_INTS = (
     "ppo.actor_micro_batch_size", "ppo.critic_micro_batch_size", "ppo.epochs", "checkpoint.every",
     "checkpoint.keep", "searcher.model.vocab_size", "searcher.model.hidden_size",
     "searcher.model.num_layers", "searcher.model.num_heads", "searcher.model.num_kv_heads",
-    "searcher.model.head_dim", "searcher.model.mlp_size")
-_NON_NEGATIVE_INTS = ("data.corpus_limit", "data.train_limit", "checkpoint.hf_export_every")
+    "searcher.model.head_dim", "searcher.model.mlp_size", "precompute.retrieval_topk",
+    "precompute.context_docs", "precompute.chunk_size")
+_NON_NEGATIVE_INTS = ("data.corpus_limit", "data.train_limit", "data.test_limit",
+                      "checkpoint.hf_export_every")
 _UNIT_INTERVAL = ("rollout.top_p", "ppo.gamma", "ppo.lam", "ppo.actor_warmup_ratio",
                   "ppo.critic_warmup_ratio")
 _NON_NEGATIVE_FLOATS = ("rollout.temperature", "ppo.clip_ratio", "ppo.value_clip", "ppo.entropy_coef",

@@ -2,6 +2,10 @@
 
   python -m s3_jax.serve retriever --index DIR [--host 127.0.0.1] --port P [--auth-token T]
       [--http-port H]   # also serve s3/Search-R1's HTTP POST /retrieve
+  python -m s3_jax.serve generator --backend jax|vllm|openai --model DIR|asset:NAME|NAME --port P
+      [--host 127.0.0.1] [--auth-token T] [--max-tokens 64] [--dtype float32|bfloat16]
+      [--base-url URL --key-env OPENAI_API_KEY]   # openai: any OpenAI-compatible endpoint
+      [--http-port H]   # also serve OpenAI-style POST /v1/chat/completions (what s3's scripts call)
 
 Binds loopback unless told otherwise; a non-loopback host needs --auth-token or $S3_JAX_AUTH_TOKEN, which
 every call must then carry (`authorization: Bearer T`).
@@ -46,6 +50,37 @@ def serve_retriever(index: str, host: str, port: int, auth_token: str | None, ht
   server.stop(grace=2).wait()
 
 
+def serve_generator(backend: str, model: str, host: str, port: int, auth_token: str | None, *,
+                    max_tokens: int = 64, dtype: str = "float32", base_url: str | None = None,
+                    key_env: str = "OPENAI_API_KEY", http_port: int | None = None, ready=print) -> None:
+  from s3_jax.services.generator_backends import make_backend
+  from s3_jax.services.generator_server import GeneratorService, start_server
+
+  token = auth.resolve_token(host, auth_token)
+  if backend == "openai":
+    if not base_url:
+      raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    engine = make_backend("openai", model, base_url=base_url, key_env=key_env)
+  else:
+    engine = make_backend(backend, model, dtype=dtype)
+  service = GeneratorService(engine, default_max_tokens=max_tokens, token=token)
+  server, bound = start_server(service, host, port)
+  stop = threading.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: stop.set())
+  ready(f"generator ({backend}, {model}) serving on {host}:{bound}", flush=True)
+  http_server = None
+  if http_port is not None:
+    from s3_jax.services.http_chat import serve_openai_http
+
+    http_server, http_bound = serve_openai_http(service, host, http_port, token)
+    ready(f"generator HTTP endpoint on http://{host}:{http_bound}/v1/chat/completions", flush=True)
+  stop.wait()
+  if http_server is not None:
+    http_server.shutdown()
+  server.stop(grace=2).wait()
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m s3_jax.serve", description=__doc__.split("\n")[0])
   services = parser.add_subparsers(dest="service", required=True)
@@ -56,10 +91,28 @@ def main(argv: list[str] | None = None) -> int:
   retriever.add_argument("--auth-token", default=None)
   retriever.add_argument("--http-port", type=int, default=None,
                          help="also serve s3/Search-R1's POST /retrieve on this port")
+  generator = services.add_parser("generator", help="serve a frozen LLM for answers and judging over gRPC")
+  generator.add_argument("--backend", choices=("jax", "vllm", "openai"), required=True)
+  generator.add_argument("--model", required=True,
+                         help="HF folder or asset:NAME (jax, vllm); the model name (openai)")
+  generator.add_argument("--host", default="127.0.0.1")
+  generator.add_argument("--port", type=int, required=True, help="0 picks a free port")
+  generator.add_argument("--auth-token", default=None)
+  generator.add_argument("--max-tokens", type=int, default=64, help="default when a request sets none")
+  generator.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  generator.add_argument("--base-url", default=None, help="openai: the endpoint, e.g. http://HOST:8000/v1")
+  generator.add_argument("--key-env", default="OPENAI_API_KEY", help="openai: env variable holding the key")
+  generator.add_argument("--http-port", type=int, default=None,
+                         help="also serve OpenAI-style POST /v1/chat/completions on this port")
   args = parser.parse_args(argv)
   try:
-    serve_retriever(args.index, args.host, args.port, args.auth_token, args.http_port)
-  except (ValueError, FileNotFoundError, OSError) as e:
+    if args.service == "retriever":
+      serve_retriever(args.index, args.host, args.port, args.auth_token, args.http_port)
+    else:
+      serve_generator(args.backend, args.model, args.host, args.port, args.auth_token,
+                      max_tokens=args.max_tokens, dtype=args.dtype, base_url=args.base_url,
+                      key_env=args.key_env, http_port=args.http_port)
+  except (ValueError, FileNotFoundError, OSError, ImportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

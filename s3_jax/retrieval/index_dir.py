@@ -103,3 +103,40 @@ def load_retriever(index_dir: str | Path, *, encoder: Any = None):
 
   return DenseRetriever(index_dir, store, encoder or load_encoder(manifest["encoder"]),
                         query_prefix=manifest["query_prefix"])
+
+
+def ensure_index(corpus: str | Path, kind: str, *, corpus_limit: int = 0, encoder: str | Path | None = None,
+                 query_prefix: str = "", passage_prefix: str = "", faiss_kind: str = "flat",
+                 root: str | Path | None = None, show_progress: bool = True) -> Path:
+  """The index folder of `corpus` (its first `corpus_limit` rows when > 0) under `root` (default
+  `$S3_JAX_CACHE/indexes`), built on first use and reused while the corpus file is unchanged (path, size,
+  modification time) and the settings are the same. What embedded configs use instead of a service."""
+  import hashlib
+
+  from s3_jax.assets import cache_dir
+
+  corpus = Path(corpus).resolve()
+  if not corpus.is_file():
+    raise FileNotFoundError(f"corpus not found: {corpus}")
+  stat = corpus.stat()
+  settings = [str(corpus), stat.st_size, stat.st_mtime_ns, corpus_limit, kind,
+              str(Path(encoder).resolve()) if encoder else "", query_prefix, passage_prefix, faiss_kind]
+  digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
+  out = Path(root or cache_dir() / "indexes") / f"{kind}-{corpus.stem}-{digest}"
+  if (out / MANIFEST).is_file():
+    return out
+  out.mkdir(parents=True, exist_ok=True)
+  source = corpus
+  if corpus_limit > 0:  # the first rows, as a corpus file of their own next to the index
+    source = out / "corpus.jsonl"
+    with open(corpus, encoding="utf-8") as f, open(source, "w", encoding="utf-8") as subset:
+      kept = 0
+      for line in f:
+        if line.strip():
+          subset.write(line if line.endswith("\n") else line + "\n")
+          kept += 1
+          if kept == corpus_limit:
+            break
+  build_index(source, out, kind, encoder=encoder, faiss_kind=faiss_kind, query_prefix=query_prefix,
+              passage_prefix=passage_prefix, show_progress=show_progress)
+  return out

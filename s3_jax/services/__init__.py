@@ -1,5 +1,6 @@
-"""gRPC services (retriever) with their clients; `.proto` files and generated stubs in `protos/`."""
+"""gRPC services (retriever, generator) with their clients; `.proto` files and stubs in `protos/`."""
 
+from s3_jax.services.generator_client import GeneratorClient
 from s3_jax.services.retriever_client import RetrieverClient, ServiceUnavailableError
 
-__all__ = ["RetrieverClient", "ServiceUnavailableError"]
+__all__ = ["GeneratorClient", "RetrieverClient", "ServiceUnavailableError"]

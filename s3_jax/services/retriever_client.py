@@ -36,10 +36,33 @@ class ServiceUnavailableError(ConnectionError):
   """The service did not answer after every retry; the message names the address."""
 
 
+def call_with_retries(method, request, *, what: str, timeout: float, retries: int, backoff: float,
+                      metadata) -> object:
+  """One unary call with a deadline, retried with exponential backoff while the service is unavailable or
+  slow. INVALID_ARGUMENT -> ValueError, UNAUTHENTICATED -> PermissionError, at once; `what` names the
+  service and its address in every error."""
+  for attempt in range(retries + 1):
+    try:
+      return method(request, timeout=timeout, metadata=metadata, wait_for_ready=False)
+    except grpc.RpcError as e:
+      code = e.code()
+      if code == grpc.StatusCode.INVALID_ARGUMENT:
+        raise ValueError(f"{what} rejected the request: {e.details()}") from None
+      if code == grpc.StatusCode.UNAUTHENTICATED:
+        raise PermissionError(f"{what}: {e.details()}") from None
+      if code not in _RETRYABLE or attempt == retries:
+        raise ServiceUnavailableError(f"{what} did not answer after {attempt + 1} attempt(s): "
+                                      f"{code.name}: {e.details()}") from None
+      time.sleep(backoff * 2**attempt)
+  raise AssertionError("unreachable")
+
+
 class RetrieverClient:
   """`RetrieverClient("127.0.0.1:P").search(queries, k) -> list[list[Doc]]`.
 
-  Batches larger than `max_batch` queries are split into several calls; each call has a `timeout`
+  Batches larger than `max_batch` queries are split into several calls (by default 40 for a BM25 server,
+  whose cost is mostly decoding documents, which then overlaps with the server's search; 256 for a dense
+  server, whose cost is encoding the queries, which larger batches do faster); each call has a `timeout`
   deadline and is retried up to `retries` times (exponential backoff from `backoff` seconds) when the
   server is unavailable or slow. Bad requests raise `ValueError` with the server's reason, at once.
 
@@ -49,7 +72,7 @@ class RetrieverClient:
   """
 
   def __init__(self, address: str, *, timeout: float = 60.0, retries: int = 5, backoff: float = 0.2,
-               max_batch: int = 32, concurrency: int = 2, auth_token: str | None = None,
+               max_batch: int | None = None, concurrency: int = 2, auth_token: str | None = None,
                local_index: str | Path | None = None):
     self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
     self.max_batch, self.concurrency = max_batch, concurrency
@@ -80,25 +103,14 @@ class RetrieverClient:
     return self._local_store
 
   def _call(self, method, request):
-    for attempt in range(self.retries + 1):
-      try:
-        return method(request, timeout=self.timeout, metadata=self._metadata, wait_for_ready=False)
-      except grpc.RpcError as e:
-        code = e.code()
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-          raise ValueError(f"retriever at {self.address} rejected the request: {e.details()}") from None
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-          raise PermissionError(f"retriever at {self.address}: {e.details()}") from None
-        if code not in _RETRYABLE or attempt == self.retries:
-          raise ServiceUnavailableError(
-              f"retriever at {self.address} did not answer after {attempt + 1} attempt(s): "
-              f"{code.name}: {e.details()}") from None
-        time.sleep(self.backoff * 2**attempt)
-    raise AssertionError("unreachable")
+    return call_with_retries(method, request, what=f"retriever at {self.address}", timeout=self.timeout,
+                             retries=self.retries, backoff=self.backoff, metadata=self._metadata)
 
   def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
     """Sends the batch in chunks of at most `max_batch` queries with up to `concurrency` calls in flight,
     so that the server searches the next chunks while this process decodes one."""
+    if self.max_batch is None:
+      self.max_batch = 256 if self.health().kind == "dense" else 40
     chunks = [[q.encode("utf-8") for q in queries[start:start + self.max_batch]]
               for start in range(0, len(queries), self.max_batch)]
     store = self._store()

@@ -4,13 +4,13 @@ keeps serving whatever a request contains."""
 from __future__ import annotations
 
 import dataclasses
-from concurrent import futures
 from typing import Any
 
 import grpc
 import numpy as np
 
 from s3_jax.services import auth
+from s3_jax.services.grpc_server import start_grpc_server
 from s3_jax.services.protos import retrieval_pb2, retrieval_pb2_grpc
 
 
@@ -84,13 +84,5 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
 def start_server(service: RetrieverService, host: str = "127.0.0.1", port: int = 0,
                  max_workers: int = 4) -> tuple[grpc.Server, int]:
   """Starts a gRPC server for `service`; returns it and the bound port (0 picks a free one)."""
-  server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                       options=[("grpc.max_receive_message_length", 64 << 20),
-                                ("grpc.max_send_message_length", 256 << 20),
-                                ("grpc.so_reuseport", 0)])
-  retrieval_pb2_grpc.add_RetrieverServicer_to_server(service, server)
-  bound = server.add_insecure_port(f"{host}:{port}")
-  if bound == 0:
-    raise OSError(f"cannot bind the retriever to {host}:{port}")
-  server.start()
-  return server, bound
+  return start_grpc_server(lambda server: retrieval_pb2_grpc.add_RetrieverServicer_to_server(service, server),
+                           host, port, max_workers, "retriever")

@@ -1,0 +1,198 @@
+"""Naive-RAG precompute (spec §3.3): the baseline every Gain-Beyond-RAG reward compares against.
+
+  python -m s3_jax.precompute --config configs/NAME.py[:arg] [--config.key=value ...] [--out DIR]
+
+For every question of the configured splits: top-`precompute.retrieval_topk` (12) retrieval, the generator's
+answer on the top `precompute.context_docs` (3), its GenAcc and EM. Writes, in `precompute.dir` (default
+`$S3_JAX_CACHE/precompute/<hash of the settings>`):
+
+  rag_cache.json          {data_source: {question: {"answer", "score", "em_score"}}} (s3's layout)
+  retrieval_<split>.jsonl one row per question: data_source, question, the top-12 docs with scores
+  train_filtered.jsonl    the training questions s3 keeps: no yes/no/true/false gold answer, and naive RAG
+                          does not already answer them
+  stats.json              counts before and after filtering
+  answers.sqlite          the scored-answer cache (shared with the training reward)
+
+Work is saved every `precompute.chunk_size` questions; rerunning after an interruption skips the questions
+already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from s3_jax import assets
+from s3_jax.data.corpus import Doc
+from s3_jax.data.qa import QAExample, read_qa
+from s3_jax.reward.cache import AnswerCache
+from s3_jax.reward.gbr import RagCache
+from s3_jax.reward.prompts import PROMPT_VERSION
+from s3_jax.reward.service import RewardItem, RewardScorer
+
+YES_NO = frozenset(("yes", "no", "true", "false", "Yes", "No", "True", "False"))
+
+
+def precompute_dir(config: ml_collections.ConfigDict) -> Path:
+  """Where the precompute of this config lives: `precompute.dir`, or a cache folder named by a hash of
+  everything its results depend on."""
+  if config.precompute.dir:
+    return Path(config.precompute.dir).expanduser()
+  settings = {"data": {k: str(config.data[k]) for k in ("train", "test", "corpus", "corpus_limit")},
+              "retriever": config.retriever.to_dict(), "generator": config.generator.to_dict(),
+              "topk": config.precompute.retrieval_topk, "context": config.precompute.context_docs,
+              "judge": config.reward.use_judge, "prompt": PROMPT_VERSION}
+  settings["retriever"].pop("address", None)
+  settings["generator"].pop("address", None)
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+  return assets.cache_dir() / "precompute" / digest
+
+
+def make_retriever(config: ml_collections.ConfigDict, show_progress: bool = True) -> Any:
+  """The configured retriever service, or (no address) an index of the configured corpus in process."""
+  if config.retriever.address:
+    from s3_jax.services import RetrieverClient
+
+    return RetrieverClient(config.retriever.address)
+  from s3_jax.retrieval.index_dir import ensure_index, load_retriever
+
+  encoder = assets.resolve(config.retriever.encoder) if config.retriever.kind == "dense" else None
+  index = ensure_index(assets.resolve(config.data.corpus), config.retriever.kind,
+                       corpus_limit=config.data.corpus_limit, encoder=encoder,
+                       query_prefix=config.retriever.query_prefix,
+                       passage_prefix=config.retriever.passage_prefix, faiss_kind=config.retriever.faiss,
+                       show_progress=show_progress)
+  return load_retriever(index)
+
+
+def make_generator(config: ml_collections.ConfigDict) -> Any:
+  """The configured generator service, or (no address) the backend in process."""
+  if config.generator.address:
+    from s3_jax.services import GeneratorClient
+
+    return GeneratorClient(config.generator.address)
+  from s3_jax.services.generator_backends import InProcessGenerator, make_backend
+
+  return InProcessGenerator(make_backend(config.generator.backend, config.generator.model))
+
+
+def keep_for_training(example: QAExample, rag_cache: RagCache) -> bool:
+  """s3's `filter_fn`: no gold answer is literally yes/no/true/false, and naive RAG got it wrong."""
+  if any(answer in YES_NO for answer in example.golden_answers):
+    return False
+  return not rag_cache.get(example.data_source, example.question)["score"]
+
+
+def _read_retrieval(path: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+  done: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  if path.is_file():
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        if line.strip():
+          row = json.loads(line)
+          done[(row["data_source"], row["question"])] = row["docs"]
+  return done
+
+
+def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, retriever: Any = None,
+                   generator: Any = None, show_progress: bool = True, log=print) -> dict[str, Any]:
+  """Runs (or resumes) the precompute; returns the stats it also writes to `stats.json`."""
+  from tqdm import tqdm
+
+  out = Path(out) if out is not None else precompute_dir(config)
+  out.mkdir(parents=True, exist_ok=True)
+  cache_path = out / "rag_cache.json"
+  rag_cache = RagCache.load(cache_path) if cache_path.is_file() else RagCache(path=cache_path)
+  retriever = retriever if retriever is not None else make_retriever(config, show_progress)
+  generator = generator if generator is not None else make_generator(config)
+  scorer = RewardScorer(generator, generator_id=f"{config.generator.backend}:{config.generator.model}",
+                        kind="genacc", use_judge=config.reward.use_judge,
+                        cache=AnswerCache(out / "answers.sqlite"), max_tokens=config.generator.max_tokens)
+  topk, context_docs, chunk = (config.precompute.retrieval_topk, config.precompute.context_docs,
+                               config.precompute.chunk_size)
+  stats: dict[str, Any] = {"dir": str(out)}
+  for split in [s.strip() for s in config.precompute.splits.split(",") if s.strip()]:
+    if split not in ("train", "test"):
+      raise ValueError(f"precompute.splits: {split!r} must be train or test")
+    examples = read_qa(assets.resolve(config.data[split]))
+    limit = config.data[f"{split}_limit"]
+    examples = examples[:limit] if limit else examples
+    retrieval_path = out / f"retrieval_{split}.jsonl"
+    retrieved = _read_retrieval(retrieval_path)
+    todo = [ex for ex in examples if (ex.data_source, ex.question) not in retrieved
+            or (ex.data_source, ex.question) not in rag_cache]
+    if len(todo) < len(examples):
+      log(f"precompute {split}: {len(examples) - len(todo)} of {len(examples)} questions already done "
+          f"in {out}")
+    progress = tqdm(total=len(todo), desc=f"naive RAG ({split})", unit="q", disable=not show_progress)
+    with progress, open(retrieval_path, "a", encoding="utf-8") as retrieval_file:
+      for start in range(0, len(todo), chunk):
+        batch = todo[start:start + chunk]
+        results = retriever.search([ex.question for ex in batch], topk)
+        scored = scorer.score([RewardItem(ex.data_source, ex.question, ex.golden_answers,
+                                          tuple(docs[:context_docs]))
+                               for ex, docs in zip(batch, results, strict=True)])
+        for ex, docs, result in zip(batch, results, scored, strict=True):
+          retrieval_file.write(json.dumps({"data_source": ex.data_source, "question": ex.question,
+                                           "docs": [_doc_row(d) for d in docs]}, ensure_ascii=False) + "\n")
+          rag_cache.put(ex.data_source, ex.question, result.answer, result.scores)
+        retrieval_file.flush()
+        rag_cache.save()
+        progress.update(len(batch))
+    answered = sum(rag_cache.get(ex.data_source, ex.question)["score"] for ex in examples)
+    stats[split] = {"questions": len(examples), "naive_rag_genacc": answered / max(len(examples), 1)}
+    if split == "train":
+      kept = [ex for ex in examples if keep_for_training(ex, rag_cache)]
+      _write_qa(out / "train_filtered.jsonl", kept)
+      stats["train"].update({"kept": len(kept), "dropped_yes_no": sum(
+          any(a in YES_NO for a in ex.golden_answers) for ex in examples), "dropped_rag_correct": answered})
+      log(f"train: {len(examples)} questions -> {len(kept)} kept for training "
+          f"(naive RAG already answers {answered}; yes/no-type {stats['train']['dropped_yes_no']})")
+  stats["reward"] = scorer.stats.take()
+  (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+  return stats
+
+
+def _doc_row(doc: Doc) -> dict[str, Any]:
+  return {"id": doc.id, "title": doc.title, "text": doc.text, "score": doc.score}
+
+
+def _write_qa(path: Path, examples: Sequence[QAExample]) -> None:
+  tmp = path.with_suffix(".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    for ex in examples:
+      f.write(json.dumps({"id": ex.id, "question": ex.question, "golden_answers": list(ex.golden_answers),
+                          "data_source": ex.data_source}, ensure_ascii=False) + "\n")
+  tmp.replace(path)
+
+
+def main() -> None:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
+  out_flag = flags.DEFINE_string("out", None, "output folder (default: precompute.dir or a cache folder)")
+
+  def run(argv: Sequence[str]) -> None:
+    from s3_jax import config_lib
+
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+      config = config_lib.validate(config_flag.value)
+      stats = run_precompute(config, out_flag.value)
+    except (ValueError, FileNotFoundError, KeyError, assets.AssetError) as e:
+      sys.exit(f"error: {e}")
+    print(json.dumps(stats, indent=2))
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()

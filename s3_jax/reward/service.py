@@ -1,0 +1,142 @@
+"""Scoring a whole rollout batch: one batched generator call for every answer that is not cached, span / EM /
+F1 checks, one batched judge call for the answers whose span check failed, then the reward against the RAG
+cache. s3 does this as a serial loop of blocking HTTP calls per trajectory (spec §3.1); here each stage is
+one concurrent batch, and a content-addressed cache answers repeated contexts without any call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from s3_jax.data.corpus import Doc
+from s3_jax.data.qa import normalize_question
+from s3_jax.reward.answers import exact_match, f1, span_match
+from s3_jax.reward.cache import AnswerCache, content_key
+from s3_jax.reward.gbr import REWARD_KINDS, AnswerScores, RagCache, reward
+from s3_jax.reward.judge import ChatGenerator, judge
+from s3_jax.reward.prompts import PROMPT_VERSION, answer_messages
+from s3_jax.search.formats import generator_context
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardItem:
+  """One trajectory to score: its question, gold answers and the documents D_s3 given to the generator."""
+
+  data_source: str
+  question: str
+  golden_answers: tuple[str, ...]
+  docs: tuple[Doc, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+  reward: float
+  answer: str
+  scores: AnswerScores
+  rag_genacc: bool | None
+  cached: bool
+  finish_reason: str
+
+
+@dataclasses.dataclass
+class RewardStats:
+  """Counters since construction (the metrics read and reset them per step with `take`)."""
+
+  items: int = 0
+  cache_hits: int = 0
+  generator_calls: int = 0
+  judge_calls: int = 0
+  prompt_too_long: int = 0
+  generate_seconds: float = 0.0
+  judge_seconds: float = 0.0
+
+  def take(self) -> dict[str, float]:
+    out = dataclasses.asdict(self)
+    out["cache_hit_rate"] = self.cache_hits / self.items if self.items else 0.0
+    for field in dataclasses.fields(self):
+      setattr(self, field.name, field.default)
+    return out
+
+
+class RewardScorer:
+  """`score(items) -> list[RewardResult]`.
+
+  `generator`: the answer model (a `GeneratorClient` or an in-process backend wrapper) with
+  `complete(chats, temperature=, top_p=, max_tokens=)`; `judge_generator` defaults to it (s3 judges with the
+  same server). `generator_id` names the model in the cache key, so changing the generator never reuses
+  another model's answers. `use_judge=False` scores GenAcc as the span check alone.
+  """
+
+  def __init__(self, generator: Any, *, generator_id: str, kind: str = "paper",
+               rag_cache: RagCache | None = None, use_judge: bool = True,
+               judge_generator: ChatGenerator | None = None, cache: AnswerCache | None = None,
+               max_tokens: int | None = None):
+    if kind not in REWARD_KINDS:
+      raise ValueError(f"reward.kind={kind!r} must be one of {REWARD_KINDS}")
+    if kind in ("paper", "code") and rag_cache is None:
+      raise ValueError(f"reward.kind={kind!r} compares against naive RAG and needs a RAG cache "
+                       "(python -m s3_jax.precompute)")
+    self.generator, self.generator_id, self.kind, self.rag_cache = generator, generator_id, kind, rag_cache
+    self.use_judge, self.judge_generator = use_judge, judge_generator or generator
+    self.cache = cache if cache is not None else AnswerCache()
+    self.max_tokens = max_tokens
+    self.stats = RewardStats()
+
+  def _key(self, item: RewardItem, context: str) -> str:
+    return content_key(question=normalize_question(item.question), context=context,
+                       golden_answers=list(item.golden_answers), generator=self.generator_id,
+                       prompt=PROMPT_VERSION, judge=self.use_judge, max_tokens=self.max_tokens)
+
+  def score_answers(self, answers: Sequence[str],
+                    golden_answers: Sequence[Sequence[str]]) -> list[AnswerScores]:
+    """Span, EM and F1 of each answer; the judge (one batched call) only where the span check failed."""
+    spans = [span_match(a, g) for a, g in zip(answers, golden_answers, strict=True)]
+    verdicts: list[bool | None] = [None] * len(answers)
+    ask = [i for i, s in enumerate(spans) if not s] if self.use_judge else []
+    if ask:
+      start = time.perf_counter()
+      for i, v in zip(ask, judge(self.judge_generator, [answers[i] for i in ask],
+                                 [golden_answers[i] for i in ask]), strict=True):
+        verdicts[i] = v
+      self.stats.judge_seconds += time.perf_counter() - start
+      self.stats.judge_calls += len(ask)
+    return [AnswerScores(span=s, em=exact_match(a, g), f1=f1(a, g), judge=v, genacc=s or bool(v))
+            for a, g, s, v in zip(answers, golden_answers, spans, verdicts, strict=True)]
+
+  def score(self, items: Sequence[RewardItem]) -> list[RewardResult]:
+    contexts = [generator_context(item.docs) for item in items]
+    keys = [self._key(item, context) for item, context in zip(items, contexts, strict=True)]
+    known = self.cache.get_many(sorted(set(keys)))
+    self.stats.items += len(items)
+    self.stats.cache_hits += sum(k in known for k in keys)
+    hits = set(known)
+    first: dict[str, int] = {}  # each distinct missing context is generated once, even if repeated
+    for i, k in enumerate(keys):
+      if k not in hits:
+        first.setdefault(k, i)
+    missing = list(first.values())
+    if missing:
+      start = time.perf_counter()
+      completions = self.generator.complete(
+          [answer_messages(normalize_question(items[i].question), contexts[i]) for i in missing],
+          temperature=0.0, top_p=1.0, max_tokens=self.max_tokens)
+      self.stats.generate_seconds += time.perf_counter() - start
+      self.stats.generator_calls += len(missing)
+      self.stats.prompt_too_long += sum(c.finish_reason == "prompt_too_long" for c in completions)
+      scores = self.score_answers([c.text for c in completions], [items[i].golden_answers for i in missing])
+      fresh = {keys[i]: {"answer": c.text, "finish_reason": c.finish_reason, "scores": s.as_dict()}
+               for i, c, s in zip(missing, completions, scores, strict=True)}
+      self.cache.put_many(fresh.items())
+      known.update(fresh)
+    results = []
+    for item, key in zip(items, keys, strict=True):
+      entry = known[key]
+      scores = AnswerScores(**entry["scores"])
+      rag = bool(self.rag_cache.get(item.data_source, item.question)["score"]) if self.rag_cache else None
+      results.append(RewardResult(reward=reward(self.kind, scores, rag), answer=entry["answer"],
+                                  scores=scores, rag_genacc=rag, cached=key in hits,
+                                  finish_reason=entry["finish_reason"]))
+    return results

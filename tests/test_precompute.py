@@ -1,0 +1,80 @@
+"""The naive-RAG precompute on a small embedded subset: real BM25 over the wiki-vital subset and the real
+SmolLM2 generator in process; counts add up; an interrupted run resumes without redoing questions."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from s3_jax import assets, config_lib
+from s3_jax.data.qa import read_qa
+from s3_jax.precompute import YES_NO, make_generator, run_precompute
+from s3_jax.reward.gbr import RagCache
+
+
+class Interrupted(RuntimeError):
+  pass
+
+
+class CountingGenerator:
+  """The real generator, recording which questions it answers; raises on answer call `fail_on`."""
+
+  def __init__(self, inner, fail_on=None):
+    self.inner, self.fail_on, self.calls, self.questions = inner, fail_on, 0, []
+
+  def complete(self, chats, **kwargs):
+    self.calls += 1
+    if self.calls == self.fail_on:
+      raise Interrupted("simulated interruption")
+    self.questions.extend(chat[-1]["content"] for chat in chats)
+    return self.inner.complete(chats, **kwargs)
+
+  def generate(self, chats, **kwargs):  # the judge
+    return self.inner.generate(chats, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def config(asset, tmp_path_factory):
+  for name in ("smollm2-135m-instruct", "wiki-vital", "qa-fanout"):
+    asset(name)
+  return config_lib.load(str(REPO / "configs/tiny.py"), [
+      "data.train_limit=6", "precompute.splits=train", "precompute.chunk_size=3",
+      f"precompute.dir={tmp_path_factory.mktemp('precompute')}"])
+
+
+def test_precompute_resumes_and_filters(config):
+  out = Path(config.precompute.dir)
+  questions = read_qa(assets.resolve(config.data.train))[:6]
+  generator = make_generator(config)
+  with pytest.raises(Interrupted):
+    run_precompute(config, generator=CountingGenerator(generator, fail_on=2), show_progress=False)
+  assert len(RagCache.load(out / "rag_cache.json")) == 3  # the first chunk was saved before the failure
+
+  resumed, logs = CountingGenerator(generator), []
+  stats = run_precompute(config, generator=resumed, show_progress=False, log=logs.append)
+  assert "3 of 6 questions already done" in logs[0]
+  assert resumed.questions == [q.question for q in questions[3:]]  # only the unfinished questions
+
+  cache = RagCache.load(out / "rag_cache.json")
+  assert len(cache) == 6
+  retrieval = [json.loads(line) for line in (out / "retrieval_train.jsonl").read_text().splitlines()]
+  assert [r["question"] for r in retrieval] == [q.question for q in questions]
+  assert all(len(r["docs"]) == config.precompute.retrieval_topk for r in retrieval)
+  assert all(r["docs"][0]["score"] >= r["docs"][-1]["score"] > 0 for r in retrieval)
+
+  kept = read_qa(out / "train_filtered.jsonl")
+  expected = [q for q in questions if not set(q.golden_answers) & YES_NO
+              and cache.get(q.data_source, q.question)["score"] == 0]
+  assert [q.question for q in kept] == [q.question for q in expected]
+  correct = sum(cache.get(q.data_source, q.question)["score"] for q in questions)
+  assert stats["train"]["questions"] == 6 and stats["train"]["kept"] == len(kept)
+  assert stats["train"]["dropped_rag_correct"] == correct
+  assert len(kept) == 6 - len({q.question for q in questions if set(q.golden_answers) & YES_NO
+                               or cache.get(q.data_source, q.question)["score"]})
+  on_disk = json.loads((out / "stats.json").read_text())
+  assert on_disk["train"] == stats["train"]
+
+  again = CountingGenerator(generator)
+  run_precompute(config, generator=again, show_progress=False, log=lambda *_: None)
+  assert again.questions == []  # everything done: nothing is generated again

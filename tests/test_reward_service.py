@@ -1,0 +1,97 @@
+"""The batch reward scorer: batched generator and judge calls, the content-addressed cache, GBR against the
+RAG cache (with a scripted generator here; test_generator_service.py runs the real model over gRPC)."""
+
+import pytest
+
+from s3_jax.data.corpus import Doc
+from s3_jax.reward.cache import AnswerCache
+from s3_jax.reward.gbr import AnswerScores, RagCache
+from s3_jax.reward.service import RewardItem, RewardScorer
+from s3_jax.services.generator_backends import Completion
+
+BIZET = (Doc("1", "Carmen", "Carmen is an opera by Georges Bizet."),)
+OTHER = (Doc("2", "Paris", "Paris is the capital of France."),)
+
+
+class ScriptedGenerator:
+  """Answers "Georges Bizet" when the context names him, otherwise "I do not know"; the judge says yes
+  to replies that mention "composer"."""
+
+  def __init__(self):
+    self.answer_batches, self.judge_batches = [], []
+
+  def complete(self, chats, *, temperature=0.0, top_p=1.0, max_tokens=None, **_):
+    self.answer_batches.append(chats)
+    texts = ["Georges Bizet" if "Bizet" in chat[0]["content"] else
+             "the composer of Carmen" if "composer" in chat[1]["content"] else "I do not know"
+             for chat in chats]
+    return [Completion(t, 10, 3, "stop") for t in texts]
+
+  def generate(self, chats, *, temperature=0.0, top_p=1.0, max_tokens=None):
+    self.judge_batches.append(chats)
+    return ["yes" if "composer" in chat[0]["content"] else "no" for chat in chats]
+
+
+def _rag_cache():
+  cache = RagCache()
+  no = AnswerScores(span=False, em=False, f1=0.0, judge=False, genacc=False)
+  yes = AnswerScores(span=True, em=True, f1=1.0, judge=None, genacc=True)
+  cache.put("nq", "Who composed Carmen?", "?", no)
+  cache.put("nq", "Name the composer of Carmen?", "?", no)
+  cache.put("hotpotqa", "Who wrote Carmen?", "Bizet", yes)
+  return cache
+
+
+def test_batch_scoring_judges_only_failed_spans_and_computes_gbr():
+  generator = ScriptedGenerator()
+  scorer = RewardScorer(generator, generator_id="scripted", kind="code", rag_cache=_rag_cache())
+  items = [RewardItem("nq", "Who composed Carmen", ("Georges Bizet",), BIZET),
+           RewardItem("nq", "Who composed Carmen?", ("Georges Bizet",), OTHER),
+           RewardItem("nq", "Name the composer of Carmen", ("Bizet",), OTHER),
+           RewardItem("hotpotqa", "Who wrote Carmen?", ("Bizet",), BIZET)]
+  results = scorer.score(items)
+  assert [r.answer for r in results] == ["Georges Bizet", "I do not know", "the composer of Carmen",
+                                         "Georges Bizet"]
+  assert [r.scores.span for r in results] == [True, False, False, True]
+  assert [r.scores.judge for r in results] == [None, False, True, None]
+  assert [r.reward for r in results] == [2.0, 0.0, 2.0, 1.0]  # code: (acc - rag) + acc
+  assert len(generator.answer_batches) == 1 and len(generator.answer_batches[0]) == 4  # one batched call
+  assert len(generator.judge_batches) == 1 and len(generator.judge_batches[0]) == 2  # only failed spans
+  system = generator.answer_batches[0][0][0]["content"]
+  assert system.startswith("Use the following contexts") and "Doc 1 (Title: Carmen)\n" in system
+  assert generator.answer_batches[0][0][1] == {"role": "user", "content": "Who composed Carmen?"}
+
+
+def test_cache_answers_repeated_contexts_without_calls(tmp_path):
+  generator = ScriptedGenerator()
+  items = [RewardItem("nq", "Who composed Carmen?", ("Georges Bizet",), BIZET)] * 3
+  scorer = RewardScorer(generator, generator_id="scripted", kind="genacc",
+                        cache=AnswerCache(tmp_path / "answers.sqlite"))
+  first = scorer.score(items)
+  assert len(generator.answer_batches[0]) == 1  # a context repeated in one batch is generated once
+  assert [r.cached for r in first] == [False] * 3 and scorer.stats.take()["cache_hit_rate"] == 0.0
+  again = RewardScorer(generator, generator_id="scripted", kind="genacc",
+                       cache=AnswerCache(tmp_path / "answers.sqlite"))  # a new process, same file
+  second = again.score(items)
+  assert len(generator.answer_batches) == 1 and all(r.cached for r in second)
+  assert [r.reward for r in second] == [r.reward for r in first] == [1.0] * 3
+  assert again.stats.take()["cache_hit_rate"] == 1.0
+  other_model = RewardScorer(generator, generator_id="another", kind="genacc",
+                             cache=AnswerCache(tmp_path / "answers.sqlite"))
+  other_model.score(items[:1])
+  assert len(generator.answer_batches) == 2  # the generator id is part of the key
+
+
+def test_missing_rag_entries_and_settings_are_errors():
+  with pytest.raises(ValueError, match="needs a RAG cache"):
+    RewardScorer(ScriptedGenerator(), generator_id="x", kind="paper")
+  scorer = RewardScorer(ScriptedGenerator(), generator_id="x", kind="paper", rag_cache=_rag_cache())
+  with pytest.raises(KeyError, match=r"question 'Who is Bizet\?' of data source 'nq' is not in the RAG"):
+    scorer.score([RewardItem("nq", "Who is Bizet", ("x",), BIZET)])
+
+
+def test_without_judge_genacc_is_the_span_check():
+  generator = ScriptedGenerator()
+  scorer = RewardScorer(generator, generator_id="x", kind="genacc", use_judge=False)
+  [result] = scorer.score([RewardItem("nq", "Name the composer of Carmen", ("Bizet",), OTHER)])
+  assert result.scores.judge is None and result.reward == 0.0 and generator.judge_batches == []
