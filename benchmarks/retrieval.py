@@ -101,8 +101,8 @@ def service_overhead(index_dir: str, repeats: int) -> dict:
   try:
     port = next(int(m.group(1)) for line in server.stdout
                 if (m := re.search(r"serving on 127\.0\.0\.1:(\d+)", line)))
-    text_client = RetrieverClient(f"127.0.0.1:{port}")
-    local_client = RetrieverClient(f"127.0.0.1:{port}", local_index=index_dir)
+    text_client = RetrieverClient(f"127.0.0.1:{port}", local_index=None)
+    local_client = RetrieverClient(f"127.0.0.1:{port}")  # "auto": this host sees the server's index folder
     expected = retriever.search(batch, 8)
     for client in (text_client, local_client):  # dense scores move by float32 rounding with batch shape
       got = client.search(batch, 8)

@@ -314,6 +314,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if ppo["dual_clip"] != 0 and ppo["dual_clip"] <= 1:
     raise _bad("ppo.dual_clip", ppo["dual_clip"], "must be 0 (off) or greater than 1")
 
+  splits = [x.strip() for x in get("precompute.splits").split(",")]
+  if not all(x in ("train", "test") for x in splits) or not any(splits):
+    raise _bad("precompute.splits", get("precompute.splits"),
+               "must be a comma-separated subset of train,test")
+
   model = get("searcher.model")
   if model["num_heads"] % model["num_kv_heads"]:
     raise _bad("searcher.model.num_kv_heads", model["num_kv_heads"],

@@ -32,7 +32,7 @@ def serve_retriever(index: str, host: str, port: int, auth_token: str | None, ht
   retriever = load_retriever(index)  # raises with the build command when `index` is not an index
   manifest = json.loads((Path(index) / "manifest.json").read_text())
   service = RetrieverService(retriever, manifest["kind"], manifest["count"], token,
-                             corpus_sha256=manifest["corpus"]["sha256"])
+                             corpus_sha256=manifest["corpus"]["sha256"], index_dir=str(Path(index).resolve()))
   server, bound = start_server(service, host, port)
   stop = threading.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):

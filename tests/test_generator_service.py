@@ -101,6 +101,16 @@ def test_bad_requests_get_invalid_argument(address, chats, kwargs, reason):
   assert GeneratorClient(address).generate([[{"role": "user", "content": "Hi"}]], max_tokens=2)[0]
 
 
+def test_auth_token_is_checked_on_every_call(backend):
+  server, port = start_server(GeneratorService(backend, token="s3cret"))
+  try:
+    with pytest.raises(PermissionError, match="missing or wrong bearer token"):
+      GeneratorClient(f"127.0.0.1:{port}").health()
+    assert GeneratorClient(f"127.0.0.1:{port}", auth_token="s3cret").health().status == "SERVING"
+  finally:
+    server.stop(grace=0).wait()
+
+
 def test_openai_backend_against_the_http_endpoint(service, backend, monkeypatch):
   server, port = serve_openai_http(service, token="s3cret")
   url = f"http://127.0.0.1:{port}/v1"

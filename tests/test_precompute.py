@@ -78,3 +78,19 @@ def test_precompute_resumes_and_filters(config):
   again = CountingGenerator(generator)
   run_precompute(config, generator=again, show_progress=False, log=lambda *_: None)
   assert again.questions == []  # everything done: nothing is generated again
+
+
+@pytest.mark.entry
+def test_precompute_cli(config, tmp_path):
+  import subprocess
+  import sys
+
+  done = subprocess.run([sys.executable, "-m", "s3_jax.precompute", "--config", str(REPO / "configs/tiny.py"),
+                         "--config.data.train_limit=2", "--config.precompute.splits=train",
+                         f"--config.precompute.dir={tmp_path}"], capture_output=True, text=True, cwd=REPO)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "2 questions ->" in done.stderr + done.stdout and (tmp_path / "train_filtered.jsonl").is_file()
+  assert json.loads((tmp_path / "stats.json").read_text())["train"]["questions"] == 2
+  bad = subprocess.run([sys.executable, "-m", "s3_jax.precompute", "--config", str(REPO / "configs/tiny.py"),
+                        "--config.precompute.splits=dev"], capture_output=True, text=True, cwd=REPO)
+  assert bad.returncode != 0 and "config.precompute.splits='dev': must be a comma-separated" in bad.stderr

@@ -173,7 +173,11 @@ def test_serve_cli(bm25_index, monkeypatch):
   try:
     line = process.stdout.readline()
     port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", line).group(1))
-    assert RetrieverClient(f"127.0.0.1:{port}").search(["Carmen opera Bizet"], 1)[0][0].title == "Carmen"
+    client = RetrieverClient(f"127.0.0.1:{port}")  # local_index="auto": this host sees the server's index
+    assert client.search(["Carmen opera Bizet"], 1)[0][0].title == "Carmen"
+    assert client._local_store is not None and client.health().index_dir == str(bm25_index.resolve())
+    over_wire = RetrieverClient(f"127.0.0.1:{port}", local_index=None)
+    assert over_wire.search(QUERIES, 4) == client.search(QUERIES, 4) and over_wire._local_store is None
   finally:
     process.terminate()
     assert process.wait(timeout=20) == 0

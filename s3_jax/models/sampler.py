@@ -60,6 +60,15 @@ def _bucket(n: int, minimum: int) -> int:
   return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
+def _length_bucket(n: int, minimum: int) -> int:
+  """`n` rounded up to one of four steps per power of two (at most 25% padding, where powers of two pad up
+  to 100%: a 700-token prompt runs at 768, not 1024), steps of at least 16, at least `minimum`."""
+  if n <= minimum:
+    return minimum
+  step = max(16, 1 << max(0, (n - 1).bit_length() - 3))
+  return -(-n // step) * step
+
+
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
                   greedy: bool, top_k: int, use_top_p: bool) -> jax.Array:
   """Token ids `[b]` from float32 `logits [b, v]`: argmax when `greedy`, else a categorical draw from
@@ -156,6 +165,12 @@ class Sampler:
 
   # -- host API -------------------------------------------------------------------------------------
 
+  def fits(self, prompt_length: int, max_new_tokens: int) -> bool:
+    """Whether a prompt of this length and `max_new_tokens` fit the model's positions once bucketed."""
+    positions = (_length_bucket(prompt_length, self.min_prompt_bucket)
+                 + _bucket(max(max_new_tokens, 1), self.chunk))
+    return positions <= self.config.max_position_embeddings
+
   def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), *,
                max_new_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
                rng: jax.Array | None = None) -> SampleOutput:
@@ -172,7 +187,7 @@ class Sampler:
       raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts")
     n, longest = len(prompts), max(len(p) for p in prompts)
     batch = _bucket(n, 1)
-    prompt_len = _bucket(longest, self.min_prompt_bucket)
+    prompt_len = _length_bucket(longest, self.min_prompt_bucket)
     new_len = _bucket(max(max(limits), 1), self.chunk)
     if prompt_len + new_len > self.config.max_position_embeddings:
       raise ValueError(f"prompt bucket {prompt_len} + {new_len} new tokens exceed the model's "

@@ -66,7 +66,6 @@ class JaxBackend:
     self.model_name = str(model)
     self.tokenizer = load_tokenizer(folder)
     decoder = load_hf(folder, dtype=jnp.dtype(dtype))
-    self.max_positions = decoder.config.max_position_embeddings
     self.sampler = Sampler(decoder, tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id or 0)
     self.max_batch = max_batch
     self._lock = threading.Lock()
@@ -79,10 +78,9 @@ class JaxBackend:
 
     prompts = [chat_ids(self.tokenizer, chat) for chat in chats]
     out: list[Completion | None] = [None] * len(prompts)
-    new_bucket = max(16, 1 << max(0, params.max_tokens - 1).bit_length())
     fits = []
     for i, ids in enumerate(prompts):
-      if (1 << max(0, len(ids) - 1).bit_length()) + new_bucket > self.max_positions:
+      if not self.sampler.fits(len(ids), params.max_tokens):
         out[i] = Completion("", len(ids), 0, "prompt_too_long")
       else:
         fits.append(i)

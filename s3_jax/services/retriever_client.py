@@ -68,22 +68,41 @@ class RetrieverClient:
 
   `local_index`: a copy of the server's index folder (same host or a shared filesystem). The server then
   sends only row numbers and scores, and the documents are read here; the first search checks that the
-  server's corpus has the same sha256 as this copy's manifest.
+  server's corpus has the same sha256 as this copy's manifest. `"auto"` (the default) uses the folder the
+  server reports when it exists here with the same corpus, and documents over the wire otherwise.
   """
 
   def __init__(self, address: str, *, timeout: float = 60.0, retries: int = 5, backoff: float = 0.2,
                max_batch: int | None = None, concurrency: int = 2, auth_token: str | None = None,
-               local_index: str | Path | None = None):
+               local_index: str | Path | None = "auto"):
     self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
     self.max_batch, self.concurrency = max_batch, concurrency
     self._metadata = auth.metadata(auth_token)
     self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20)])
     self._stub = retrieval_pb2_grpc.RetrieverStub(self._channel)
-    self._local_index = None if local_index is None else Path(local_index)
+    self._auto = local_index == "auto"
+    self._local_index = None if local_index in (None, "auto") else Path(local_index)
     self._local_store: DocStore | None = None
+
+  def _auto_store(self) -> DocStore | None:
+    """The server's own index folder, when this host sees it with the same corpus; else None."""
+    self._auto = False
+    health = self.health()
+    folder = Path(health.index_dir) if health.index_dir else None
+    if folder is None or not (folder / "manifest.json").is_file():
+      return None
+    corpus = json.loads((folder / "manifest.json").read_text()).get("corpus", {})
+    path = Path(corpus.get("path", ""))
+    if (corpus.get("sha256") != health.corpus_sha256 or not path.is_file()
+        or path.stat().st_size != corpus.get("bytes")):
+      return None
+    self._local_store = DocStore(path, folder / "offsets.npy")
+    return self._local_store
 
   def _store(self) -> DocStore | None:
     """The local copy's DocStore, opened and checked against the server on first use."""
+    if self._auto:
+      return self._auto_store()
     if self._local_index is None or self._local_store is not None:
       return self._local_store
     manifest_path = self._local_index / "manifest.json"

@@ -23,9 +23,9 @@ class Limits:
 
 class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
   def __init__(self, retriever: Any, kind: str, count: int, token: str | None = None,
-               limits: Limits = Limits(), corpus_sha256: str = ""):
+               limits: Limits = Limits(), corpus_sha256: str = "", index_dir: str = ""):
     self.retriever, self.kind, self.count, self.token, self.limits = retriever, kind, count, token, limits
-    self.corpus_sha256 = corpus_sha256
+    self.corpus_sha256, self.index_dir = corpus_sha256, index_dir
 
   def _validate(self, request) -> list[str]:
     if not 1 <= request.k <= self.limits.max_k:
@@ -78,7 +78,7 @@ class RetrieverService(retrieval_pb2_grpc.RetrieverServicer):
   def Health(self, request, context):
     auth.check(context, self.token)
     return retrieval_pb2.HealthResponse(status="SERVING", kind=self.kind, count=self.count,
-                                        corpus_sha256=self.corpus_sha256)
+                                        corpus_sha256=self.corpus_sha256, index_dir=self.index_dir)
 
 
 def start_server(service: RetrieverService, host: str = "127.0.0.1", port: int = 0,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&s3_jax/services/protos/retrieval.proto\x12\x10s3_jax.retrieval\"N\n\rSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0e\n\x06packed\x18\x03 \x01(\x08\x12\x11\n\trows_only\x18\x04 \x01(\x08\"C\n\tScoredDoc\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"4\n\x07\x44ocList\x12)\n\x04\x64ocs\x18\x01 \x03(\x0b\x32\x1b.s3_jax.retrieval.ScoredDoc\"N\n\rPackedResults\x12\x0e\n\x06\x63ounts\x18\x01 \x01(\x0c\x12\x0e\n\x06scores\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\x12\x0f\n\x07row_ids\x18\x04 \x01(\x0c\"m\n\x0eSearchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.s3_jax.retrieval.DocList\x12/\n\x06packed\x18\x02 \x01(\x0b\x32\x1f.s3_jax.retrieval.PackedResults\"\x0f\n\rHealthRequest\"T\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x15\n\rcorpus_sha256\x18\x04 \x01(\t2\xa5\x01\n\tRetriever\x12K\n\x06Search\x12\x1f.s3_jax.retrieval.SearchRequest\x1a .s3_jax.retrieval.SearchResponse\x12K\n\x06Health\x12\x1f.s3_jax.retrieval.HealthRequest\x1a .s3_jax.retrieval.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&s3_jax/services/protos/retrieval.proto\x12\x10s3_jax.retrieval\"N\n\rSearchRequest\x12\x0f\n\x07queries\x18\x01 \x03(\x0c\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0e\n\x06packed\x18\x03 \x01(\x08\x12\x11\n\trows_only\x18\x04 \x01(\x08\"C\n\tScoredDoc\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\"4\n\x07\x44ocList\x12)\n\x04\x64ocs\x18\x01 \x03(\x0b\x32\x1b.s3_jax.retrieval.ScoredDoc\"N\n\rPackedResults\x12\x0e\n\x06\x63ounts\x18\x01 \x01(\x0c\x12\x0e\n\x06scores\x18\x02 \x01(\x0c\x12\x0c\n\x04rows\x18\x03 \x01(\x0c\x12\x0f\n\x07row_ids\x18\x04 \x01(\x0c\"m\n\x0eSearchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.s3_jax.retrieval.DocList\x12/\n\x06packed\x18\x02 \x01(\x0b\x32\x1f.s3_jax.retrieval.PackedResults\"\x0f\n\rHealthRequest\"g\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x15\n\rcorpus_sha256\x18\x04 \x01(\t\x12\x11\n\tindex_dir\x18\x05 \x01(\t2\xa5\x01\n\tRetriever\x12K\n\x06Search\x12\x1f.s3_jax.retrieval.SearchRequest\x1a .s3_jax.retrieval.SearchResponse\x12K\n\x06Health\x12\x1f.s3_jax.retrieval.HealthRequest\x1a .s3_jax.retrieval.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,7 +44,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHREQUEST']._serialized_start=454
   _globals['_HEALTHREQUEST']._serialized_end=469
   _globals['_HEALTHRESPONSE']._serialized_start=471
-  _globals['_HEALTHRESPONSE']._serialized_end=555
-  _globals['_RETRIEVER']._serialized_start=558
-  _globals['_RETRIEVER']._serialized_end=723
+  _globals['_HEALTHRESPONSE']._serialized_end=574
+  _globals['_RETRIEVER']._serialized_start=577
+  _globals['_RETRIEVER']._serialized_end=742
 # @@protoc_insertion_point(module_scope)

@@ -61,13 +61,15 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "kind", "count", "corpus_sha256")
+    __slots__ = ("status", "kind", "count", "corpus_sha256", "index_dir")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     CORPUS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    INDEX_DIR_FIELD_NUMBER: _ClassVar[int]
     status: str
     kind: str
     count: int
     corpus_sha256: str
-    def __init__(self, status: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ..., corpus_sha256: _Optional[str] = ...) -> None: ...
+    index_dir: str
+    def __init__(self, status: _Optional[str] = ..., kind: _Optional[str] = ..., count: _Optional[int] = ..., corpus_sha256: _Optional[str] = ..., index_dir: _Optional[str] = ...) -> None: ...
