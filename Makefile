@@ -7,8 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s3_jax-installed
 PYTEST_ARGS ?=
-# What `make demo` runs. Until the trainer lands (issue 7) it prepares and lists the embedded world.
-DEMO ?= $(PY) -m s3_jax.assets list
+# What `make demo` runs. Until the trainer lands (issue 7): the first stage of the main job, the naive-RAG
+# precompute of the embedded default (SmolLM2 generator, BM25 over wiki-vital, FanOutQA questions).
+DEMO ?= $(PY) -m s3_jax.precompute --config configs/smollm2_wiki.py
 
 .PHONY: install assets lint test test-fast demo protos
 

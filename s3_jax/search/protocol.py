@@ -1,0 +1,80 @@
+"""The s3 search protocol (spec §2.1, §2.3, §2.6): the searcher's prompt, action parsing, the environment's
+strings, and the documents D_s3 handed to the generator.
+
+Trained s3 checkpoints only work when these strings match s3 exactly; tests check them against the spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from s3_jax.data.corpus import Doc
+from s3_jax.data.qa import normalize_question
+from s3_jax.search.formats import initial_block
+
+ANCHOR = "Now, start the loop with the following question and initial searched results:"
+BM25_NOTE = ("Note: The search query should use Boolean operators (AND, OR) and parentheses for grouping "
+             "terms appropriately.")
+NUDGE = ("\n\nThe information is not enough to answer the question. Let me dive deeper by generating a brand "
+         "new search query between <query> and </query> tags in JSON format:\n<query>\n")
+
+# The verbatim template (spec §2.1), kept in a text file so that no line wrapping or editor touches it (it
+# carries a trailing space after the first example's "}", as s3's does).
+_TEMPLATE = (Path(__file__).parent / "s3_prompt.txt").read_text(encoding="utf-8")
+
+
+def build_prompt(question: str, initial_docs: Sequence[Doc], bm25: bool = False) -> str:
+  """s3's user message (`make_prefix`): instructions, the BM25 note when retrieval is BM25, the worked
+  example, the anchor sentence, the normalised question and the initial documents."""
+  return (_TEMPLATE.replace("<<BM25_NOTE>>", BM25_NOTE + "\n" if bm25 else "").replace("<<ANCHOR>>", ANCHOR)
+          .replace("<<QUESTION>>", normalize_question(question))
+          .replace("<<INITIAL>>", initial_block(initial_docs).strip()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+  kind: str  # "search" | "complete" | "invalid"
+  query: str | None = None
+
+
+_COMPLETE = re.compile(r"<search_complete>(.*?)</search_complete>", re.DOTALL)
+_QUERY = re.compile(r"<query>(.*?)</query>", re.DOTALL)
+
+
+def parse_action(text: str) -> Action:
+  """s3's `postprocess_predictions`: a first `<search_complete>` of true/yes/1/y wins; else the first
+  `<query>` (JSON `{"query": ...}`, a list's first element, or the raw text; empty still searches); else
+  invalid."""
+  complete = _COMPLETE.search(text)
+  if complete and complete.group(1).strip().lower() in ("true", "yes", "1", "y"):
+    return Action("complete")
+  query = _QUERY.search(text)
+  if query is None:
+    return Action("invalid")
+  raw = query.group(1).strip()
+  try:
+    value = json.loads(raw)["query"]
+    if isinstance(value, list):
+      value = value[0]
+    return Action("search", str(value))
+  except Exception:  # s3 falls back to the raw text on any parse error
+    return Action("search", raw)
+
+
+def cut_response(text: str) -> str:
+  """s3's post-processing of a sampled turn: everything after the first `</query>` is dropped, and
+  `<query>\\n` is prepended when the kept text closes a query it never opened (after the nudge)."""
+  end = text.find("</query>")
+  if end == -1:
+    return text
+  text = text[:end + len("</query>")]
+  return text if "<query>" in text else "<query>\n" + text
+
+
+def observation_text(docs_string: str) -> str:
+  """The environment's reply to a search: the formatted documents inside `<information>`."""
+  return f"\n\n<information>{docs_string.strip()}</information>\n\n"
