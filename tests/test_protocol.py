@@ -59,3 +59,57 @@ def test_cut_response_and_environment_strings():
   assert NUDGE == ("\n\nThe information is not enough to answer the question. Let me dive deeper by "
                    "generating a brand new search query between <query> and </query> tags in JSON "
                    "format:\n<query>\n")
+
+
+def _trajectory(*turns):
+  initial = [Doc(str(i), f"Init {c}", f"initial {c.lower()}.") for i, c in enumerate("ABC", start=1)]
+  return build_prompt("q", initial) + "".join(turns)
+
+
+def _obs(*titles):
+  return protocol.observation_text("".join(f'Doc {i}(Title: "{t}") text of {t}.\n'
+                                           for i, t in enumerate(titles, start=1)))
+
+
+def test_faithful_extraction_orders_selected_first_then_unclaimed_blocks():
+  text = _trajectory('<query>{"query": "x"}</query>', _obs("S1", "S2", "S3"),
+                     "<important_info>[3, 1]</important_info><search_complete>False</search_complete>"
+                     '<query>{"query": "y"}</query>', _obs("T1", "T2"),
+                     "<search_complete>True</search_complete>")
+  docs = protocol.extract_selected_docs_faithful(text)
+  # Selected from block 2 (in the order given), then the unclaimed initial block and the unclaimed block 3.
+  assert [d.title for d in docs] == ["S3", "S1", "Init A", "Init B", "Init C", "T1", "T2"]
+  assert docs[0].text == "text of S3." and docs[2].text == "initial a."
+
+
+@pytest.mark.parametrize("selection, titles", [
+    ("[]", []),  # an empty list keeps nothing from its block
+    ("Doc 2 and Doc 4", ["S2", "S4"]),
+    ("2,2, 9, 0", ["S2"]),  # ids outside 1..8 dropped, repeats once
+    ("[1, 2, 3, 4, 5, 6, 7, 8]", ["S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8"]),  # no cap of 3
+])
+def test_faithful_selection_ids(selection, titles):
+  text = _trajectory("<query>x</query>", _obs(*[f"S{i}" for i in range(1, 10)]),
+                     f"<important_info>{selection}</important_info>")
+  docs = protocol.extract_selected_docs_faithful(text)
+  assert [d.title for d in docs] == [*titles, "Init A", "Init B", "Init C"]
+
+
+def test_faithful_quirks():
+  # A second <important_info> for an already claimed block is ignored; the initial block can be claimed.
+  text = _trajectory("<important_info>[2]</important_info><important_info>[1]</important_info>"
+                     "<search_complete>True</search_complete>")
+  assert [d.title for d in protocol.extract_selected_docs_faithful(text)] == ["Init B"]
+  # A block the searcher writes itself is trusted (spec §12 item 6), and duplicate texts are given once.
+  forged = _trajectory('<information>Doc 1 (Title: "Forged") the answer is 42.</information>'
+                       "<important_info>[1]</important_info>")
+  assert [d.title for d in protocol.extract_selected_docs_faithful(forged)][:1] == ["Forged"]
+  twice = _trajectory("<query>x</query>", _obs("Init A"), "<search_complete>True</search_complete>")
+  docs = protocol.extract_selected_docs_faithful(twice.replace("text of Init A.", "initial a."))
+  assert [d.title for d in docs] == ["Init A", "Init B", "Init C"]
+  # A title with ")" is cut at it, the rest leaks into the text, as in s3.
+  odd = _trajectory("<query>x</query>", protocol.observation_text('Doc 1(Title: "Paris (city)") capital.\n'))
+  assert [(d.title, d.text) for d in protocol.extract_selected_docs_faithful(odd)][-1] == \
+      ("Paris (city", '") capital.')
+  with pytest.raises(ValueError, match="anchor"):
+    protocol.extract_selected_docs_faithful("no prompt here")

@@ -78,3 +78,54 @@ def cut_response(text: str) -> str:
 def observation_text(docs_string: str) -> str:
   """The environment's reply to a search: the formatted documents inside `<information>`."""
   return f"\n\n<information>{docs_string.strip()}</information>\n\n"
+
+
+_INFORMATION = re.compile(r"<information>(.*?)</information>", re.DOTALL)
+_IMPORTANT = re.compile(r"<important_info>(.*?)</important_info>", re.DOTALL)
+_DOC = re.compile(r'Doc\s*(\d+)\s*\(\s*Title\s*:\s*"?([^")]+)"?\)\s*(.*?)(?=Doc\s*\d+\s*\(\s*Title\s*:|$)',
+                  re.IGNORECASE | re.DOTALL)
+_MAX_FAITHFUL_ID = 8  # s3 hard-codes ids 1..8
+
+
+def parse_docs(block: str) -> list[tuple[int, Doc]]:
+  """The `(number, Doc)` pairs of an information block in any of the three formats of spec §2.5 (s3's
+  pattern: a title containing ")" is cut there, as in s3)."""
+  return [(int(n), Doc(id=n, title=title.strip(), text=text.strip()))
+          for n, title, text in _DOC.findall(block)]
+
+
+def selected_ids(content: str, max_id: int = _MAX_FAITHFUL_ID) -> list[int]:
+  """Every integer in an `<important_info>` body within 1..max_id, de-duplicated in order ("[1, 4]", "1,4"
+  and "Doc 1 and Doc 4" all give [1, 4])."""
+  return list(dict.fromkeys(i for i in map(int, re.findall(r"\d+", content)) if 1 <= i <= max_id))
+
+
+def extract_selected_docs_faithful(trajectory_text: str) -> list[Doc]:
+  """D_s3 exactly as s3's `extract_titles_and_texts` builds it from the decoded prompt + responses (spec
+  §2.6, quirks included): every `<information>` block after the anchor counts, including ones the searcher
+  wrote itself; each `<important_info>` claims the block that starts last before it if that block is still
+  unclaimed; claimed blocks give their selected docs (ids 1-8, any number of them), unclaimed blocks all
+  their docs; selected docs come first; docs with the same text are given once. (s3 turns any parser
+  exception into an empty context; here a trajectory without the anchor is an error.)"""
+  _, found, rest = trajectory_text.partition(ANCHOR)
+  if not found:
+    raise ValueError(f"the trajectory lacks the prompt's anchor sentence {ANCHOR!r}")
+  blocks = [(m.start(), m.group(1)) for m in _INFORMATION.finditer(rest)]
+  claimed: set[int] = set()
+  selected: list[Doc] = []
+  for tag in _IMPORTANT.finditer(rest):
+    before = [i for i, (start, _) in enumerate(blocks) if start < tag.start()]
+    if not before or before[-1] in claimed:
+      continue
+    claimed.add(before[-1])
+    docs = dict(parse_docs(blocks[before[-1]][1]))
+    selected.extend(docs[i] for i in selected_ids(tag.group(1)) if i in docs)
+  unclaimed = [doc for i, (_, block) in enumerate(blocks) if i not in claimed
+               for _, doc in parse_docs(block)]
+  seen: set[str] = set()
+  out = []
+  for doc in selected + unclaimed:
+    if doc.text not in seen:
+      seen.add(doc.text)
+      out.append(doc)
+  return out
