@@ -87,6 +87,16 @@ _DOC = re.compile(r'Doc\s*(\d+)\s*\(\s*Title\s*:\s*"?([^")]+)"?\)\s*(.*?)(?=Doc\
 _MAX_FAITHFUL_ID = 8  # s3 hard-codes ids 1..8
 
 
+def _unique_texts(docs: Sequence[Doc]) -> list[Doc]:
+  seen: set[str] = set()
+  out = []
+  for doc in docs:
+    if doc.text not in seen:
+      seen.add(doc.text)
+      out.append(doc)
+  return out
+
+
 def parse_docs(block: str) -> list[tuple[int, Doc]]:
   """The `(number, Doc)` pairs of an information block in any of the three formats of spec §2.5 (s3's
   pattern: a title containing ")" is cut there, as in s3)."""
@@ -122,10 +132,27 @@ def extract_selected_docs_faithful(trajectory_text: str) -> list[Doc]:
     selected.extend(docs[i] for i in selected_ids(tag.group(1)) if i in docs)
   unclaimed = [doc for i, (_, block) in enumerate(blocks) if i not in claimed
                for _, doc in parse_docs(block)]
-  seen: set[str] = set()
-  out = []
-  for doc in selected + unclaimed:
-    if doc.text not in seen:
-      seen.add(doc.text)
-      out.append(doc)
-  return out
+  return _unique_texts(selected + unclaimed)
+
+
+def extract_selected_docs_safe(blocks: Sequence[Sequence[Doc]], responses: Sequence[str],
+                               max_select: int) -> list[Doc]:
+  """D_s3 from what the environment itself showed (a deliberate fix of spec §12 item 6): `blocks[i]` is
+  the i-th block of documents the environment inserted (0 = the initial naive-RAG block) and `responses[i]`
+  the searcher's turn that followed it. Only the first `<important_info>` of that turn selects from that
+  block, ids are bounded by the block's size, at most `max_select` are kept; text the searcher writes
+  (including `<information>` blocks of its own) never becomes a document. Blocks without a selection give
+  all their documents, as in s3; selected documents come first; equal texts are given once."""
+  if len(responses) > len(blocks):
+    raise ValueError(f"{len(responses)} responses for {len(blocks)} environment blocks: every turn "
+                     "follows one")
+  selected: list[Doc] = []
+  unclaimed: list[Doc] = []
+  for i, block in enumerate(blocks):
+    tag = _IMPORTANT.search(responses[i]) if i < len(responses) else None
+    if tag is None:
+      unclaimed.extend(block)
+      continue
+    ids = selected_ids(tag.group(1), max_id=len(block))[:max_select]
+    selected.extend(block[j - 1] for j in ids)
+  return _unique_texts(selected + unclaimed)
