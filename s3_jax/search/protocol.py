@@ -135,24 +135,22 @@ def extract_selected_docs_faithful(trajectory_text: str) -> list[Doc]:
   return _unique_texts(selected + unclaimed)
 
 
-def extract_selected_docs_safe(blocks: Sequence[Sequence[Doc]], responses: Sequence[str],
+def extract_selected_docs_safe(blocks: Sequence[Sequence[Doc]], turns: Sequence[tuple[int, str]],
                                max_select: int) -> list[Doc]:
-  """D_s3 from what the environment itself showed (a deliberate fix of spec §12 item 6): `blocks[i]` is
-  the i-th block of documents the environment inserted (0 = the initial naive-RAG block) and `responses[i]`
-  the searcher's turn that followed it. Only the first `<important_info>` of that turn selects from that
-  block, ids are bounded by the block's size, at most `max_select` are kept; text the searcher writes
-  (including `<information>` blocks of its own) never becomes a document. Blocks without a selection give
-  all their documents, as in s3; selected documents come first; equal texts are given once."""
-  if len(responses) > len(blocks):
-    raise ValueError(f"{len(responses)} responses for {len(blocks)} environment blocks: every turn "
-                     "follows one")
-  selected: list[Doc] = []
-  unclaimed: list[Doc] = []
-  for i, block in enumerate(blocks):
-    tag = _IMPORTANT.search(responses[i]) if i < len(responses) else None
-    if tag is None:
-      unclaimed.extend(block)
-      continue
-    ids = selected_ids(tag.group(1), max_id=len(block))[:max_select]
-    selected.extend(block[j - 1] for j in ids)
+  """D_s3 from what the environment itself showed (a deliberate fix of spec §12 item 6): `blocks[b]` is the
+  b-th block of documents the environment inserted (0 = the initial naive-RAG block) and each turn is
+  `(b, text)`, the searcher's text and the block it followed. The first `<important_info>` among the turns
+  that followed a block selects from it, ids are bounded by the block's size, at most `max_select` are kept;
+  text the searcher writes (including `<information>` blocks of its own) never becomes a document. Blocks
+  without a selection give all their documents, as in s3; selected documents come first; equal texts are
+  given once."""
+  selections: dict[int, list[int]] = {}
+  for b, text in turns:
+    if not 0 <= b < len(blocks):
+      raise ValueError(f"a turn follows block {b}, but the environment inserted {len(blocks)} blocks")
+    tag = _IMPORTANT.search(text)
+    if tag is not None and b not in selections:
+      selections[b] = selected_ids(tag.group(1), max_id=len(blocks[b]))[:max_select]
+  selected = [blocks[b][j - 1] for b in sorted(selections) for j in selections[b]]
+  unclaimed = [doc for b, block in enumerate(blocks) if b not in selections for doc in block]
   return _unique_texts(selected + unclaimed)

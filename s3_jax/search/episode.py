@@ -1,0 +1,153 @@
+"""The batched multi-turn rollout (spec §2.3): every active episode samples one turn, the searching ones share
+one `Retriever.search` call, observations are appended, and episodes end on `<search_complete>`, after the
+last turn, or at the context cap.
+
+Unlike s3, which decodes each turn, cuts it after `</query>` and re-tokenizes the text, an episode keeps the
+token ids the policy actually sampled (cut at the token that completes `</query>`; EOS dropped, as s3's
+decoding drops it) and the environment's tokens as they were inserted, so the trainer scores exactly the
+sequence the sampler produced — no decode/re-encode drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from s3_jax.data.corpus import Doc
+from s3_jax.data.qa import QAExample
+from s3_jax.search import protocol
+from s3_jax.search.formats import observation
+
+
+class Policy(Protocol):
+  def sample(self, contexts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[list[int]]:
+    """One turn per context: the sampled token ids (stopping at `</query>` or EOS, or at the limit)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeConfig:
+  topk: int = 8
+  max_select: int = 3
+  max_turns: int = 3
+  turn_semantics: str = "s3"  # s3: max_turns + 1 search rounds, then a final no-search turn | exact
+  max_response_length: int = 500  # new tokens per turn
+  max_obs_length: int = 1400  # tokens per observation
+  max_prompt_length: int = 8000  # prompt + trajectory
+  bm25: bool = False  # the prompt's Boolean-query note
+
+  @classmethod
+  def from_config(cls, config: Any) -> EpisodeConfig:
+    r = config.rollout
+    return cls(topk=r.topk, max_select=r.max_select, max_turns=r.max_turns, turn_semantics=r.turn_semantics,
+               max_response_length=r.max_response_length, max_obs_length=r.max_obs_length,
+               max_prompt_length=r.max_prompt_length, bm25=config.retriever.kind == "bm25")
+
+
+@dataclasses.dataclass
+class Episode:
+  """One searcher trajectory. `ids` is everything after the prompt; `policy_mask[i]` says whether `ids[i]`
+  was sampled by the policy (trained on) or inserted by the environment (never trained on)."""
+
+  example: QAExample
+  prompt_ids: list[int]
+  blocks: list[list[Doc]]  # environment document blocks: 0 = the initial block, then one per search
+  ids: list[int] = dataclasses.field(default_factory=list)
+  policy_mask: list[bool] = dataclasses.field(default_factory=list)
+  responses: list[str] = dataclasses.field(default_factory=list)  # each turn's text, as parsed
+  response_blocks: list[int] = dataclasses.field(default_factory=list)  # the block each turn followed
+  queries: list[str] = dataclasses.field(default_factory=list)
+  invalid_actions: int = 0
+  ended: str = ""  # complete | turns | cap
+
+  @property
+  def done(self) -> bool:
+    return bool(self.ended)
+
+  def append(self, ids: Sequence[int], from_policy: bool) -> None:
+    self.ids.extend(ids)
+    self.policy_mask.extend([from_policy] * len(ids))
+
+  def selected_docs(self, max_select: int) -> list[Doc]:
+    """D_s3 from the environment's own blocks (`protocol.extract_selected_docs_safe`)."""
+    return protocol.extract_selected_docs_safe(
+        self.blocks, list(zip(self.response_blocks, self.responses, strict=True)), max_select)
+
+  def stats(self) -> dict[str, Any]:
+    return {"turns": len(self.responses), "searches": len(self.queries),
+            "invalid_actions": self.invalid_actions,
+            "duplicate_queries": len(self.queries) - len(set(self.queries)),
+            "context_tokens": len(self.prompt_ids) + len(self.ids), "policy_tokens": sum(self.policy_mask),
+            "ended_by_completion": self.ended == "complete", "ended_by_cap": self.ended == "cap"}
+
+
+def _cut_ids(tokenizer: Any, ids: Sequence[int], eos_ids: set[int]) -> tuple[list[int], str]:
+  """The sampled ids up to the token that completes the first `</query>` (EOS dropped), and their text."""
+  kept = [i for i in ids if i not in eos_ids]
+  text = tokenizer.decode(kept, skip_special_tokens=True)
+  if "</query>" not in text:
+    return kept, text
+  low, high = 1, len(kept)  # the shortest prefix whose text holds "</query>" (containment grows)
+  while low < high:
+    mid = (low + high) // 2
+    if "</query>" in tokenizer.decode(kept[:mid], skip_special_tokens=True):
+      high = mid
+    else:
+      low = mid + 1
+  return kept[:low], tokenizer.decode(kept[:low], skip_special_tokens=True)
+
+
+def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Sequence[QAExample],
+                 initial_docs: Sequence[Sequence[Doc]], config: EpisodeConfig) -> list[Episode]:
+  """Runs one episode per example to the end. `initial_docs[i]` is example i's naive-RAG block (empty
+  list: no initial block, "w/o begin with search")."""
+  from s3_jax.models.tokenizer import chat_prompt_ids
+
+  if config.turn_semantics not in ("s3", "exact"):
+    raise ValueError(f"rollout.turn_semantics={config.turn_semantics!r} must be s3 or exact")
+  eos_ids = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+  episodes = [Episode(ex, chat_prompt_ids(tokenizer, protocol.build_prompt(ex.question, docs, config.bm25)),
+                      [list(docs)]) for ex, docs in zip(examples, initial_docs, strict=True)]
+  search_rounds = config.max_turns + 1 if config.turn_semantics == "s3" else config.max_turns
+  for turn in range(search_rounds + 1):  # the last round is the final, no-search turn
+    final = turn == search_rounds
+    active = [e for e in episodes if not e.done]
+    if not active:
+      break
+    room = [config.max_prompt_length - len(e.prompt_ids) - len(e.ids) for e in active]
+    for e, r in zip(active, room, strict=True):
+      if r <= 0:
+        e.ended = "cap"
+    active = [e for e, r in zip(active, room, strict=True) if r > 0]
+    if not active:
+      break
+    sampled = policy.sample([e.prompt_ids + e.ids for e in active],
+                            [min(config.max_response_length, r) for r in room if r > 0])
+    searching: list[tuple[Episode, str]] = []
+    for e, ids in zip(active, sampled, strict=True):
+      ids, text = _cut_ids(tokenizer, ids, eos_ids)
+      e.append(ids, from_policy=True)
+      text = protocol.cut_response(text)
+      e.responses.append(text)
+      e.response_blocks.append(len(e.blocks) - 1)
+      action = protocol.parse_action(text)
+      if action.kind == "complete":
+        e.ended = "complete"
+      elif final:
+        e.ended = "turns"
+      elif action.kind == "search":
+        searching.append((e, action.query))
+      else:
+        e.invalid_actions += 1
+        e.append(tokenizer(protocol.NUDGE, add_special_tokens=False)["input_ids"], from_policy=False)
+    if searching:
+      results = retriever.search([q for _, q in searching], config.topk)
+      for (e, query), docs in zip(searching, results, strict=True):
+        e.queries.append(query)
+        e.blocks.append(list(docs))
+        obs = tokenizer(protocol.observation_text(observation(docs)), add_special_tokens=False)["input_ids"]
+        e.append(obs[:config.max_obs_length], from_policy=False)
+  for e in episodes:
+    if not e.done:
+      e.ended = "cap" if len(e.prompt_ids) + len(e.ids) >= config.max_prompt_length else "turns"
+  return episodes

@@ -1,0 +1,91 @@
+"""Whole episodes with a scripted policy (it emits given strings) against a real BM25 retriever over gRPC:
+the exact observations, D_s3 and masks."""
+
+import pytest
+
+from s3_jax.data.qa import QAExample
+from s3_jax.retrieval import build_index, load_retriever
+from s3_jax.search import protocol
+from s3_jax.search.episode import EpisodeConfig, run_episodes
+from s3_jax.search.formats import observation
+from s3_jax.services import RetrieverClient
+from s3_jax.services.retriever_server import RetrieverService, start_server
+
+
+class ScriptedPolicy:
+  """Emits, for each context, the next scripted turn of the episode whose prompt the context starts with."""
+
+  def __init__(self, tokenizer, scripts):
+    self.tokenizer, self.scripts, self.calls = tokenizer, scripts, []
+
+  def sample(self, contexts, max_new_tokens):
+    self.calls.append(len(contexts))
+    out = []
+    for context in contexts:
+      key = next(k for k in self.scripts if context[:len(k)] == list(k))
+      text = self.scripts[key].pop(0)
+      out.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(asset):
+  from s3_jax.models.tokenizer import load_tokenizer
+
+  return load_tokenizer(asset("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="module")
+def retriever(asset, tmp_path_factory):
+  out = tmp_path_factory.mktemp("bm25")
+  build_index(asset("wiki-vital") / "corpus.jsonl", out, "bm25")
+  local = load_retriever(out)
+  server, port = start_server(RetrieverService(local, "bm25", len(local.store)))
+  yield RetrieverClient(f"127.0.0.1:{port}", local_index=None), local
+  server.stop(grace=0).wait()
+
+
+def test_scripted_episodes_over_grpc(tokenizer, retriever):
+  client, local = retriever
+  from s3_jax.models.tokenizer import chat_prompt_ids
+
+  examples = [QAExample("a", "Who composed the opera Carmen?", ("Georges Bizet",), "test"),
+              QAExample("b", "What is the capital of France?", ("Paris",), "test")]
+  initial = local.search([ex.question for ex in examples], 3)
+  config = EpisodeConfig(topk=3, max_select=2, max_turns=1, max_obs_length=10_000, bm25=True)
+  prompts = [tuple(chat_prompt_ids(tokenizer, protocol.build_prompt(ex.question, docs, bm25=True)))
+             for ex, docs in zip(examples, initial, strict=True)]
+  scripts = {
+      prompts[0]: ['<query>\n{"query": "Bizet opera Carmen"}\n</query> trailing text is cut',
+                   "<important_info>[2]</important_info>\n<search_complete>True</search_complete>"],
+      prompts[1]: ["I am not sure.",  # invalid: the nudge follows
+                   '{"query": "capital of France"}\n</query>',  # continues the nudge's open <query>
+                   "<important_info>[1, 3]</important_info><search_complete>False</search_complete>"
+                   '<query>{"query": "Paris"}</query>'],  # the final turn: no more searching
+  }
+  policy = ScriptedPolicy(tokenizer, scripts)
+  episodes = run_episodes(policy, tokenizer, client, examples, initial, config)
+  first, second = episodes
+  assert policy.calls == [2, 2, 1]  # finished episodes leave the batch
+
+  searched = local.search(["Bizet opera Carmen"], 3)[0]
+  assert first.queries == ["Bizet opera Carmen"] and first.ended == "complete"
+  assert first.blocks == [initial[0], searched]
+  policy_text = tokenizer.decode([t for t, p in zip(first.ids, first.policy_mask, strict=True) if p])
+  env_text = tokenizer.decode([t for t, p in zip(first.ids, first.policy_mask, strict=True) if not p])
+  assert policy_text == ('<query>\n{"query": "Bizet opera Carmen"}\n</query>'
+                         "<important_info>[2]</important_info>\n<search_complete>True</search_complete>")
+  assert env_text == protocol.observation_text(observation(searched))
+  assert [d.text for d in first.selected_docs(2)] == [searched[1].text] + \
+      [d.text for d in initial[0] if d.text != searched[1].text]
+
+  assert second.invalid_actions == 1 and second.queries == ["capital of France"]
+  assert second.ended == "turns" and len(second.responses) == 3
+  env_text = tokenizer.decode([t for t, p in zip(second.ids, second.policy_mask, strict=True) if not p])
+  paris = local.search(["capital of France"], 3)[0]
+  assert env_text == protocol.NUDGE + protocol.observation_text(observation(paris))
+  assert second.responses[1].startswith("<query>\n")  # restored before parsing, as s3 does
+  stats = second.stats()
+  assert stats["turns"] == 3 and stats["searches"] == 1 and stats["invalid_actions"] == 1
+  # D_s3: the selection [1, 3] from the searched block (cap 2), then the unselected initial block.
+  assert [d.text for d in second.selected_docs(2)][:2] == [paris[0].text, paris[2].text]
