@@ -1,6 +1,7 @@
 """Whole episodes with a scripted policy (it emits given strings) against a real BM25 retriever over gRPC:
 the exact observations, D_s3 and masks."""
 
+import numpy as np
 import pytest
 
 from s3_jax.data.qa import QAExample
@@ -89,3 +90,40 @@ def test_scripted_episodes_over_grpc(tokenizer, retriever):
   assert stats["turns"] == 3 and stats["searches"] == 1 and stats["invalid_actions"] == 1
   # D_s3: the selection [1, 3] from the searched block (cap 2), then the unselected initial block.
   assert [d.text for d in second.selected_docs(2)][:2] == [paris[0].text, paris[2].text]
+
+
+def test_rollout_batch_masks(tokenizer, retriever):
+  from s3_jax.search.batch import make_batch
+
+  client, local = retriever
+  examples = [QAExample("a", "Who composed the opera Carmen?", ("Georges Bizet",), "test"),
+              QAExample("b", "What is the capital of France?", ("Paris",), "test")]
+  initial = local.search([ex.question for ex in examples], 2)
+
+  class Fixed:
+    def __init__(self):
+      self.turn = 0
+
+    def sample(self, contexts, max_new_tokens):
+      self.turn += 1
+      text = ('<query>{"query": "Bizet"}</query>' if self.turn == 1
+              else "<search_complete>True</search_complete>")
+      return [tokenizer(text, add_special_tokens=False)["input_ids"] for _ in contexts]
+
+  episodes = run_episodes(Fixed(), tokenizer, client, examples, initial, EpisodeConfig(topk=2, max_turns=1))
+  batch = make_batch(episodes, [2.0, -1.0], pad_id=tokenizer.pad_token_id or 0, length_multiple=64)
+  assert batch.shape[1] % 64 == 0
+  masks = [batch.prompt_mask, batch.policy_mask, batch.obs_mask]
+  assert not any((a & b).any() for i, a in enumerate(masks) for b in masks[i + 1:])  # disjoint
+  assert ((batch.prompt_mask | batch.policy_mask | batch.obs_mask) == batch.attention_mask).all()
+  for row, episode in enumerate(episodes):
+    p = len(episode.prompt_ids)
+    assert batch.prompt_mask[row].sum() == p and batch.tokens[row, :p].tolist() == episode.prompt_ids
+    policy_text = tokenizer.decode(batch.tokens[row][batch.policy_mask[row]])
+    assert policy_text == '<query>{"query": "Bizet"}</query><search_complete>True</search_complete>'
+    obs_text = tokenizer.decode(batch.tokens[row][batch.obs_mask[row]])
+    assert obs_text == protocol.observation_text(observation(episode.blocks[1]))
+    last_policy = int(np.flatnonzero(batch.policy_mask[row])[-1])
+    assert batch.rewards[row, last_policy] == [2.0, -1.0][row] and np.count_nonzero(batch.rewards[row]) == 1
+  with pytest.raises(ValueError, match="1 rewards for 2 episodes"):
+    make_batch(episodes, [1.0], pad_id=0)

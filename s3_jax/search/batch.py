@@ -1,0 +1,61 @@
+"""Episodes -> a `RolloutBatch` of padded arrays for the trainer (spec §2.4 masks).
+
+Each row is the prompt followed by the trajectory, right-padded to a bucketed length (multiples of
+`length_multiple`) so the jitted score/update steps see few shapes. Masks say what each position is:
+
+    prompt_mask      the chat-formatted prompt (never trained on)
+    policy_mask      tokens the policy sampled — the only ones the policy loss and entropy use
+    obs_mask         tokens the environment inserted (observations, the invalid-action nudge)
+    attention_mask   prompt | policy | obs (everything that is not padding)
+
+and `rewards` holds each episode's scalar reward on its last policy token (s3's placement), 0 elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from s3_jax.search.episode import Episode
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutBatch:
+  tokens: np.ndarray  # [b, t] int32
+  attention_mask: np.ndarray  # [b, t] bool
+  prompt_mask: np.ndarray  # [b, t] bool
+  policy_mask: np.ndarray  # [b, t] bool
+  obs_mask: np.ndarray  # [b, t] bool
+  rewards: np.ndarray  # [b, t] float32, the reward on the last policy token
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return self.tokens.shape
+
+
+def make_batch(episodes: Sequence[Episode], rewards: Sequence[float], pad_id: int,
+               length_multiple: int = 128) -> RolloutBatch:
+  """Pads `episodes` into one batch; `rewards[i]` goes on episode i's last policy token. An episode whose
+  policy generated nothing cannot carry a reward and is an error."""
+  if len(rewards) != len(episodes):
+    raise ValueError(f"{len(rewards)} rewards for {len(episodes)} episodes")
+  longest = max(len(e.prompt_ids) + len(e.ids) for e in episodes)
+  length = -(-longest // length_multiple) * length_multiple
+  shape = (len(episodes), length)
+  tokens = np.full(shape, pad_id, np.int32)
+  prompt_mask, policy_mask, obs_mask = (np.zeros(shape, bool) for _ in range(3))
+  reward_array = np.zeros(shape, np.float32)
+  for row, (episode, reward) in enumerate(zip(episodes, rewards, strict=True)):
+    p, n = len(episode.prompt_ids), len(episode.ids)
+    tokens[row, :p + n] = episode.prompt_ids + episode.ids
+    prompt_mask[row, :p] = True
+    policy = np.asarray(episode.policy_mask, bool)
+    policy_mask[row, p:p + n] = policy
+    obs_mask[row, p:p + n] = ~policy
+    if not policy.any():
+      raise ValueError(f"episode {row} ({episode.example.id!r}) has no policy tokens to carry its reward")
+    reward_array[row, p + int(np.flatnonzero(policy)[-1])] = reward
+  return RolloutBatch(tokens, prompt_mask | policy_mask | obs_mask, prompt_mask, policy_mask, obs_mask,
+                      reward_array)
