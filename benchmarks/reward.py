@@ -7,7 +7,10 @@ SmolLM2-135M-Instruct, fp32, in its own process on 127.0.0.1):
 2. this project's `RewardScorer`: one batched answer call, one batched judge call;
 3. the same batch again, answered from the content-addressed cache.
 
-  python benchmarks/reward.py [--n 120] [--max-tokens 32]
+  python benchmarks/reward.py [--n 120] [--max-tokens 32] [--address HOST:PORT]
+
+`--address` scores against a generator service that is already running (e.g. the vllm backend on a GPU
+host) instead of starting the jax one here.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--n", type=int, default=120)
   parser.add_argument("--max-tokens", type=int, default=32)
+  parser.add_argument("--address", default=None, help="an already running generator service")
   args = parser.parse_args()
 
   from s3_jax import assets
@@ -43,13 +47,18 @@ def main() -> None:
   items = [RewardItem(q.data_source, q.question, q.golden_answers, tuple(d))
            for q, d in zip(questions, docs, strict=True)]
 
-  command = [sys.executable, "-m", "s3_jax.serve", "generator", "--backend", "jax", "--model",
-             "asset:smollm2-135m-instruct", "--port", "0", "--max-tokens", str(args.max_tokens)]
-  server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  server = None
+  if args.address is None:
+    command = [sys.executable, "-m", "s3_jax.serve", "generator", "--backend", "jax", "--model",
+               "asset:smollm2-135m-instruct", "--port", "0", "--max-tokens", str(args.max_tokens)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
-    port = next(int(m.group(1)) for line in server.stdout
-                if (m := re.search(r"serving on 127\.0\.0\.1:(\d+)", line)))
-    client = GeneratorClient(f"127.0.0.1:{port}")
+    if server is not None:
+      port = next(int(m.group(1)) for line in server.stdout
+                  if (m := re.search(r"serving on 127\.0\.0\.1:(\d+)", line)))
+      args.address = f"127.0.0.1:{port}"
+    client = GeneratorClient(args.address)
+    health = client.health()
     client.generate([answer_messages(items[0].question, generator_context(items[0].docs))],
                     max_tokens=args.max_tokens)  # warm-up (compiles the first shapes)
 
@@ -70,9 +79,10 @@ def main() -> None:
     again = scorer.score(items)
     cached = time.perf_counter() - start
   finally:
-    server.kill()
+    if server is not None:
+      server.kill()
   assert all(r.cached for r in again)
-  print(f"{len(items)} trajectories, SmolLM2-135M generator (jax backend over gRPC), answers <= "
+  print(f"{len(items)} trajectories, generator {health.backend}:{health.model} over gRPC, answers <= "
         f"{args.max_tokens} tokens, judge on failed spans")
   print(f"  s3-style serial loop  {serial:8.2f} s   GenAcc {serial_correct / len(items):.3f}")
   genacc = sum(r.scores.genacc for r in results) / len(items)

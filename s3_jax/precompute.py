@@ -180,7 +180,11 @@ def main() -> None:
   out_flag = flags.DEFINE_string("out", None, "output folder (default: precompute.dir or a cache folder)")
 
   def run(argv: Sequence[str]) -> None:
+    from absl import logging
+
     from s3_jax import config_lib
+
+    logging.set_verbosity(logging.WARNING)  # absl would print JAX's INFO lines (e.g. "no TPU backend")
 
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
