@@ -82,6 +82,24 @@ def make_generator(config: ml_collections.ConfigDict) -> Any:
   return InProcessGenerator(make_backend(config.generator.backend, config.generator.model))
 
 
+class _LazyGenerator:
+  """Loads the generator on first use, so a finished precompute reruns in seconds."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config, self._generator = config, None
+
+  def _get(self) -> Any:
+    if self._generator is None:
+      self._generator = make_generator(self.config)
+    return self._generator
+
+  def complete(self, *args: Any, **kwargs: Any) -> Any:
+    return self._get().complete(*args, **kwargs)
+
+  def generate(self, *args: Any, **kwargs: Any) -> Any:
+    return self._get().generate(*args, **kwargs)
+
+
 def keep_for_training(example: QAExample, rag_cache: RagCache) -> bool:
   """s3's `filter_fn`: no gold answer is literally yes/no/true/false, and naive RAG got it wrong."""
   if any(answer in YES_NO for answer in example.golden_answers):
@@ -110,7 +128,7 @@ def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, r
   cache_path = out / "rag_cache.json"
   rag_cache = RagCache.load(cache_path) if cache_path.is_file() else RagCache(path=cache_path)
   retriever = retriever if retriever is not None else make_retriever(config, show_progress)
-  generator = generator if generator is not None else make_generator(config)
+  generator = generator if generator is not None else _LazyGenerator(config)
   scorer = RewardScorer(generator, generator_id=f"{config.generator.backend}:{config.generator.model}",
                         kind="genacc", use_judge=config.reward.use_judge,
                         cache=AnswerCache(out / "answers.sqlite"), max_tokens=config.generator.max_tokens)
