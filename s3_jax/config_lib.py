@@ -163,6 +163,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.max_turns = 3
   c.rollout.turn_semantics = "s3"  # s3 (max_turns + 1 search rounds) | exact
   c.rollout.doc_extraction = "safe"  # safe | faithful (spec §2.6, §12 item 6)
+  # Ablations (paper Table 6): the initial naive-RAG block in the prompt ("begin with search") and how many of
+  # its docs (3 as the paper says, 12 as s3's released training data has, spec §12 item 1); "w/o selection"
+  # hands the generator every retrieved doc instead of the selected ones.
+  c.rollout.begin_with_search = True
+  c.rollout.initial_docs = 3
+  c.rollout.selection = True
   c.rollout.temperature = 0.6
   c.rollout.top_p = 0.95
   c.rollout.top_k = -1  # -1 = off
@@ -226,7 +232,7 @@ _POSITIVE_INTS = (
     "checkpoint.keep", "searcher.model.vocab_size", "searcher.model.hidden_size",
     "searcher.model.num_layers", "searcher.model.num_heads", "searcher.model.num_kv_heads",
     "searcher.model.head_dim", "searcher.model.mlp_size", "precompute.retrieval_topk",
-    "precompute.context_docs", "precompute.chunk_size")
+    "precompute.context_docs", "precompute.chunk_size", "rollout.initial_docs")
 _NON_NEGATIVE_INTS = ("data.corpus_limit", "data.train_limit", "data.test_limit",
                       "checkpoint.hf_export_every")
 _UNIT_INTERVAL = ("rollout.top_p", "ppo.gamma", "ppo.lam", "ppo.actor_warmup_ratio",

@@ -127,3 +127,63 @@ def test_rollout_batch_masks(tokenizer, retriever):
     assert batch.rewards[row, last_policy] == [2.0, -1.0][row] and np.count_nonzero(batch.rewards[row]) == 1
   with pytest.raises(ValueError, match="1 rewards for 2 episodes"):
     make_batch(episodes, [1.0], pad_id=0)
+
+
+def test_ablation_switches(tokenizer, retriever):
+  from s3_jax.search.episode import initial_blocks
+
+  client, local = retriever
+  retrieved = local.search(["Who composed the opera Carmen?"], 12)
+  assert [len(b) for b in initial_blocks(retrieved, True, 3)] == [3]
+  assert [len(b) for b in initial_blocks(retrieved, True, 12)] == [12]
+  assert initial_blocks(retrieved, False, 3) == [[]]
+  example = QAExample("a", "Who composed the opera Carmen?", ("Georges Bizet",), "test")
+  script = ['<query>{"query": "Bizet"}</query>', "<important_info>[1]</important_info>"
+            "<search_complete>True</search_complete>"]
+
+  class Scripted:
+    def sample(self, contexts, max_new_tokens):
+      return [tokenizer(script.pop(0), add_special_tokens=False)["input_ids"]]
+
+  [episode] = run_episodes(Scripted(), tokenizer, client, [example], initial_blocks(retrieved, True, 2),
+                           EpisodeConfig(topk=3, max_turns=1))
+  searched = episode.blocks[1]
+  assert [d.text for d in episode.selected_docs(3)] == [searched[0].text] + [d.text for d in retrieved[0][:2]
+                                                                            if d.text != searched[0].text]
+  everything = [d.text for d in episode.selected_docs(3, selection=False)]  # "w/o selection"
+  assert everything == list(dict.fromkeys([d.text for d in retrieved[0][:2]] + [d.text for d in searched]))
+  faithful = protocol.extract_selected_docs_faithful(episode.trajectory_text(tokenizer))
+  assert [d.text for d in faithful] == [d.text for d in episode.selected_docs(3)]
+
+
+@pytest.mark.slow
+def test_real_policy_batch_of_8(asset, tokenizer, retriever):
+  import jax.numpy as jnp
+
+  from s3_jax.data.qa import read_qa
+  from s3_jax.models.hf import load_hf
+  from s3_jax.models.sampler import Sampler
+  from s3_jax.search.batch import make_batch
+  from s3_jax.search.episode import SamplerPolicy
+
+  client, local = retriever
+  examples = read_qa(asset("qa-fanout") / "train.jsonl")[:8]
+  model = load_hf(asset("smollm2-135m-instruct"), dtype=jnp.float32)
+  policy = SamplerPolicy(Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0),
+                         temperature=0.6, top_p=0.95, seed=0)
+  config = EpisodeConfig(topk=3, max_turns=1, turn_semantics="exact", max_response_length=48,
+                         max_obs_length=256, max_prompt_length=4096, bm25=True)
+  initial = local.search([e.question for e in examples], 3)
+  episodes = run_episodes(policy, tokenizer, client, examples, initial, config)
+  assert len(episodes) == 8 and all(e.ended in ("complete", "turns", "cap") for e in episodes)
+  for e in episodes:
+    stats = e.stats()
+    assert 1 <= stats["turns"] <= config.max_turns + 1  # exact: max_turns search rounds + a final turn
+    assert stats["searches"] == len(e.blocks) - 1 == len(e.queries) <= config.max_turns
+    assert stats["turns"] >= stats["searches"] + stats["invalid_actions"]
+    assert stats["policy_tokens"] == sum(e.policy_mask) and len(e.policy_mask) == len(e.ids)
+    assert stats["context_tokens"] == len(e.prompt_ids) + len(e.ids) <= config.max_prompt_length
+    assert e.selected_docs(3)  # D_s3 always holds at least the initial block
+  batch = make_batch(episodes, [1.0] * 8, pad_id=tokenizer.pad_token_id or 0)
+  assert not (batch.policy_mask & (batch.prompt_mask | batch.obs_mask)).any()
+  assert int(batch.policy_mask.sum()) == sum(e.stats()["policy_tokens"] for e in episodes)

@@ -68,10 +68,17 @@ class Episode:
     self.ids.extend(ids)
     self.policy_mask.extend([from_policy] * len(ids))
 
-  def selected_docs(self, max_select: int) -> list[Doc]:
-    """D_s3 from the environment's own blocks (`protocol.extract_selected_docs_safe`)."""
+  def selected_docs(self, max_select: int, selection: bool = True) -> list[Doc]:
+    """D_s3 from the environment's own blocks (`protocol.extract_selected_docs_safe`); `selection=False`
+    ("w/o selection") gives every document the environment showed."""
+    if not selection:
+      return protocol.extract_selected_docs_safe(self.blocks, [], max_select)
     return protocol.extract_selected_docs_safe(
         self.blocks, list(zip(self.response_blocks, self.responses, strict=True)), max_select)
+
+  def trajectory_text(self, tokenizer: Any) -> str:
+    """The decoded prompt and trajectory, special tokens kept: the input of s3's faithful D_s3 parser."""
+    return tokenizer.decode(self.prompt_ids + self.ids, skip_special_tokens=False)
 
   def stats(self) -> dict[str, Any]:
     return {"turns": len(self.responses), "searches": len(self.queries),
@@ -79,6 +86,35 @@ class Episode:
             "duplicate_queries": len(self.queries) - len(set(self.queries)),
             "context_tokens": len(self.prompt_ids) + len(self.ids), "policy_tokens": sum(self.policy_mask),
             "ended_by_completion": self.ended == "complete", "ended_by_cap": self.ended == "cap"}
+
+
+class SamplerPolicy:
+  """The searcher's `Policy` on this project's `Sampler`: one batched call per turn, stopping at `</query>`
+  or EOS, with the rollout's temperature / top-p / top-k; a fresh RNG key per turn."""
+
+  def __init__(self, sampler: Any, *, temperature: float, top_p: float, top_k: int = -1, seed: int = 0):
+    import jax
+
+    from s3_jax.models.sampler import SamplingParams
+
+    self.sampler = sampler
+    self.params = SamplingParams(temperature=temperature, top_p=top_p, top_k=max(top_k, 0))
+    self.rng = jax.random.key(seed)
+
+  def sample(self, contexts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[list[int]]:
+    import jax
+
+    self.rng, rng = jax.random.split(self.rng)
+    out = self.sampler.generate(contexts, self.params, max_new_tokens=max_new_tokens,
+                                stop_strings=("</query>",), rng=rng)
+    return out.tokens
+
+
+def initial_blocks(retrieved: Sequence[Sequence[Doc]], begin_with_search: bool,
+                   initial_docs: int) -> list[list[Doc]]:
+  """Each question's initial block from its naive-RAG retrieval (top 12 in the precompute): the first
+  `initial_docs`, or none for the "w/o begin with search" ablation."""
+  return [list(docs[:initial_docs]) if begin_with_search else [] for docs in retrieved]
 
 
 def _cut_ids(tokenizer: Any, ids: Sequence[int], eos_ids: set[int]) -> tuple[list[int], str]:
