@@ -152,8 +152,10 @@ def test_ablation_switches(tokenizer, retriever):
                                                                             if d.text != searched[0].text]
   everything = [d.text for d in episode.selected_docs(3, selection=False)]  # "w/o selection"
   assert everything == list(dict.fromkeys([d.text for d in retrieved[0][:2]] + [d.text for d in searched]))
-  faithful = protocol.extract_selected_docs_faithful(episode.trajectory_text(tokenizer))
-  assert [d.text for d in faithful] == [d.text for d in episode.selected_docs(3)]
+  faithful = episode.generator_docs("faithful", 3, tokenizer=tokenizer)  # s3's parser on the decoded text
+  assert [d.text for d in faithful] == [d.text for d in episode.generator_docs("safe", 3)]
+  with pytest.raises(ValueError, match="doc_extraction='both' must be safe or faithful"):
+    episode.generator_docs("both", 3)
 
 
 @pytest.mark.slow

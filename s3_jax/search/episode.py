@@ -76,6 +76,19 @@ class Episode:
     return protocol.extract_selected_docs_safe(
         self.blocks, list(zip(self.response_blocks, self.responses, strict=True)), max_select)
 
+  def generator_docs(self, mode: str, max_select: int, selection: bool = True,
+                     tokenizer: Any = None) -> list[Doc]:
+    """D_s3 as `rollout.doc_extraction` says: "safe" (the default) or "faithful" (s3's parser on the decoded
+    trajectory; needs the tokenizer)."""
+    if mode == "safe":
+      return self.selected_docs(max_select, selection)
+    if mode == "faithful":
+      if not selection:
+        raise ValueError("rollout.selection=False is defined on the environment's blocks: use "
+                         "rollout.doc_extraction=safe")
+      return protocol.extract_selected_docs_faithful(self.trajectory_text(tokenizer))
+    raise ValueError(f"rollout.doc_extraction={mode!r} must be safe or faithful")
+
   def trajectory_text(self, tokenizer: Any) -> str:
     """The decoded prompt and trajectory, special tokens kept: the input of s3's faithful D_s3 parser."""
     return tokenizer.decode(self.prompt_ids + self.ids, skip_special_tokens=False)
@@ -134,9 +147,14 @@ def _cut_ids(tokenizer: Any, ids: Sequence[int], eos_ids: set[int]) -> tuple[lis
 
 
 def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Sequence[QAExample],
-                 initial_docs: Sequence[Sequence[Doc]], config: EpisodeConfig) -> list[Episode]:
+                 initial_docs: Sequence[Sequence[Doc]], config: EpisodeConfig,
+                 timings: dict[str, float] | None = None) -> list[Episode]:
   """Runs one episode per example to the end. `initial_docs[i]` is example i's naive-RAG block (empty
-  list: no initial block, "w/o begin with search")."""
+  list: no initial block, "w/o begin with search"). `timings`, when given, accumulates the seconds spent
+  in `sample` and `retrieve`; the rest of the call is host-side work."""
+  import time
+
+  timings = timings if timings is not None else {}
   from s3_jax.models.tokenizer import chat_prompt_ids
 
   if config.turn_semantics not in ("s3", "exact"):
@@ -157,8 +175,10 @@ def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Seque
     active = [e for e, r in zip(active, room, strict=True) if r > 0]
     if not active:
       break
+    start = time.perf_counter()
     sampled = policy.sample([e.prompt_ids + e.ids for e in active],
                             [min(config.max_response_length, r) for r in room if r > 0])
+    timings["sample"] = timings.get("sample", 0.0) + time.perf_counter() - start
     searching: list[tuple[Episode, str]] = []
     for e, ids in zip(active, sampled, strict=True):
       ids, text = _cut_ids(tokenizer, ids, eos_ids)
@@ -177,7 +197,9 @@ def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Seque
         e.invalid_actions += 1
         e.append(tokenizer(protocol.NUDGE, add_special_tokens=False)["input_ids"], from_policy=False)
     if searching:
+      start = time.perf_counter()
       results = retriever.search([q for _, q in searching], config.topk)
+      timings["retrieve"] = timings.get("retrieve", 0.0) + time.perf_counter() - start
       for (e, query), docs in zip(searching, results, strict=True):
         e.queries.append(query)
         e.blocks.append(list(docs))
