@@ -88,6 +88,7 @@ def test_scripted_episodes_over_grpc(tokenizer, retriever):
   assert second.responses[1].startswith("<query>\n")  # restored before parsing, as s3 does
   stats = second.stats()
   assert stats["turns"] == 3 and stats["searches"] == 1 and stats["invalid_actions"] == 1
+  assert stats["docs_selected"] == 2 and first.stats()["docs_selected"] == 1
   # D_s3: the selection [1, 3] from the searched block (cap 2), then the unselected initial block.
   assert [d.text for d in second.selected_docs(2)][:2] == [paris[0].text, paris[2].text]
 

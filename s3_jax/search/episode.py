@@ -93,9 +93,19 @@ class Episode:
     """The decoded prompt and trajectory, special tokens kept: the input of s3's faithful D_s3 parser."""
     return tokenizer.decode(self.prompt_ids + self.ids, skip_special_tokens=False)
 
+  def docs_selected(self) -> int:
+    """How many documents the searcher picked with `<important_info>` (the first tag after each block, ids
+    within the block), before any cap."""
+    picked = {}
+    for b, text in zip(self.response_blocks, self.responses, strict=True):
+      ids = protocol.selected_ids_in(text, len(self.blocks[b]))
+      if ids is not None and b not in picked:
+        picked[b] = len(ids)
+    return sum(picked.values())
+
   def stats(self) -> dict[str, Any]:
     return {"turns": len(self.responses), "searches": len(self.queries),
-            "invalid_actions": self.invalid_actions,
+            "docs_selected": self.docs_selected(), "invalid_actions": self.invalid_actions,
             "duplicate_queries": len(self.queries) - len(set(self.queries)),
             "context_tokens": len(self.prompt_ids) + len(self.ids), "policy_tokens": sum(self.policy_mask),
             "ended_by_completion": self.ended == "complete", "ended_by_cap": self.ended == "cap"}

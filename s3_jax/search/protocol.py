@@ -110,6 +110,12 @@ def selected_ids(content: str, max_id: int = _MAX_FAITHFUL_ID) -> list[int]:
   return list(dict.fromkeys(i for i in map(int, re.findall(r"\d+", content)) if 1 <= i <= max_id))
 
 
+def selected_ids_in(text: str, block_size: int) -> list[int] | None:
+  """The ids of the first `<important_info>` in `text`, bounded by the block size; None without a tag."""
+  tag = _IMPORTANT.search(text)
+  return None if tag is None else selected_ids(tag.group(1), max_id=block_size)
+
+
 def extract_selected_docs_faithful(trajectory_text: str) -> list[Doc]:
   """D_s3 exactly as s3's `extract_titles_and_texts` builds it from the decoded prompt + responses (spec
   §2.6, quirks included): every `<information>` block after the anchor counts, including ones the searcher
@@ -148,9 +154,9 @@ def extract_selected_docs_safe(blocks: Sequence[Sequence[Doc]], turns: Sequence[
   for b, text in turns:
     if not 0 <= b < len(blocks):
       raise ValueError(f"a turn follows block {b}, but the environment inserted {len(blocks)} blocks")
-    tag = _IMPORTANT.search(text)
-    if tag is not None and b not in selections:
-      selections[b] = selected_ids(tag.group(1), max_id=len(blocks[b]))[:max_select]
+    ids = selected_ids_in(text, len(blocks[b]))
+    if ids is not None and b not in selections:
+      selections[b] = ids[:max_select]
   selected = [blocks[b][j - 1] for b in sorted(selections) for j in selections[b]]
   unclaimed = [doc for b, block in enumerate(blocks) if b not in selections for doc in block]
   return _unique_texts(selected + unclaimed)
