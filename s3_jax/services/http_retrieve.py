@@ -10,17 +10,16 @@ s3's FastAPI `retrieval_server.py`) and returns `list[list[Doc]]` like `Retrieve
 
 from __future__ import annotations
 
-import hmac
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from s3_jax.data.corpus import Doc, doc_from_row
+from s3_jax.services.http_json import JsonHandler, start_http
 from s3_jax.services.retriever_client import ServiceUnavailableError
 from s3_jax.services.retriever_server import Limits
 
@@ -49,39 +48,25 @@ def serve_http(retriever: Any, host: str = "127.0.0.1", port: int = 0, token: st
   """Serves `POST /retrieve` in a background thread; returns the server and its port."""
   limits = limits or Limits()
 
-  class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # quiet: the service logs nothing per request
-      pass
-
-    def _reply(self, status: int, payload: Any) -> None:
-      data = json.dumps(payload).encode()
-      self.send_response(status)
-      self.send_header("Content-Type", "application/json")
-      self.send_header("Content-Length", str(len(data)))
-      self.end_headers()
-      self.wfile.write(data)
-
+  class Handler(JsonHandler):
     def do_POST(self):  # http.server's method name
       if self.path.rstrip("/") != "/retrieve":
-        return self._reply(404, {"error": f"no endpoint {self.path}; use POST /retrieve"})
-      if token and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
-                                           f"Bearer {token}".encode()):
-        return self._reply(401, {"error": "missing or wrong bearer token"})
+        return self.reply(404, {"error": f"no endpoint {self.path}; use POST /retrieve"})
+      if not self.authorized():
+        return self.reply(401, {"error": "missing or wrong bearer token"})
       try:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        queries, k, with_scores = _parse(body, default_k, limits)
+        queries, k, with_scores = _parse(self.body(), default_k, limits)
       except ValueError as e:
-        return self._reply(400, {"error": str(e)})
+        return self.reply(400, {"error": str(e)})
       results = retriever.search(queries, k)
       if with_scores:
         payload = [[{"document": d.to_row(), "score": d.score} for d in docs] for docs in results]
       else:
         payload = [[d.to_row() for d in docs] for docs in results]
-      return self._reply(200, {"result": payload})
+      return self.reply(200, {"result": payload})
 
-  server = ThreadingHTTPServer((host, port), Handler)
-  threading.Thread(target=server.serve_forever, daemon=True).start()
-  return server, server.server_address[1]
+  Handler.token = token
+  return start_http(Handler, host, port)
 
 
 class HttpRetrieverClient:

@@ -84,41 +84,36 @@ class RetrieverClient:
     self._local_index = None if local_index in (None, "auto") else Path(local_index)
     self._local_store: DocStore | None = None
 
-  def _auto_store(self) -> DocStore | None:
-    """The server's own index folder, when this host sees it with the same corpus; else None."""
-    self._auto = False
-    health = self.health()
-    folder = Path(health.index_dir) if health.index_dir else None
-    if folder is None or not (folder / "manifest.json").is_file():
-      return None
-    corpus = json.loads((folder / "manifest.json").read_text()).get("corpus", {})
-    path = Path(corpus.get("path", ""))
-    if (corpus.get("sha256") != health.corpus_sha256 or not path.is_file()
-        or path.stat().st_size != corpus.get("bytes")):
-      return None
-    self._local_store = DocStore(path, folder / "offsets.npy")
-    return self._local_store
-
-  def _store(self) -> DocStore | None:
-    """The local copy's DocStore, opened and checked against the server on first use."""
-    if self._auto:
-      return self._auto_store()
-    if self._local_index is None or self._local_store is not None:
-      return self._local_store
-    manifest_path = self._local_index / "manifest.json"
+  def _open_local(self, folder: Path, served_sha256: str) -> DocStore:
+    """The DocStore of an index folder on this host, checked against the corpus the server serves; raises
+    with the reason when it is not the same corpus."""
+    manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
-      raise FileNotFoundError(f"local_index {self._local_index}: no manifest.json (not an index folder)")
+      raise FileNotFoundError(f"local_index {folder}: no manifest.json (not an index folder)")
     corpus = json.loads(manifest_path.read_text())["corpus"]
-    served = self.health().corpus_sha256
-    if served != corpus["sha256"]:
-      raise ValueError(f"local_index {self._local_index} was built from a corpus with sha256 "
-                       f"{corpus['sha256'][:12]}…, but the retriever at {self.address} serves "
-                       f"{served[:12] or 'an unnamed corpus'}…; use the server's index folder or no "
-                       "local_index")
+    if served_sha256 != corpus["sha256"]:
+      served = served_sha256[:12] or "an unnamed corpus"
+      raise ValueError(f"local_index {folder} was built from a corpus with sha256 {corpus['sha256'][:12]}…, "
+                       f"but the retriever at {self.address} serves {served}…; use the server's index folder "
+                       "or no local_index")
     path = Path(corpus["path"])
     if not path.is_file() or path.stat().st_size != corpus["bytes"]:
-      raise FileNotFoundError(f"local_index {self._local_index}: its corpus {path} is missing or changed")
-    self._local_store = DocStore(path, self._local_index / "offsets.npy")
+      raise FileNotFoundError(f"local_index {folder}: its corpus {path} is missing or changed")
+    return DocStore(path, folder / "offsets.npy")
+
+  def _store(self) -> DocStore | None:
+    """The local copy's DocStore, opened and checked against the server on first use. With "auto", the
+    server's own folder when this host sees it with the same corpus, else none (documents on the wire)."""
+    if self._auto:
+      self._auto = False
+      health = self.health()
+      if health.index_dir:
+        try:
+          self._local_store = self._open_local(Path(health.index_dir), health.corpus_sha256)
+        except (FileNotFoundError, ValueError):  # another host's folder: documents come over the wire
+          pass
+    elif self._local_index is not None and self._local_store is None:
+      self._local_store = self._open_local(self._local_index, self.health().corpus_sha256)
     return self._local_store
 
   def _call(self, method, request):
