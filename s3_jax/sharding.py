@@ -73,3 +73,40 @@ def param_sharding(shape: Sequence[int], logical_axes: Sequence[str | None], mes
     if shape[i] % size:
       spec[i] = None
   return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways the batch dimension is split (data × fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_sharded(params: Any, mesh: Mesh, min_size: int = 1 << 20) -> None:
+  """Raises `ValueError` naming every weight of at least `min_size` elements that the mesh's model axes
+  (fsdp, tensor) leave fully replicated: such a weight costs a full copy per chip, usually because a rule is
+  missing or its dimension is not divisible by the axis size."""
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+    return
+  replicated = [f"{jax.tree_util.keystr(path)} {tuple(x.shape)}"
+                for path, x in jax.tree_util.tree_leaves_with_path(params)
+                if x.size >= min_size and x.sharding.is_fully_replicated]
+  if replicated:
+    raise ValueError(f"weights replicated on a mesh with fsdp={mesh.shape['fsdp']}, "
+                     f"tensor={mesh.shape['tensor']}: {', '.join(replicated)} — check the sharding rules and "
+                     f"that those dimensions divide by the axis sizes")
+
+
+def place_local_batch(local: Any, sharding: NamedSharding) -> jax.Array:
+  """A global array from this process's rows (multi-host safe: each host passes only its share; on one
+  host this is the whole batch)."""
+  return jax.make_array_from_process_local_data(sharding, local)
+
+
+def maybe_initialize_distributed() -> bool:
+  """`jax.distributed.initialize()` when launched multi-host (`S3_JAX_DIST=1`, or JAX's coordinator
+  variables are set); must run before any other JAX call. Returns whether it initialised."""
+  import os
+
+  if os.environ.get("S3_JAX_DIST") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+    return True
+  return False

@@ -113,17 +113,23 @@ class Sampler:
       elif isinstance(candidate, list):
         eos.update(candidate)
     self.eos_token_ids = np.asarray(sorted(eos) or [-1], np.int32)
-    params = model.arrays()
-    if mesh is not None:
-      params = nest_params({
-          name: jax.device_put(p.get_value(), sharding_lib.param_sharding(
-              p.get_value().shape, p.get_metadata()["logical_axes"], mesh, rules))
-          for name, p in model.named_params().items()})
-    self.params = params
+    self.mesh, self.rules = mesh, rules
+    self._axes = nest_params({name: p.get_metadata()["logical_axes"]
+                              for name, p in model.named_params().items()})
+    self.set_params(model.arrays())
     self.trace_counts = {"prefill": 0, "decode": 0}
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "ignore_eos"),
                            donate_argnames=("state",))
+
+  def set_params(self, params: dict[str, Any]) -> None:
+    """Samples from `params` (the nested arrays `Decoder.arrays()` returns, e.g. the trainer's latest actor)
+    from now on, placed with the sampling rules. Same shapes, so nothing recompiles."""
+    if self.mesh is not None:
+      def place(axes, x):
+        return jax.device_put(x, sharding_lib.param_sharding(x.shape, axes, self.mesh, self.rules))
+      params = jax.tree.map(place, self._axes, params, is_leaf=lambda x: isinstance(x, tuple))
+    self.params = params
 
   # -- jitted bodies ---------------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Reinforcement learning: PPO math (`ppo`), the jitted score/update steps (`update`)."""

@@ -1,0 +1,494 @@
+"""The device side of a PPO step: a jitted `score` and a jitted, donated `update`.
+
+    score(state, ref_params, batch)  -> old log-probs, reference log-probs, values   (micro-batched scan)
+    update(state, batch)             -> new state, metrics
+        token rewards (score on the last policy token, minus β·KL when ppo.kl_mode="reward")
+        advantages/returns by ppo.adv_estimator (GAE + whitening for s3)
+        epochs × minibatches as lax.scan; per minibatch and learner: micro-batch gradient accumulation
+        (lax.scan), global-norm clipping, AdamW with linear warm-up.
+
+Learners: the actor (policy loss + entropy bonus [+ KL loss]) and, with a critic, either a separate critic
+network (s3's choice: backbone + scalar head, its own optimizer) or a value head on the actor's backbone
+(`critic.separate_model=False`: one optimizer, loss + ppo.vf_coef · value loss).
+
+Every array is `[batch, time]`, aligned with the token ids (see `s3_jax.rl.ppo`). Shapes are fixed by the
+batch (bucketed by the caller), so nothing retraces after the first step; `trace_counts` counts traces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from s3_jax import sharding as sharding_lib
+from s3_jax.models.config import DecoderConfig
+from s3_jax.models.decoder import default_positions, forward, lm_logits, nest_params, param_specs
+from s3_jax.rl import ppo as ppo_lib
+
+Params = dict[str, Any]
+BATCH_KEYS = ("tokens", "attention_mask", "policy_mask", "response_mask", "scores", "group")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSettings:
+  """The static hyper-parameters of the update (sizes in episodes)."""
+
+  batch_size: int
+  mini_batch_size: int
+  actor_micro_batch_size: int
+  critic_micro_batch_size: int
+  score_micro_batch_size: int
+  epochs: int = 1
+  clip_ratio: float = 0.2
+  dual_clip: float = 0.0
+  value_clip: float = 0.5
+  entropy_coef: float = 0.001
+  vf_coef: float = 1.0
+  gamma: float = 1.0
+  lam: float = 1.0
+  kl_coef: float = 0.001
+  kl_estimator: str = "k1"
+  kl_mode: str = "reward"
+  adv_estimator: str = "gae"
+  loss_agg: str = "token_mean"
+  actor_lr: float = 1e-6
+  critic_lr: float = 1e-5
+  actor_warmup_steps: int = 0
+  critic_warmup_steps: int = 0
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  separate_critic: bool = True
+
+  @classmethod
+  def from_config(cls, config: Any) -> PPOSettings:
+    """From a full config: sizes in questions × `rollout.samples_per_question`; warm-up steps as s3 computes
+    them, `int(ratio × ppo.schedule_steps)`."""
+    p, n = config.ppo, config.rollout.samples_per_question
+    return cls(
+        batch_size=p.batch_size * n, mini_batch_size=p.mini_batch_size * n,
+        actor_micro_batch_size=p.actor_micro_batch_size, critic_micro_batch_size=p.critic_micro_batch_size,
+        score_micro_batch_size=p.score_micro_batch_size, epochs=p.epochs, clip_ratio=p.clip_ratio,
+        dual_clip=p.dual_clip, value_clip=p.value_clip, entropy_coef=p.entropy_coef, vf_coef=p.vf_coef,
+        gamma=p.gamma, lam=p.lam, kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, kl_mode=p.kl_mode,
+        adv_estimator=p.adv_estimator, loss_agg=p.loss_agg, actor_lr=p.actor_lr, critic_lr=p.critic_lr,
+        actor_warmup_steps=int(p.actor_warmup_ratio * p.schedule_steps),
+        critic_warmup_steps=int(p.critic_warmup_ratio * p.schedule_steps),
+        weight_decay=p.weight_decay, grad_clip=p.grad_clip, separate_critic=config.critic.separate_model)
+
+  @property
+  def uses_critic(self) -> bool:
+    return ppo_lib.USES_CRITIC[self.adv_estimator]
+
+  @property
+  def updates_per_step(self) -> int:
+    return self.epochs * (self.batch_size // self.mini_batch_size)
+
+  def check(self, batch_shards: int = 1) -> None:
+    """Raises `ValueError` naming the size that does not divide (or does not shard evenly)."""
+    if self.adv_estimator not in ppo_lib.ADVANTAGE_ESTIMATORS:
+      raise ValueError(f"ppo.adv_estimator={self.adv_estimator!r} must be one of "
+                       f"{', '.join(ppo_lib.ADVANTAGE_ESTIMATORS)}")
+    if self.loss_agg not in ("token_mean", "micro_token_mean"):
+      raise ValueError(f"ppo.loss_agg={self.loss_agg!r} must be token_mean or micro_token_mean")
+    if self.batch_size % self.mini_batch_size:
+      raise ValueError(f"ppo.mini_batch_size: {self.mini_batch_size} episodes do not divide the batch of "
+                       f"{self.batch_size}")
+    for name in ("actor_micro_batch_size", "critic_micro_batch_size"):
+      if self.mini_batch_size % getattr(self, name):
+        raise ValueError(f"ppo.{name}={getattr(self, name)} must divide the minibatch of "
+                         f"{self.mini_batch_size} episodes")
+    if self.batch_size % self.score_micro_batch_size:
+      raise ValueError(f"ppo.score_micro_batch_size={self.score_micro_batch_size} must divide the batch of "
+                       f"{self.batch_size} episodes")
+    for name in ("actor_micro_batch_size", "critic_micro_batch_size", "score_micro_batch_size"):
+      if getattr(self, name) % batch_shards:
+        raise ValueError(f"ppo.{name}={getattr(self, name)} must be a multiple of the mesh's batch shards "
+                         f"(data × fsdp = {batch_shards})")
+
+
+# -- model functions over plain parameter trees -----------------------------------------------------------
+
+def policy_params(actor: Params) -> Params:
+  """The decoder parameters of the actor (without a shared value head): what the sampler and exports use."""
+  return {k: v for k, v in actor.items() if k != "value_head"}
+
+
+def _shift(x: jax.Array) -> jax.Array:
+  """Aligns a quantity computed at position t-1 with token t (position 0 gets 0)."""
+  return jnp.pad(x, ((0, 0), (1, 0)))
+
+
+def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype):
+  mask = attention_mask.astype(bool)
+  hidden, _ = forward(config, params, tokens, default_positions(mask), attention_mask=mask,
+                      compute_dtype=compute_dtype)
+  return hidden
+
+
+def _logprobs_from_hidden(params: Params, hidden, tokens, with_entropy: bool):
+  logits = lm_logits(params, hidden[:, :-1])
+  log_norm = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+  logp = _shift(picked - log_norm)
+  entropy = _shift(ppo_lib.entropy_from_logits(logits)) if with_entropy else None
+  return logp, entropy
+
+
+def _values_from_hidden(head: Params, hidden):
+  values = jnp.einsum("btd,d->bt", hidden[:, :-1], head["kernel"].astype(hidden.dtype),
+                      preferred_element_type=jnp.float32) + head["bias"].astype(jnp.float32)
+  return _shift(values)
+
+
+def token_logprobs(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype=jnp.float32,
+                   with_entropy: bool = False):
+  """`logπ(token_t | tokens_<t)` per position `[b, t]` (0 at position 0), and optionally the entropy of the
+  distribution that produced token t."""
+  hidden = _hidden(config, params, tokens, attention_mask, compute_dtype)
+  return _logprobs_from_hidden(params, hidden, tokens, with_entropy)
+
+
+def token_values(config: DecoderConfig, critic: Params, tokens, attention_mask, compute_dtype=jnp.float32):
+  """`V` per position `[b, t]`: the head on the hidden state of the token before (s3's `[:, -L-1:-1]`)."""
+  hidden = _hidden(config, critic["backbone"], tokens, attention_mask, compute_dtype)
+  return _values_from_hidden(critic["head"], hidden)
+
+
+def critic_params(model: Any) -> Params:
+  """`{"backbone", "head"}` arrays of a `ValueModel` (a separate critic)."""
+  return {"backbone": model.backbone.arrays(),
+          "head": {"kernel": model.value_kernel[...], "bias": model.value_bias[...]}}
+
+
+def actor_logical_axes(config: DecoderConfig, shared_head: bool) -> Params:
+  axes = nest_params({name: spec[1] for name, spec in param_specs(config).items()})
+  if shared_head:
+    axes["value_head"] = {"kernel": ("embed",), "bias": ()}
+  return axes
+
+
+def critic_logical_axes(config: DecoderConfig) -> Params:
+  backbone = {name: spec[1] for name, spec in param_specs(config, lm_head=False).items()}
+  return {"backbone": nest_params(backbone),
+          "head": {"kernel": ("embed",), "bias": ()}}
+
+
+def init_value_head(config: DecoderConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
+  """A fresh scalar head: normal(initializer_range) kernel, zero bias (as HF initialises `score`)."""
+  return {"kernel": (jax.random.normal(rng, (config.hidden_size,)) * config.initializer_range).astype(dtype),
+          "bias": jnp.zeros((), dtype)}
+
+
+def _is_axes(x) -> bool:
+  return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+
+
+# -- the optimizer --------------------------------------------------------------------------------------
+
+def lr_schedule(lr: float, warmup_steps: int, updates_per_step: int):
+  """s3's (verl's) constant schedule with linear warm-up, counted in PPO steps: at PPO step s the rate is
+  `lr · min(1, s / warmup)` (so with warm-up the first step has rate 0, as in s3)."""
+  def schedule(count):
+    if warmup_steps <= 0:
+      return jnp.asarray(lr, jnp.float32)
+    step = (count // updates_per_step).astype(jnp.float32)
+    return lr * jnp.minimum(1.0, step / warmup_steps)
+  return schedule
+
+
+def make_optimizer(lr: float, warmup_steps: int, updates_per_step: int, weight_decay: float,
+                   grad_clip: float) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (β = 0.9, 0.999; ε = 1e-8; decoupled weight decay, as torch)."""
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(lr_schedule(lr, warmup_steps, updates_per_step), b1=0.9, b2=0.999, eps=1e-8,
+                                 weight_decay=weight_decay))
+
+
+# -- the learner ----------------------------------------------------------------------------------------
+
+class PPOLearner:
+  """Holds the static settings, shardings and jitted functions; the state is a plain pytree
+
+      {"actor": {"params", "opt"}, "critic": {"params", "opt"} (separate critic only)}
+
+  `mesh=None` runs unsharded. Batches are dicts of `[b, t]` arrays (plus `group [b]`).
+  """
+
+  def __init__(self, settings: PPOSettings, config: DecoderConfig, *, compute_dtype: Any = jnp.float32,
+               mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES):
+    self.settings, self.config, self.compute_dtype, self.mesh, self.rules = (
+        settings, config, compute_dtype, mesh, rules)
+    batch_axes = tuple(a for a in ("data", "fsdp") if mesh is not None and mesh.shape[a] > 1)
+    self.batch_shards = math.prod(mesh.shape[a] for a in batch_axes) if mesh is not None else 1
+    settings.check(self.batch_shards)
+    self._batch_spec = PartitionSpec(batch_axes or None)
+    self.with_critic = settings.uses_critic
+    self.separate_critic = self.with_critic and settings.separate_critic
+    self.shared_head = self.with_critic and not settings.separate_critic
+    steps = settings.updates_per_step
+    self.actor_opt = make_optimizer(settings.actor_lr, settings.actor_warmup_steps, steps,
+                                    settings.weight_decay, settings.grad_clip)
+    self.critic_opt = make_optimizer(settings.critic_lr, settings.critic_warmup_steps, steps,
+                                     settings.weight_decay, settings.grad_clip)
+    self.trace_counts = {"score": 0, "update": 0}
+    self._score = None
+    self._update = None
+
+  # -- shardings ----------------------------------------------------------------------------------------
+
+  def _param_shardings(self, shapes: Params, axes: Params) -> Any:
+    if self.mesh is None:
+      return None
+    return jax.tree.map(lambda ax, s: sharding_lib.param_sharding(s.shape, ax, self.mesh, self.rules),
+                        axes, shapes, is_leaf=_is_axes)
+
+  def _replicated(self):
+    return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
+  def batch_sharding(self, ndim: int = 2):
+    if self.mesh is None:
+      return None
+    return NamedSharding(self.mesh, PartitionSpec(*self._batch_spec, *([None] * (ndim - 1))))
+
+  def _place(self, tree: Params, shardings: Any) -> Params:
+    """Fresh device copies (never aliases of the caller's arrays, which `update` would donate)."""
+    # A jitted copy: jax 0.10's device_put(..., may_alias=False) still reuses the source buffer as device 0's
+    # shard of a replicated array, so two placements of one tree would share (and donate) it.
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+  def actor_axes(self) -> Params:
+    return actor_logical_axes(self.config, self.shared_head)
+
+  def init_state(self, actor: Params, critic: Params | None = None) -> dict[str, Any]:
+    """Places the parameters with their shardings and creates the optimizer states (sharded like them).
+    `actor` must carry a `value_head` when the critic is a shared head; `critic` is `{"backbone", "head"}`
+    for a separate critic."""
+    if self.shared_head and "value_head" not in actor:
+      raise ValueError("critic.separate_model=False needs actor['value_head'] (init_value_head)")
+    if self.separate_critic and critic is None:
+      raise ValueError("a separate critic (critic.separate_model=True) needs critic parameters")
+    state = {"actor": self._learner_state(actor, self.actor_axes(), self.actor_opt)}
+    if self.separate_critic:
+      state["critic"] = self._learner_state(critic, critic_logical_axes(self.config), self.critic_opt)
+    if self.mesh is not None:
+      sharding_lib.check_sharded(state["actor"]["params"], self.mesh)
+    self.state_shardings = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, state)
+    return state
+
+  def _learner_state(self, params: Params, axes: Params, opt: optax.GradientTransformation):
+    shardings = self._param_shardings(params, axes)
+    params = self._place(params, shardings)
+    if shardings is None:
+      return {"params": params, "opt": opt.init(params)}
+    opt_shapes = jax.eval_shape(opt.init, params)
+    opt_shardings = optax.tree_map_params(opt, lambda _, s: s, opt_shapes, shardings,
+                                          transform_non_params=lambda _: self._replicated())
+    return {"params": params, "opt": jax.jit(opt.init, out_shardings=opt_shardings)(params)}
+
+  def place_ref(self, ref: Params) -> Params:
+    return self._place(ref, self._param_shardings(ref, actor_logical_axes(self.config, False)))
+
+  def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host arrays -> device arrays sharded on the batch dimension (each process gives its own rows)."""
+    if self.mesh is None:
+      return {k: jnp.asarray(v) for k, v in batch.items()}
+    return {k: sharding_lib.place_local_batch(np.asarray(v), self.batch_sharding(np.ndim(v)))
+            for k, v in batch.items()}
+
+  def _constrain_rows(self, x: jax.Array, dim: int) -> jax.Array:
+    """Shards `x` over the batch axes on dimension `dim` (micro-batches are `[n, micro, t]`)."""
+    if self.mesh is None:
+      return x
+    spec = [None] * x.ndim
+    spec[dim] = self._batch_spec[0]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+
+  def _split(self, tree: dict[str, jax.Array], size: int) -> dict[str, jax.Array]:
+    """`[b, ...]` -> `[b // size, size, ...]`, row i*n + j in chunk j (strided, so each chunk keeps an
+    even share of every device's rows and needs no communication)."""
+    def split(x):
+      n = x.shape[0] // size
+      return self._constrain_rows(x.reshape(size, n, *x.shape[1:]).swapaxes(0, 1), 1)
+    return jax.tree.map(split, tree)
+
+  @staticmethod
+  def _merge(x: jax.Array) -> jax.Array:
+    """Inverse of `_split`."""
+    return x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+
+  # -- score --------------------------------------------------------------------------------------------
+
+  def score(self, state: dict[str, Any], ref: Params | None,
+            batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Old log-probs (the current actor), reference log-probs (`ref`, None = no KL) and values, each
+    `[b, t]`, in micro-batches of `ppo.score_micro_batch_size`."""
+    if self._score is None:
+      self._score = jax.jit(self._score_fn)
+    return self._score(state, ref, {k: batch[k] for k in ("tokens", "attention_mask")})
+
+  def _score_fn(self, state, ref, batch):
+    self.trace_counts["score"] += 1  # runs at trace time only
+    cdt = self.compute_dtype
+    actor = state["actor"]["params"]
+
+    def one(_, mb):
+      tokens, mask = mb["tokens"], mb["attention_mask"]
+      hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt)
+      out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, False)[0]}
+      if ref is not None:
+        out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, cdt)[0]
+      if self.shared_head:
+        out["values"] = _values_from_hidden(actor["value_head"], hidden)
+      elif self.separate_critic:
+        out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, cdt)
+      return None, out
+
+    _, out = jax.lax.scan(one, None, self._split(batch, self.settings.score_micro_batch_size))
+    out = {k: self._constrain_rows(self._merge(v), 0) for k, v in out.items()}
+    zeros = jnp.zeros(batch["tokens"].shape, jnp.float32)
+    out.setdefault("ref_logp", out["old_logp"] if ref is None else zeros)
+    out.setdefault("values", zeros)
+    return out
+
+  # -- update -------------------------------------------------------------------------------------------
+
+  def update(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict]:
+    """One PPO step on a scored batch (`BATCH_KEYS` + `old_logp`, `ref_logp`, `values`). The state is donated:
+    use the returned one."""
+    if self._update is None:
+      shardings = getattr(self, "state_shardings", None)
+      self._update = jax.jit(self._update_fn, donate_argnums=0,
+                             out_shardings=None if shardings is None else (shardings, self._replicated()))
+    return self._update(state, batch)
+
+  def _advantages(self, batch):
+    s = self.settings
+    policy = batch["policy_mask"].astype(jnp.float32)
+    response = batch["response_mask"].astype(jnp.float32)
+    kl = ppo_lib.kl_penalty(batch["old_logp"], batch["ref_logp"], s.kl_estimator) * policy
+    rewards = batch["scores"]
+    if s.kl_mode == "reward" and s.kl_coef:
+      rewards = rewards - s.kl_coef * kl
+    advantages, returns = ppo_lib.advantages_and_returns(
+        s.adv_estimator, rewards, batch["values"], response, policy, batch["group"], s)
+    metrics = {"reward/kl": ppo_lib.masked_mean(kl, policy),
+               "reward/token_reward_sum": jnp.mean(jnp.sum(rewards * response, axis=1)),
+               "ppo/advantage_mean": ppo_lib.masked_mean(advantages, policy),
+               "ppo/return_mean": ppo_lib.masked_mean(returns, response)}
+    if self.with_critic:
+      metrics["critic/value_mean"] = ppo_lib.masked_mean(batch["values"], response)
+      metrics["critic/explained_variance"] = ppo_lib.explained_variance(batch["values"], returns, response)
+    return advantages, returns, metrics
+
+  def _actor_terms(self, params, mb, norm):
+    """The loss of one micro-batch (sums divided by `norm`'s token counts, which make the configured token
+    mean) and its summed metric terms."""
+    s = self.settings
+    cdt = self.compute_dtype
+    tokens, attn = mb["tokens"], mb["attention_mask"]
+    policy = mb["policy_mask"].astype(jnp.float32)
+    hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt)
+    logp, entropy = _logprobs_from_hidden(params, hidden, tokens, True)
+    pg, diag = ppo_lib.policy_loss(logp, mb["old_logp"], mb["advantages"], policy, s.clip_ratio, s.dual_clip)
+    sums = {"pg_loss": jnp.sum(pg), "entropy": jnp.sum(entropy * policy),
+            "pg_clipfrac": jnp.sum(diag["clipped"] * policy),
+            "approx_kl": jnp.sum(diag["approx_kl"] * policy)}
+    loss = sums["pg_loss"] - s.entropy_coef * sums["entropy"]
+    if s.kl_mode == "loss" and s.kl_coef:
+      sums["kl_loss"] = jnp.sum(ppo_lib.kl_penalty(logp, mb["ref_logp"], s.kl_estimator) * policy)
+      loss = loss + s.kl_coef * sums["kl_loss"]
+    loss = loss / norm["policy"]
+    if self.shared_head:
+      response = mb["response_mask"].astype(jnp.float32)
+      values = _values_from_hidden(params["value_head"], hidden)
+      vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
+      sums.update({"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)})
+      loss = loss + s.vf_coef * sums["vf_loss"] / norm["response"]
+    return loss, sums
+
+  def _critic_terms(self, params, mb, norm):
+    s = self.settings
+    response = mb["response_mask"].astype(jnp.float32)
+    values = token_values(self.config, params, mb["tokens"], mb["attention_mask"], self.compute_dtype)
+    vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
+    sums = {"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)}
+    return sums["vf_loss"] / norm["response"], sums
+
+  def _learn(self, learner, terms, opt, micro, minibatch):
+    """Accumulates gradients over the minibatch's micro-batches, clips, applies; returns the new learner
+    state, the minibatch's metric sums and the gradient norm before clipping."""
+    n_micro = self.settings.mini_batch_size // micro
+
+    def tokens(mb):
+      return {"policy": jnp.sum(mb["policy_mask"].astype(jnp.float32)),
+              "response": jnp.sum(mb["response_mask"].astype(jnp.float32))}
+
+    whole = tokens(minibatch)
+    params = learner["params"]
+
+    def body(grads, mb):
+      if self.settings.loss_agg == "token_mean":  # one token mean over the whole minibatch
+        norm = {k: jnp.maximum(v, 1.0) for k, v in whole.items()}
+      else:  # s3 / verl v0.1: a token mean per micro-batch, averaged over the micro-batches
+        norm = {k: jnp.maximum(v, 1.0) * n_micro for k, v in tokens(mb).items()}
+      (_, sums), g = jax.value_and_grad(terms, has_aux=True)(params, mb, norm)
+      return jax.tree.map(jnp.add, grads, g), sums
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, sums = jax.lax.scan(body, zeros, self._split(minibatch, micro))
+    sums = jax.tree.map(jnp.sum, sums)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = opt.update(grads, learner["opt"], params)
+    return {"params": optax.apply_updates(params, updates), "opt": opt_state}, sums, grad_norm
+
+  def _update_fn(self, state, batch):
+    self.trace_counts["update"] += 1
+    s = self.settings
+    advantages, returns, metrics = self._advantages(batch)
+    data = {**{k: batch[k] for k in ("tokens", "attention_mask", "policy_mask", "response_mask", "old_logp",
+                                     "ref_logp", "values")}, "advantages": advantages, "returns": returns}
+    n_mini = s.batch_size // s.mini_batch_size
+    # Minibatch m holds rows m*mini ... (m+1)*mini - 1 of the batch, in order (s3: no shuffle).
+    minibatches = jax.tree.map(lambda x: x.reshape(n_mini, s.mini_batch_size, *x.shape[1:]), data)
+    minibatches = jax.tree.map(lambda x: self._constrain_rows(x, 1), minibatches)
+
+    def minibatch_step(st, mb):
+      out = {}
+      actor, sums, norm = self._learn(st["actor"], self._actor_terms, self.actor_opt,
+                                      s.actor_micro_batch_size, mb)
+      new = {"actor": actor}
+      policy_tokens = jnp.maximum(jnp.sum(mb["policy_mask"].astype(jnp.float32)), 1.0)
+      response_tokens = jnp.maximum(jnp.sum(mb["response_mask"].astype(jnp.float32)), 1.0)
+      for k in ("pg_loss", "entropy", "pg_clipfrac", "approx_kl", "kl_loss"):
+        if k in sums:
+          out[f"actor/{k}"] = sums[k] / policy_tokens
+      for k in ("vf_loss", "vf_clipfrac"):
+        if k in sums:
+          out[f"critic/{k}"] = sums[k] / response_tokens
+      out["actor/grad_norm"] = norm
+      if self.separate_critic:
+        critic, csums, cnorm = self._learn(st["critic"], self._critic_terms, self.critic_opt,
+                                           s.critic_micro_batch_size, mb)
+        new["critic"] = critic
+        out.update({f"critic/{k}": v / response_tokens for k, v in csums.items()})
+        out["critic/grad_norm"] = cnorm
+      return new, out
+
+    def epoch(st, _):
+      return jax.lax.scan(minibatch_step, st, minibatches)
+
+    state, per_step = jax.lax.scan(epoch, state, None, length=s.epochs)
+    metrics.update({k: jnp.mean(v) for k, v in per_step.items()})
+    count = state["actor"]["opt"][1][0].count  # adamw's step counter after this update
+    metrics["actor/lr"] = lr_schedule(s.actor_lr, s.actor_warmup_steps, s.updates_per_step)(count - 1)
+    if self.separate_critic:
+      metrics["critic/lr"] = lr_schedule(s.critic_lr, s.critic_warmup_steps, s.updates_per_step)(count - 1)
+    return state, metrics
+

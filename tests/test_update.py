@@ -1,0 +1,201 @@
+"""The jitted PPO score/update: sharded equals unsharded, no retrace, and PPO learns a toy task (and fails
+with the policy gradient's sign flipped, so the test can fail)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from s3_jax import sharding as sharding_lib
+from s3_jax.models.config import DecoderConfig
+from s3_jax.models.decoder import Decoder, ValueModel
+from s3_jax.models.sampler import Sampler, SamplingParams
+from s3_jax.rl import ppo as ppo_lib
+from s3_jax.rl import update as update_lib
+
+CONFIG = DecoderConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=8, tie_embeddings=False, max_position_embeddings=64)
+
+
+def _models(config=CONFIG, seed=0):
+  actor = Decoder(config, rngs=nnx.Rngs(seed)).arrays()
+  critic = update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(seed + 1)))
+  return actor, critic
+
+
+def _random_batch(rng, b=16, t=24, vocab=32):
+  tokens = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
+  attention = np.zeros((b, t), bool)
+  policy = np.zeros((b, t), bool)
+  response = np.zeros((b, t), bool)
+  scores = np.zeros((b, t), np.float32)
+  for i in range(b):
+    prompt = rng.integers(3, 8)
+    end = rng.integers(prompt + 3, t + 1)
+    attention[i, :end] = True
+    response[i, prompt:end] = True
+    policy[i, prompt:end] = rng.random(end - prompt) < 0.8
+    policy[i, end - 1] = True
+    scores[i, end - 1] = rng.choice([0.0, 1.0, 2.0])
+  return {"tokens": tokens, "attention_mask": attention, "policy_mask": policy, "response_mask": response,
+          "scores": scores, "group": np.arange(b, dtype=np.int32)}
+
+
+SETTINGS = update_lib.PPOSettings(batch_size=16, mini_batch_size=8, actor_micro_batch_size=4,
+                                  critic_micro_batch_size=4, score_micro_batch_size=8, actor_lr=1e-3,
+                                  critic_lr=1e-3, kl_coef=0.01, critic_warmup_steps=2, epochs=2)
+
+
+def _run(learner, steps, seed=0):
+  actor, critic = _models()
+  state = learner.init_state(actor, critic if learner.separate_critic else None)
+  ref = learner.place_ref(actor)
+  rng = np.random.default_rng(seed)
+  all_metrics = []
+  for _ in range(steps):
+    batch = learner.place_batch(_random_batch(rng))
+    scored = learner.score(state, ref, batch)
+    state, metrics = learner.update(state, {**batch, **scored})
+    all_metrics.append(jax.device_get(metrics))
+  return jax.device_get(state), all_metrics
+
+
+@pytest.mark.parametrize("separate", [True, False])
+def test_sharded_update_matches_unsharded_and_does_not_retrace(separate):
+  assert jax.device_count() == 8
+  settings = dataclasses.replace(SETTINGS, separate_critic=separate)
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  plain = update_lib.PPOLearner(settings, CONFIG)
+  sharded = update_lib.PPOLearner(settings, CONFIG, mesh=mesh)
+  state_a, metrics_a = _run_shared(plain) if not separate else _run(plain, 3)
+  state_b, metrics_b = _run_shared(sharded) if not separate else _run(sharded, 3)
+  for a, b in zip(metrics_a, metrics_b, strict=True):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
+  flat_a = jax.tree_util.tree_leaves_with_path(state_a)
+  flat_b = jax.tree.leaves(state_b)
+  for (path, a), b in zip(flat_a, flat_b, strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+  assert sharded.trace_counts == {"score": 1, "update": 1}
+  # The weights really are sharded on the 2×2×2 mesh (fsdp on embed, tensor on heads).
+  q = sharded.state_shardings["actor"]["params"]["layers"]["q"]
+  assert tuple(q.spec)[:3] == (None, "fsdp", "tensor"), q.spec
+  if separate:  # s3's critic warm-up: PPO step s uses lr · min(1, s / 2): 0, 0.5, 1 × lr
+    np.testing.assert_allclose([m["critic/lr"] for m in metrics_a], [0.0, 5e-4, 1e-3], rtol=1e-6)
+
+
+def _run_shared(learner, steps=3, seed=0):
+  actor, _ = _models()
+  actor["value_head"] = update_lib.init_value_head(CONFIG, jax.random.key(5))
+  state = learner.init_state(actor)
+  ref = learner.place_ref(update_lib.policy_params(actor))
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(steps):
+    batch = learner.place_batch(_random_batch(rng))
+    scored = learner.score(state, ref, batch)
+    state, metrics = learner.update(state, {**batch, **scored})
+    out.append(jax.device_get(metrics))
+  return jax.device_get(state), out
+
+
+def test_score_matches_a_direct_forward_pass():
+  """Old log-probs are log_softmax(logits[t-1])[token t]; values are the head on the hidden state before t."""
+  learner = update_lib.PPOLearner(SETTINGS, CONFIG)
+  actor, critic = _models()
+  state = learner.init_state(actor, critic)
+  batch = learner.place_batch(_random_batch(np.random.default_rng(3)))
+  scored = jax.device_get(learner.score(state, learner.place_ref(actor), batch))
+  model = Decoder(CONFIG, rngs=nnx.Rngs(0))
+  tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
+  for i in range(3):
+    n = int(mask[i].sum())
+    logits = np.asarray(model(jnp.asarray(tokens[i:i + 1, :n])))[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = np.concatenate([[0.0], logp[np.arange(n - 1), tokens[i, 1:n]]])
+    np.testing.assert_allclose(scored["old_logp"][i, :n], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scored["ref_logp"][i, :n], expected, rtol=1e-4, atol=1e-4)
+  values = np.asarray(ValueModel(CONFIG, rngs=nnx.Rngs(1))(jnp.asarray(tokens[:1, :int(mask[0].sum())])))[0]
+  np.testing.assert_allclose(scored["values"][0, 1:int(mask[0].sum())], values[:-1], rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batch_size_does_not_change_a_token_mean_update():
+  """With ppo.loss_agg=token_mean the gradient is one token mean over the minibatch, whatever the micro-batch
+  split; s3's micro_token_mean (mean of per-micro means) differs from it."""
+  results = {}
+  for name, micro, agg in (("a", 2, "token_mean"), ("b", 8, "token_mean"), ("c", 2, "micro_token_mean")):
+    settings = dataclasses.replace(SETTINGS, actor_micro_batch_size=micro, critic_micro_batch_size=micro,
+                                   loss_agg=agg, epochs=1)
+    state, _ = _run(update_lib.PPOLearner(settings, CONFIG), 1)
+    results[name] = state["actor"]["params"]["layers"]["q"]
+  np.testing.assert_allclose(results["a"], results["b"], rtol=1e-5, atol=1e-7)
+  assert not np.allclose(results["a"], results["c"], rtol=1e-5, atol=1e-7)
+
+
+def test_settings_reject_sizes_that_do_not_divide():
+  with pytest.raises(ValueError, match="mini_batch_size"):
+    dataclasses.replace(SETTINGS, mini_batch_size=5).check()
+  with pytest.raises(ValueError, match="batch shards"):
+    dataclasses.replace(SETTINGS, actor_micro_batch_size=2).check(batch_shards=4)
+
+
+# -- the sanity task --------------------------------------------------------------------------------------
+
+TOY = DecoderConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                    num_kv_heads=1, head_dim=16, tie_embeddings=False, max_position_embeddings=64)
+TARGET = np.arange(4)  # reward: the fraction of response tokens in {0, 1, 2, 3} (random policy: ~0.25)
+
+
+def _toy_training(steps, flip_sign=False, monkeypatch=None):
+  if flip_sign:
+    original = ppo_lib.policy_loss
+    monkeypatch.setattr(ppo_lib, "policy_loss",
+                        lambda logp, old, adv, *a, **k: original(logp, old, -adv, *a, **k))
+  settings = update_lib.PPOSettings(batch_size=32, mini_batch_size=16, actor_micro_batch_size=16,
+                                    critic_micro_batch_size=16, score_micro_batch_size=32, actor_lr=3e-3,
+                                    critic_lr=3e-3, kl_coef=0.0, entropy_coef=0.0, weight_decay=0.0)
+  learner = update_lib.PPOLearner(settings, TOY)
+  model = Decoder(TOY, rngs=nnx.Rngs(0))
+  state = learner.init_state(model.arrays(), update_lib.critic_params(ValueModel(TOY, rngs=nnx.Rngs(1))))
+  sampler = Sampler(model, pad_token_id=0)
+  rng = np.random.default_rng(0)
+  key = jax.random.key(0)
+  means = []
+  for _ in range(steps):
+    prompts = rng.integers(4, 16, size=(32, 4))
+    key, draw = jax.random.split(key)
+    sampler.set_params(state["actor"]["params"])
+    out = sampler.generate([list(p) for p in prompts], SamplingParams(temperature=1.0, max_new_tokens=8),
+                           rng=draw)
+    batch = {k: np.zeros((32, 16), dtype) for k, dtype in (
+        ("tokens", np.int32), ("attention_mask", bool), ("policy_mask", bool), ("response_mask", bool),
+        ("scores", np.float32))}
+    rewards = []
+    for i, (prompt, response) in enumerate(zip(prompts, out.tokens, strict=True)):
+      assert len(response) == 8
+      batch["tokens"][i, :12] = list(prompt) + response
+      batch["attention_mask"][i, :12] = True
+      batch["policy_mask"][i, 4:12] = batch["response_mask"][i, 4:12] = True
+      rewards.append(np.isin(response, TARGET).mean())
+      batch["scores"][i, 11] = rewards[-1]
+    batch["group"] = np.arange(32, dtype=np.int32)
+    means.append(float(np.mean(rewards)))
+    placed = learner.place_batch(batch)
+    state, _ = learner.update(state, {**placed, **learner.score(state, None, placed)})
+  return means
+
+
+def test_ppo_learns_a_dense_toy_reward():
+  means = _toy_training(30)
+  assert means[0] < 0.4, means[:3]
+  assert max(np.mean(means[i:i + 3]) for i in range(len(means) - 2)) >= 0.8, means
+
+
+def test_flipped_policy_gradient_does_not_learn(monkeypatch):
+  means = _toy_training(30, flip_sign=True, monkeypatch=monkeypatch)
+  assert max(means) < 0.5, means
