@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.ppo.mini_batch_size = 8
   c.ppo.actor_micro_batch_size = 4
   c.ppo.critic_micro_batch_size = 4
+  c.ppo.score_micro_batch_size = 4
 
   if arg.runlocal:  # a few minutes on a laptop: fewer questions, shorter turns
     c.total_steps = 2
@@ -38,6 +39,7 @@ def get_config(arg=None):
     c.ppo.mini_batch_size = 2
     c.ppo.actor_micro_batch_size = 1
     c.ppo.critic_micro_batch_size = 1
+    c.ppo.score_micro_batch_size = 2
     c.rollout.max_turns = 1
     c.rollout.max_response_length = 64
   return c

@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.searcher.init_from = ""  # random init of c.searcher.model (vocab 49152, hidden 64, 2 layers)
   c.retriever.kind = arg.variant
   c.generator.max_tokens = 16
+  c.reward.use_judge = False  # GenAcc = the span check alone: halves the generator's work in the CI pulse
 
   c.rollout.topk = 3
   c.rollout.max_select = 2
@@ -35,6 +36,10 @@ def get_config(arg=None):
   c.ppo.mini_batch_size = 4
   c.ppo.actor_micro_batch_size = 2
   c.ppo.critic_micro_batch_size = 2
+  c.ppo.score_micro_batch_size = 4
   c.ppo.actor_lr = 1e-4
   c.ppo.critic_lr = 1e-4
+  c.ppo.critic_warmup_ratio = 0.0
+
+  c.precompute.splits = "train"  # the trainer needs only the training questions' naive-RAG results
   return c

@@ -169,6 +169,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.begin_with_search = True
   c.rollout.initial_docs = 3
   c.rollout.selection = True
+  c.rollout.samples_per_question = 1  # s3: n_agent=1; GRPO needs >= 2 (a group per question)
   c.rollout.temperature = 0.6
   c.rollout.top_p = 0.95
   c.rollout.top_k = -1  # -1 = off
@@ -177,7 +178,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.max_start_length = 2000
   c.rollout.max_obs_length = 1400
 
-  c.reward = ml_collections.ConfigDict({"kind": "paper", "use_judge": True})
+  # cache: the scored-answer SQLite file; "" = WORKDIR/answers.sqlite (per run, so metrics never depend on
+  # what earlier runs cached).
+  c.reward = ml_collections.ConfigDict({"kind": "paper", "use_judge": True, "cache": ""})
 
   # Naive-RAG precompute (python -m s3_jax.precompute; spec §3.3). dir "" = a cache folder named by a hash
   # of the settings the results depend on.
@@ -189,10 +192,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.ppo.mini_batch_size = 30
   c.ppo.actor_micro_batch_size = 15
   c.ppo.critic_micro_batch_size = 10
+  c.ppo.score_micro_batch_size = 30  # old/ref log-probs and values (s3: log_prob_micro_batch_size 30)
   c.ppo.epochs = 1
   c.ppo.clip_ratio = 0.2
   c.ppo.dual_clip = 0.0  # 0 = off; otherwise the dual-clip constant c > 1
   c.ppo.value_clip = 0.5
+  c.ppo.vf_coef = 1.0  # value-loss weight of a critic head on the actor (critic.separate_model=False)
   c.ppo.entropy_coef = 0.001
   c.ppo.gamma = 1.0
   c.ppo.lam = 1.0
@@ -206,8 +211,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.ppo.critic_warmup_ratio = 0.01
   c.ppo.weight_decay = 0.01
   c.ppo.grad_clip = 1.0
+  # token_mean: one token mean over each minibatch (independent of the micro-batch split);
+  # micro_token_mean: s3 / verl v0.1, a token mean per micro-batch averaged over the micro-batches.
+  c.ppo.loss_agg = "token_mean"
+  c.ppo.schedule_steps = 1500  # the step count warm-up ratios refer to (s3: total_training_steps=1500)
 
   c.checkpoint = ml_collections.ConfigDict({"every": 10, "keep": 3, "hf_export_every": 20})
+  c.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "mode": "online"})  # project "" = off
   return c
 
 
@@ -221,6 +231,7 @@ _CHOICES = {
     "ppo.kl_estimator": ("k1", "k2", "k3"),
     "ppo.kl_mode": ("reward", "loss"),
     "ppo.adv_estimator": ("gae", "grpo", "reinforce_pp"),
+    "ppo.loss_agg": ("token_mean", "micro_token_mean"),
     "searcher.param_dtype": ("float32", "bfloat16"),
     "searcher.compute_dtype": ("float32", "bfloat16"),
 }
@@ -232,14 +243,15 @@ _POSITIVE_INTS = (
     "checkpoint.keep", "searcher.model.vocab_size", "searcher.model.hidden_size",
     "searcher.model.num_layers", "searcher.model.num_heads", "searcher.model.num_kv_heads",
     "searcher.model.head_dim", "searcher.model.mlp_size", "precompute.retrieval_topk",
-    "precompute.context_docs", "precompute.chunk_size", "rollout.initial_docs")
+    "precompute.context_docs", "precompute.chunk_size", "rollout.initial_docs",
+    "rollout.samples_per_question", "ppo.score_micro_batch_size", "ppo.schedule_steps")
 _NON_NEGATIVE_INTS = ("data.corpus_limit", "data.train_limit", "data.test_limit",
                       "checkpoint.hf_export_every")
 _UNIT_INTERVAL = ("rollout.top_p", "ppo.gamma", "ppo.lam", "ppo.actor_warmup_ratio",
                   "ppo.critic_warmup_ratio")
 _NON_NEGATIVE_FLOATS = ("rollout.temperature", "ppo.clip_ratio", "ppo.value_clip", "ppo.entropy_coef",
                         "ppo.kl_coef", "ppo.actor_lr", "ppo.critic_lr", "ppo.weight_decay",
-                        "ppo.grad_clip")
+                        "ppo.grad_clip", "ppo.vf_coef")
 _MESH_AXES = ("data", "fsdp", "tensor")
 _DATA_PATH = re.compile(r"^asset:[a-z0-9-]+/.+$")
 
@@ -317,6 +329,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("actor_micro_batch_size", "critic_micro_batch_size"):
     if ppo["mini_batch_size"] % ppo[key]:
       raise _bad(f"ppo.{key}", ppo[key], f"must divide ppo.mini_batch_size={ppo['mini_batch_size']}")
+  episodes = ppo["batch_size"] * rollout["samples_per_question"]
+  if episodes % ppo["score_micro_batch_size"]:
+    raise _bad("ppo.score_micro_batch_size", ppo["score_micro_batch_size"],
+               f"must divide the {episodes} episodes of a batch "
+               f"(ppo.batch_size × rollout.samples_per_question)")
+  if ppo["adv_estimator"] == "grpo" and rollout["samples_per_question"] < 2:
+    raise _bad("ppo.adv_estimator", "grpo", "normalises within groups of samples of one question: set "
+               "rollout.samples_per_question >= 2")
   if ppo["dual_clip"] != 0 and ppo["dual_clip"] <= 1:
     raise _bad("ppo.dual_clip", ppo["dual_clip"], "must be 0 (off) or greater than 1")
 

@@ -25,7 +25,8 @@ SAMPLING_RULES: Rules = (("batch", ("data", "fsdp")), ("vocab", "tensor"), ("emb
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over `MESH_AXES`; one size may be -1 to take the remaining devices.
+  """A mesh over `MESH_AXES`; one size may be -1 to take the remaining devices. On one host, explicit sizes
+  whose product is smaller than the device count use the first devices.
 
   Axes are `Auto` so `with_sharding_constraint` works (jax 0.10's `make_mesh` defaults to Explicit).
   """
@@ -38,6 +39,8 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     if len(devices) % known:
       raise ValueError(f"mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
+  if -1 not in sizes and math.prod(sizes) < len(devices) and jax.process_count() == 1:
+    devices = devices[:math.prod(sizes)]  # an explicit smaller mesh uses the first devices (one host only)
   if math.prod(sizes) != len(devices):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} devices, "
                      f"{len(devices)} available")

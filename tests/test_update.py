@@ -26,22 +26,27 @@ def _models(config=CONFIG, seed=0):
   return actor, critic
 
 
-def _random_batch(rng, b=16, t=24, vocab=32):
+def _random_batch(rng, b=16, t=24, vocab=32, width=21):
+  """Rows of prompt (3-7 tokens), response (policy and observation tokens), padding; per-token arrays in the
+  response window, as `experience.response_window` lays them out."""
   tokens = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
   attention = np.zeros((b, t), bool)
-  policy = np.zeros((b, t), bool)
-  response = np.zeros((b, t), bool)
-  scores = np.zeros((b, t), np.float32)
+  index = np.zeros((b, width), np.int32)
+  policy = np.zeros((b, width), bool)
+  response = np.zeros((b, width), bool)
+  scores = np.zeros((b, width), np.float32)
   for i in range(b):
     prompt = rng.integers(3, 8)
     end = rng.integers(prompt + 3, t + 1)
+    n = end - prompt
     attention[i, :end] = True
-    response[i, prompt:end] = True
-    policy[i, prompt:end] = rng.random(end - prompt) < 0.8
-    policy[i, end - 1] = True
-    scores[i, end - 1] = rng.choice([0.0, 1.0, 2.0])
-  return {"tokens": tokens, "attention_mask": attention, "policy_mask": policy, "response_mask": response,
-          "scores": scores, "group": np.arange(b, dtype=np.int32)}
+    index[i] = np.minimum(prompt + np.arange(width), t - 1)
+    response[i, :n] = True
+    policy[i, :n] = rng.random(n) < 0.8
+    policy[i, n - 1] = True
+    scores[i, n - 1] = rng.choice([0.0, 1.0, 2.0])
+  return {"tokens": tokens, "attention_mask": attention, "index": index, "policy_mask": policy,
+          "response_mask": response, "scores": scores, "group": np.arange(b, dtype=np.int32)}
 
 
 SETTINGS = update_lib.PPOSettings(batch_size=16, mini_batch_size=8, actor_micro_batch_size=4,
@@ -104,7 +109,8 @@ def _run_shared(learner, steps=3, seed=0):
 
 
 def test_score_matches_a_direct_forward_pass():
-  """Old log-probs are log_softmax(logits[t-1])[token t]; values are the head on the hidden state before t."""
+  """Old log-probs at window slot j are log_softmax(logits[index_j - 1])[token at index_j]; values are the
+  head on the hidden state before it."""
   learner = update_lib.PPOLearner(SETTINGS, CONFIG)
   actor, critic = _models()
   state = learner.init_state(actor, critic)
@@ -112,16 +118,18 @@ def test_score_matches_a_direct_forward_pass():
   scored = jax.device_get(learner.score(state, learner.place_ref(actor), batch))
   model = Decoder(CONFIG, rngs=nnx.Rngs(0))
   tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
+  index, response = np.asarray(batch["index"]), np.asarray(batch["response_mask"])
   for i in range(3):
     n = int(mask[i].sum())
-    logits = np.asarray(model(jnp.asarray(tokens[i:i + 1, :n])))[0]
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
-    expected = np.concatenate([[0.0], logp[np.arange(n - 1), tokens[i, 1:n]]])
-    np.testing.assert_allclose(scored["old_logp"][i, :n], expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(scored["ref_logp"][i, :n], expected, rtol=1e-4, atol=1e-4)
-  values = np.asarray(ValueModel(CONFIG, rngs=nnx.Rngs(1))(jnp.asarray(tokens[:1, :int(mask[0].sum())])))[0]
-  np.testing.assert_allclose(scored["values"][0, 1:int(mask[0].sum())], values[:-1], rtol=1e-4, atol=1e-5)
+    logits = np.asarray(model(jnp.asarray(tokens[i:i + 1, :n])), np.float64)[0]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    slots = np.flatnonzero(response[i])
+    expected = logp[index[i, slots] - 1, tokens[i, index[i, slots]]]
+    np.testing.assert_allclose(scored["old_logp"][i, slots], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scored["ref_logp"][i, slots], expected, rtol=1e-4, atol=1e-4)
+    values = np.asarray(ValueModel(CONFIG, rngs=nnx.Rngs(1))(jnp.asarray(tokens[i:i + 1, :n])))[0]
+    np.testing.assert_allclose(scored["values"][i, slots], values[index[i, slots] - 1], rtol=1e-4, atol=1e-5)
 
 
 def test_micro_batch_size_does_not_change_a_token_mean_update():
@@ -172,18 +180,18 @@ def _toy_training(steps, flip_sign=False, monkeypatch=None):
     sampler.set_params(state["actor"]["params"])
     out = sampler.generate([list(p) for p in prompts], SamplingParams(temperature=1.0, max_new_tokens=8),
                            rng=draw)
-    batch = {k: np.zeros((32, 16), dtype) for k, dtype in (
-        ("tokens", np.int32), ("attention_mask", bool), ("policy_mask", bool), ("response_mask", bool),
-        ("scores", np.float32))}
+    batch = {"tokens": np.zeros((32, 16), np.int32), "attention_mask": np.zeros((32, 16), bool),
+             "index": np.tile(np.arange(4, 12, dtype=np.int32), (32, 1)),
+             "policy_mask": np.ones((32, 8), bool), "response_mask": np.ones((32, 8), bool),
+             "scores": np.zeros((32, 8), np.float32),
+             "group": np.arange(32, dtype=np.int32)}
     rewards = []
     for i, (prompt, response) in enumerate(zip(prompts, out.tokens, strict=True)):
       assert len(response) == 8
       batch["tokens"][i, :12] = list(prompt) + response
       batch["attention_mask"][i, :12] = True
-      batch["policy_mask"][i, 4:12] = batch["response_mask"][i, 4:12] = True
       rewards.append(np.isin(response, TARGET).mean())
-      batch["scores"][i, 11] = rewards[-1]
-    batch["group"] = np.arange(32, dtype=np.int32)
+      batch["scores"][i, 7] = rewards[-1]
     means.append(float(np.mean(rewards)))
     placed = learner.place_batch(batch)
     state, _ = learner.update(state, {**placed, **learner.score(state, None, placed)})

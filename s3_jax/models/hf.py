@@ -264,3 +264,13 @@ def save_hf(model: Decoder | ValueModel, path: str | Path, tokenizer: Any = None
     else:
       tokenizer.save_pretrained(folder)
   return folder
+
+
+def save_hf_params(params: dict[str, Any], config: DecoderConfig, path: str | Path, tokenizer: Any = None, *,
+                   dtype: Any = None) -> Path:
+  """`save_hf` for a decoder given as the nested arrays `forward` takes (e.g. the trainer's actor)."""
+  model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+  for name, param in model.named_params().items():
+    value = params["layers"][name[len("layers."):]] if name.startswith("layers.") else params[name]
+    param.set_value(value)
+  return save_hf(model, path, tokenizer, dtype=dtype)

@@ -11,8 +11,11 @@ Learners: the actor (policy loss + entropy bonus [+ KL loss]) and, with a critic
 network (s3's choice: backbone + scalar head, its own optimizer) or a value head on the actor's backbone
 (`critic.separate_model=False`: one optimizer, loss + ppo.vf_coef · value loss).
 
-Every array is `[batch, time]`, aligned with the token ids (see `s3_jax.rl.ppo`). Shapes are fixed by the
-batch (bucketed by the caller), so nothing retraces after the first step; `trace_counts` counts traces.
+A batch holds whole sequences (`tokens`, `attention_mask`: `[b, t]`) and a per-row window of the positions
+that are trained on (`index [b, w]`, the response after the prompt); every per-token quantity (masks, scores,
+log-probs, values, advantages) is `[b, w]` in window coordinates, slot j meaning the token at `index[:, j]`.
+Only the window gets logits, so the long prompt costs no vocabulary projection. Shapes are fixed by the batch
+(bucketed by the caller), so nothing retraces for a repeated shape; `trace_counts` counts traces.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from s3_jax.models.decoder import default_positions, forward, lm_logits, nest_pa
 from s3_jax.rl import ppo as ppo_lib
 
 Params = dict[str, Any]
-BATCH_KEYS = ("tokens", "attention_mask", "policy_mask", "response_mask", "scores", "group")
+BATCH_KEYS = ("tokens", "attention_mask", "index", "policy_mask", "response_mask", "scores", "group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +123,9 @@ def policy_params(actor: Params) -> Params:
   return {k: v for k, v in actor.items() if k != "value_head"}
 
 
-def _shift(x: jax.Array) -> jax.Array:
-  """Aligns a quantity computed at position t-1 with token t (position 0 gets 0)."""
-  return jnp.pad(x, ((0, 0), (1, 0)))
+def full_index(batch: int, length: int) -> jax.Array:
+  """The window of every position but the first, `[b, t-1]` (what `index` means for whole sequences)."""
+  return jnp.broadcast_to(jnp.arange(1, length, dtype=jnp.int32), (batch, length - 1))
 
 
 def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype):
@@ -132,33 +135,40 @@ def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compu
   return hidden
 
 
-def _logprobs_from_hidden(params: Params, hidden, tokens, with_entropy: bool):
-  logits = lm_logits(params, hidden[:, :-1])
+def _before(hidden, index):
+  """The hidden states that predict the tokens at `index [b, w]` (those at index - 1): `[b, w, d]`."""
+  return jnp.take_along_axis(hidden, (index - 1)[..., None], axis=1)
+
+
+def _logprobs_from_hidden(params: Params, hidden, tokens, index, with_entropy: bool):
+  logits = lm_logits(params, _before(hidden, index))
   log_norm = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-  logp = _shift(picked - log_norm)
-  entropy = _shift(ppo_lib.entropy_from_logits(logits)) if with_entropy else None
-  return logp, entropy
+  targets = jnp.take_along_axis(tokens, index, axis=1)
+  logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_norm
+  return logp, (ppo_lib.entropy_from_logits(logits) if with_entropy else None)
 
 
-def _values_from_hidden(head: Params, hidden):
-  values = jnp.einsum("btd,d->bt", hidden[:, :-1], head["kernel"].astype(hidden.dtype),
-                      preferred_element_type=jnp.float32) + head["bias"].astype(jnp.float32)
-  return _shift(values)
+def _values_from_hidden(head: Params, hidden, index):
+  return jnp.einsum("bwd,d->bw", _before(hidden, index), head["kernel"].astype(hidden.dtype),
+                    preferred_element_type=jnp.float32) + head["bias"].astype(jnp.float32)
 
 
-def token_logprobs(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype=jnp.float32,
-                   with_entropy: bool = False):
-  """`logπ(token_t | tokens_<t)` per position `[b, t]` (0 at position 0), and optionally the entropy of the
-  distribution that produced token t."""
+def token_logprobs(config: DecoderConfig, params: Params, tokens, attention_mask, index=None,
+                   compute_dtype=jnp.float32, with_entropy: bool = False):
+  """`logπ(token_i | tokens_<i)` for each position i of `index [b, w]` (default: every position but the
+  first), and optionally the entropy of the distribution that produced it. The vocabulary projection runs
+  on the window only: the prompt, most of a sequence, needs no logits."""
+  index = full_index(*tokens.shape) if index is None else index
   hidden = _hidden(config, params, tokens, attention_mask, compute_dtype)
-  return _logprobs_from_hidden(params, hidden, tokens, with_entropy)
+  return _logprobs_from_hidden(params, hidden, tokens, index, with_entropy)
 
 
-def token_values(config: DecoderConfig, critic: Params, tokens, attention_mask, compute_dtype=jnp.float32):
-  """`V` per position `[b, t]`: the head on the hidden state of the token before (s3's `[:, -L-1:-1]`)."""
+def token_values(config: DecoderConfig, critic: Params, tokens, attention_mask, index=None,
+                 compute_dtype=jnp.float32):
+  """`V` for each position i of `index`: the head on the hidden state of token i-1 (s3's `[:, -L-1:-1]`)."""
+  index = full_index(*tokens.shape) if index is None else index
   hidden = _hidden(config, critic["backbone"], tokens, attention_mask, compute_dtype)
-  return _values_from_hidden(critic["head"], hidden)
+  return _values_from_hidden(critic["head"], hidden, index)
 
 
 def critic_params(model: Any) -> Params:
@@ -331,7 +341,7 @@ class PPOLearner:
     `[b, t]`, in micro-batches of `ppo.score_micro_batch_size`."""
     if self._score is None:
       self._score = jax.jit(self._score_fn)
-    return self._score(state, ref, {k: batch[k] for k in ("tokens", "attention_mask")})
+    return self._score(state, ref, {k: batch[k] for k in ("tokens", "attention_mask", "index")})
 
   def _score_fn(self, state, ref, batch):
     self.trace_counts["score"] += 1  # runs at trace time only
@@ -339,20 +349,20 @@ class PPOLearner:
     actor = state["actor"]["params"]
 
     def one(_, mb):
-      tokens, mask = mb["tokens"], mb["attention_mask"]
+      tokens, mask, index = mb["tokens"], mb["attention_mask"], mb["index"]
       hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt)
-      out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, False)[0]}
+      out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False)[0]}
       if ref is not None:
-        out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, cdt)[0]
+        out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt)[0]
       if self.shared_head:
-        out["values"] = _values_from_hidden(actor["value_head"], hidden)
+        out["values"] = _values_from_hidden(actor["value_head"], hidden, index)
       elif self.separate_critic:
-        out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, cdt)
+        out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, index, cdt)
       return None, out
 
     _, out = jax.lax.scan(one, None, self._split(batch, self.settings.score_micro_batch_size))
     out = {k: self._constrain_rows(self._merge(v), 0) for k, v in out.items()}
-    zeros = jnp.zeros(batch["tokens"].shape, jnp.float32)
+    zeros = jnp.zeros(batch["index"].shape, jnp.float32)
     out.setdefault("ref_logp", out["old_logp"] if ref is None else zeros)
     out.setdefault("values", zeros)
     return out
@@ -395,7 +405,7 @@ class PPOLearner:
     tokens, attn = mb["tokens"], mb["attention_mask"]
     policy = mb["policy_mask"].astype(jnp.float32)
     hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt)
-    logp, entropy = _logprobs_from_hidden(params, hidden, tokens, True)
+    logp, entropy = _logprobs_from_hidden(params, hidden, tokens, mb["index"], True)
     pg, diag = ppo_lib.policy_loss(logp, mb["old_logp"], mb["advantages"], policy, s.clip_ratio, s.dual_clip)
     sums = {"pg_loss": jnp.sum(pg), "entropy": jnp.sum(entropy * policy),
             "pg_clipfrac": jnp.sum(diag["clipped"] * policy),
@@ -407,7 +417,7 @@ class PPOLearner:
     loss = loss / norm["policy"]
     if self.shared_head:
       response = mb["response_mask"].astype(jnp.float32)
-      values = _values_from_hidden(params["value_head"], hidden)
+      values = _values_from_hidden(params["value_head"], hidden, mb["index"])
       vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
       sums.update({"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)})
       loss = loss + s.vf_coef * sums["vf_loss"] / norm["response"]
@@ -416,7 +426,8 @@ class PPOLearner:
   def _critic_terms(self, params, mb, norm):
     s = self.settings
     response = mb["response_mask"].astype(jnp.float32)
-    values = token_values(self.config, params, mb["tokens"], mb["attention_mask"], self.compute_dtype)
+    values = token_values(self.config, params, mb["tokens"], mb["attention_mask"], mb["index"],
+                          self.compute_dtype)
     vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
     sums = {"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)}
     return sums["vf_loss"] / norm["response"], sums
@@ -452,8 +463,9 @@ class PPOLearner:
     self.trace_counts["update"] += 1
     s = self.settings
     advantages, returns, metrics = self._advantages(batch)
-    data = {**{k: batch[k] for k in ("tokens", "attention_mask", "policy_mask", "response_mask", "old_logp",
-                                     "ref_logp", "values")}, "advantages": advantages, "returns": returns}
+    data = {**{k: batch[k] for k in ("tokens", "attention_mask", "index", "policy_mask", "response_mask",
+                                     "old_logp", "ref_logp", "values")},
+            "advantages": advantages, "returns": returns}
     n_mini = s.batch_size // s.mini_batch_size
     # Minibatch m holds rows m*mini ... (m+1)*mini - 1 of the batch, in order (s3: no shuffle).
     minibatches = jax.tree.map(lambda x: x.reshape(n_mini, s.mini_batch_size, *x.shape[1:]), data)

@@ -35,14 +35,29 @@ class RolloutBatch:
     return self.tokens.shape
 
 
+def train_length(longest: int, minimum: int = 128) -> int:
+  """The padded length of a training batch: `longest` rounded up to one of four steps per power of two (at
+  most 25% padding, and few distinct shapes, so the jitted score/update compile a handful of times)."""
+  if longest <= minimum:
+    return minimum
+  step = max(minimum // 4, 1 << max(0, (longest - 1).bit_length() - 3))
+  return -(-longest // step) * step
+
+
 def make_batch(episodes: Sequence[Episode], rewards: Sequence[float], pad_id: int,
-               length_multiple: int = 128) -> RolloutBatch:
-  """Pads `episodes` into one batch; `rewards[i]` goes on episode i's last policy token. An episode whose
-  policy generated nothing cannot carry a reward and is an error."""
+               length_multiple: int = 128, *, length: int | None = None,
+               allow_empty: bool = False) -> RolloutBatch:
+  """Pads `episodes` into one batch (to `length`, or the longest rounded up to `length_multiple`);
+  `rewards[i]` goes on episode i's last policy token. An episode whose policy generated nothing cannot carry a
+  reward: an error, or with `allow_empty` a row with every mask but the prompt's cleared (it adds nothing to
+  any loss; the trainer counts such rows)."""
   if len(rewards) != len(episodes):
     raise ValueError(f"{len(rewards)} rewards for {len(episodes)} episodes")
   longest = max(len(e.prompt_ids) + len(e.ids) for e in episodes)
-  length = -(-longest // length_multiple) * length_multiple
+  if length is None:
+    length = -(-longest // length_multiple) * length_multiple
+  elif length < longest:
+    raise ValueError(f"length={length} is shorter than the longest episode ({longest} tokens)")
   shape = (len(episodes), length)
   tokens = np.full(shape, pad_id, np.int32)
   prompt_mask, policy_mask, obs_mask = (np.zeros(shape, bool) for _ in range(3))
@@ -55,6 +70,9 @@ def make_batch(episodes: Sequence[Episode], rewards: Sequence[float], pad_id: in
     policy_mask[row, p:p + n] = policy
     obs_mask[row, p:p + n] = ~policy
     if not policy.any():
+      if allow_empty:
+        obs_mask[row] = False
+        continue
       raise ValueError(f"episode {row} ({episode.example.id!r}) has no policy tokens to carry its reward")
     reward_array[row, p + int(np.flatnonzero(policy)[-1])] = reward
   return RolloutBatch(tokens, prompt_mask | policy_mask | obs_mask, prompt_mask, policy_mask, obs_mask,

@@ -116,14 +116,15 @@ class SamplerPolicy:
   """The searcher's `Policy` on this project's `Sampler`: one batched call per turn, stopping at `</query>`
   or EOS, with the rollout's temperature / top-p / top-k; a fresh RNG key per turn."""
 
-  def __init__(self, sampler: Any, *, temperature: float, top_p: float, top_k: int = -1, seed: int = 0):
+  def __init__(self, sampler: Any, *, temperature: float, top_p: float, top_k: int = -1, seed: int = 0,
+               rng: Any = None):
     import jax
 
     from s3_jax.models.sampler import SamplingParams
 
     self.sampler = sampler
     self.params = SamplingParams(temperature=temperature, top_p=top_p, top_k=max(top_k, 0))
-    self.rng = jax.random.key(seed)
+    self.rng = rng if rng is not None else jax.random.key(seed)
 
   def sample(self, contexts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[list[int]]:
     import jax

@@ -1,0 +1,78 @@
+"""The retriever and generator a job talks to: the configured service addresses, or — for embedded configs
+(empty `retriever.address` / `generator.address`) — real gRPC servers started in this process on free
+loopback ports, stopped when the context exits. Either way the job sees the same clients over the same wire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from s3_jax import assets
+
+
+@dataclasses.dataclass
+class Services:
+  retriever: Any  # RetrieverClient
+  generator: Any  # GeneratorClient
+  retriever_address: str
+  generator_address: str
+
+
+def _start_retriever(config: ml_collections.ConfigDict, stack: contextlib.ExitStack,
+                     show_progress: bool) -> str:
+  from s3_jax.retrieval.index_dir import ensure_index, load_retriever
+  from s3_jax.services.retriever_server import RetrieverService, start_server
+
+  encoder = assets.resolve(config.retriever.encoder) if config.retriever.kind == "dense" else None
+  index = ensure_index(assets.resolve(config.data.corpus), config.retriever.kind,
+                       corpus_limit=config.data.corpus_limit, encoder=encoder,
+                       query_prefix=config.retriever.query_prefix,
+                       passage_prefix=config.retriever.passage_prefix, faiss_kind=config.retriever.faiss,
+                       show_progress=show_progress)
+  manifest = json.loads((Path(index) / "manifest.json").read_text())
+  service = RetrieverService(load_retriever(index), manifest["kind"], manifest["count"],
+                             corpus_sha256=manifest["corpus"]["sha256"], index_dir=str(Path(index).resolve()))
+  server, port = start_server(service, "127.0.0.1", 0)
+  stack.callback(server.stop, None)
+  return f"127.0.0.1:{port}"
+
+
+def _start_generator(config: ml_collections.ConfigDict, stack: contextlib.ExitStack) -> str:
+  from s3_jax.services.generator_backends import make_backend
+  from s3_jax.services.generator_server import GeneratorService, start_server
+
+  backend = make_backend(config.generator.backend, config.generator.model)
+  service = GeneratorService(backend, default_max_tokens=config.generator.max_tokens)
+  server, port = start_server(service, "127.0.0.1", 0)
+  stack.callback(server.stop, None)
+  return f"127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def open_services(config: ml_collections.ConfigDict, *, show_progress: bool = True,
+                  log: Callable[[str], None] = print) -> Iterator[Services]:
+  """Clients for the configured services, starting embedded ones where no address is configured."""
+  from s3_jax.services import GeneratorClient, RetrieverClient
+
+  with contextlib.ExitStack() as stack:
+    retriever_address = config.retriever.address
+    if not retriever_address:
+      retriever_address = _start_retriever(config, stack, show_progress)
+      log(f"embedded retriever ({config.retriever.kind}) serving on {retriever_address}")
+    generator_address = config.generator.address
+    if not generator_address:
+      generator_address = _start_generator(config, stack)
+      log(f"embedded generator ({config.generator.backend}, {config.generator.model}) serving on "
+          f"{generator_address}")
+    retriever = RetrieverClient(retriever_address)
+    stack.callback(retriever.close)
+    generator = GeneratorClient(generator_address)
+    stack.callback(generator.close)
+    yield Services(retriever, generator, retriever_address, generator_address)

@@ -1,0 +1,306 @@
+"""Train an s3 searcher with PPO (spec §6): the product's main job.
+
+  python -m s3_jax.train --config configs/NAME.py[:arg] [--config.key=value ...] [--workdir DIR]
+
+Reads top to bottom: config → mesh → services → data → models → resume or start → loop → checkpoints.
+Rerunning the same command on the same workdir resumes from the latest checkpoint (`config.total_steps`
+may be raised to train further). The workdir receives `config.json`, `metrics.jsonl` (one JSON object per
+step), `tensorboard/`, `checkpoints/`, `hf/step_N/` exports of the searcher and `training_curves.png`.
+
+Test hook: `S3_JAX_KILL_AT_STEP=N` kills the process (SIGKILL, no cleanup) just before step N starts, to test
+resumption after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from s3_jax import assets
+from s3_jax import metrics as metrics_lib
+from s3_jax import sharding as sharding_lib
+from s3_jax.checkpoint import Checkpointer
+from s3_jax.data.training import TrainingData, load_training_data
+from s3_jax.models.config import DecoderConfig
+from s3_jax.models.decoder import Decoder, ValueModel
+from s3_jax.models.sampler import Sampler
+from s3_jax.models.tokenizer import load_tokenizer
+from s3_jax.precompute import precompute_dir, run_precompute
+from s3_jax.reward.cache import AnswerCache
+from s3_jax.reward.service import RewardScorer
+from s3_jax.rl import experience
+from s3_jax.rl import update as update_lib
+from s3_jax.search.episode import EpisodeConfig, SamplerPolicy
+from s3_jax.services.embedded import open_services
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progress: bool = True,
+         log: Callable[[str], None] = print) -> list[dict[str, float]]:
+  """Runs (or resumes) training to `config.total_steps`; returns this run's metric rows."""
+  # Config and mesh.
+  sharding_lib.maybe_initialize_distributed()
+  is_main = jax.process_index() == 0
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  _record_config(config, workdir, log if is_main else None)
+  mesh = sharding_lib.make_mesh(dict(config.mesh))
+  log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s); "
+      f"workdir {workdir}")
+
+  with open_services(config, show_progress=show_progress, log=log) as services:
+    # Data: s3's filtered questions and their naive-RAG results (computed first if missing).
+    data = _training_data(config, services, show_progress, log)
+
+    # Models: the searcher (actor), its critic, the frozen reference, the sampler.
+    tokenizer = load_tokenizer(assets.resolve(config.searcher.tokenizer))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    settings = update_lib.PPOSettings.from_config(config)
+    actor_model, critic = _init_models(config, settings, tokenizer)
+    learner = update_lib.PPOLearner(settings, actor_model.config, mesh=mesh,
+                                    compute_dtype=_DTYPES[config.searcher.compute_dtype],
+                                    rules=[tuple(r) for r in config.sharding_rules])
+    actor = actor_model.arrays()
+    ref = learner.place_ref(actor) if _needs_ref(settings) else None
+    if learner.shared_head:
+      actor["value_head"] = update_lib.init_value_head(actor_model.config, jax.random.key(config.seed + 2))
+    state = learner.init_state(actor, critic if learner.separate_critic else None)
+    del actor, critic
+    sampler = Sampler(actor_model, tokenizer=tokenizer, pad_token_id=pad_id, mesh=mesh,
+                      rules=[tuple(r) for r in config.sampling_sharding_rules])
+    scorer = RewardScorer(services.generator,
+                          generator_id=f"{config.generator.backend}:{config.generator.model}",
+                          kind=config.reward.kind, rag_cache=data.rag_cache,
+                          use_judge=config.reward.use_judge,
+                          cache=AnswerCache(config.reward.cache or workdir / "answers.sqlite"),
+                          max_tokens=config.generator.max_tokens)
+
+    # Resume from the latest checkpoint, or start at step 0.
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
+    rng = jax.random.key_data(jax.random.key(config.seed))
+    step = checkpointer.latest_step() or 0
+    if step:
+      restored, meta = checkpointer.restore({"learner": state, "rng": rng}, step)
+      state, rng = restored["learner"], restored["rng"]
+      if meta["data_position"] != data.position(step):
+        raise ValueError(f"checkpoint {step}: data position {meta['data_position']} != {data.position(step)} "
+                         f"for this config (training set or batch size changed?)")
+      log(f"resumed from {workdir / 'checkpoints'} at step {step} "
+          f"(data epoch {meta['data_position']['epoch']})")
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, wandb=config.wandb.to_dict(),
+                                      config=config.to_dict())
+    writer.truncate_after(step)
+    saved_step = step if step else None
+
+    # The loop: rollouts → rewards → score → update, one PPO step per batch of questions.
+    episode_config = EpisodeConfig.from_config(config)
+    watch = metrics_lib.Stopwatch()
+    rows = []
+    progress = _progress(step, config.total_steps, show_progress and is_main)
+    try:
+      while step < config.total_steps:
+        if os.environ.get("S3_JAX_KILL_AT_STEP") == str(step + 1):
+          os.kill(os.getpid(), signal.SIGKILL)
+        examples, initial = data.batch(step)
+        with watch("step"):
+          try:
+            sampler.set_params(update_lib.policy_params(state["actor"]["params"]))
+            policy = SamplerPolicy(sampler, temperature=config.rollout.temperature,
+                                   top_p=config.rollout.top_p, top_k=config.rollout.top_k,
+                                   rng=jax.random.fold_in(jax.random.wrap_key_data(rng), step))
+            exp = experience.collect(
+                policy, tokenizer, services.retriever, scorer, examples,
+                [docs[:config.rollout.initial_docs] if config.rollout.begin_with_search else []
+                 for docs in initial], episode_config, config.rollout, pad_id=pad_id, watch=watch,
+                max_length=config.rollout.max_prompt_length)
+          except Exception as e:  # the state is untouched: save it, so a rerun resumes right here
+            if step and saved_step != step:
+              _save(checkpointer, step, state, rng, data, config)
+            raise RuntimeError(f"step {step + 1} failed during rollout/reward: {e}. The state after step "
+                               f"{step} is saved in {workdir / 'checkpoints'}; fix the cause and rerun the "
+                               f"same command to resume.") from e
+          with watch("score"):
+            batch = learner.place_batch(exp.batch)
+            scored = jax.block_until_ready(learner.score(state, ref, batch))
+          with watch("update"):
+            state, step_metrics = learner.update(state, {**batch, **scored})
+            step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        step += 1
+        row = {**exp.metrics, **step_metrics, **_times(watch.take()), **{
+            f"data/{k}": float(v) for k, v in data.position(step - 1).items()}}
+        metrics_lib.check_finite(row, step, saved_step)
+        writer.write(step, row)
+        rows.append(row)
+        progress.update(1)
+        if is_main:
+          progress.write(writer.summary_line(step, config.total_steps, row))
+        if step % config.checkpoint.every == 0 or step == config.total_steps:
+          _save(checkpointer, step, state, rng, data, config)
+          saved_step = step
+        if config.checkpoint.hf_export_every and step % config.checkpoint.hf_export_every == 0 and is_main:
+          _export(state, actor_model.config, workdir / "hf" / f"step_{step}", config, log)
+    finally:
+      progress.close()
+      writer.close()
+      checkpointer.close()
+  if is_main and metrics_lib.read_metrics(workdir):
+    log(f"training curves: {metrics_lib.plot_curves(workdir)}")
+  return rows
+
+
+# -- pieces of main, in the order it uses them ---------------------------------------------------------
+
+def _record_config(config: ml_collections.ConfigDict, workdir: Path,
+                   log: Callable[[str], None] | None) -> None:
+  """Writes `config.json`; on a resumed run, names the keys that changed since the first run."""
+  resolved = json.loads(config.to_json_best_effort(sort_keys=True))
+  path = workdir / "config.json"
+  if path.is_file() and log is not None:
+    before = _flatten(json.loads(path.read_text()))
+    now = _flatten(resolved)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+      log("note: config changed since this workdir's last run: "
+          + ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed))
+  if log is not None:
+    path.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = json.dumps(v)
+  return out
+
+
+def _training_data(config, services, show_progress, log) -> TrainingData:
+  folder = precompute_dir(config)
+  if not (folder / "train_filtered.jsonl").is_file():
+    log(f"no naive-RAG precompute for this config in {folder}: running it now "
+        f"(python -m s3_jax.precompute --config ...; done once, then reused)")
+  config = _with_splits(config, "train")
+  run_precompute(config, folder, retriever=services.retriever, generator=services.generator,
+                 show_progress=show_progress, log=log)
+  return load_training_data(folder, batch_size=config.ppo.batch_size, seed=config.data.shuffle_seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _with_splits(config: ml_collections.ConfigDict, splits: str) -> ml_collections.ConfigDict:
+  """The config with only the training split precomputed (the trainer needs nothing else)."""
+  copy = ml_collections.ConfigDict(config.to_dict())
+  copy.precompute.splits = splits
+  return copy
+
+
+def _decoder_config(config: ml_collections.ConfigDict, tokenizer: Any) -> DecoderConfig:
+  m = config.searcher.model
+  return DecoderConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.mlp_size,
+                       num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                       head_dim=m.head_dim, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       max_position_embeddings=max(8192, 2 * config.rollout.max_prompt_length))
+
+
+def _init_models(config, settings, tokenizer) -> tuple[Decoder, dict | None]:
+  """The actor `Decoder` and the separate critic's arrays (None without one): loaded from
+  `searcher.init_from` (the critic's backbone too, with a fresh head, as s3 does), or random."""
+  from s3_jax.models.hf import load_hf
+
+  param_dtype = _DTYPES[config.searcher.param_dtype]
+  compute_dtype = _DTYPES[config.searcher.compute_dtype]
+  if config.searcher.init_from:
+    folder = assets.resolve(config.searcher.init_from)
+    actor = load_hf(folder, dtype=param_dtype, compute_dtype=compute_dtype)
+    critic = load_hf(folder, dtype=jnp.float32, value_head=True, seed=config.seed + 1) if (
+        settings.uses_critic and settings.separate_critic) else None
+  else:
+    decoder_config = _decoder_config(config, tokenizer)
+    actor = Decoder(decoder_config, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype,
+                    compute_dtype=compute_dtype)
+    critic = ValueModel(decoder_config, rngs=nnx.Rngs(config.seed + 1)) if (
+        settings.uses_critic and settings.separate_critic) else None
+  return actor, None if critic is None else update_lib.critic_params(critic)
+
+
+def _needs_ref(settings: update_lib.PPOSettings) -> bool:
+  return settings.kl_coef > 0
+
+
+def _times(seconds: dict[str, float]) -> dict[str, float]:
+  """`time/*` keys: sample, retrieve, reward, score, update, step, and rollout_host (the rollout's own
+  Python work: parsing, formatting, tokenizing observations)."""
+  out = {f"time/{k}": 0.0 for k in ("sample", "retrieve", "reward", "score", "update")}
+  out.update({f"time/{k}": v for k, v in seconds.items() if k != "rollout"})
+  if "rollout" in seconds:
+    out["time/rollout_host"] = max(0.0, seconds["rollout"] - seconds.get("sample", 0.0)
+                                   - seconds.get("retrieve", 0.0))
+  return out
+
+
+def _save(checkpointer: Checkpointer, step: int, state, rng, data: TrainingData, config) -> None:
+  checkpointer.save(step, {"learner": state, "rng": rng},
+                    {"step": step, "data_position": data.position(step), "total_steps": config.total_steps})
+
+
+def _export(state, decoder_config: DecoderConfig, folder: Path, config, log) -> None:
+  from s3_jax.models.hf import save_hf_params
+
+  params = jax.device_get(update_lib.policy_params(state["actor"]["params"]))
+  save_hf_params(params, decoder_config, folder, assets.resolve(config.searcher.tokenizer))
+  log(f"exported the searcher to {folder}")
+
+
+def _progress(step: int, total: int, enabled: bool):
+  from tqdm import tqdm
+
+  return tqdm(total=total, initial=step, desc="PPO steps", unit="step", disable=not enabled,
+              dynamic_ncols=True)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+
+  from s3_jax import config_lib
+
+  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
+  workdir_flag = flags.DEFINE_string("workdir", None, "run folder (default: runs/<config name>[_<arg>])")
+  flags.mark_flag_as_required("config")
+
+  def run(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    try:
+      config = config_lib.validate(config_flag.value)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    workdir = workdir_flag.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    main(config, workdir)
+
+  app.run(run, argv=argv)
+
+
+def _default_workdir(config_spec: str) -> str:
+  path, _, arg = config_spec.partition(":")
+  name = Path(path).stem + (f"_{arg.replace(',', '_').replace('=', '-')}" if arg else "")
+  return str(Path("runs") / name)
+
+
+if __name__ == "__main__":
+  cli()
