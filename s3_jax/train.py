@@ -92,7 +92,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     step = checkpointer.latest_step() or 0
     if step:
       restored, meta = checkpointer.restore({"learner": state, "rng": rng}, step)
-      state, rng = restored["learner"], restored["rng"]
+      # The key comes back committed to one device; as host data it goes wherever the sampler runs.
+      state, rng = restored["learner"], jax.device_get(restored["rng"])
       if meta["data_position"] != data.position(step):
         raise ValueError(f"checkpoint {step}: data position {meta['data_position']} != {data.position(step)} "
                          f"for this config (training set or batch size changed?)")
