@@ -72,14 +72,9 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   the type of the existing key, and an unknown key raises.
   """
   path, _, arg = spec.partition(":")
-  file = Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f"config file not found: {file}")
-  module_spec = importlib.util.spec_from_file_location(f"_s3_jax_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = _module(path)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"{file}: a config file must define get_config(arg=None)")
+    raise ValueError(f"{path}: a config file must define get_config(arg=None)")
   config = module.get_config(arg or None)
   config.lock()
   for override in overrides:
@@ -94,6 +89,42 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     config.update_from_flattened_dict({key: value})
   validate(config)
   return config
+
+
+def _module(path: str) -> Any:
+  file = Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"config file not found: {file}")
+  module_spec = importlib.util.spec_from_file_location(f"_s3_jax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def sweep_runs(spec: str) -> list[tuple[str, list[str]]]:
+  """The runs of a config file's `sweep(add)`: `[(name, overrides)]`, each override a `key=value` string for
+  `load`. `add(name=None, **{"dotted.key": value})` adds one run; the name defaults to its overrides joined.
+  Every run is loaded and validated here, so a bad sweep fails before anything is launched."""
+  path, _, _ = spec.partition(":")
+  module = _module(path)
+  if not hasattr(module, "sweep"):
+    raise ValueError(f"{path}: no sweep(add) function")
+  runs: list[tuple[str, list[str]]] = []
+
+  def add(name: str | None = None, **overrides: Any) -> None:
+    texts = [f"{k}={v}" for k, v in overrides.items()]
+    run_name = name or ",".join(texts) or "base"
+    if any(run_name == existing for existing, _ in runs):
+      raise ValueError(f"{path}: sweep run {run_name!r} added twice")
+    runs.append((run_name, texts))
+
+  module.sweep(add)
+  for name, overrides in runs:
+    try:
+      load(spec, overrides)
+    except ValueError as e:
+      raise ValueError(f"{path}: sweep run {name!r}: {e}") from None
+  return runs
 
 
 def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
@@ -137,6 +168,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.searcher.tokenizer = "asset:smollm2-135m-instruct"
   c.searcher.param_dtype = "float32"
   c.searcher.compute_dtype = "float32"
+  c.searcher.remat = True  # gradient checkpointing per layer in the update (s3: on for actor and critic)
   c.searcher.model = ml_collections.ConfigDict({
       "vocab_size": 49152, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
       "head_dim": 16, "mlp_size": 128, "rope_theta": 10000.0, "tie_embeddings": True})
@@ -326,9 +358,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if ppo["batch_size"] % ppo["mini_batch_size"]:
     raise _bad("ppo.mini_batch_size", ppo["mini_batch_size"],
                f"must divide ppo.batch_size={ppo['batch_size']}")
+  mini_episodes = ppo["mini_batch_size"] * rollout["samples_per_question"]
   for key in ("actor_micro_batch_size", "critic_micro_batch_size"):
-    if ppo["mini_batch_size"] % ppo[key]:
-      raise _bad(f"ppo.{key}", ppo[key], f"must divide ppo.mini_batch_size={ppo['mini_batch_size']}")
+    if mini_episodes % ppo[key]:
+      raise _bad(f"ppo.{key}", ppo[key], f"must divide the minibatch of {mini_episodes} episodes "
+                 f"(ppo.mini_batch_size={ppo['mini_batch_size']} × rollout.samples_per_question)")
   episodes = ppo["batch_size"] * rollout["samples_per_question"]
   if episodes % ppo["score_micro_batch_size"]:
     raise _bad("ppo.score_micro_batch_size", ppo["score_micro_batch_size"],

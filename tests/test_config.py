@@ -128,3 +128,27 @@ def test_cli_resolves_arg_and_overrides_with_absl_flags():
   invalid = run("--config", "configs/tiny.py", "--config.ppo.mini_batch_size=3")
   assert invalid.returncode == 1
   assert "config.ppo.mini_batch_size=3: must divide ppo.batch_size=8" in invalid.stderr
+
+
+@pytest.mark.parametrize("spec", ["configs/s3_qwen7b.py", "configs/s3_qwen7b.py:5-3-4",
+                                  "configs/smollm2_wiki.py"])
+def test_ablation_sweeps_expand_to_valid_distinct_runs(spec):
+  runs = config_lib.sweep_runs(str(REPO / spec))
+  names = [name for name, _ in runs]
+  assert len(names) == len(set(names)) >= 10
+  by_name = dict(runs)
+  assert by_name["reward.kind=em"] == ["reward.kind=em"]
+  assert "rollout.selection=False" in by_name
+  grpo = config_lib.load(str(REPO / spec), by_name["grpo"])
+  assert grpo.ppo.adv_estimator == "grpo" and grpo.rollout.samples_per_question == 4
+  topk = config_lib.load(str(REPO / spec), by_name["rollout.topk=3,rollout.max_turns=4"])
+  assert (topk.rollout.topk, topk.rollout.max_turns) == (3, 4)
+
+
+def test_a_sweep_with_a_bad_key_fails_before_launch(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("from s3_jax import config_lib\n\ndef get_config(arg=None):\n"
+                 "  return config_lib.default_config()\n\n"
+                 "def sweep(add):\n  add(**{'ppo.actor_lrr': 1e-5})\n")
+  with pytest.raises(ValueError, match=r"sweep run 'ppo\.actor_lrr=1e-05'.*no such config key"):
+    config_lib.sweep_runs(str(bad))

@@ -141,7 +141,7 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached):
   return x, (k, v)
 
 
-def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype):
+def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat=False):
   t = tokens.shape[1]
   x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
   inv_freq = jnp.asarray(rope_inv_freq(config))
@@ -152,6 +152,8 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
     cached = None if cache is None else (*cached_kv, cache.valid)
     return _layer(config, carry, p, positions, inv_freq, mask, cached)
 
+  if remat:  # gradient checkpointing: keep each layer's input, recompute its inside during the backward pass
+    body = jax.checkpoint(body, prevent_cse=False)
   x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], None if cache is None else (cache.k, cache.v)))
   return rms_norm(x, params["final_norm"], config.rms_norm_eps), k_new, v_new
 
@@ -170,7 +172,7 @@ def prefill(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, at
 
 def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array, *,
             attention_mask: jax.Array | None = None, cache: KVCache | None = None,
-            compute_dtype: Any = jnp.float32) -> tuple[jax.Array, KVCache | None]:
+            compute_dtype: Any = jnp.float32, remat: bool = False) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
 
   Attention is causal over the `t` tokens and skips those where `attention_mask [b, t]` is 0. With a
@@ -178,12 +180,14 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
   `cache.index ... + t` (the same for every row: prompts are left-padded); the updated cache is returned.
   The scan over layers only reads the cache; the write is one update after it, which XLA does in place
   inside a decode loop (writing per layer inside the scan copied the whole cache every step).
+  `remat=True` recomputes each layer in the backward pass instead of storing its activations (training).
   """
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), bool)
   attention_mask = attention_mask.astype(bool)
-  x, k_new, v_new = _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype)
+  x, k_new, v_new = _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype,
+                                remat)
   if cache is None:
     return x, None
   start = (0, 0, 0, cache.index, 0)

@@ -128,10 +128,10 @@ def full_index(batch: int, length: int) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(1, length, dtype=jnp.int32), (batch, length - 1))
 
 
-def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype):
+def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype, remat=False):
   mask = attention_mask.astype(bool)
   hidden, _ = forward(config, params, tokens, default_positions(mask), attention_mask=mask,
-                      compute_dtype=compute_dtype)
+                      compute_dtype=compute_dtype, remat=remat)
   return hidden
 
 
@@ -164,10 +164,10 @@ def token_logprobs(config: DecoderConfig, params: Params, tokens, attention_mask
 
 
 def token_values(config: DecoderConfig, critic: Params, tokens, attention_mask, index=None,
-                 compute_dtype=jnp.float32):
+                 compute_dtype=jnp.float32, remat: bool = False):
   """`V` for each position i of `index`: the head on the hidden state of token i-1 (s3's `[:, -L-1:-1]`)."""
   index = full_index(*tokens.shape) if index is None else index
-  hidden = _hidden(config, critic["backbone"], tokens, attention_mask, compute_dtype)
+  hidden = _hidden(config, critic["backbone"], tokens, attention_mask, compute_dtype, remat)
   return _values_from_hidden(critic["head"], hidden, index)
 
 
@@ -232,9 +232,11 @@ class PPOLearner:
   """
 
   def __init__(self, settings: PPOSettings, config: DecoderConfig, *, compute_dtype: Any = jnp.float32,
-               mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES):
+               mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
+               remat: bool = True):
     self.settings, self.config, self.compute_dtype, self.mesh, self.rules = (
         settings, config, compute_dtype, mesh, rules)
+    self.remat = remat  # gradient checkpointing per layer in the update (s3: on for actor and critic)
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh is not None and mesh.shape[a] > 1)
     self.batch_shards = math.prod(mesh.shape[a] for a in batch_axes) if mesh is not None else 1
     settings.check(self.batch_shards)
@@ -404,7 +406,7 @@ class PPOLearner:
     cdt = self.compute_dtype
     tokens, attn = mb["tokens"], mb["attention_mask"]
     policy = mb["policy_mask"].astype(jnp.float32)
-    hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt)
+    hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt, self.remat)
     logp, entropy = _logprobs_from_hidden(params, hidden, tokens, mb["index"], True)
     pg, diag = ppo_lib.policy_loss(logp, mb["old_logp"], mb["advantages"], policy, s.clip_ratio, s.dual_clip)
     sums = {"pg_loss": jnp.sum(pg), "entropy": jnp.sum(entropy * policy),
@@ -427,7 +429,7 @@ class PPOLearner:
     s = self.settings
     response = mb["response_mask"].astype(jnp.float32)
     values = token_values(self.config, params, mb["tokens"], mb["attention_mask"], mb["index"],
-                          self.compute_dtype)
+                          self.compute_dtype, self.remat)
     vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
     sums = {"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)}
     return sums["vf_loss"] / norm["response"], sums

@@ -1,0 +1,147 @@
+"""The PPO update step's achieved FLOP/s against this machine's measured matmul peak (SmolLM2-135M-size actor
+and critic), and the per-step time split of real training runs (tiny and SmolLM2 configs).
+
+  python benchmarks/train_step.py [--batch 8] [--length 1024] [--window 256] [--micro 2] [--runs tiny,smollm2]
+
+FLOPs are XLA's own count for the compiled update (`cost_analysis`), so the fraction is "work XLA does /
+time / peak". Peak is the best of several jitted float32 matmuls of the model's shapes and square ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def matmul_peak(repeats: int = 5) -> tuple[float, str]:
+  import jax
+  import jax.numpy as jnp
+
+  best, best_shape = 0.0, ""
+  for m, k, n in ((2048, 2048, 2048), (4096, 4096, 4096), (8192, 576, 1536), (8192, 1536, 576),
+                  (8192, 576, 576), (4096, 576, 4096)):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((m, k)), jnp.float32)
+    b = jnp.asarray(np.random.default_rng(1).standard_normal((k, n)), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      f(a, b).block_until_ready()
+      times.append(time.perf_counter() - start)
+    rate = 2 * m * k * n / float(np.median(times))
+    if rate > best:
+      best, best_shape = rate, f"{m}x{k} @ {k}x{n}"
+  return best, best_shape
+
+
+def update_rate(batch: int, length: int, window: int, micro: int, repeats: int) -> dict:
+  import jax
+  from flax import nnx
+
+  from s3_jax import assets
+  from s3_jax.models.decoder import Decoder, ValueModel
+  from s3_jax.models.hf import read_config
+  from s3_jax.rl import update as update_lib
+
+  config, _ = read_config(assets.path("smollm2-135m-instruct"))
+  settings = update_lib.PPOSettings(batch_size=batch, mini_batch_size=batch, actor_micro_batch_size=micro,
+                                    critic_micro_batch_size=micro, score_micro_batch_size=micro,
+                                    actor_lr=1e-6, critic_lr=1e-5)
+  learner = update_lib.PPOLearner(settings, config)
+  state = learner.init_state(Decoder(config, rngs=nnx.Rngs(0)).arrays(),
+                             update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(1))))
+  rng = np.random.default_rng(0)
+  prompt = length - window
+  data = {"tokens": rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32),
+          "attention_mask": np.ones((batch, length), bool),
+          "index": np.tile(np.arange(prompt, length, dtype=np.int32), (batch, 1)),
+          "policy_mask": rng.random((batch, window)) < 0.5, "response_mask": np.ones((batch, window), bool),
+          "scores": np.zeros((batch, window), np.float32), "group": np.arange(batch, dtype=np.int32)}
+  data["scores"][:, -1] = rng.choice([0.0, 1.0], batch)
+  placed = learner.place_batch(data)
+  scored = learner.score(state, None, placed)
+  full = {**placed, **jax.device_get(scored)}
+  full["ref_logp"] = full["old_logp"]
+  compiled = jax.jit(learner._update_fn).lower(state, full).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops = float(cost["flops"])
+  state, metrics = learner.update(state, full)  # compile + warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    state, metrics = learner.update(state, full)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  seconds = float(np.median(times))
+  # Analytic matmul work: forward 2·N_matmul per token for actor and critic backbones, logits on the window;
+  # backward twice the forward; plus attention (4·t²·d per layer, forward, causal half not exploited).
+  d, layers = config.hidden_size, config.num_layers
+  per_layer = (d * config.num_heads * config.head_dim * 2 + d * config.num_kv_heads * config.head_dim * 2
+               + 3 * d * config.intermediate_size)
+  tokens = batch * length
+  backbone = 2 * per_layer * layers * tokens + 4 * batch * length * length * d * layers
+  model_flops = 3 * (2 * backbone + 2 * d * config.vocab_size * batch * window)
+  return {"seconds": seconds, "xla_flops": flops, "model_flops": model_flops, "tokens": tokens}
+
+
+def run_split(name: str, steps: int) -> dict:
+  """The last step's time split of a real run (embedded services, real precompute)."""
+  from s3_jax import config_lib, metrics as metrics_lib, train
+
+  spec = {"tiny": f"{REPO / 'configs' / 'tiny.py'}:steps={steps}",
+          "smollm2": f"{REPO / 'configs' / 'smollm2_wiki.py'}:runlocal"}[name]
+  overrides = [] if name == "tiny" else [f"total_steps={steps}", "checkpoint.hf_export_every=0"]
+  with tempfile.TemporaryDirectory() as workdir:
+    train.main(config_lib.load(spec, overrides), workdir, show_progress=False, log=lambda _: None)
+    rows = metrics_lib.read_metrics(workdir)
+  return {k: v for k, v in rows[-1].items() if k.startswith("time/")}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--length", type=int, default=1024)
+  parser.add_argument("--window", type=int, default=256)
+  parser.add_argument("--micro", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--runs", default="tiny,smollm2", help="configs whose step time split to measure ('' = none)")
+  parser.add_argument("--steps", type=int, default=3)
+  args = parser.parse_args()
+
+  import jax
+
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+  peak, shape = matmul_peak()
+  print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32, best shape {shape})")
+  r = update_rate(args.batch, args.length, args.window, args.micro, args.repeats)
+  xla_rate, model_rate = r["xla_flops"] / r["seconds"], r["model_flops"] / r["seconds"]
+  print(f"update step, SmolLM2-135M actor + critic, batch {args.batch} x {args.length} tokens "
+        f"(window {args.window}, micro-batch {args.micro}): {r['seconds']:.2f} s, "
+        f"{r['tokens'] / r['seconds']:.0f} tokens/s")
+  print(f"  XLA-counted {r['xla_flops'] / 1e12:.2f} TFLOP -> {xla_rate / 1e9:.1f} GFLOP/s = "
+        f"{100 * xla_rate / peak:.0f}% of matmul peak (target >= 40%)")
+  print(f"  analytic matmul work {r['model_flops'] / 1e12:.2f} TFLOP -> {model_rate / 1e9:.1f} GFLOP/s = "
+        f"{100 * model_rate / peak:.0f}% of matmul peak")
+  for name in filter(None, args.runs.split(",")):
+    split = run_split(name, args.steps if name == "tiny" else 2)
+    total = split.get("time/step", 0.0)
+    parts = ", ".join(f"{k[5:]} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in split.items()
+                      if k != "time/step")
+    print(f"{name}: step {total:.1f} s | {parts}")
+  print(json.dumps({"peak_gflops": peak / 1e9, **{k: v for k, v in r.items()}}))
+
+
+if __name__ == "__main__":
+  main()
