@@ -7,9 +7,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s3_jax-installed
 PYTEST_ARGS ?=
-# What `make demo` runs. Until the trainer lands (issue 7): the first stage of the main job, the naive-RAG
-# precompute of the embedded default (SmolLM2 generator, BM25 over wiki-vital, FanOutQA questions).
-DEMO ?= $(PY) -m s3_jax.precompute --config configs/smollm2_wiki.py
+# What `make demo` runs: the main job on the embedded default (SmolLM2 searcher and generator, BM25 over
+# wiki-vital, FanOutQA questions), 2 PPO steps; rerunning resumes in runs/demo.
+DEMO ?= $(PY) -m s3_jax.train --config configs/smollm2_wiki.py:runlocal --workdir runs/demo
 
 .PHONY: install assets lint test test-fast demo protos
 

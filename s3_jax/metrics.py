@@ -106,8 +106,10 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": step, **{k: float(v) for k, v in sorted(metrics.items())}}
+    # Undefined values (NaN, e.g. explained variance of constant returns) are written as null: strict JSON.
+    line = {k: v if math.isfinite(v) else None for k, v in row.items()}
     with open(self.workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
-      f.write(json.dumps(row, sort_keys=True) + "\n")
+      f.write(json.dumps(line, sort_keys=True) + "\n")
     for k, v in row.items():
       if k != "step" and math.isfinite(v):
         self._tb.add_scalar(k, v, step)
@@ -152,7 +154,7 @@ def plot_curves(workdir: str | Path, out: str | Path | None = None) -> Path:
   steps = [r["step"] for r in rows]
   for ax, (title, keys) in zip(axes.flat, PLOTS, strict=True):
     for key in keys:
-      values = [r.get(key, math.nan) for r in rows]
+      values = [math.nan if r.get(key) is None else r[key] for r in rows]
       if any(math.isfinite(v) for v in values):
         ax.plot(steps, values, marker="o", markersize=3, label=key.split("/", 1)[1])
     ax.set_title(title)

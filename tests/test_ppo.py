@@ -193,3 +193,7 @@ def test_explained_variance():
   expected = 1 - vals.var(ddof=1) / ret[response == 1].var(ddof=1)
   ev = ppo.explained_variance(jnp.asarray(noisy), jnp.asarray(ret), jnp.asarray(response))
   np.testing.assert_allclose(ev, expected, rtol=1e-4)
+
+  constant = np.zeros_like(ret)
+  undefined = ppo.explained_variance(jnp.asarray(noisy), jnp.asarray(constant), jnp.asarray(response))
+  assert np.isnan(float(undefined))

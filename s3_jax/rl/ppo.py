@@ -145,8 +145,10 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
 
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
   """`1 - Var[R - V] / Var[R]` over the masked entries (1 = perfect critic, ≤ 0 = no better than a
-  constant)."""
-  return 1.0 - masked_var(returns - values, mask) / jnp.maximum(masked_var(returns, mask), 1e-8)
+  constant; NaN when the returns are constant)."""
+  var = masked_var(returns, mask)
+  # Undefined when the returns are constant (e.g. every reward 0): NaN, not a huge negative number.
+  return jnp.where(var > 1e-8, 1.0 - masked_var(returns - values, mask) / jnp.maximum(var, 1e-8), jnp.nan)
 
 
 # -- advantage estimators -------------------------------------------------------------------------------
