@@ -168,7 +168,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.searcher.tokenizer = "asset:smollm2-135m-instruct"
   c.searcher.param_dtype = "float32"
   c.searcher.compute_dtype = "float32"
-  c.searcher.remat = True  # gradient checkpointing per layer in the update (s3: on for actor and critic)
+  # Gradient checkpointing per layer in the update (s3: on for actor and critic): full (keep layer inputs) |
+  # dots (also keep weight-matmul outputs) | none.
+  c.searcher.remat = "dots"
   c.searcher.model = ml_collections.ConfigDict({
       "vocab_size": 49152, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
       "head_dim": 16, "mlp_size": 128, "rope_theta": 10000.0, "tie_embeddings": True})
@@ -266,6 +268,7 @@ _CHOICES = {
     "ppo.loss_agg": ("token_mean", "micro_token_mean"),
     "searcher.param_dtype": ("float32", "bfloat16"),
     "searcher.compute_dtype": ("float32", "bfloat16"),
+    "searcher.remat": ("full", "dots", "none"),
 }
 _POSITIVE_INTS = (
     "total_steps", "log_every", "rollout.topk", "rollout.max_select", "rollout.max_turns",

@@ -71,7 +71,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     learner = update_lib.PPOLearner(settings, actor_model.config, mesh=mesh,
                                     compute_dtype=_DTYPES[config.searcher.compute_dtype],
                                     rules=[tuple(r) for r in config.sharding_rules],
-                                    remat=config.searcher.remat)
+                                    remat=False if config.searcher.remat == "none" else config.searcher.remat)
     actor = actor_model.arrays()
     ref = learner.place_ref(actor) if _needs_ref(settings) else None
     if learner.shared_head:

@@ -207,3 +207,29 @@ def test_ppo_learns_a_dense_toy_reward():
 def test_flipped_policy_gradient_does_not_learn(monkeypatch):
   means = _toy_training(30, flip_sign=True, monkeypatch=monkeypatch)
   assert max(means) < 0.5, means
+
+
+def test_check_sharded_names_a_large_replicated_weight():
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+  big = np.zeros((1024, 1030), np.float32)  # 1030 columns: not divisible by 8, so a rule would replicate it
+  params = {"ok": jax.device_put(np.zeros((1024, 1024), np.float32), sharded),
+            "small": jax.device_put(np.zeros(10, np.float32), replicated),
+            "bad": jax.device_put(big, replicated)}
+  with pytest.raises(ValueError, match=r"\['bad'\] \(1024, 1030\)"):
+    sharding_lib.check_sharded(params, mesh)
+  del params["bad"]
+  sharding_lib.check_sharded(params, mesh)
+
+
+def test_bfloat16_compute_tracks_float32():
+  """fp32 master weights with bf16 compute: the same step, losses within bf16 rounding of fp32's."""
+  out = {}
+  for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+    learner = update_lib.PPOLearner(SETTINGS, CONFIG, compute_dtype=dtype)
+    state, metrics = _run(learner, 1)
+    out[name] = (state, metrics[0])
+    assert state["actor"]["params"]["layers"]["q"].dtype == np.float32  # masters stay fp32
+  for key in ("actor/entropy", "critic/vf_loss", "critic/value_mean"):
+    np.testing.assert_allclose(out["bf16"][1][key], out["fp32"][1][key], rtol=0.05, atol=0.01, err_msg=key)

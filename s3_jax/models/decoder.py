@@ -141,6 +141,12 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached):
   return x, (k, v)
 
 
+# Gradient checkpointing policies: "full" keeps only each layer's input; "dots" also keeps the outputs of the
+# weight matmuls (projections, MLP), so the backward pass recomputes only attention and elementwise work.
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat=False):
   t = tokens.shape[1]
   x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
@@ -153,7 +159,8 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
     return _layer(config, carry, p, positions, inv_freq, mask, cached)
 
   if remat:  # gradient checkpointing: keep each layer's input, recompute its inside during the backward pass
-    body = jax.checkpoint(body, prevent_cse=False)
+    policy = REMAT_POLICIES[remat if isinstance(remat, str) else "full"]
+    body = jax.checkpoint(body, prevent_cse=False, policy=policy)
   x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], None if cache is None else (cache.k, cache.v)))
   return rms_norm(x, params["final_norm"], config.rms_norm_eps), k_new, v_new
 
