@@ -125,7 +125,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
                 policy, tokenizer, services.retriever, scorer, examples,
                 [docs[:config.rollout.initial_docs] if config.rollout.begin_with_search else []
                  for docs in initial], episode_config, config.rollout, pad_id=pad_id, watch=watch,
-                max_length=config.rollout.max_prompt_length)
+                max_length=config.rollout.max_prompt_length,
+                group_offset=jax.process_index() * len(examples))
           except Exception as e:  # the state is untouched: save it, so a rerun resumes right here
             if step and saved_step != step:
               _save(checkpointer, step, state, rng, data, config)

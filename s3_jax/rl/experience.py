@@ -35,9 +35,11 @@ class Experience:
 
 def collect(policy: Any, tokenizer: Any, retriever: Any, scorer: RewardScorer, examples: Sequence[QAExample],
             initial_docs: Sequence[Sequence[Doc]], episode_config: EpisodeConfig, rollout: Any, *,
-            pad_id: int, watch: Stopwatch, max_length: int | None = None) -> Experience:
+            pad_id: int, watch: Stopwatch, max_length: int | None = None,
+            group_offset: int = 0) -> Experience:
   """One batch of experience. Each question is rolled out `rollout.samples_per_question` times (its samples
-  share a `group` id, for GRPO). `max_length` caps the padded length (the context cap)."""
+  share a `group` id, for GRPO; ids start at `group_offset`, distinct per host). `max_length` caps the padded
+  length (the context cap)."""
   n = rollout.samples_per_question
   examples = [ex for ex in examples for _ in range(n)]
   initial_docs = [docs for docs in initial_docs for _ in range(n)]
@@ -61,7 +63,7 @@ def collect(policy: Any, tokenizer: Any, retriever: Any, scorer: RewardScorer, e
   batch = {"tokens": rb.tokens, "attention_mask": rb.attention_mask,
            **response_window(rb, [len(e.prompt_ids) for e in episodes],
                              train_length(max(len(e.ids) for e in episodes), minimum=64)),
-           "group": np.repeat(np.arange(len(examples) // n, dtype=np.int32), n)}
+           "group": group_offset + np.repeat(np.arange(len(examples) // n, dtype=np.int32), n)}
   return Experience(batch, _metrics(episodes, items, results, scorer), episodes, rewards)
 
 
