@@ -46,20 +46,8 @@ def get_config(arg=None):
   return c
 
 
-def sweep(add):
-  """The paper's ablations as runs of this config (launch: python -m launch.sweep, issue 9).
 
-  Table 5, the reward used for training; Table 6, w/o selection and w/o begin-with-search; Table 3, the
-  retrieval / turns grid (top-k × turns, selection 3); and GRPO (4 samples per question) instead of PPO.
-  """
-  add(name="base")
-  for kind in ("code", "genacc", "em"):
-    add(**{"reward.kind": kind})
-  add(**{"rollout.selection": False})
-  add(**{"rollout.begin_with_search": False})
-  for topk in (3, 5, 8):
-    for turns in (3, 4):
-      if (topk, turns) != (8, 3):
-        add(**{"rollout.topk": topk, "rollout.max_turns": turns})
-  add(name="grpo", **{"ppo.adv_estimator": "grpo", "rollout.samples_per_question": 4,
-                      "ppo.batch_size": 30, "ppo.mini_batch_size": 15})  # 120 episodes, as PPO's 120
+def sweep(add):
+  """The paper's ablations as runs of this config (launch: python -m launch.sweep, issue 9)."""
+  # GRPO: 120 episodes per step, as PPO's 120 questions.
+  config_lib.paper_ablations(add, grpo_batch_size=30, grpo_mini_batch_size=15)

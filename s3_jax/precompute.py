@@ -60,15 +60,9 @@ def make_retriever(config: ml_collections.ConfigDict, show_progress: bool = True
     from s3_jax.services import RetrieverClient
 
     return RetrieverClient(config.retriever.address)
-  from s3_jax.retrieval.index_dir import ensure_index, load_retriever
+  from s3_jax.retrieval.index_dir import ensure_config_index, load_retriever
 
-  encoder = assets.resolve(config.retriever.encoder) if config.retriever.kind == "dense" else None
-  index = ensure_index(assets.resolve(config.data.corpus), config.retriever.kind,
-                       corpus_limit=config.data.corpus_limit, encoder=encoder,
-                       query_prefix=config.retriever.query_prefix,
-                       passage_prefix=config.retriever.passage_prefix, faiss_kind=config.retriever.faiss,
-                       show_progress=show_progress)
-  return load_retriever(index)
+  return load_retriever(ensure_config_index(config, show_progress))
 
 
 def make_generator(config: ml_collections.ConfigDict) -> Any:

@@ -78,11 +78,6 @@ def param_sharding(shape: Sequence[int], logical_axes: Sequence[str | None], mes
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def batch_shards(mesh: Mesh) -> int:
-  """How many ways the batch dimension is split (data × fsdp)."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def check_sharded(params: Any, mesh: Mesh, min_size: int = 1 << 20) -> None:
   """Raises `ValueError` naming every weight of at least `min_size` elements that the mesh's model axes
   (fsdp, tensor) leave fully replicated: such a weight costs a full copy per chip, usually because a rule is

@@ -73,7 +73,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
                                     rules=[tuple(r) for r in config.sharding_rules],
                                     remat=False if config.searcher.remat == "none" else config.searcher.remat)
     actor = actor_model.arrays()
-    ref = learner.place_ref(actor) if _needs_ref(settings) else None
+    ref = learner.place_ref(actor) if settings.kl_coef > 0 else None  # frozen initial actor (KL)
     if learner.shared_head:
       actor["value_head"] = update_lib.init_value_head(actor_model.config, jax.random.key(config.seed + 2))
     state = learner.init_state(actor, critic if learner.separate_critic else None)
@@ -237,10 +237,6 @@ def _init_models(config, settings, tokenizer) -> tuple[Decoder, dict | None]:
     critic = ValueModel(decoder_config, rngs=nnx.Rngs(config.seed + 1)) if (
         settings.uses_critic and settings.separate_critic) else None
   return actor, None if critic is None else update_lib.critic_params(critic)
-
-
-def _needs_ref(settings: update_lib.PPOSettings) -> bool:
-  return settings.kl_coef > 0
 
 
 def _times(seconds: dict[str, float]) -> dict[str, float]:

@@ -55,9 +55,12 @@ SETTINGS = update_lib.PPOSettings(batch_size=16, mini_batch_size=8, actor_micro_
 
 
 def _run(learner, steps, seed=0):
+  """`steps` PPO steps on random batches; the critic is separate or (shared_head) a head on the actor."""
   actor, critic = _models()
-  state = learner.init_state(actor, critic if learner.separate_critic else None)
   ref = learner.place_ref(actor)
+  if learner.shared_head:
+    actor["value_head"] = update_lib.init_value_head(CONFIG, jax.random.key(5))
+  state = learner.init_state(actor, critic if learner.separate_critic else None)
   rng = np.random.default_rng(seed)
   all_metrics = []
   for _ in range(steps):
@@ -75,8 +78,8 @@ def test_sharded_update_matches_unsharded_and_does_not_retrace(separate):
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   plain = update_lib.PPOLearner(settings, CONFIG)
   sharded = update_lib.PPOLearner(settings, CONFIG, mesh=mesh)
-  state_a, metrics_a = _run_shared(plain) if not separate else _run(plain, 3)
-  state_b, metrics_b = _run_shared(sharded) if not separate else _run(sharded, 3)
+  state_a, metrics_a = _run(plain, 3)
+  state_b, metrics_b = _run(sharded, 3)
   for a, b in zip(metrics_a, metrics_b, strict=True):
     assert a.keys() == b.keys()
     for k in a:
@@ -91,21 +94,6 @@ def test_sharded_update_matches_unsharded_and_does_not_retrace(separate):
   assert tuple(q.spec)[:3] == (None, "fsdp", "tensor"), q.spec
   if separate:  # s3's critic warm-up: PPO step s uses lr · min(1, s / 2): 0, 0.5, 1 × lr
     np.testing.assert_allclose([m["critic/lr"] for m in metrics_a], [0.0, 5e-4, 1e-3], rtol=1e-6)
-
-
-def _run_shared(learner, steps=3, seed=0):
-  actor, _ = _models()
-  actor["value_head"] = update_lib.init_value_head(CONFIG, jax.random.key(5))
-  state = learner.init_state(actor)
-  ref = learner.place_ref(update_lib.policy_params(actor))
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(steps):
-    batch = learner.place_batch(_random_batch(rng))
-    scored = learner.score(state, ref, batch)
-    state, metrics = learner.update(state, {**batch, **scored})
-    out.append(jax.device_get(metrics))
-  return jax.device_get(state), out
 
 
 def test_score_matches_a_direct_forward_pass():

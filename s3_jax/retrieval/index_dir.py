@@ -140,3 +140,15 @@ def ensure_index(corpus: str | Path, kind: str, *, corpus_limit: int = 0, encode
   build_index(source, out, kind, encoder=encoder, faiss_kind=faiss_kind, query_prefix=query_prefix,
               passage_prefix=passage_prefix, show_progress=show_progress)
   return out
+
+
+def ensure_config_index(config: Any, show_progress: bool = True) -> Path:
+  """`ensure_index` of a job config's corpus and retriever settings (`data.corpus`, `retriever.*`)."""
+  from s3_jax import assets
+
+  encoder = assets.resolve(config.retriever.encoder) if config.retriever.kind == "dense" else None
+  return ensure_index(assets.resolve(config.data.corpus), config.retriever.kind,
+                      corpus_limit=config.data.corpus_limit, encoder=encoder,
+                      query_prefix=config.retriever.query_prefix,
+                      passage_prefix=config.retriever.passage_prefix, faiss_kind=config.retriever.faiss,
+                      show_progress=show_progress)

@@ -213,12 +213,10 @@ def lr_schedule(lr: float, warmup_steps: int, updates_per_step: int):
   return schedule
 
 
-def make_optimizer(lr: float, warmup_steps: int, updates_per_step: int, weight_decay: float,
-                   grad_clip: float) -> optax.GradientTransformation:
+def make_optimizer(schedule, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW (β = 0.9, 0.999; ε = 1e-8; decoupled weight decay, as torch)."""
   return optax.chain(optax.clip_by_global_norm(grad_clip),
-                     optax.adamw(lr_schedule(lr, warmup_steps, updates_per_step), b1=0.9, b2=0.999, eps=1e-8,
-                                 weight_decay=weight_decay))
+                     optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
 
 
 # -- the learner ----------------------------------------------------------------------------------------
@@ -228,7 +226,8 @@ class PPOLearner:
 
       {"actor": {"params", "opt"}, "critic": {"params", "opt"} (separate critic only)}
 
-  `mesh=None` runs unsharded. Batches are dicts of `[b, t]` arrays (plus `group [b]`).
+  `mesh=None` runs unsharded. Batches are dicts of `BATCH_KEYS`: sequences `[b, t]`, the response window
+  `index` and per-token arrays `[b, w]`, and `group [b]`.
   """
 
   def __init__(self, settings: PPOSettings, config: DecoderConfig, *, compute_dtype: Any = jnp.float32,
@@ -245,10 +244,11 @@ class PPOLearner:
     self.separate_critic = self.with_critic and settings.separate_critic
     self.shared_head = self.with_critic and not settings.separate_critic
     steps = settings.updates_per_step
-    self.actor_opt = make_optimizer(settings.actor_lr, settings.actor_warmup_steps, steps,
-                                    settings.weight_decay, settings.grad_clip)
-    self.critic_opt = make_optimizer(settings.critic_lr, settings.critic_warmup_steps, steps,
-                                     settings.weight_decay, settings.grad_clip)
+    self.actor_lr = lr_schedule(settings.actor_lr, settings.actor_warmup_steps, steps)
+    self.critic_lr = lr_schedule(settings.critic_lr, settings.critic_warmup_steps, steps)
+    self.actor_opt = make_optimizer(self.actor_lr, settings.weight_decay, settings.grad_clip)
+    self.critic_opt = make_optimizer(self.critic_lr, settings.weight_decay, settings.grad_clip)
+    self.state_shardings = None  # set by init_state on a mesh
     self.trace_counts = {"score": 0, "update": 0}
     self._score = None
     self._update = None
@@ -375,7 +375,7 @@ class PPOLearner:
     """One PPO step on a scored batch (`BATCH_KEYS` + `old_logp`, `ref_logp`, `values`). The state is donated:
     use the returned one."""
     if self._update is None:
-      shardings = getattr(self, "state_shardings", None)
+      shardings = self.state_shardings
       self._update = jax.jit(self._update_fn, donate_argnums=0,
                              out_shardings=None if shardings is None else (shardings, self._replicated()))
     return self._update(state, batch)
@@ -501,8 +501,8 @@ class PPOLearner:
     state, per_step = jax.lax.scan(epoch, state, None, length=s.epochs)
     metrics.update({k: jnp.mean(v) for k, v in per_step.items()})
     count = state["actor"]["opt"][1][0].count  # adamw's step counter after this update
-    metrics["actor/lr"] = lr_schedule(s.actor_lr, s.actor_warmup_steps, s.updates_per_step)(count - 1)
+    metrics["actor/lr"] = self.actor_lr(count - 1)
     if self.separate_critic:
-      metrics["critic/lr"] = lr_schedule(s.critic_lr, s.critic_warmup_steps, s.updates_per_step)(count - 1)
+      metrics["critic/lr"] = self.critic_lr(count - 1)
     return state, metrics
 

@@ -14,8 +14,6 @@ from typing import Any
 
 import ml_collections
 
-from s3_jax import assets
-
 
 @dataclasses.dataclass
 class Services:
@@ -27,15 +25,10 @@ class Services:
 
 def _start_retriever(config: ml_collections.ConfigDict, stack: contextlib.ExitStack,
                      show_progress: bool) -> str:
-  from s3_jax.retrieval.index_dir import ensure_index, load_retriever
+  from s3_jax.retrieval.index_dir import ensure_config_index, load_retriever
   from s3_jax.services.retriever_server import RetrieverService, start_server
 
-  encoder = assets.resolve(config.retriever.encoder) if config.retriever.kind == "dense" else None
-  index = ensure_index(assets.resolve(config.data.corpus), config.retriever.kind,
-                       corpus_limit=config.data.corpus_limit, encoder=encoder,
-                       query_prefix=config.retriever.query_prefix,
-                       passage_prefix=config.retriever.passage_prefix, faiss_kind=config.retriever.faiss,
-                       show_progress=show_progress)
+  index = ensure_config_index(config, show_progress)
   manifest = json.loads((Path(index) / "manifest.json").read_text())
   service = RetrieverService(load_retriever(index), manifest["kind"], manifest["count"],
                              corpus_sha256=manifest["corpus"]["sha256"], index_dir=str(Path(index).resolve()))
