@@ -145,6 +145,17 @@ def paper_ablations(add: Any, *, grpo_batch_size: int, grpo_mini_batch_size: int
                       "ppo.batch_size": grpo_batch_size, "ppo.mini_batch_size": grpo_mini_batch_size})
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+  """A nested dict (a resolved config) as `{"dotted.key": JSON of the value}`, for comparing configs."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = json.dumps(v)
+  return out
+
+
 def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
   node: Any = config
   for part in dotted.split("."):
@@ -207,6 +218,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.generator.model = "asset:smollm2-135m-instruct"
   c.generator.address = ""
   c.generator.max_tokens = 64
+  c.generator.base_url = ""  # openai backend: the endpoint, e.g. http://127.0.0.1:8000/v1
+  c.generator.key_env = "OPENAI_API_KEY"  # openai backend: the environment variable holding the API key
 
   # The s3 protocol and rollout (spec §1.1, §2): X-Y-Z = topk-max_select-max_turns.
   c.rollout = ml_collections.ConfigDict()
@@ -268,6 +281,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.ppo.loss_agg = "token_mean"
   c.ppo.schedule_steps = 1500  # the step count warm-up ratios refer to (s3: total_training_steps=1500)
 
+  # python -m s3_jax.evaluate (spec §8-9). datasets: comma-separated names or files ("" = data.test);
+  # sample: at most this many questions per data source (s3 evaluates <= 3000, seed 42; 0 = all); runs: how
+  # often each question is run (the paper averages 3); rag_topk: naive RAG's docs (paper: 3); the multi-turn
+  # baselines search at most max_searches times for search_topk docs (spec §8: 4 and 3). The baselines' LLM
+  # ("agent"): --checkpoint loaded with agent_backend (jax | vllm), or the generator service at agent_address,
+  # or (neither) the configured generator itself; agent_temperature < 0 / agent_max_tokens 0 = the method's
+  # own default (spec §8).
+  c.evaluate = ml_collections.ConfigDict({
+      "datasets": "", "flashrag_dir": "", "mirage_file": "", "sample": 0, "sample_seed": 42, "runs": 1,
+      "batch_size": 16, "seed": 0, "rag_topk": 3, "max_searches": 4, "search_topk": 3,
+      "agent_backend": "jax", "agent_address": "", "agent_temperature": -1.0, "agent_max_tokens": 0})
+
   c.checkpoint = ml_collections.ConfigDict({"every": 10, "keep": 3, "hf_export_every": 20})
   c.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "mode": "online"})  # project "" = off
   return c
@@ -287,6 +312,7 @@ _CHOICES = {
     "searcher.param_dtype": ("float32", "bfloat16"),
     "searcher.compute_dtype": ("float32", "bfloat16"),
     "searcher.remat": ("full", "dots", "none"),
+    "evaluate.agent_backend": ("jax", "vllm"),
 }
 _POSITIVE_INTS = (
     "total_steps", "log_every", "rollout.topk", "rollout.max_select", "rollout.max_turns",
@@ -297,9 +323,10 @@ _POSITIVE_INTS = (
     "searcher.model.num_layers", "searcher.model.num_heads", "searcher.model.num_kv_heads",
     "searcher.model.head_dim", "searcher.model.mlp_size", "precompute.retrieval_topk",
     "precompute.context_docs", "precompute.chunk_size", "rollout.initial_docs",
-    "rollout.samples_per_question", "ppo.score_micro_batch_size", "ppo.schedule_steps")
+    "rollout.samples_per_question", "ppo.score_micro_batch_size", "ppo.schedule_steps", "evaluate.runs",
+    "evaluate.batch_size", "evaluate.rag_topk", "evaluate.max_searches", "evaluate.search_topk")
 _NON_NEGATIVE_INTS = ("data.corpus_limit", "data.train_limit", "data.test_limit",
-                      "checkpoint.hf_export_every")
+                      "checkpoint.hf_export_every", "evaluate.sample", "evaluate.agent_max_tokens")
 _UNIT_INTERVAL = ("rollout.top_p", "ppo.gamma", "ppo.lam", "ppo.actor_warmup_ratio",
                   "ppo.critic_warmup_ratio")
 _NON_NEGATIVE_FLOATS = ("rollout.temperature", "ppo.clip_ratio", "ppo.value_clip", "ppo.entropy_coef",

@@ -49,7 +49,8 @@ def precompute_dir(config: ml_collections.ConfigDict) -> Path:
               "topk": config.precompute.retrieval_topk, "context": config.precompute.context_docs,
               "judge": config.reward.use_judge, "prompt": PROMPT_VERSION}
   settings["retriever"].pop("address", None)
-  settings["generator"].pop("address", None)
+  for key in ("address", "key_env") + (("base_url",) if config.generator.backend != "openai" else ()):
+    settings["generator"].pop(key, None)  # where the service runs changes no answer
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
   return assets.cache_dir() / "precompute" / digest
 
@@ -71,9 +72,9 @@ def make_generator(config: ml_collections.ConfigDict) -> Any:
     from s3_jax.services import GeneratorClient
 
     return GeneratorClient(config.generator.address)
-  from s3_jax.services.generator_backends import InProcessGenerator, make_backend
+  from s3_jax.services.generator_backends import InProcessGenerator, backend_from_config
 
-  return InProcessGenerator(make_backend(config.generator.backend, config.generator.model))
+  return InProcessGenerator(backend_from_config(config.generator))
 
 
 class _LazyGenerator:

@@ -19,14 +19,13 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from s3_jax import assets
+from s3_jax import assets, config_lib
 from s3_jax import metrics as metrics_lib
 from s3_jax import sharding as sharding_lib
 from s3_jax.checkpoint import Checkpointer
@@ -41,6 +40,7 @@ from s3_jax.reward.service import RewardScorer
 from s3_jax.rl import experience
 from s3_jax.rl import update as update_lib
 from s3_jax.search.episode import EpisodeConfig, SamplerPolicy
+from s3_jax.search.searcher import decoder_config as searcher_decoder_config
 from s3_jax.services.embedded import open_services
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -170,24 +170,14 @@ def _record_config(config: ml_collections.ConfigDict, workdir: Path,
   resolved = json.loads(config.to_json_best_effort(sort_keys=True))
   path = workdir / "config.json"
   if path.is_file() and log is not None:
-    before = _flatten(json.loads(path.read_text()))
-    now = _flatten(resolved)
+    before = config_lib.flatten(json.loads(path.read_text()))
+    now = config_lib.flatten(resolved)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
       log("note: config changed since this workdir's last run: "
           + ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed))
   if log is not None:
     path.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = json.dumps(v)
-  return out
 
 
 def _training_data(config, services, show_progress, log) -> TrainingData:
@@ -209,15 +199,6 @@ def _with_splits(config: ml_collections.ConfigDict, splits: str) -> ml_collectio
   return copy
 
 
-def _decoder_config(config: ml_collections.ConfigDict, tokenizer: Any) -> DecoderConfig:
-  m = config.searcher.model
-  return DecoderConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.mlp_size,
-                       num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                       head_dim=m.head_dim, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                       max_position_embeddings=max(8192, 2 * config.rollout.max_prompt_length))
-
-
 def _init_models(config, settings, tokenizer) -> tuple[Decoder, dict | None]:
   """The actor `Decoder` and the separate critic's arrays (None without one): loaded from
   `searcher.init_from` (the critic's backbone too, with a fresh head, as s3 does), or random."""
@@ -231,7 +212,7 @@ def _init_models(config, settings, tokenizer) -> tuple[Decoder, dict | None]:
     critic = load_hf(folder, dtype=jnp.float32, value_head=True, seed=config.seed + 1) if (
         settings.uses_critic and settings.separate_critic) else None
   else:
-    decoder_config = _decoder_config(config, tokenizer)
+    decoder_config = searcher_decoder_config(config, tokenizer)
     actor = Decoder(decoder_config, rngs=nnx.Rngs(config.seed), param_dtype=param_dtype,
                     compute_dtype=compute_dtype)
     critic = ValueModel(decoder_config, rngs=nnx.Rngs(config.seed + 1)) if (
@@ -273,8 +254,6 @@ def _progress(step: int, total: int, enabled: bool):
 def cli(argv: Sequence[str] | None = None) -> None:
   from absl import app, flags, logging
   from ml_collections import config_flags
-
-  from s3_jax import config_lib
 
   config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
   workdir_flag = flags.DEFINE_string("workdir", None, "run folder (default: runs/<config name>[_<arg>])")

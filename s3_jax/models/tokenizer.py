@@ -18,12 +18,25 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
   """Token ids of a chat (`[{"role", "content"}, ...]`) with the generation prompt appended, by the
-  tokenizer's chat template."""
+  tokenizer's chat template.
+
+  A chat that ends with an `assistant` message is a continuation (vLLM's `continue_final_message`): the
+  earlier messages are templated with the generation prompt and the assistant's text follows as is, without
+  an end-of-turn token, so the model goes on writing that message (multi-turn agents append tool results to
+  their own text this way)."""
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError("this tokenizer has no chat template; drop --chat or use an instruct model")
-  encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                          return_dict=True)
-  return list(encoded["input_ids"])
+  if not messages:
+    raise ValueError("a chat needs at least one message")
+  partial = messages[-1]["role"] == "assistant"
+  if partial and len(messages) == 1:
+    raise ValueError("a chat cannot consist of an assistant message alone")
+  encoded = tokenizer.apply_chat_template(messages[:-1] if partial else messages, add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)
+  ids = list(encoded["input_ids"])
+  if partial:
+    ids += tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+  return ids
 
 
 def chat_prompt_ids(tokenizer: Any, user_message: str) -> list[int]:

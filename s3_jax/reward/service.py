@@ -16,19 +16,33 @@ from s3_jax.data.qa import normalize_question
 from s3_jax.reward.answers import exact_match, f1, span_match
 from s3_jax.reward.cache import AnswerCache, content_key
 from s3_jax.reward.gbr import REWARD_KINDS, AnswerScores, RagCache, reward
-from s3_jax.reward.judge import ChatGenerator, judge
-from s3_jax.reward.prompts import PROMPT_VERSION, answer_messages
+from s3_jax.reward.judge import ChatGenerator, judge, mirage_judge
+from s3_jax.reward.prompts import PROMPT_VERSION, answer_messages, closed_book_messages
 from s3_jax.search.formats import generator_context
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardItem:
-  """One trajectory to score: its question, gold answers and the documents D_s3 given to the generator."""
+  """One trajectory to score: its question, gold answers and the documents D_s3 given to the generator.
+
+  `prompt`: "context" (s3's answer prompt with the documents) or "closed_book" (s3's zero-shot prompt, no
+  documents). `scoring`: "genacc" (span check, else the judge) or "mirage" (medical multiple choice: the
+  MIRAGE evaluator judge alone decides, spec §3.2)."""
 
   data_source: str
   question: str
   golden_answers: tuple[str, ...]
   docs: tuple[Doc, ...]
+  prompt: str = "context"
+  scoring: str = "genacc"
+
+  def __post_init__(self):
+    if self.prompt not in ("context", "closed_book"):
+      raise ValueError(f"RewardItem.prompt={self.prompt!r} must be context or closed_book")
+    if self.scoring not in ("genacc", "mirage"):
+      raise ValueError(f"RewardItem.scoring={self.scoring!r} must be genacc or mirage")
+    if self.prompt == "closed_book" and self.docs:
+      raise ValueError("a closed-book item has no documents")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,25 +100,41 @@ class RewardScorer:
     self.stats = RewardStats()
 
   def _key(self, item: RewardItem, context: str) -> str:
+    variant = {} if (item.prompt, item.scoring) == ("context", "genacc") else {
+        "answer_prompt": item.prompt, "scoring": item.scoring}  # keys of plain items stay as they were
     return content_key(question=normalize_question(item.question), context=context,
                        golden_answers=list(item.golden_answers), generator=self.generator_id,
-                       prompt=PROMPT_VERSION, judge=self.use_judge, max_tokens=self.max_tokens)
+                       prompt=PROMPT_VERSION, judge=self.use_judge, max_tokens=self.max_tokens, **variant)
 
-  def score_answers(self, answers: Sequence[str],
-                    golden_answers: Sequence[Sequence[str]]) -> list[AnswerScores]:
-    """Span, EM and F1 of each answer; the judge (one batched call) only where the span check failed."""
+  def score_answers(self, answers: Sequence[str], golden_answers: Sequence[Sequence[str]],
+                    questions: Sequence[str] | None = None,
+                    mirage: Sequence[bool] | None = None) -> list[AnswerScores]:
+    """Span, EM and F1 of each answer; the judge (one batched call) only where the span check failed. Items
+    flagged in `mirage` (their `questions` needed) are judged by the MIRAGE evaluator alone: GenAcc is its
+    verdict, whatever the span check says."""
+    mirage = list(mirage) if mirage is not None else [False] * len(answers)
+    if any(mirage) and not self.use_judge:
+      raise ValueError("medical (MIRAGE) questions are scored by the judge alone: set reward.use_judge=True")
     spans = [span_match(a, g) for a, g in zip(answers, golden_answers, strict=True)]
     verdicts: list[bool | None] = [None] * len(answers)
-    ask = [i for i, s in enumerate(spans) if not s] if self.use_judge else []
+    ask = [i for i, s in enumerate(spans) if not s and not mirage[i]] if self.use_judge else []
+    medical = [i for i, m in enumerate(mirage) if m]
+    start = time.perf_counter()
     if ask:
-      start = time.perf_counter()
       for i, v in zip(ask, judge(self.judge_generator, [answers[i] for i in ask],
                                  [golden_answers[i] for i in ask]), strict=True):
         verdicts[i] = v
+    if medical:
+      for i, v in zip(medical, mirage_judge(self.judge_generator, [questions[i] for i in medical],
+                                            [answers[i] for i in medical],
+                                            [golden_answers[i] for i in medical]), strict=True):
+        verdicts[i] = v
+    if ask or medical:
       self.stats.judge_seconds += time.perf_counter() - start
-      self.stats.judge_calls += len(ask)
-    return [AnswerScores(span=s, em=exact_match(a, g), f1=f1(a, g), judge=v, genacc=s or bool(v))
-            for a, g, s, v in zip(answers, golden_answers, spans, verdicts, strict=True)]
+      self.stats.judge_calls += len(ask) + len(medical)
+    return [AnswerScores(span=s, em=exact_match(a, g), f1=f1(a, g), judge=v,
+                         genacc=bool(v) if m else s or bool(v))
+            for a, g, s, v, m in zip(answers, golden_answers, spans, verdicts, mirage, strict=True)]
 
   def score(self, items: Sequence[RewardItem]) -> list[RewardResult]:
     contexts = [generator_context(item.docs) for item in items]
@@ -121,12 +151,15 @@ class RewardScorer:
     if missing:
       start = time.perf_counter()
       completions = self.generator.complete(
-          [answer_messages(normalize_question(items[i].question), contexts[i]) for i in missing],
+          [closed_book_messages(normalize_question(items[i].question)) if items[i].prompt == "closed_book"
+           else answer_messages(normalize_question(items[i].question), contexts[i]) for i in missing],
           temperature=0.0, top_p=1.0, max_tokens=self.max_tokens)
       self.stats.generate_seconds += time.perf_counter() - start
       self.stats.generator_calls += len(missing)
       self.stats.prompt_too_long += sum(c.finish_reason == "prompt_too_long" for c in completions)
-      scores = self.score_answers([c.text for c in completions], [items[i].golden_answers for i in missing])
+      scores = self.score_answers([c.text for c in completions], [items[i].golden_answers for i in missing],
+                                  [normalize_question(items[i].question) for i in missing],
+                                  [items[i].scoring == "mirage" for i in missing])
       fresh = {keys[i]: {"answer": c.text, "finish_reason": c.finish_reason, "scores": s.as_dict()}
                for i, c, s in zip(missing, completions, scores, strict=True)}
       self.cache.put_many(fresh.items())

@@ -38,10 +38,10 @@ def _start_retriever(config: ml_collections.ConfigDict, stack: contextlib.ExitSt
 
 
 def _start_generator(config: ml_collections.ConfigDict, stack: contextlib.ExitStack) -> str:
-  from s3_jax.services.generator_backends import make_backend
+  from s3_jax.services.generator_backends import backend_from_config
   from s3_jax.services.generator_server import GeneratorService, start_server
 
-  backend = make_backend(config.generator.backend, config.generator.model)
+  backend = backend_from_config(config.generator)
   service = GeneratorService(backend, default_max_tokens=config.generator.max_tokens)
   server, port = start_server(service, "127.0.0.1", 0)
   stack.callback(server.stop, None)

@@ -183,6 +183,8 @@ class OpenAIBackend:
                             "top_p": params.top_p, "max_tokens": params.max_tokens, "seed": params.seed}
     if params.stop:
       body["stop"] = list(params.stop)
+    if chat and chat[-1]["role"] == "assistant":  # continue that message (vLLM's chat-completions extension)
+      body.update(continue_final_message=True, add_generation_prompt=False)
     reply = self._post(body)
     try:
       choice = reply["choices"][0]
@@ -213,6 +215,17 @@ class InProcessGenerator:
 
   def generate(self, chats: Sequence[Messages], **kwargs: Any) -> list[str]:
     return [c.text for c in self.complete(chats, **kwargs)]
+
+
+def backend_from_config(generator: Any):
+  """The backend a config's `generator` section names: `backend`, `model`, and for `openai` its
+  `base_url` and `key_env` (the API key is read from that environment variable, never from the config)."""
+  if generator.backend == "openai":
+    if not generator.base_url:
+      raise ValueError("config.generator.backend='openai' needs config.generator.base_url "
+                       "(e.g. http://127.0.0.1:8000/v1)")
+    return make_backend("openai", generator.model, base_url=generator.base_url, key_env=generator.key_env)
+  return make_backend(generator.backend, generator.model)
 
 
 def make_backend(kind: str, model: str, **options: Any):

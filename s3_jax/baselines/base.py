@@ -1,0 +1,113 @@
+"""What every evaluation method shares: its output (the documents handed to the generator), the timed
+retriever and the LLM ("agent") the multi-turn baselines reason and search with.
+
+A method is an object with `name`, `label` (its row name in the tables) and
+`run(examples, seed) -> list[MethodOutput]`, one output per question, in order. The harness
+(`s3_jax.evaluate`) then has the frozen generator answer from each output's documents and scores the answer
+the same way for every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from s3_jax.data.corpus import Doc
+
+
+@dataclasses.dataclass
+class MethodOutput:
+  """`docs`: the generator's context, in order (the harness formats and de-duplicates them as s3 does);
+  `closed_book`: answer with s3's zero-shot prompt instead (no documents); `trace`: what the method did
+  (queries, turns, its own answer, ...), written into predictions.jsonl as is."""
+
+  docs: list[Doc]
+  closed_book: bool = False
+  trace: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Timings(dict):
+  """Seconds per stage (`sample`, `retrieve`, ...), accumulated over a run."""
+
+  def add(self, name: str, seconds: float) -> None:
+    self[name] = self.get(name, 0.0) + seconds
+
+
+class TimedRetriever:
+  """A retriever whose `search` time goes into `timings["retrieve"]`."""
+
+  def __init__(self, retriever: Any, timings: Timings):
+    self.retriever, self.timings = retriever, timings
+
+  def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
+    if not queries:
+      return []
+    start = time.perf_counter()
+    try:
+      return self.retriever.search(list(queries), k)
+    finally:
+      self.timings.add("retrieve", time.perf_counter() - start)
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSampling:
+  temperature: float
+  top_p: float
+  max_tokens: int
+
+
+class AgentLM:
+  """The LLM a baseline reasons and searches with: any generator with `complete(chats, temperature=,
+  top_p=, max_tokens=, stop=, seed=)` (the gRPC `GeneratorClient`, or an in-process backend). A chat ending
+  with an assistant message is continued (the agent's own text, with tool results appended to it). Its time
+  goes into `timings["sample"]`."""
+
+  def __init__(self, generator: Any, name: str, timings: Timings):
+    self.generator, self.name, self.timings = generator, name, timings
+
+  def complete(self, chats: Sequence[list[dict[str, str]]], sampling: AgentSampling, *,
+               stop: Sequence[str] = (), seed: int = 0) -> list[Any]:
+    if not chats:
+      return []
+    start = time.perf_counter()
+    try:
+      out = self.generator.complete(list(chats), temperature=sampling.temperature, top_p=sampling.top_p,
+                                    max_tokens=sampling.max_tokens, stop=list(stop), seed=seed)
+    finally:
+      self.timings.add("sample", time.perf_counter() - start)
+    if len(out) != len(chats):
+      raise RuntimeError(f"agent {self.name}: {len(out)} completions for {len(chats)} chats")
+    return out
+
+
+def agent_sampling(config: Any, temperature: float, top_p: float, max_tokens: int) -> AgentSampling:
+  """A method's own sampling defaults (spec §8), with `evaluate.agent_temperature` (>= 0) and
+  `evaluate.agent_max_tokens` (> 0) overriding them."""
+  ev = config.evaluate
+  return AgentSampling(temperature=ev.agent_temperature if ev.agent_temperature >= 0 else temperature,
+                       top_p=top_p, max_tokens=ev.agent_max_tokens or max_tokens)
+
+
+def user_chat(text: str, assistant: str = "") -> list[dict[str, str]]:
+  """A one-question chat, continuing the assistant's `assistant` text when there is some."""
+  chat = [{"role": "user", "content": text}]
+  return [*chat, {"role": "assistant", "content": assistant}] if assistant else chat
+
+
+def close_open_tag(text: str, tags: Sequence[str]) -> str:
+  """`text` with the closing tag appended when generation stopped inside the last opened of `tags` (the
+  stop string itself is never part of a completion)."""
+  opened = max(tags, key=lambda t: text.rfind(f"<{t}>"))
+  start = text.rfind(f"<{opened}>")
+  if start >= 0 and f"</{opened}>" not in text[start:]:
+    return text + f"</{opened}>"
+  return text
+
+
+def strip_tags(text: str) -> str:
+  """Text without XML-like tags and their `<search_complete>` verdicts, whitespace collapsed."""
+  text = re.sub(r"<search_complete>.*?</search_complete>", " ", text, flags=re.DOTALL)
+  return " ".join(re.sub(r"</?[a-z_|]+>", " ", text).split())

@@ -1,0 +1,197 @@
+"""`python -m s3_jax.evaluate` end to end on the tiny world: every method with the real BM25 retriever and the
+real SmolLM2 generator behind gRPC on loopback; the reports recomputed here from predictions.jsonl; resuming;
+MIRAGE judge-only scoring; a searcher checkpoint; the CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, REPO
+
+from s3_jax import config_lib
+from s3_jax.evaluate import METHODS, compare, evaluate
+from s3_jax.reward.answers import exact_match, f1, span_match
+from s3_jax.search.formats import generator_context
+
+OVERRIDES = ["evaluate.sample=2", "evaluate.agent_max_tokens=24", "evaluate.max_searches=2",
+             f"evaluate.flashrag_dir={FIXTURES / 'flashrag'}",
+             f"evaluate.mirage_file={FIXTURES / 'mirage' / 'benchmark.json'}"]
+
+
+def _config(*extra):
+  return config_lib.load(str(REPO / "configs/tiny.py"), [*OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="module")
+def services(asset):
+  from s3_jax.services.embedded import open_services
+
+  for name in ("smollm2-135m-instruct", "wiki-vital", "qa-fanout"):
+    asset(name)
+  with open_services(_config(), show_progress=False, log=lambda *_: None) as running:
+    yield running
+
+
+def _rows(out):
+  return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def _check_reports(out, runs=1):
+  """summary.json and table.md against a recomputation from predictions.jsonl, and every row's scores
+  against the answer checks."""
+  rows = _rows(out)
+  summary = json.loads((out / "summary.json").read_text())
+  table = (out / "table.md").read_text()
+  assert (out / "genacc.png").stat().st_size > 1000
+  keys = [(r["data_source"], r["id"], r["run"]) for r in rows]
+  assert len(keys) == len(set(keys))
+  for r in rows:
+    s = r["scores"]
+    assert s["span"] == span_match(r["answer"], r["golden_answers"])
+    assert s["em"] == exact_match(r["answer"], r["golden_answers"])
+    assert s["f1"] == pytest.approx(f1(r["answer"], r["golden_answers"]))
+    assert s["genacc"] == ((s["judge"] is True) if r["data_source"] in ("medqa", "pubmedqa")
+                           else s["span"] or s["judge"] is True)
+  sources = sorted({r["data_source"] for r in rows})
+  assert sorted(k for k in summary if k != "average") == sources
+  per_source_runs = {}
+  for source in sources:
+    mine = [r for r in rows if r["data_source"] == source]
+    assert {r["run"] for r in mine} == set(range(runs))
+    means = {m: [np.mean([float(r["scores"][m]) for r in mine if r["run"] == k]) for k in range(runs)]
+             for m in ("genacc", "em", "span", "f1")}
+    means["context_docs"] = [np.mean([r["context_docs"] for r in mine if r["run"] == k]) for k in range(runs)]
+    per_source_runs[source] = means
+    for metric, values in means.items():
+      assert summary[source][metric] == pytest.approx(np.mean(values), abs=1e-12)
+      if runs > 1:
+        assert summary[source][f"{metric}_std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    assert summary[source]["questions"] == len(mine) // runs and summary[source]["runs"] == runs
+    cell = f"{100 * np.mean(means['genacc']):.1f}"
+    row = next(line for line in table.splitlines() if line.startswith(f"| {source} |"))
+    assert f"| {cell}" in row and f"| {100 * np.mean(means['em']):.1f} |" in row
+  for metric in ("genacc", "em"):
+    average = np.mean([np.mean([per_source_runs[s][metric][k] for s in sources]) for k in range(runs)])
+    assert summary["average"][metric] == pytest.approx(average, abs=1e-12)
+  header = table.splitlines()[4]
+  assert header == "| Method | " + " | ".join(sources) + " | Avg |"
+  return rows, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_end_to_end(method, services, tmp_path):
+  out = tmp_path / method
+  evaluate(_config(), method, out, datasets="fanout,nq", services=services, show_progress=False,
+           log=lambda *_: None)
+  rows, _ = _check_reports(out)
+  assert len(rows) == 4 and {r["method"] for r in rows} == {method}
+  timing = json.loads((out / "timing.json").read_text())
+  assert timing["questions"] == 4 and timing["questions_per_second"] > 0
+  assert json.loads((out / "run.json").read_text())["method"] == method
+  for r in rows:
+    if method == "none":
+      assert r["context"] == "" and r["context_docs"] == 0
+    if method == "rag":  # the question's top 3, exactly as the retriever returns them
+      [docs] = services.retriever.search([r["question"]], 3)
+      assert r["context"] == generator_context(docs) and r["context_docs"] == 3
+    if method in ("s3", "ircot", "rag"):
+      assert r["context_docs"] >= 1 and r["context_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_runs_resume_and_guards(services, tmp_path, monkeypatch):
+  from s3_jax.baselines.static import NaiveRAG
+
+  out = tmp_path / "rag"
+  calls, original = [], NaiveRAG.run
+
+  def failing(self, examples, seed=0):
+    calls.append(len(examples))
+    if len(calls) == 3:
+      raise RuntimeError("simulated crash")
+    return original(self, examples, seed)
+
+  monkeypatch.setattr(NaiveRAG, "run", failing)
+  config = _config("evaluate.batch_size=1")
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    evaluate(config, "rag", out, datasets="nq", runs=2, services=services, show_progress=False,
+             log=lambda *_: None)
+  assert len(_rows(out)) == 2  # the two finished chunks were kept
+  monkeypatch.setattr(NaiveRAG, "run", original)
+  logs = []
+  evaluate(config, "rag", out, datasets="nq", runs=2, services=services, show_progress=False, log=logs.append)
+  assert "2 of 4 predictions already done" in logs[0]
+  rows, summary = _check_reports(out, runs=2)
+  assert len(rows) == 4 and summary["nq"]["genacc_std"] == 0.0  # greedy answers: both runs agree
+
+  with pytest.raises(ValueError, match="different config.*evaluate.rag_topk: 3 -> 5"):
+    evaluate(_config("evaluate.rag_topk=5"), "rag", out, datasets="nq", services=services,
+             show_progress=False, log=lambda *_: None)
+  with pytest.raises(ValueError, match="holds an evaluation of --method rag"):
+    evaluate(config, "none", out, datasets="nq", services=services, show_progress=False, log=lambda *_: None)
+  with pytest.raises(ValueError, match="has no model of its own"):
+    evaluate(config, "rag", tmp_path / "x", checkpoint="somewhere", services=services)
+
+
+@pytest.mark.slow
+def test_mirage_judge_only(services, tmp_path):
+  out = tmp_path / "mirage"
+  with pytest.raises(ValueError, match="judge alone"):
+    evaluate(_config(), "rag", out, datasets="medqa", services=services)
+  evaluate(_config("reward.use_judge=True"), "rag", out, datasets="medqa,pubmedqa", services=services,
+           show_progress=False, log=lambda *_: None)
+  rows, summary = _check_reports(out)
+  assert len(rows) == 3 and all(r["scores"]["judge"] is not None for r in rows)
+  assert summary["medqa"]["judge_asked"] == 1.0
+  medqa = [r for r in rows if r["data_source"] == "medqa"]
+  assert medqa[0]["golden_answers"] == ["C: Vitamin C"] and "\nOptions:\nA: Vitamin A\n" in medqa[0]["question"]
+  [docs] = services.retriever.search(["Which vitamin deficiency causes scurvy"], 3)  # the options not searched
+  assert medqa[0]["context"] == generator_context(docs)
+
+
+@pytest.mark.slow
+def test_s3_checkpoint_equals_its_source(services, tmp_path):
+  from s3_jax.models.hf import save_hf
+  from s3_jax.search.searcher import load_searcher, resolve_checkpoint
+
+  config = _config()
+  model, tokenizer, _ = load_searcher(config, None)  # the tiny config's random searcher
+  save_hf(model, tmp_path / "run" / "hf" / "step_3", tokenizer)
+  save_hf(model, tmp_path / "run" / "hf" / "step_12", tokenizer)
+  folder, description = resolve_checkpoint(str(tmp_path / "run"))
+  assert folder.name == "step_12" and description.endswith("(step 12)")  # numeric, not lexical, order
+  (tmp_path / "bare" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match="without HF exports"):
+    resolve_checkpoint(str(tmp_path / "bare"))
+
+  fresh, loaded = tmp_path / "fresh", tmp_path / "loaded"
+  for out, checkpoint in ((fresh, None), (loaded, str(tmp_path / "run"))):
+    evaluate(config, "s3", out, checkpoint=checkpoint, datasets="nq", services=services, show_progress=False,
+             log=lambda *_: None)
+  drop = ("trace",)
+  assert [{k: v for k, v in r.items() if k not in drop} for r in _rows(fresh)] == \
+      [{k: v for k, v in r.items() if k not in drop} for r in _rows(loaded)]
+  assert [r["trace"]["responses"] for r in _rows(fresh)] == [r["trace"]["responses"] for r in _rows(loaded)]
+  assert "step 12" in json.loads((loaded / "run.json").read_text())["label"]
+
+  table = compare([fresh, loaded], tmp_path / "both").read_text()
+  assert len([x for x in table.splitlines() if x.startswith("| s3 3-2-1 (")]) == 2
+
+
+@pytest.mark.entry
+def test_cli(tmp_path):
+  args = [sys.executable, "-m", "s3_jax.evaluate", "--config", str(REPO / "configs/tiny.py"),
+          f"--config.evaluate.flashrag_dir={FIXTURES / 'flashrag'}", "--config.evaluate.sample=2"]
+  done = subprocess.run([*args, "--method", "none", "--datasets", "nq", "--out", str(tmp_path / "none")],
+                        capture_output=True, text=True, cwd=REPO)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "| Direct (no retrieval) |" in done.stdout and (tmp_path / "none" / "summary.json").is_file()
+  bad = subprocess.run([*args, "--method", "none", "--datasets", "musique", "--out", str(tmp_path / "bad")],
+                       capture_output=True, text=True, cwd=REPO)
+  assert bad.returncode != 0 and "FlashRAG set 'musique'" in bad.stderr
+  table = subprocess.run([sys.executable, "-m", "s3_jax.evaluate", "--compare", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "table")], capture_output=True, text=True, cwd=REPO)
+  assert table.returncode == 0 and "| Direct (no retrieval) |" in table.stdout
