@@ -33,6 +33,9 @@ def get_config(arg=None):
   c.ppo.critic_micro_batch_size = 4
   c.ppo.score_micro_batch_size = 4
 
+  # Evaluation: the agent baselines' calls capped at 256 new tokens (the papers allow 512-2,048) for a laptop.
+  c.evaluate.agent_max_tokens = 256
+
   if arg.runlocal:  # a few minutes on a laptop: fewer questions, shorter turns
     c.total_steps = 2
     c.ppo.batch_size = 4

@@ -42,5 +42,7 @@ def get_config(arg=None):
   c.ppo.critic_lr = 1e-4
   c.ppo.critic_warmup_ratio = 0.0
 
+  c.evaluate.agent_max_tokens = 32  # the agent baselines' calls, kept short for the CI
+
   c.precompute.splits = "train"  # the trainer needs only the training questions' naive-RAG results
   return c

@@ -207,7 +207,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.retriever = ml_collections.ConfigDict()
   c.retriever.kind = "bm25"  # bm25 | dense
-  c.retriever.address = ""  # "" = start an embedded service on a free loopback port
+  # "" = start an embedded service on a free loopback port; "h1:p1,h2:p2" = replicas (batches spread over
+  # them, failing over when one stops answering; s3_jax/services/replicas.py). The same for generator.address.
+  c.retriever.address = ""
   c.retriever.encoder = "asset:minilm-l6-v2"
   c.retriever.query_prefix = ""  # E5: "query: "
   c.retriever.passage_prefix = ""  # E5: "passage: "

@@ -117,7 +117,8 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
       timing.setdefault(key, 0.0)
     timing["other"] = seconds - sum(timing[k] for k in ("startup", "sample", "retrieve", "generate", "judge"))
     (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
-    log(f"{remaining} questions in {seconds:.1f} s ({timing['questions_per_second']:.2f} q/s after start-up): "
+    rate = timing["questions_per_second"]
+    log(f"{remaining} questions in {seconds:.1f} s ({rate:.2f} q/s after start-up): "
         + ", ".join(f"{k} {timing[k]:.1f} s" for k in ("startup", "sample", "retrieve", "generate", "judge",
                                                        "other")))
   summary = report.write_reports(out, record.get("label") or method)
@@ -180,10 +181,10 @@ def _make_agent(config: ml_collections.ConfigDict, checkpoint: str | None, servi
   """The agent baselines' LLM: the service at `evaluate.agent_address`, else `--checkpoint` loaded in process
   with `evaluate.agent_backend`, else the generator service itself."""
   if config.evaluate.agent_address:
-    from s3_jax.services import GeneratorClient
+    from s3_jax.services.replicas import connect_generator
 
     address = config.evaluate.agent_address
-    return AgentLM(GeneratorClient(address), f"the LLM at {address}", timings)
+    return AgentLM(connect_generator(address), f"the LLM at {address}", timings)
   if checkpoint:
     from s3_jax.search.searcher import resolve_checkpoint
     from s3_jax.services.generator_backends import InProcessGenerator, make_backend

@@ -58,9 +58,9 @@ def precompute_dir(config: ml_collections.ConfigDict) -> Path:
 def make_retriever(config: ml_collections.ConfigDict, show_progress: bool = True) -> Any:
   """The configured retriever service, or (no address) an index of the configured corpus in process."""
   if config.retriever.address:
-    from s3_jax.services import RetrieverClient
+    from s3_jax.services.replicas import connect_retriever
 
-    return RetrieverClient(config.retriever.address)
+    return connect_retriever(config.retriever.address)
   from s3_jax.retrieval.index_dir import ensure_config_index, load_retriever
 
   return load_retriever(ensure_config_index(config, show_progress))
@@ -69,9 +69,9 @@ def make_retriever(config: ml_collections.ConfigDict, show_progress: bool = True
 def make_generator(config: ml_collections.ConfigDict) -> Any:
   """The configured generator service, or (no address) the backend in process."""
   if config.generator.address:
-    from s3_jax.services import GeneratorClient
+    from s3_jax.services.replicas import connect_generator
 
-    return GeneratorClient(config.generator.address)
+    return connect_generator(config.generator.address)
   from s3_jax.services.generator_backends import InProcessGenerator, backend_from_config
 
   return InProcessGenerator(backend_from_config(config.generator))

@@ -14,8 +14,14 @@ from s3_jax.baselines import deepretrieval, ircot, search_o1, search_r1
 from s3_jax.baselines.base import AgentLM, Timings, close_open_tag, strip_tags
 from s3_jax.baselines.static import ClosedBook, NaiveRAG
 from s3_jax.data.corpus import Doc
-from s3_jax.data.eval_sets import (is_medical, load_set, load_sets, read_mirage, retrieval_query,
-                                   sample_per_source)
+from s3_jax.data.eval_sets import (
+  is_medical,
+  load_set,
+  load_sets,
+  read_mirage,
+  retrieval_query,
+  sample_per_source,
+)
 from s3_jax.data.qa import QAExample
 from s3_jax.services.generator_backends import Completion
 
@@ -87,7 +93,8 @@ def test_search_r1_loop():
   assert carmen.trace["queries"] == ["carmen composer"] and carmen.trace["agent_answer"] == "Georges Bizet"
   assert [d.id for d in carmen.docs] == ["carmen composer-0", "carmen composer-1"]
   traj = carmen.trace["trajectory"]
-  assert traj.startswith("<think>I need the composer.</think> <search> carmen composer</search>\n\n<information>")
+  assert traj.startswith("<think>I need the composer.</think> <search> carmen composer</search>"
+                         "\n\n<information>")
   assert 'Doc 1(Title: "T carmen composer 0") text about carmen composer 0' in traj
   assert traj.endswith("<answer> Georges Bizet</answer>")
   # the invalid policy gets the reminder after each searching turn, and a final turn without search
@@ -103,7 +110,8 @@ def test_search_r1_loop():
 
 def test_ircot_loop():
   replies = {("Who composed Carmen?", 0): "Carmen is an opera. <search_complete>No</search_complete>",
-             ("Who composed Carmen?", 1): "2. It was written by Bizet.\n<search_complete>Yes</search_complete>",
+             ("Who composed Carmen?", 1):
+                 "2. It was written by Bizet.\n<search_complete>Yes</search_complete>",
              ("Capital of France?", 0): "<search_complete>yes</search_complete> Paris is the capital."}
 
   def script(chat):
@@ -118,8 +126,9 @@ def test_ircot_loop():
   assert carmen.trace["queries"] == ["Who composed Carmen?", "Carmen is an opera."]
   assert [d.id for d in carmen.docs] == ["Who composed Carmen?-0", "Carmen is an opera.-0"]
   assert france.trace["queries"] == ["Capital of France?"] and len(france.docs) == 1  # complete at once
-  assert retriever.calls == [(["Who composed Carmen?", "Capital of France?"], 1), (["Carmen is an opera."], 1)]
-  second = [c for c in lm.chats if "1. Carmen is an opera." in c[0]["content"]][0][0]["content"]
+  assert retriever.calls == [(["Who composed Carmen?", "Capital of France?"], 1),
+                             (["Carmen is an opera."], 1)]
+  second = next(c for c in lm.chats if "1. Carmen is an opera." in c[0]["content"])[0]["content"]
   assert "Doc 2 (Title: T Carmen is an opera. 0)\ntext about Carmen is an opera. 0" in second
   assert strip_tags("a <x>b</x> <search_complete>No</search_complete> c") == "a b c"
 
@@ -136,14 +145,15 @@ def test_search_o1_loop():
       return f"Step {n}. {search_o1.BEGIN_QUERY} carmen {n}" if n < 3 else "So \\boxed{Bizet}."
     return "Paris. \\boxed{Paris}"
 
-  agent, lm = _agent(script)
+  agent, _ = _agent(script)
   retriever = Retriever()
   carmen, france = search_o1.SearchO1(_config(max_searches=2, search_topk=1), retriever, agent).run(EXAMPLES)
   assert carmen.trace["queries"] == ["carmen 0", "carmen 1"]  # the third query is refused (limit 2)
   traj = carmen.trace["trajectory"]
   assert f"{search_o1.BEGIN_RESULT}\nfacts about carmen 0\n{search_o1.END_RESULT}" in traj
   assert search_o1.LIMIT_REACHED in traj and traj.endswith("So \\boxed{Bizet}.")
-  assert carmen.trace["agent_answer"] == "Bizet" and [d.id for d in carmen.docs] == ["carmen 0-0", "carmen 1-0"]
+  assert carmen.trace["agent_answer"] == "Bizet"
+  assert [d.id for d in carmen.docs] == ["carmen 0-0", "carmen 1-0"]
   assert france.docs == [] and france.trace["agent_answer"] == "Paris"
   assert search_o1.boxed_answer("x \\boxed{\\frac{1}{2}} y") == "\\frac{1}{2}"
   assert search_o1.final_information("no marker") == "no marker"
@@ -183,7 +193,7 @@ def test_flashrag_sets():
   assert {ex.data_source for ex in nq.examples} == {"nq"}
   hotpot = load_set("hotpotqa", config)
   assert hotpot.path.endswith("flashrag/hotpotqa/dev.jsonl") and len(hotpot.examples) == 2
-  with pytest.raises(FileNotFoundError, match="FlashRAG set 'musique'.*musique/test.jsonl"):
+  with pytest.raises(FileNotFoundError, match=r"FlashRAG set 'musique'.*musique/test\.jsonl"):
     load_set("musique", config)
   mine = load_set(f"mine={FIXTURES / 'qa_small.jsonl'}", config)
   assert mine.name == "mine" and {ex.data_source for ex in mine.examples} == {"fixture"}
@@ -202,10 +212,11 @@ def test_duplicate_ids_rejected(tmp_path):
 def test_mirage_formatting():
   examples = read_mirage(FIXTURES / "mirage" / "benchmark.json", "medqa")
   first = examples[0]
-  # spec §2.1: options written into the question, gold "{key}: {text}"; the question is normalised (strip, "?")
+  # spec §2.1: options in the question, gold "{key}: {text}"; the question is normalised (strip, "?")
   assert first.question == ("Which vitamin deficiency causes scurvy\nOptions:\nA: Vitamin A\nB: Vitamin B12\n"
                             "C: Vitamin C\nD: Vitamin D?")
-  assert first.golden_answers == ("C: Vitamin C",) and first.data_source == "medqa" and first.id == "medqa_0000"
+  assert first.golden_answers == ("C: Vitamin C",)
+  assert first.data_source == "medqa" and first.id == "medqa_0000"
   assert retrieval_query(first.question) == "Which vitamin deficiency causes scurvy"
   assert is_medical(first) and not is_medical(EXAMPLES[0])
   [pubmed] = read_mirage(FIXTURES / "mirage" / "benchmark.json", "pubmedqa")
@@ -217,14 +228,12 @@ def test_mirage_formatting():
 
 
 def test_sample_per_source():
-  import numpy as np
-
   examples = [QAExample(str(i), f"q{i}?", ("a",), "x" if i < 10 else "y") for i in range(13)]
   picked = sample_per_source(examples, 4, seed=42)
-  # at most 4 per source, in s3's draw order (pandas `sample(n, random_state=42)` draws
-  # RandomState(42).choice(n_rows, n, replace=False)); a smaller source is kept whole
-  expected = list(np.random.RandomState(42).permutation(10)[:4])
-  assert [int(ex.id) for ex in picked[:4]] == expected
+  # at most 4 per source, the rows s3's `df.sample(n=4, random_state=42)` picks, in its order: pandas 3.1.1
+  # on a 10-row frame gives rows [8, 1, 5, 0] (checked once; pandas is not a dependency); a smaller source
+  # is kept whole
+  assert [int(ex.id) for ex in picked[:4]] == [8, 1, 5, 0]
   assert [ex.id for ex in picked[4:]] == ["10", "11", "12"]
   assert sample_per_source(examples, 0, seed=1) == examples
 
@@ -234,7 +243,8 @@ def test_chat_continuation_matches_transformers(asset):
 
   tokenizer = load_tokenizer(asset("smollm2-135m-instruct"))
   chat = [{"role": "user", "content": "Who composed Carmen?"},
-          {"role": "assistant", "content": "<think>An opera.</think> <search> carmen</search>\n\n<information>Doc"}]
+          {"role": "assistant",
+           "content": "<think>An opera.</think> <search> carmen</search>\n\n<information>Doc"}]
   ids = chat_ids(tokenizer, chat)
   reference = tokenizer.apply_chat_template(chat, continue_final_message=True, tokenize=False)
   assert tokenizer.decode(ids) == reference
@@ -280,8 +290,8 @@ def test_scorer_closed_book_and_mirage():
 
 
 def test_evaluate_config_keys_validated():
-  with pytest.raises(ValueError, match="evaluate.agent_backend"):
+  with pytest.raises(ValueError, match=r"evaluate\.agent_backend"):
     config_lib.load(str(REPO / "configs/tiny.py"), ["evaluate.agent_backend=openai"])
-  with pytest.raises(ValueError, match="evaluate.runs"):
+  with pytest.raises(ValueError, match=r"evaluate\.runs"):
     config_lib.load(str(REPO / "configs/tiny.py"), ["evaluate.runs=0"])
   assert isinstance(config_lib.default_config().evaluate, ml_collections.ConfigDict)

@@ -127,7 +127,7 @@ def test_runs_resume_and_guards(services, tmp_path, monkeypatch):
   rows, summary = _check_reports(out, runs=2)
   assert len(rows) == 4 and summary["nq"]["genacc_std"] == 0.0  # greedy answers: both runs agree
 
-  with pytest.raises(ValueError, match="different config.*evaluate.rag_topk: 3 -> 5"):
+  with pytest.raises(ValueError, match=r"different config.*evaluate\.rag_topk: 3 -> 5"):
     evaluate(_config("evaluate.rag_topk=5"), "rag", out, datasets="nq", services=services,
              show_progress=False, log=lambda *_: None)
   with pytest.raises(ValueError, match="holds an evaluation of --method rag"):
@@ -147,8 +147,9 @@ def test_mirage_judge_only(services, tmp_path):
   assert len(rows) == 3 and all(r["scores"]["judge"] is not None for r in rows)
   assert summary["medqa"]["judge_asked"] == 1.0
   medqa = [r for r in rows if r["data_source"] == "medqa"]
-  assert medqa[0]["golden_answers"] == ["C: Vitamin C"] and "\nOptions:\nA: Vitamin A\n" in medqa[0]["question"]
-  [docs] = services.retriever.search(["Which vitamin deficiency causes scurvy"], 3)  # the options not searched
+  assert medqa[0]["golden_answers"] == ["C: Vitamin C"]
+  assert "\nOptions:\nA: Vitamin A\n" in medqa[0]["question"]
+  [docs] = services.retriever.search(["Which vitamin deficiency causes scurvy"], 3)  # options not searched
   assert medqa[0]["context"] == generator_context(docs)
 
 
@@ -195,3 +196,28 @@ def test_cli(tmp_path):
   table = subprocess.run([sys.executable, "-m", "s3_jax.evaluate", "--compare", str(tmp_path / "none"),
                           "--out", str(tmp_path / "table")], capture_output=True, text=True, cwd=REPO)
   assert table.returncode == 0 and "| Direct (no retrieval) |" in table.stdout
+
+
+@pytest.mark.slow
+def test_generator_backend_is_a_config_change(services, tmp_path, asset, monkeypatch):
+  """The same evaluation with the generator behind an OpenAI-compatible endpoint (`generator.backend=openai`,
+  as for vLLM's server or a hosted model) gives the answers of the embedded jax backend."""
+  from s3_jax.services.generator_backends import JaxBackend
+  from s3_jax.services.generator_server import GeneratorService
+  from s3_jax.services.http_chat import serve_openai_http
+
+  service = GeneratorService(JaxBackend(str(asset("smollm2-135m-instruct"))), default_max_tokens=16)
+  server, port = serve_openai_http(service, token="k3y")
+  monkeypatch.setenv("S3_JAX_TEST_KEY", "k3y")
+  try:
+    evaluate(_config(), "none", tmp_path / "jax", datasets="nq", services=services, show_progress=False,
+             log=lambda *_: None)
+    evaluate(_config("generator.backend=openai", f"generator.base_url=http://127.0.0.1:{port}/v1",
+                     "generator.key_env=S3_JAX_TEST_KEY"), "none", tmp_path / "openai", datasets="nq",
+             show_progress=False, log=lambda *_: None)
+  finally:
+    server.shutdown()
+  assert [r["answer"] for r in _rows(tmp_path / "jax")] == [r["answer"] for r in _rows(tmp_path / "openai")]
+  with pytest.raises(ValueError, match=r"needs config\.generator\.base_url"):
+    evaluate(_config("generator.backend=openai"), "none", tmp_path / "nourl", datasets="nq",
+             show_progress=False, log=lambda *_: None)

@@ -52,7 +52,7 @@ def _start_generator(config: ml_collections.ConfigDict, stack: contextlib.ExitSt
 def open_services(config: ml_collections.ConfigDict, *, show_progress: bool = True,
                   log: Callable[[str], None] = print) -> Iterator[Services]:
   """Clients for the configured services, starting embedded ones where no address is configured."""
-  from s3_jax.services import GeneratorClient, RetrieverClient
+  from s3_jax.services.replicas import connect_generator, connect_retriever
 
   with contextlib.ExitStack() as stack:
     retriever_address = config.retriever.address
@@ -64,8 +64,8 @@ def open_services(config: ml_collections.ConfigDict, *, show_progress: bool = Tr
       generator_address = _start_generator(config, stack)
       log(f"embedded generator ({config.generator.backend}, {config.generator.model}) serving on "
           f"{generator_address}")
-    retriever = RetrieverClient(retriever_address)
+    retriever = connect_retriever(retriever_address)
     stack.callback(retriever.close)
-    generator = GeneratorClient(generator_address)
+    generator = connect_generator(generator_address)
     stack.callback(generator.close)
     yield Services(retriever, generator, retriever_address, generator_address)

@@ -1,0 +1,143 @@
+"""Several replicas of one service behind one client: each batch is split into contiguous shares over the
+healthy replicas (sent concurrently), and a replica that stops answering is dropped and its share resent to
+the others, so a run survives losing all but one replica. Results come back in request order, so a
+deterministic service (retrieval, greedy generation) gives the same answers whichever replica served them.
+
+  connect_retriever("10.0.0.5:50051,10.0.0.6:50051")  # one address: a RetrieverClient; several: replicas
+  connect_generator(["h1:50052", "h2:50052"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+from s3_jax.services.generator_client import GeneratorClient
+from s3_jax.services.retriever_client import RetrieverClient, ServiceUnavailableError
+
+
+def parse_addresses(spec: str | Sequence[str]) -> list[str]:
+  """`"a:1,b:2"` or `["a:1", "b:2"]` -> the addresses (blank entries and surrounding space dropped)."""
+  items = spec.split(",") if isinstance(spec, str) else list(spec)
+  addresses = [a.strip() for a in items if a and a.strip()]
+  if not addresses:
+    raise ValueError(f"no service address in {spec!r}")
+  if len(set(addresses)) != len(addresses):
+    raise ValueError(f"service address list {spec!r} names an address twice")
+  return addresses
+
+
+class ReplicaSet:
+  """`map(items, call)`: `call(client, share, offset) -> list` over contiguous shares (`offset`: where the
+  share starts in `items`) of `items`, one per healthy
+  replica, concurrently; the results concatenated in order. A replica raising `ServiceUnavailableError` (its
+  client's own retries exhausted) is marked down and its share redone on the others; with none left the
+  error names every address."""
+
+  def __init__(self, clients: Sequence[Any], what: str):
+    if not clients:
+      raise ValueError("a replica set needs at least one client")
+    self.clients, self.what = list(clients), what
+    self.down: dict[str, str] = {}  # address -> why it was dropped
+
+  @property
+  def healthy(self) -> list[Any]:
+    return [c for c in self.clients if c.address not in self.down]
+
+  def map(self, items: Sequence[Any], call: Callable[[Any, list[Any], int], list[Any]]) -> list[Any]:
+    items = list(items)
+    if not items:
+      return []
+    while True:
+      clients = self.healthy
+      if not clients:
+        raise ServiceUnavailableError(f"every {self.what} replica is down: "
+                                      + "; ".join(f"{a}: {why}" for a, why in self.down.items()))
+      n = len(clients)
+      bounds = [len(items) * i // n for i in range(n + 1)]
+      shares = [(c, bounds[i], items[bounds[i]:bounds[i + 1]]) for i, c in enumerate(clients)
+                if bounds[i + 1] > bounds[i]]
+      with futures.ThreadPoolExecutor(max_workers=len(shares)) as pool:
+        pending = [pool.submit(call, client, share, offset) for client, offset, share in shares]
+      results, failed = [], False
+      for (client, _, share), future in zip(shares, pending, strict=True):
+        try:
+          out = future.result()
+        except ServiceUnavailableError as e:
+          self.down[client.address] = str(e)
+          failed = True
+          continue
+        if len(out) != len(share):
+          raise RuntimeError(f"{self.what} at {client.address} returned {len(out)} results for {len(share)}")
+        results.extend(out)
+      if not failed:
+        return results
+      # A replica went down: redo the whole batch on the rest (shares are cheap to recompute, and the order
+      # of results must not depend on which replica failed).
+
+  def first_healthy(self) -> Any:
+    clients = self.healthy
+    if not clients:
+      raise ServiceUnavailableError(f"every {self.what} replica is down: {sorted(self.down)}")
+    return clients[0]
+
+  def close(self) -> None:
+    for client in self.clients:
+      client.close()
+
+
+class ReplicatedRetriever:
+  """`search(queries, k)` over several retriever replicas (`ReplicaSet`)."""
+
+  def __init__(self, addresses: Sequence[str], **client_options: Any):
+    self.replicas = ReplicaSet([RetrieverClient(a, **client_options) for a in addresses], "retriever")
+    self.address = ",".join(addresses)
+
+  def search(self, queries: Sequence[str], k: int) -> list[list[Any]]:
+    return self.replicas.map(queries, lambda client, share, offset: client.search(share, k))
+
+  def health(self) -> Any:
+    return self.replicas.first_healthy().health()
+
+  def close(self) -> None:
+    self.replicas.close()
+
+
+class ReplicatedGenerator:
+  """`complete` / `generate` over several generator replicas (`ReplicaSet`). A share's sampling seed is the
+  request's seed plus the share's position in the batch, so shares never sample with the same seed."""
+
+  def __init__(self, addresses: Sequence[str], **client_options: Any):
+    self.replicas = ReplicaSet([GeneratorClient(a, **client_options) for a in addresses], "generator")
+    self.address = ",".join(addresses)
+
+  def complete(self, chats: Sequence[list[dict[str, str]]], *, seed: int = 0, **kwargs: Any) -> list[Any]:
+    return self.replicas.map(chats, lambda client, share, offset: client.complete(share, seed=seed + offset,
+                                                                                  **kwargs))
+
+  def generate(self, chats: Sequence[list[dict[str, str]]], **kwargs: Any) -> list[str]:
+    return [c.text for c in self.complete(chats, **kwargs)]
+
+  def health(self) -> Any:
+    return self.replicas.first_healthy().health()
+
+  def close(self) -> None:
+    self.replicas.close()
+
+
+def connect_retriever(spec: str | Sequence[str], **client_options: Any) -> Any:
+  """A `RetrieverClient` for one address, a `ReplicatedRetriever` for several (comma-separated or a list).
+  Replicas default to 1 retry each, so a dead one is dropped within about a second."""
+  addresses = parse_addresses(spec)
+  if len(addresses) == 1:
+    return RetrieverClient(addresses[0], **client_options)
+  return ReplicatedRetriever(addresses, **{"retries": 1, **client_options})
+
+
+def connect_generator(spec: str | Sequence[str], **client_options: Any) -> Any:
+  """A `GeneratorClient` for one address, a `ReplicatedGenerator` for several."""
+  addresses = parse_addresses(spec)
+  if len(addresses) == 1:
+    return GeneratorClient(addresses[0], **client_options)
+  return ReplicatedGenerator(addresses, **{"retries": 1, **client_options})
