@@ -31,7 +31,7 @@ assets: install
 	$(PY) -m s3_jax.assets prepare all
 
 lint: install
-	$(VENV)/bin/ruff check s3_jax tests configs benchmarks
+	$(VENV)/bin/ruff check s3_jax tests configs benchmarks launch
 
 test: assets lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -46,3 +46,9 @@ def get_config(arg=None):
 
   c.precompute.splits = "train"  # the trainer needs only the training questions' naive-RAG results
   return c
+
+
+def sweep(add):
+  """Two short runs, the CI's sweep (python -m launch.sweep --config configs/tiny.py:steps=1)."""
+  add(name="base")
+  add(**{"reward.kind": "genacc"})

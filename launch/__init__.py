@@ -1,0 +1,1 @@
+"""Launching s3_jax jobs: ablation sweeps (`python -m launch.sweep`); cloud VM scripts live beside it."""
