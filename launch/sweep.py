@@ -87,8 +87,9 @@ def launch(runs: list[Run], launcher: str, dry_run: bool, log=print) -> None:
   for i, run in enumerate(runs, start=1):
     if launcher == "local":
       command = run.command
-    else:
-      command = ["bash", str(Path(__file__).parent / f"{launcher}.sh"), "run", "--", *run.command]
+    else:  # on the VM, `python` is the checkout's virtual environment (the scripts activate it)
+      script = str(Path(__file__).parent / f"{launcher}.sh")
+      command = ["bash", script, "run", "--", "python", *run.command[1:]]
     if dry_run:
       print(shlex.join(command))
       continue

@@ -100,11 +100,16 @@ def place_local_batch(local: Any, sharding: NamedSharding) -> jax.Array:
 
 
 def maybe_initialize_distributed() -> bool:
-  """`jax.distributed.initialize()` when launched multi-host (`S3_JAX_DIST=1`, or JAX's coordinator
-  variables are set); must run before any other JAX call. Returns whether it initialised."""
+  """`jax.distributed.initialize()` when launched multi-host (`S3_JAX_DIST=1`, or `JAX_COORDINATOR_ADDRESS`
+  set); must run before any other JAX call. Returns whether it initialised. On TPU VMs, Slurm and MPI, JAX
+  finds the processes itself; elsewhere (GPU VMs, `launch/gpu_vm.sh`) `JAX_COORDINATOR_ADDRESS`,
+  `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` say where the coordinator is, how many processes there are and
+  which one this is (JAX reads only the first; the other two are passed here)."""
   import os
 
   if os.environ.get("S3_JAX_DIST") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()
+    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(num_processes=None if count is None else int(count),
+                               process_id=None if index is None else int(index))
     return True
   return False

@@ -30,7 +30,7 @@ def test_dry_run_prints_each_runs_command(launcher, tmp_path):
   assert len(commands) == len(runs) >= 10
   for command, (_, overrides) in zip(commands, runs, strict=True):
     if launcher != "local":
-      assert command[:4] == ["bash", str(REPO / "launch" / f"{launcher}.sh"), "run", "--"]
+      assert command[:5] == ["bash", str(REPO / "launch" / f"{launcher}.sh"), "run", "--", "python"]
       command = command[4:]
     assert command[1:5] == ["-m", "s3_jax.train", "--config", spec]
     assert command[5:-2] == [f"--config.{o}" for o in overrides] and command[-2] == "--workdir"

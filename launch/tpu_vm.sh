@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Cloud TPU VM launcher: create a TPU VM (slice), copy this checkout to every worker, install the TPU
+# requirements, run a command on all workers at once (multi-host JAX), read the logs, delete the VM.
+#
+#   launch/tpu_vm.sh [--dry-run] create|copy|setup|logs|delete
+#   launch/tpu_vm.sh [--dry-run] run -- python -m s3_jax.train --config configs/s3_qwen7b.py:8-3-3 --workdir DIR
+#
+# Settings come from the environment (no secrets in this file; gcloud uses its own login):
+#   TPU_NAME (required), ZONE (required), PROJECT (default: gcloud's), ACCELERATOR (v5litepod-16),
+#   TPU_VERSION (v2-alpha-tpuv5-lite), REMOTE_DIR (s3_jax), CREATE_RETRIES (5), RETRY_SECONDS (60),
+#   SPOT=1 for a spot VM. The run's log is REMOTE_DIR/run.log on every worker.
+# --dry-run prints every command (one per line, shell-quoted) instead of running it.
+set -euo pipefail
+
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY_RUN=1
+  shift
+fi
+VERB="${1:-}"
+shift || true
+
+: "${TPU_NAME:?set TPU_NAME}"
+: "${ZONE:?set ZONE}"
+ACCELERATOR="${ACCELERATOR:-v5litepod-16}"
+TPU_VERSION="${TPU_VERSION:-v2-alpha-tpuv5-lite}"
+REMOTE_DIR="${REMOTE_DIR:-s3_jax}"
+CREATE_RETRIES="${CREATE_RETRIES:-5}"
+RETRY_SECONDS="${RETRY_SECONDS:-60}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+run() {
+  if ((DRY_RUN)); then
+    printf '%q ' "$@" | sed 's/ $//'
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+
+tpu() {
+  local verb="$1"
+  shift
+  local project=()
+  if [[ -n "${PROJECT:-}" ]]; then project=(--project="$PROJECT"); fi
+  run gcloud compute tpus tpu-vm "$verb" "$@" --zone="$ZONE" ${project[@]+"${project[@]}"}
+}
+
+on_all_workers() {
+  tpu ssh "$TPU_NAME" --worker=all --command="$1"
+}
+
+case "$VERB" in
+  create)
+    spot=()
+    if [[ "${SPOT:-0}" == "1" ]]; then spot=(--spot); fi
+    for ((attempt = 1; attempt <= CREATE_RETRIES; attempt++)); do
+      if tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR" --version="$TPU_VERSION" ${spot[@]+"${spot[@]}"}; then
+        exit 0
+      fi
+      echo "create failed (attempt $attempt of $CREATE_RETRIES); retrying in $RETRY_SECONDS s" >&2
+      sleep "$RETRY_SECONDS"
+    done
+    echo "could not create $TPU_NAME after $CREATE_RETRIES attempts" >&2
+    exit 1
+    ;;
+  copy)
+    archive="${TMPDIR:-/tmp}/s3_jax_checkout.tar.gz"
+    run git -C "$ROOT" archive --format=tar.gz --output="$archive" HEAD
+    tpu scp "$archive" "$TPU_NAME:s3_jax_checkout.tar.gz" --worker=all
+    on_all_workers "mkdir -p $REMOTE_DIR && tar -xzf s3_jax_checkout.tar.gz -C $REMOTE_DIR"
+    ;;
+  setup)
+    on_all_workers "cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install --quiet -r requirements-tpu.txt && .venv/bin/pip install --quiet --no-deps -r requirements-assets.txt && .venv/bin/pip install --quiet --no-deps -e ."
+    ;;
+  run)
+    if [[ "${1:-}" == "--" ]]; then shift; fi
+    if (($# == 0)); then
+      echo "usage: $0 run -- COMMAND..." >&2
+      exit 2
+    fi
+    command="$(printf '%q ' "$@")"
+    on_all_workers "cd $REMOTE_DIR && source .venv/bin/activate && S3_JAX_DIST=1 nohup ${command% } > run.log 2>&1 &"
+    ;;
+  logs)
+    tpu ssh "$TPU_NAME" --worker="${WORKER:-0}" --command="tail -n ${LINES:-100} $REMOTE_DIR/run.log"
+    ;;
+  delete)
+    tpu delete "$TPU_NAME" --quiet
+    ;;
+  *)
+    echo "usage: $0 [--dry-run] create|copy|setup|run -- CMD...|logs|delete" >&2
+    exit 2
+    ;;
+esac
