@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -108,8 +109,45 @@ def maybe_initialize_distributed() -> bool:
   import os
 
   if os.environ.get("S3_JAX_DIST") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    # CPU processes (tests, CPU clusters) need a cross-process collectives library; accelerators ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
     jax.distributed.initialize(num_processes=None if count is None else int(count),
                                process_id=None if index is None else int(index))
     return True
   return False
+
+
+def host_max(value: int) -> int:
+  """The largest `value` over all processes (the same answer on each; `value` itself on one process)."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def host_gather(array: np.ndarray) -> np.ndarray:
+  """Every process's rows of `array` concatenated in process order (the array itself on one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(array)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(np.asarray(array), tiled=True))
+
+
+def host_fetch(tree: Any) -> Any:
+  """A tree of global arrays as full host arrays on every process (`jax.device_get` on one process)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def host_barrier(name: str) -> None:
+  """Waits until every process reaches this point (no-op on one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from s3_jax import assets, config_lib
@@ -78,18 +79,21 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
       actor["value_head"] = update_lib.init_value_head(actor_model.config, jax.random.key(config.seed + 2))
     state = learner.init_state(actor, critic if learner.separate_critic else None)
     del actor, critic
-    sampler = Sampler(actor_model, tokenizer=tokenizer, pad_token_id=pad_id, mesh=mesh,
+    # Rollouts run on every host over its own questions, so each samples on its own devices.
+    sample_mesh = mesh if jax.process_count() == 1 else sharding_lib.make_mesh(
+        {"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
+    sampler = Sampler(actor_model, tokenizer=tokenizer, pad_token_id=pad_id, mesh=sample_mesh,
                       rules=[tuple(r) for r in config.sampling_sharding_rules])
     scorer = RewardScorer(services.generator,
                           generator_id=f"{config.generator.backend}:{config.generator.model}",
                           kind=config.reward.kind, rag_cache=data.rag_cache,
                           use_judge=config.reward.use_judge,
-                          cache=AnswerCache(config.reward.cache or workdir / "answers.sqlite"),
+                          cache=AnswerCache(config.reward.cache or workdir / _answers_file()),
                           max_tokens=config.generator.max_tokens)
 
     # Resume from the latest checkpoint, or start at step 0.
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
-    rng = jax.random.key_data(jax.random.key(config.seed))
+    rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))  # host data: saved by any process
     step = checkpointer.latest_step() or 0
     if step:
       restored, meta = checkpointer.restore({"learner": state, "rng": rng}, step)
@@ -117,7 +121,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
         examples, initial = data.batch(step)
         with watch("step"):
           try:
-            sampler.set_params(update_lib.policy_params(state["actor"]["params"]))
+            policy = update_lib.policy_params(state["actor"]["params"])
+            sampler.set_params(policy if jax.process_count() == 1 else sharding_lib.host_fetch(policy))
             policy = SamplerPolicy(sampler, temperature=config.rollout.temperature,
                                    top_p=config.rollout.top_p, top_k=config.rollout.top_k,
                                    rng=jax.random.fold_in(jax.random.wrap_key_data(rng), step))
@@ -151,7 +156,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
         if step % config.checkpoint.every == 0 or step == config.total_steps:
           _save(checkpointer, step, state, rng, data, config)
           saved_step = step
-        if config.checkpoint.hf_export_every and step % config.checkpoint.hf_export_every == 0 and is_main:
+        if config.checkpoint.hf_export_every and step % config.checkpoint.hf_export_every == 0:
           _export(state, actor_model.config, workdir / "hf" / f"step_{step}", config, log)
     finally:
       progress.close()
@@ -163,6 +168,11 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
 
 
 # -- pieces of main, in the order it uses them ---------------------------------------------------------
+
+def _answers_file() -> str:
+  """The run's scored-answer cache: one SQLite file per process (hosts never contend for one file)."""
+  return "answers.sqlite" if jax.process_count() == 1 else f"answers.{jax.process_index()}.sqlite"
+
 
 def _record_config(config: ml_collections.ConfigDict, workdir: Path,
                    log: Callable[[str], None] | None) -> None:
@@ -186,8 +196,10 @@ def _training_data(config, services, show_progress, log) -> TrainingData:
     log(f"no naive-RAG precompute for this config in {folder}: running it now "
         f"(python -m s3_jax.precompute --config ...; done once, then reused)")
   config = _with_splits(config, "train")
-  run_precompute(config, folder, retriever=services.retriever, generator=services.generator,
-                 show_progress=show_progress, log=log)
+  if jax.process_index() == 0:  # one host writes the shared cache folder; the others wait for it
+    run_precompute(config, folder, retriever=services.retriever, generator=services.generator,
+                   show_progress=show_progress, log=log)
+  sharding_lib.host_barrier("precompute")
   return load_training_data(folder, batch_size=config.ppo.batch_size, seed=config.data.shuffle_seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -237,9 +249,12 @@ def _save(checkpointer: Checkpointer, step: int, state, rng, data: TrainingData,
 
 
 def _export(state, decoder_config: DecoderConfig, folder: Path, config, log) -> None:
+  """Every process gathers the searcher (a collective); process 0 writes it."""
   from s3_jax.models.hf import save_hf_params
 
-  params = jax.device_get(update_lib.policy_params(state["actor"]["params"]))
+  params = sharding_lib.host_fetch(update_lib.policy_params(state["actor"]["params"]))
+  if jax.process_index() != 0:
+    return
   save_hf_params(params, decoder_config, folder, assets.resolve(config.searcher.tokenizer))
   log(f"exported the searcher to {folder}")
 

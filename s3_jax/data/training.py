@@ -51,11 +51,14 @@ class TrainingData:
     return {"epoch": step // self.batches_per_epoch, "batch": step % self.batches_per_epoch}
 
   def batch(self, step: int) -> tuple[list[QAExample], list[list[Doc]]]:
-    """This process's share of batch `step`: its questions and their naive-RAG docs (best first)."""
+    """This process's share of batch `step`: its questions and their naive-RAG docs (best first). Shares are
+    contiguous blocks in process order, as `make_array_from_process_local_data` lays rows out, so the
+    global batch is the same whatever the number of processes."""
     where = self.position(step)
     order = np.random.default_rng([self.seed, where["epoch"]]).permutation(len(self.examples))
     rows = order[where["batch"] * self.batch_size:(where["batch"] + 1) * self.batch_size]
-    rows = rows[self.process_index::self.process_count]
+    share = self.batch_size // self.process_count
+    rows = rows[self.process_index * share:(self.process_index + 1) * share]
     examples = [self.examples[i] for i in rows]
     return examples, [self.retrieved[(ex.data_source, ex.question)] for ex in examples]
 

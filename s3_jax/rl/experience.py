@@ -23,6 +23,7 @@ from s3_jax.metrics import Stopwatch
 from s3_jax.reward.service import RewardItem, RewardScorer
 from s3_jax.search.batch import make_batch, train_length
 from s3_jax.search.episode import Episode, EpisodeConfig, run_episodes
+from s3_jax.sharding import host_gather, host_max
 
 
 @dataclasses.dataclass
@@ -55,16 +56,21 @@ def collect(policy: Any, tokenizer: Any, retriever: Any, scorer: RewardScorer, e
              for e in episodes]
     results = scorer.score(items)
   rewards = [r.reward for r in results]
-  longest = max(len(e.prompt_ids) + len(e.ids) for e in episodes)
+  # Every host pads to the same shapes (the longest episode of any host): the batch is one global array.
+  longest = host_max(max(len(e.prompt_ids) + len(e.ids) for e in episodes))
   length = train_length(longest)
   if max_length is not None:
     length = min(length, max(train_length(max_length), longest))
   rb = make_batch(episodes, rewards, pad_id, length=length, allow_empty=True)
   batch = {"tokens": rb.tokens, "attention_mask": rb.attention_mask,
            **response_window(rb, [len(e.prompt_ids) for e in episodes],
-                             train_length(max(len(e.ids) for e in episodes), minimum=64)),
+                             train_length(host_max(max(len(e.ids) for e in episodes)), minimum=64)),
            "group": group_offset + np.repeat(np.arange(len(examples) // n, dtype=np.int32), n)}
-  return Experience(batch, _metrics(episodes, items, results, scorer), episodes, rewards)
+  table = {k: host_gather(v) for k, v in episode_table(episodes, items, results).items()}
+  counts = scorer.stats.take()
+  totals = host_gather(np.array([[counts[k] for k in _COUNTS]], np.float64)).sum(axis=0)
+  metrics = _metrics(table, dict(zip(_COUNTS, totals.tolist(), strict=True)))
+  return Experience(batch, metrics, episodes, rewards)
 
 
 def response_window(rb: Any, prompt_lengths: Sequence[int], width: int) -> dict[str, np.ndarray]:
@@ -83,41 +89,53 @@ def response_window(rb: Any, prompt_lengths: Sequence[int], width: int) -> dict[
           "response_mask": take(rb.policy_mask | rb.obs_mask), "scores": take(rb.rewards)}
 
 
-def _metrics(episodes: Sequence[Episode], items: Sequence[RewardItem], results: Sequence[Any],
-             scorer: RewardScorer) -> dict[str, float]:
+_STATS = ("turns", "searches", "docs_selected", "invalid_actions", "duplicate_queries", "context_tokens",
+          "policy_tokens", "ended_by_completion", "ended_by_cap")
+_COUNTS = ("items", "cache_hits", "generator_calls", "judge_calls", "prompt_too_long")
+
+
+def episode_table(episodes: Sequence[Episode], items: Sequence[RewardItem],
+                  results: Sequence[Any]) -> dict[str, np.ndarray]:
+  """One number per episode for every metric's input (gathered over hosts before the metrics)."""
   stats = [e.stats() for e in episodes]
+  table = {k: np.array([float(s[k]) for s in stats]) for k in _STATS}
+  table["reward"] = np.array([r.reward for r in results], np.float64)
+  for k in ("genacc", "em", "span"):
+    table[k] = np.array([float(getattr(r.scores, k)) for r in results])
+  table["f1"] = np.array([r.scores.f1 for r in results], np.float64)
+  table["rag_genacc"] = np.array([np.nan if r.rag_genacc is None else float(r.rag_genacc) for r in results])
+  table["generator_docs"] = np.array([float(len(item.docs)) for item in items])
+  return table
 
-  def mean(values) -> float:
-    values = list(values)
-    return float(np.mean(values)) if values else 0.0
 
-  turns = sum(s["turns"] for s in stats)
+def _metrics(table: dict[str, np.ndarray], counts: dict[str, float]) -> dict[str, float]:
+  def mean(key: str) -> float:
+    return float(np.mean(table[key])) if len(table[key]) else 0.0
+
   out = {
-      "reward/mean": mean(r.reward for r in results),
-      "reward/std": float(np.std([r.reward for r in results])),
-      "reward/genacc": mean(r.scores.genacc for r in results),
-      "reward/em": mean(r.scores.em for r in results),
-      "reward/span": mean(r.scores.span for r in results),
-      "reward/f1": mean(r.scores.f1 for r in results),
-      "rollout/turns": mean(s["turns"] for s in stats),
-      "rollout/searches": mean(s["searches"] for s in stats),
-      "rollout/docs_selected": mean(s["docs_selected"] for s in stats),
-      "rollout/invalid_action_rate": sum(s["invalid_actions"] for s in stats) / max(turns, 1),
-      "rollout/duplicate_queries": mean(s["duplicate_queries"] for s in stats),
-      "rollout/context_tokens": mean(s["context_tokens"] for s in stats),
-      "rollout/policy_tokens": mean(s["policy_tokens"] for s in stats),
-      "rollout/ended_by_completion": mean(s["ended_by_completion"] for s in stats),
-      "rollout/ended_by_cap": mean(s["ended_by_cap"] for s in stats),
-      "rollout/empty_episodes": float(sum(s["policy_tokens"] == 0 for s in stats)),
-      "rollout/generator_docs": mean(len(item.docs) for item in items),
+      "reward/mean": mean("reward"),
+      "reward/std": float(np.std(table["reward"])),
+      "reward/genacc": mean("genacc"),
+      "reward/em": mean("em"),
+      "reward/span": mean("span"),
+      "reward/f1": mean("f1"),
+      "rollout/turns": mean("turns"),
+      "rollout/searches": mean("searches"),
+      "rollout/docs_selected": mean("docs_selected"),
+      "rollout/invalid_action_rate": float(table["invalid_actions"].sum() / max(table["turns"].sum(), 1)),
+      "rollout/duplicate_queries": mean("duplicate_queries"),
+      "rollout/context_tokens": mean("context_tokens"),
+      "rollout/policy_tokens": mean("policy_tokens"),
+      "rollout/ended_by_completion": mean("ended_by_completion"),
+      "rollout/ended_by_cap": mean("ended_by_cap"),
+      "rollout/empty_episodes": float(np.sum(table["policy_tokens"] == 0)),
+      "rollout/generator_docs": mean("generator_docs"),
   }
-  rag = [r.rag_genacc for r in results if r.rag_genacc is not None]
-  if rag:
-    out["reward/rag_genacc"] = mean(rag)
-  scorer_stats = scorer.stats.take()
-  out["reward/cache_hit_rate"] = scorer_stats["cache_hit_rate"]
-  out["reward/generator_calls"] = float(scorer_stats["generator_calls"])
-  out["reward/judge_calls"] = float(scorer_stats["judge_calls"])
-  out["reward/prompt_too_long"] = float(scorer_stats["prompt_too_long"])
+  rag = table["rag_genacc"][np.isfinite(table["rag_genacc"])]
+  if len(rag):
+    out["reward/rag_genacc"] = float(np.mean(rag))
+  out["reward/cache_hit_rate"] = counts["cache_hits"] / counts["items"] if counts["items"] else 0.0
+  out["reward/generator_calls"] = float(counts["generator_calls"])
+  out["reward/judge_calls"] = float(counts["judge_calls"])
+  out["reward/prompt_too_long"] = float(counts["prompt_too_long"])
   return out
-
