@@ -158,7 +158,7 @@ def test_s3_checkpoint_equals_its_source(services, tmp_path):
   from s3_jax.models.hf import save_hf
   from s3_jax.search.searcher import load_searcher, resolve_checkpoint
 
-  config = _config()
+  config = _config("evaluate.sample=1")
   model, tokenizer, _ = load_searcher(config, None)  # the tiny config's random searcher
   save_hf(model, tmp_path / "run" / "hf" / "step_3", tokenizer)
   save_hf(model, tmp_path / "run" / "hf" / "step_12", tokenizer)
