@@ -37,15 +37,8 @@ COORDINATOR_PORT="${COORDINATOR_PORT:-8476}"
 CREATE_RETRIES="${CREATE_RETRIES:-5}"
 RETRY_SECONDS="${RETRY_SECONDS:-60}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-
-run() {
-  if ((DRY_RUN)); then
-    printf '%q ' "$@" | sed 's/ $//'
-    printf '\n'
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/common.sh
+source "$ROOT/launch/common.sh"
 
 compute() {
   local project=()
@@ -60,21 +53,10 @@ on_host() {
 case "$VERB" in
   create)
     for host in "${HOSTS[@]}"; do
-      created=0
-      for ((attempt = 1; attempt <= CREATE_RETRIES; attempt++)); do
-        if compute instances create "$host" --machine-type="$MACHINE_TYPE" --accelerator="$ACCELERATOR" \
-          --image-family="$IMAGE_FAMILY" --image-project="$IMAGE_PROJECT" --boot-disk-size="${DISK_GB}GB" \
-          --maintenance-policy=TERMINATE --metadata=install-nvidia-driver=True; then
-          created=1
-          break
-        fi
-        echo "create $host failed (attempt $attempt of $CREATE_RETRIES); retrying in $RETRY_SECONDS s" >&2
-        sleep "$RETRY_SECONDS"
-      done
-      if ((!created)); then
-        echo "could not create $host after $CREATE_RETRIES attempts" >&2
-        exit 1
-      fi
+      retry "$CREATE_RETRIES" "$RETRY_SECONDS" "create $host" \
+        compute instances create "$host" --machine-type="$MACHINE_TYPE" --accelerator="$ACCELERATOR" \
+        --image-family="$IMAGE_FAMILY" --image-project="$IMAGE_PROJECT" --boot-disk-size="${DISK_GB}GB" \
+        --maintenance-policy=TERMINATE --metadata=install-nvidia-driver=True
     done
     ;;
   copy)
@@ -92,17 +74,14 @@ case "$VERB" in
     ;;
   run)
     if [[ "${1:-}" == "--" ]]; then shift; fi
-    if (($# == 0)); then
-      echo "usage: $0 run -- COMMAND..." >&2
-      exit 2
-    fi
-    command="$(printf '%q ' "$@")"
+    if (($# == 0)); then usage_error "$0 run -- COMMAND..."; fi
+    command="$(quoted "$@")"
     for i in "${!HOSTS[@]}"; do
       env_vars=""
       if ((${#HOSTS[@]} > 1)); then
         env_vars="JAX_COORDINATOR_ADDRESS=${HOSTS[0]}:$COORDINATOR_PORT JAX_NUM_PROCESSES=${#HOSTS[@]} JAX_PROCESS_ID=$i "
       fi
-      on_host "${HOSTS[$i]}" "cd $REMOTE_DIR && source .venv/bin/activate && ${env_vars}nohup ${command% } > run.log 2>&1 &"
+      on_host "${HOSTS[$i]}" "cd $REMOTE_DIR && ${REMOTE_ENV}source .venv/bin/activate && ${env_vars}nohup ${command} > run.log 2>&1 &"
     done
     ;;
   logs)
@@ -112,7 +91,6 @@ case "$VERB" in
     compute instances delete "${HOSTS[@]}" --quiet
     ;;
   *)
-    echo "usage: $0 [--dry-run] create|copy|setup|run -- CMD...|logs|delete" >&2
-    exit 2
+    usage_error "$0 [--dry-run] create|copy|setup|run -- CMD...|logs|delete"
     ;;
 esac

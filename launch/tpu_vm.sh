@@ -28,15 +28,8 @@ REMOTE_DIR="${REMOTE_DIR:-s3_jax}"
 CREATE_RETRIES="${CREATE_RETRIES:-5}"
 RETRY_SECONDS="${RETRY_SECONDS:-60}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-
-run() {
-  if ((DRY_RUN)); then
-    printf '%q ' "$@" | sed 's/ $//'
-    printf '\n'
-  else
-    "$@"
-  fi
-}
+# shellcheck source=launch/common.sh
+source "$ROOT/launch/common.sh"
 
 tpu() {
   local verb="$1"
@@ -54,15 +47,8 @@ case "$VERB" in
   create)
     spot=()
     if [[ "${SPOT:-0}" == "1" ]]; then spot=(--spot); fi
-    for ((attempt = 1; attempt <= CREATE_RETRIES; attempt++)); do
-      if tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR" --version="$TPU_VERSION" ${spot[@]+"${spot[@]}"}; then
-        exit 0
-      fi
-      echo "create failed (attempt $attempt of $CREATE_RETRIES); retrying in $RETRY_SECONDS s" >&2
-      sleep "$RETRY_SECONDS"
-    done
-    echo "could not create $TPU_NAME after $CREATE_RETRIES attempts" >&2
-    exit 1
+    retry "$CREATE_RETRIES" "$RETRY_SECONDS" "create $TPU_NAME" \
+      tpu create "$TPU_NAME" --accelerator-type="$ACCELERATOR" --version="$TPU_VERSION" ${spot[@]+"${spot[@]}"}
     ;;
   copy)
     archive="${TMPDIR:-/tmp}/s3_jax_checkout.tar.gz"
@@ -75,12 +61,9 @@ case "$VERB" in
     ;;
   run)
     if [[ "${1:-}" == "--" ]]; then shift; fi
-    if (($# == 0)); then
-      echo "usage: $0 run -- COMMAND..." >&2
-      exit 2
-    fi
-    command="$(printf '%q ' "$@")"
-    on_all_workers "cd $REMOTE_DIR && source .venv/bin/activate && S3_JAX_DIST=1 nohup ${command% } > run.log 2>&1 &"
+    if (($# == 0)); then usage_error "$0 run -- COMMAND..."; fi
+    command="$(quoted "$@")"
+    on_all_workers "cd $REMOTE_DIR && ${REMOTE_ENV}source .venv/bin/activate && S3_JAX_DIST=1 nohup ${command} > run.log 2>&1 &"
     ;;
   logs)
     tpu ssh "$TPU_NAME" --worker="${WORKER:-0}" --command="tail -n ${LINES:-100} $REMOTE_DIR/run.log"
@@ -89,7 +72,6 @@ case "$VERB" in
     tpu delete "$TPU_NAME" --quiet
     ;;
   *)
-    echo "usage: $0 [--dry-run] create|copy|setup|run -- CMD...|logs|delete" >&2
-    exit 2
+    usage_error "$0 [--dry-run] create|copy|setup|run -- CMD...|logs|delete"
     ;;
 esac

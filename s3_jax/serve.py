@@ -6,6 +6,9 @@
       [--host 127.0.0.1] [--auth-token T] [--max-tokens 64] [--dtype float32|bfloat16]
       [--base-url URL --key-env OPENAI_API_KEY]   # openai: any OpenAI-compatible endpoint
       [--http-port H]   # also serve OpenAI-style POST /v1/chat/completions (what s3's scripts call)
+      [--tensor-parallel N --gpu-memory-utilization F --max-model-len L]   # vllm engine settings
+  python -m s3_jax.serve wait [--retriever ADDR[,ADDR]] [--generator ADDR[,ADDR]] [--timeout 900]
+      # until every named service's Health answers (exit 1 naming those that never did)
 
 Binds loopback unless told otherwise; a non-loopback host needs --auth-token or $S3_JAX_AUTH_TOKEN, which
 every call must then carry (`authorization: Bearer T`).
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from s3_jax.services import auth
@@ -62,7 +67,8 @@ def serve_retriever(index: str, host: str, port: int, auth_token: str | None, ht
 
 def serve_generator(backend: str, model: str, host: str, port: int, auth_token: str | None, *,
                     max_tokens: int = 64, dtype: str = "float32", base_url: str | None = None,
-                    key_env: str = "OPENAI_API_KEY", http_port: int | None = None, ready=print) -> None:
+                    key_env: str = "OPENAI_API_KEY", http_port: int | None = None,
+                    engine_args: dict | None = None, ready=print) -> None:
   from s3_jax.services.generator_backends import make_backend
   from s3_jax.services.generator_server import GeneratorService, start_server
 
@@ -72,7 +78,10 @@ def serve_generator(backend: str, model: str, host: str, port: int, auth_token: 
       raise ValueError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     engine = make_backend("openai", model, base_url=base_url, key_env=key_env)
   else:
-    engine = make_backend(backend, model, dtype=dtype)
+    if engine_args and backend != "vllm":
+      raise ValueError(f"--tensor-parallel, --gpu-memory-utilization and --max-model-len are vLLM engine "
+                       f"settings: they need --backend vllm, not {backend}")
+    engine = make_backend(backend, model, dtype=dtype, **(engine_args or {}))
   service = GeneratorService(engine, default_max_tokens=max_tokens, token=token)
   stop = _stop_on_signals()
   server, bound = start_server(service, host, port)
@@ -84,6 +93,39 @@ def serve_generator(backend: str, model: str, host: str, port: int, auth_token: 
     http_server, http_bound = serve_openai_http(service, host, http_port, token)
     ready(f"generator HTTP endpoint on http://{host}:{http_bound}/v1/chat/completions", flush=True)
   _wait_then_stop(stop, server, http_server)
+
+
+def wait_for(retrievers: list[str], generators: list[str], timeout: float, auth_token: str | None = None,
+             poll: float = 2.0, ready=print) -> list[str]:
+  """Polls each service's `Health` until it answers or `timeout` seconds pass; returns the addresses that
+  never answered (empty: all ready). A wrong or missing token raises `PermissionError` at once."""
+  from s3_jax.services.generator_client import GeneratorClient
+  from s3_jax.services.retriever_client import RetrieverClient, ServiceUnavailableError
+
+  token = auth_token or os.environ.get(auth.TOKEN_ENV) or None
+  pending = [("retriever", a) for a in retrievers] + [("generator", a) for a in generators]
+  deadline = time.monotonic() + timeout
+  while pending:
+    waiting = []
+    for kind, address in pending:
+      client_type = RetrieverClient if kind == "retriever" else GeneratorClient
+      client = client_type(address, timeout=5.0, retries=0, auth_token=token)
+      try:
+        health = client.health()
+      except ServiceUnavailableError:
+        waiting.append((kind, address))
+        continue
+      finally:
+        client.close()
+      what = (f"{health.kind}, {health.count} docs" if kind == "retriever"
+              else f"{health.backend}, {health.model}")
+      ready(f"{kind} at {address} is {health.status} ({what})", flush=True)
+    pending = waiting
+    if pending and time.monotonic() + poll > deadline:
+      break
+    if pending:
+      time.sleep(poll)
+  return [f"{kind} at {address}" for kind, address in pending]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,15 +151,39 @@ def main(argv: list[str] | None = None) -> int:
   generator.add_argument("--key-env", default="OPENAI_API_KEY", help="openai: env variable holding the key")
   generator.add_argument("--http-port", type=int, default=None,
                          help="also serve OpenAI-style POST /v1/chat/completions on this port")
+  generator.add_argument("--tensor-parallel", type=int, default=None,
+                         help="vllm: GPUs the model is split over (tensor_parallel_size)")
+  generator.add_argument("--gpu-memory-utilization", type=float, default=None,
+                         help="vllm: fraction of each GPU's memory the engine may take")
+  generator.add_argument("--max-model-len", type=int, default=None, help="vllm: context length (8192)")
+  wait = services.add_parser("wait", help="wait until services answer Health")
+  wait.add_argument("--retriever", default="", help="address(es), comma-separated")
+  wait.add_argument("--generator", default="", help="address(es), comma-separated")
+  wait.add_argument("--timeout", type=float, default=900.0, help="seconds to wait in all")
+  wait.add_argument("--auth-token", default=None)
   args = parser.parse_args(argv)
   try:
-    if args.service == "retriever":
+    if args.service == "wait":
+      from s3_jax.services.replicas import parse_addresses
+
+      named = [parse_addresses(x) if x else [] for x in (args.retriever, args.generator)]
+      if not any(named):
+        parser.error("wait: name at least one --retriever or --generator address")
+      missing = wait_for(*named, timeout=args.timeout, auth_token=args.auth_token)
+      if missing:
+        print(f"error: no Health answer within {args.timeout:.0f} s from {', '.join(missing)}",
+              file=sys.stderr)
+        return 1
+    elif args.service == "retriever":
       serve_retriever(args.index, args.host, args.port, args.auth_token, args.http_port)
     else:
       serve_generator(args.backend, args.model, args.host, args.port, args.auth_token,
                       max_tokens=args.max_tokens, dtype=args.dtype, base_url=args.base_url,
-                      key_env=args.key_env, http_port=args.http_port)
-  except (ValueError, FileNotFoundError, OSError, ImportError) as e:
+                      key_env=args.key_env, http_port=args.http_port, engine_args={
+                          k: v for k, v in (("tensor_parallel_size", args.tensor_parallel),
+                                            ("gpu_memory_utilization", args.gpu_memory_utilization),
+                                            ("max_model_len", args.max_model_len)) if v is not None})
+  except (ValueError, FileNotFoundError, OSError, ImportError, PermissionError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

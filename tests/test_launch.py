@@ -1,8 +1,10 @@
 """The cloud VM launchers: every verb's `--dry-run` prints well-formed gcloud commands (parsed here), the
 multi-host run sets each process's coordinates, bad use fails with usage, and the scripts pass shellcheck."""
 
+import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +92,111 @@ def test_scripts_pass_shellcheck():
   scripts = [*sorted(str(p) for p in (REPO / "launch").glob("*.sh")), str(REPO / ".ci" / "run")]
   done = subprocess.run([shellcheck, "--severity=style", *scripts], capture_output=True, text=True)
   assert done.returncode == 0, done.stdout
+
+
+SERVICES_ENV = {"RETRIEVER_HOST": "svc-0", "GENERATOR_HOST": "svc-1", "ZONE": "us-central1-a",
+                "RETRIEVER_INDEX": "/data/wiki 18/index", "RETRIEVER_GPUS": "0,1",
+                "GENERATOR_MODEL": "/models/Qwen2.5-14B-Instruct-GPTQ-Int4", "GENERATOR_GPUS": "2,3,4,5"}
+
+
+def _serve_words(remote_words):
+  """The `python -m s3_jax.serve ...` words inside a started service's remote command."""
+  start = remote_words.index("nohup") + 1
+  return remote_words[start:remote_words.index(">", start)]
+
+
+def test_services_verbs():
+  retriever, generator, wait_r, wait_g, *ready = _dry("services.sh", SERVICES_ENV, "start")
+  assert retriever[:4] == ["gcloud", "compute", "ssh", "svc-0"] and generator[3] == "svc-1"
+  words = _remote(retriever)
+  assert "CUDA_VISIBLE_DEVICES=0,1" in words
+  assert _serve_words(words) == [".venv/bin/python", "-m", "s3_jax.serve", "retriever", "--index",
+                                 "/data/wiki 18/index", "--host", "0.0.0.0", "--port", "50051"]
+  serve = _serve_words(_remote(generator))
+  assert "CUDA_VISIBLE_DEVICES=2,3,4,5" in _remote(generator)
+  options = dict(zip(serve[4::2], serve[5::2], strict=True))
+  assert options["--backend"] == "vllm" and options["--tensor-parallel"] == "4"  # one shard per GPU
+  assert options["--model"] == SERVICES_ENV["GENERATOR_MODEL"] and options["--port"] == "50052"
+  for command, service, port in ((wait_r, "retriever", 50051), (wait_g, "generator", 50052)):
+    words = _remote(command)
+    assert words[words.index("s3_jax.serve") + 1:] == ["wait", f"--{service}", f"127.0.0.1:{port}",
+                                                       "--timeout", "1800"]
+  assert ready == [["retriever", "ready:", "--config.retriever.address=svc-0:50051"],
+                   ["generator", "ready:", "--config.generator.address=svc-1:50052"]]
+  [stop] = _dry("services.sh", SERVICES_ENV, "stop", "generator")
+  assert stop[3] == "svc-1" and "kill" in _remote(stop)
+  [logs] = _dry("services.sh", SERVICES_ENV, "logs", "retriever")
+  assert "services/retriever.log" in _remote(logs)
+  tp2 = _dry("services.sh", {**SERVICES_ENV, "GENERATOR_TP": "2"}, "start", "generator")[0]
+  assert "2" == _serve_words(_remote(tp2))[_serve_words(_remote(tp2)).index("--tensor-parallel") + 1]
+
+
+def test_services_token_never_in_a_command():
+  token = "s3cr3t-t0ken"
+  done = subprocess.run(["bash", str(REPO / "launch" / "services.sh"), "--dry-run", "push-token"],
+                        capture_output=True, text=True, cwd=REPO, env={
+                            "PATH": "/usr/bin:/bin", **SERVICES_ENV, "CLIENT_HOSTS": "train-0,train-1",
+                            "S3_JAX_AUTH_TOKEN": token})
+  assert done.returncode == 0, done.stderr
+  commands = [shlex.split(line) for line in done.stdout.splitlines()]
+  assert sorted(c[3] for c in commands) == ["svc-0", "svc-1", "train-0", "train-1"]
+  assert token not in done.stdout and all(_remote(c)[-3:] == ["cat", ">", ".s3_jax_env"] for c in commands)
+  for script in ("tpu_vm.sh", "gpu_vm.sh"):  # the run verbs load it on the hosts
+    env = TPU_ENV if script == "tpu_vm.sh" else GPU_ENV
+    assert all(". ~/.s3_jax_env;" in " ".join(_remote(c)) for c in _dry(script, env, "run", "--", *TRAIN))
+
+
+def test_services_bad_use():
+  script = str(REPO / "launch" / "services.sh")
+  cases = [({}, ["start"], "RETRIEVER_HOST"), ({**SERVICES_ENV}, ["start", "ranker"], "usage:"),
+           ({**SERVICES_ENV}, ["explode"], "usage:"),
+           ({k: v for k, v in SERVICES_ENV.items() if k != "RETRIEVER_INDEX"}, ["start"], "RETRIEVER_INDEX"),
+           ({"GENERATOR_HOST": "svc-1"}, ["stop", "retriever"], "RETRIEVER_HOST"),
+           ({**SERVICES_ENV}, ["push-token"], "S3_JAX_AUTH_TOKEN")]
+  for env, args, message in cases:
+    done = subprocess.run(["bash", script, "--dry-run", *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", **env})
+    assert done.returncode != 0 and message in done.stderr, (args, done.stderr)
+
+
+def test_services_start_wait_stop_locally(tmp_path):
+  """The real thing on this machine: a BM25 retriever started by the script answers searches like the index
+  it serves, `wait` sees its Health, `stop` ends it."""
+  from conftest import FIXTURES
+
+  from s3_jax.retrieval import build_index, load_retriever
+  from s3_jax.services.retriever_client import RetrieverClient
+
+  build_index(FIXTURES / "corpus_contents.jsonl", tmp_path / "index", "bm25")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "RETRIEVER_HOST": "local",
+         "RETRIEVER_INDEX": str(tmp_path / "index"), "RETRIEVER_PORT": str(port), "WAIT_SECONDS": "120",
+         "SERVICES_DIR": str(tmp_path / "services"), "PYTHON": sys.executable}
+
+  def script(*args):
+    return subprocess.run(["bash", str(REPO / "launch" / "services.sh"), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+  started = script("start")
+  try:
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"--config.retriever.address=127.0.0.1:{port}" in started.stdout
+    assert "retriever at 127.0.0.1" in started.stdout and "SERVING" in started.stdout
+    again = script("start")  # idempotent: the running service is kept
+    assert again.returncode == 0 and "already running" in again.stdout
+    client = RetrieverClient(f"127.0.0.1:{port}")
+    queries = ["Carmen opera", "capital of France"]
+    expected = load_retriever(tmp_path / "index").search(queries, 3)
+    assert [[d.id for d in docs] for docs in client.search(queries, 3)] == [[d.id for d in docs]
+                                                                             for docs in expected]
+    client.close()
+    assert script("logs").returncode == 0
+  finally:
+    stopped = script("stop")
+  assert stopped.returncode == 0, stopped.stderr
+  assert not (tmp_path / "services" / "retriever.pid").exists()
+  gone = subprocess.run([sys.executable, "-m", "s3_jax.serve", "wait", "--retriever", f"127.0.0.1:{port}",
+                         "--timeout", "3"], capture_output=True, text=True, cwd=REPO)
+  assert gone.returncode == 1 and f"retriever at 127.0.0.1:{port}" in gone.stderr
