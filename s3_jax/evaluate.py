@@ -49,11 +49,18 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
              services: Any = None) -> dict[str, Any]:
   """Runs (or resumes) one evaluation into `out`; returns its summary (also written to `summary.json`).
   `services`: running retriever/generator clients to use (`embedded.Services`); default: the config's own
-  (`open_services`)."""
+  (`open_services`).
+
+  Multi-host (every process calls it, after `sharding.maybe_initialize_distributed`): each chunk of
+  questions is split into contiguous per-process shares, every process runs the method and the generator on
+  its own, and process 0 gathers the rows and writes every output; what is left to do is what process 0's
+  `predictions.jsonl` says."""
   import contextlib
 
+  import jax
   from tqdm import tqdm
 
+  from s3_jax import sharding as sharding_lib
   from s3_jax.services.embedded import open_services
 
   if method not in METHODS:
@@ -68,9 +75,18 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
   sets = load_sets(datasets or config.evaluate.datasets or config.data.test, config)
   if not config.reward.use_judge and any(is_medical(ex) for s in sets for ex in s.examples):
     raise ValueError("MIRAGE sets are scored by the judge alone: set --config.reward.use_judge=True")
-  record = _check_record(out, method, checkpoint, config)
+  index, count = jax.process_index(), jax.process_count()
+  is_main = index == 0
+  log = log if is_main else (lambda *_: None)
+  try:
+    record, problem = _check_record(out, method, checkpoint, config, write=is_main), ""
+  except ValueError as e:
+    record, problem = {}, str(e)
+  problems = [p for p in sharding_lib.host_gather_objects(problem) if p]
+  if problems:  # every process stops, not only the one that saw it
+    raise ValueError(problems[0])
   predictions = out / "predictions.jsonl"
-  done = _done(predictions)
+  done = {tuple(key) for key in sharding_lib.host_broadcast_object(sorted(_done(predictions)))}
   todo = [(run, s, [ex for ex in s.examples if (ex.data_source, ex.id, run) not in done])
           for run in range(runs) for s in sets]
   remaining = sum(len(examples) for _, _, examples in todo)
@@ -86,24 +102,29 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
       retriever = TimedRetriever(services.retriever, timings)
       model = _make_method(method, config, retriever, services, checkpoint, timings, log)
       record["label"] = model.label
-      (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+      if is_main:
+        (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
       scorer = RewardScorer(services.generator,
                             generator_id=f"{config.generator.backend}:{config.generator.model}",
                             kind="genacc", use_judge=config.reward.use_judge,
-                            cache=AnswerCache(out / "answers.sqlite"), max_tokens=config.generator.max_tokens)
+                            cache=AnswerCache(out / sharding_lib.per_process_name("answers.sqlite")),
+                            max_tokens=config.generator.max_tokens)
       count_tokens = _token_counter(config)
       timings.add("startup", time.perf_counter() - start)  # services, index, models: not per question
-      progress = tqdm(total=remaining, desc=f"evaluate {method}", unit="q", disable=not show_progress,
-                      dynamic_ncols=True)
-      with progress, open(predictions, "a", encoding="utf-8") as f:
+      progress = tqdm(total=remaining, desc=f"evaluate {method}", unit="q",
+                      disable=not show_progress or not is_main, dynamic_ncols=True)
+      with progress, open(predictions, "a", encoding="utf-8") if is_main else contextlib.nullcontext() as f:
         for run, eval_set, examples in todo:
           for first in range(0, len(examples), config.evaluate.batch_size):
             chunk = examples[first:first + config.evaluate.batch_size]
-            rows = _evaluate_chunk(model, scorer, chunk, run, _seed(config.evaluate.seed, run, chunk[0]),
-                                   count_tokens, eval_set)
-            for row in rows:
-              f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
+            mine = chunk[len(chunk) * index // count:len(chunk) * (index + 1) // count]
+            rows = _evaluate_chunk(model, scorer, mine, run, _seed(config.evaluate.seed, run, mine[0]),
+                                   count_tokens, eval_set) if mine else []
+            rows = [row for share in sharding_lib.host_gather_objects(rows) for row in share]
+            if is_main:
+              for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+              f.flush()
             progress.update(len(chunk))
       generator_stats = scorer.stats.take()
     seconds = time.perf_counter() - start
@@ -116,12 +137,14 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
     for key in ("sample", "retrieve"):
       timing.setdefault(key, 0.0)
     timing["other"] = seconds - sum(timing[k] for k in ("startup", "sample", "retrieve", "generate", "judge"))
-    (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    if is_main:  # process 0's own timing (the others ran their shares alongside)
+      (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
     rate = timing["questions_per_second"]
     log(f"{remaining} questions in {seconds:.1f} s ({rate:.2f} q/s after start-up): "
         + ", ".join(f"{k} {timing[k]:.1f} s" for k in ("startup", "sample", "retrieve", "generate", "judge",
                                                        "other")))
-  summary = report.write_reports(out, record.get("label") or method)
+  summary = sharding_lib.host_broadcast_object(
+      report.write_reports(out, record.get("label") or method) if is_main else None)
   log(f"wrote {out / 'summary.json'}, {out / 'table.md'}, {out / 'genacc.png'}")
   avg = summary["average"]
   log(f"{record.get('label') or method}: GenAcc {100 * avg['genacc']:.1f}%, EM {100 * avg['em']:.1f}% "
@@ -165,7 +188,7 @@ def _make_method(method: str, config: ml_collections.ConfigDict, retriever: Time
     from s3_jax.search.searcher import S3Searcher
 
     model = S3Searcher(config, retriever, checkpoint=checkpoint, timings=timings,
-                       mesh=sharding_lib.make_mesh(dict(config.mesh)))
+                       mesh=sharding_lib.rollout_mesh(dict(config.mesh)))
     log(f"searcher: {model.source}")
     return model
   if method in AGENT_METHODS:
@@ -219,10 +242,11 @@ _FREE_KEYS = ("evaluate.datasets", "evaluate.runs", "evaluate.batch_size", "eval
               "evaluate.mirage_file", "retriever.address", "generator.address", "evaluate.agent_address")
 
 
-def _check_record(out: Path, method: str, checkpoint: str | None,
-                  config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _check_record(out: Path, method: str, checkpoint: str | None, config: ml_collections.ConfigDict,
+                  write: bool = True) -> dict[str, Any]:
   """`run.json`: what this folder evaluates. A rerun must evaluate the same thing (datasets and runs may
-  grow; where the services run may change), so predictions of different setups never mix."""
+  grow; where the services run may change), so predictions of different setups never mix. `write`: create
+  it when missing (process 0 only, multi-host)."""
   record = {"method": method, "checkpoint": checkpoint or "",
             "config": json.loads(config.to_json_best_effort(sort_keys=True))}
   path = out / "run.json"
@@ -238,7 +262,7 @@ def _check_record(out: Path, method: str, checkpoint: str | None,
                        + ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed)
                        + "); use another --out")
     record["label"] = before.get("label", "")
-  else:
+  elif write:
     path.write_text(json.dumps(record, indent=2) + "\n")
   return record
 
@@ -280,6 +304,11 @@ def cli(argv: Sequence[str] | None = None) -> None:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+    import jax
+
+    from s3_jax import sharding as sharding_lib
+
+    sharding_lib.maybe_initialize_distributed()  # multi-host: before any other JAX call
     try:
       if compare_flag.value:
         print(compare(compare_flag.value, out_flag.value).read_text())
@@ -291,7 +320,8 @@ def cli(argv: Sequence[str] | None = None) -> None:
                datasets=datasets_flag.value, runs=runs_flag.value)
     except (ValueError, FileNotFoundError, KeyError, assets.AssetError) as e:
       sys.exit(f"error: {e}")
-    print((Path(out_flag.value) / "table.md").read_text())
+    if jax.process_index() == 0:
+      print((Path(out_flag.value) / "table.md").read_text())
 
   app.run(run, argv=argv)
 

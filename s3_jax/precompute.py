@@ -115,18 +115,32 @@ def _read_retrieval(path: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
 
 def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, retriever: Any = None,
                    generator: Any = None, show_progress: bool = True, log=print) -> dict[str, Any]:
-  """Runs (or resumes) the precompute; returns the stats it also writes to `stats.json`."""
+  """Runs (or resumes) the precompute; returns the stats it also writes to `stats.json`.
+
+  Multi-host (every process calls it): each chunk of questions is split into contiguous per-process shares,
+  every process retrieves and answers its own, and the rows are gathered in question order; process 0
+  writes the folder (or, when the processes do not share it, every process writes its own identical copy).
+  The work left to do is what process 0's files say."""
+  import jax
   from tqdm import tqdm
+
+  from s3_jax import sharding as sharding_lib
+  from s3_jax.reward.gbr import AnswerScores
 
   out = Path(out) if out is not None else precompute_dir(config)
   out.mkdir(parents=True, exist_ok=True)
+  index, count = jax.process_index(), jax.process_count()
+  shared = sharding_lib.shared_folder(out)  # a collective: every process asks
+  writes = index == 0 or not shared
+  log = log if index == 0 else (lambda *_: None)
   cache_path = out / "rag_cache.json"
   rag_cache = RagCache.load(cache_path) if cache_path.is_file() else RagCache(path=cache_path)
   retriever = retriever if retriever is not None else make_retriever(config, show_progress)
   generator = generator if generator is not None else _LazyGenerator(config)
   scorer = RewardScorer(generator, generator_id=f"{config.generator.backend}:{config.generator.model}",
                         kind="genacc", use_judge=config.reward.use_judge,
-                        cache=AnswerCache(out / "answers.sqlite"), max_tokens=config.generator.max_tokens)
+                        cache=AnswerCache(out / sharding_lib.per_process_name("answers.sqlite")),
+                        max_tokens=config.generator.max_tokens)
   topk, context_docs, chunk = (config.precompute.retrieval_topk, config.precompute.context_docs,
                                config.precompute.chunk_size)
   stats: dict[str, Any] = {"dir": str(out)}
@@ -138,38 +152,65 @@ def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, r
     examples = examples[:limit] if limit else examples
     retrieval_path = out / f"retrieval_{split}.jsonl"
     retrieved = _read_retrieval(retrieval_path)
-    todo = [ex for ex in examples if (ex.data_source, ex.question) not in retrieved
-            or (ex.data_source, ex.question) not in rag_cache]
+    todo = sharding_lib.host_broadcast_object(
+        [i for i, ex in enumerate(examples) if (ex.data_source, ex.question) not in retrieved
+         or (ex.data_source, ex.question) not in rag_cache])
+    todo = [examples[i] for i in todo]
     if len(todo) < len(examples):
       log(f"precompute {split}: {len(examples) - len(todo)} of {len(examples)} questions already done "
           f"in {out}")
-    progress = tqdm(total=len(todo), desc=f"naive RAG ({split})", unit="q", disable=not show_progress)
-    with progress, open(retrieval_path, "a", encoding="utf-8") as retrieval_file:
+    progress = tqdm(total=len(todo), desc=f"naive RAG ({split})", unit="q",
+                    disable=not show_progress or index != 0)
+    with progress, open(retrieval_path, "a", encoding="utf-8") if writes else _NoFile() as retrieval_file:
       for start in range(0, len(todo), chunk):
         batch = todo[start:start + chunk]
-        results = retriever.search([ex.question for ex in batch], topk)
+        mine = batch[len(batch) * index // count:len(batch) * (index + 1) // count]
+        results = retriever.search([ex.question for ex in mine], topk) if mine else []
         scored = scorer.score([RewardItem(ex.data_source, ex.question, ex.golden_answers,
                                           tuple(docs[:context_docs]))
-                               for ex, docs in zip(batch, results, strict=True)])
-        for ex, docs, result in zip(batch, results, scored, strict=True):
+                               for ex, docs in zip(mine, results, strict=True)])
+        rows = [([_doc_row(d) for d in docs], result.answer, result.scores.as_dict())
+                for docs, result in zip(results, scored, strict=True)]
+        rows = [row for share in sharding_lib.host_gather_objects(rows) for row in share]
+        for ex, (docs, answer, scores) in zip(batch, rows, strict=True):
           retrieval_file.write(json.dumps({"data_source": ex.data_source, "question": ex.question,
-                                           "docs": [_doc_row(d) for d in docs]}, ensure_ascii=False) + "\n")
-          rag_cache.put(ex.data_source, ex.question, result.answer, result.scores)
+                                           "docs": docs}, ensure_ascii=False) + "\n")
+          rag_cache.put(ex.data_source, ex.question, answer, AnswerScores(**scores))
         retrieval_file.flush()
-        rag_cache.save()
+        if writes:
+          rag_cache.save()
         progress.update(len(batch))
     answered = sum(rag_cache.get(ex.data_source, ex.question)["score"] for ex in examples)
     stats[split] = {"questions": len(examples), "naive_rag_genacc": answered / max(len(examples), 1)}
     if split == "train":
       kept = [ex for ex in examples if keep_for_training(ex, rag_cache)]
-      _write_qa(out / "train_filtered.jsonl", kept)
+      if writes:
+        _write_qa(out / "train_filtered.jsonl", kept)
       stats["train"].update({"kept": len(kept), "dropped_yes_no": sum(
           any(a in YES_NO for a in ex.golden_answers) for ex in examples), "dropped_rag_correct": answered})
       log(f"train: {len(examples)} questions -> {len(kept)} kept for training "
           f"(naive RAG already answers {answered}; yes/no-type {stats['train']['dropped_yes_no']})")
-  stats["reward"] = scorer.stats.take()
-  (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+  stats["reward"] = scorer.stats.take()  # this process's share
+  if writes:
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+  sharding_lib.host_barrier("precompute-written")
   return stats
+
+
+class _NoFile:
+  """Stands in for a file that this process does not write (another process writes the shared one)."""
+
+  def __enter__(self) -> _NoFile:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    return None
+
+  def write(self, text: str) -> None:
+    pass
+
+  def flush(self) -> None:
+    pass
 
 
 def _doc_row(doc: Doc) -> dict[str, Any]:
@@ -201,12 +242,18 @@ def main() -> None:
 
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import jax
+
+    from s3_jax import sharding as sharding_lib
+
+    sharding_lib.maybe_initialize_distributed()  # multi-host: before any other JAX call
     try:
       config = config_lib.validate(config_flag.value)
       stats = run_precompute(config, out_flag.value)
     except (ValueError, FileNotFoundError, KeyError, assets.AssetError) as e:
       sys.exit(f"error: {e}")
-    print(json.dumps(stats, indent=2))
+    if jax.process_index() == 0:
+      print(json.dumps(stats, indent=2))
 
   app.run(run)
 

@@ -6,8 +6,11 @@ maps each logical name to mesh axes (`config.sharding_rules`). Names without a r
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -47,6 +50,14 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
                      f"{len(devices)} available")
   return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def rollout_mesh(shape: Mapping[str, int]) -> Mesh:
+  """The mesh rollouts sample on: `shape` (the training mesh) on one process; on several, every process
+  samples its own questions on its own devices (fsdp over the local devices, no cross-host traffic)."""
+  if jax.process_count() == 1:
+    return make_mesh(shape)
+  return make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules,
@@ -106,8 +117,6 @@ def maybe_initialize_distributed() -> bool:
   finds the processes itself; elsewhere (GPU VMs, `launch/gpu_vm.sh`) `JAX_COORDINATOR_ADDRESS`,
   `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` say where the coordinator is, how many processes there are and
   which one this is (JAX reads only the first; the other two are passed here)."""
-  import os
-
   if os.environ.get("S3_JAX_DIST") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     # CPU processes (tests, CPU clusters) need a cross-process collectives library; accelerators ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -151,3 +160,52 @@ def host_barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+def host_gather_objects(obj: Any) -> list[Any]:
+  """Every process's JSON-serialisable `obj`, in process order (`[obj]` on one process): how hosts share
+  rows of results (questions, documents, answers) that are not arrays."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(json.dumps(obj, ensure_ascii=False).encode(), np.uint8)
+  lengths = host_gather(np.asarray([len(data)], np.int64))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))  # (processes, longest)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths.tolist(), strict=True)]
+
+
+def host_broadcast_object(obj: Any) -> Any:
+  """Process 0's JSON-serialisable `obj` on every process (what the others pass is ignored)."""
+  if jax.process_count() == 1:
+    return obj
+  return host_gather_objects(obj if jax.process_index() == 0 else None)[0]
+
+
+def shared_folder(folder: str | os.PathLike) -> bool:
+  """Whether every process sees the same `folder` (a shared filesystem such as NFS or GCS FUSE) rather than
+  a folder of the same name on its own disk. With one: process 0 alone writes shared files; without: every
+  process writes its own copy. True on one process."""
+  if jax.process_count() == 1:
+    return True
+  import uuid
+
+  marker = Path(folder) / ".s3_jax_host0"
+  token = host_broadcast_object(uuid.uuid4().hex)
+  if jax.process_index() == 0:
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(token)
+  host_barrier(f"shared-folder-{token}")
+  seen = marker.read_text() if marker.is_file() else ""
+  return all(host_gather_objects(seen == token))
+
+
+def per_process_name(filename: str) -> str:
+  """`answers.sqlite` on one process, `answers.{process index}.sqlite` on several: files each process writes
+  for itself (hosts never contend for one SQLite file, even on a shared filesystem)."""
+  if jax.process_count() == 1:
+    return filename
+  stem, dot, suffix = filename.partition(".")
+  return f"{stem}.{jax.process_index()}{dot}{suffix}"

@@ -80,15 +80,15 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     state = learner.init_state(actor, critic if learner.separate_critic else None)
     del actor, critic
     # Rollouts run on every host over its own questions, so each samples on its own devices.
-    sample_mesh = mesh if jax.process_count() == 1 else sharding_lib.make_mesh(
-        {"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
+    sample_mesh = mesh if jax.process_count() == 1 else sharding_lib.rollout_mesh(dict(config.mesh))
     sampler = Sampler(actor_model, tokenizer=tokenizer, pad_token_id=pad_id, mesh=sample_mesh,
                       rules=[tuple(r) for r in config.sampling_sharding_rules])
     scorer = RewardScorer(services.generator,
                           generator_id=f"{config.generator.backend}:{config.generator.model}",
                           kind=config.reward.kind, rag_cache=data.rag_cache,
                           use_judge=config.reward.use_judge,
-                          cache=AnswerCache(config.reward.cache or workdir / _answers_file()),
+                          cache=AnswerCache(config.reward.cache
+                                            or workdir / sharding_lib.per_process_name("answers.sqlite")),
                           max_tokens=config.generator.max_tokens)
 
     # Resume from the latest checkpoint, or start at step 0.
@@ -169,11 +169,6 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
 
 # -- pieces of main, in the order it uses them ---------------------------------------------------------
 
-def _answers_file() -> str:
-  """The run's scored-answer cache: one SQLite file per process (hosts never contend for one file)."""
-  return "answers.sqlite" if jax.process_count() == 1 else f"answers.{jax.process_index()}.sqlite"
-
-
 def _record_config(config: ml_collections.ConfigDict, workdir: Path,
                    log: Callable[[str], None] | None) -> None:
   """Writes `config.json`; on a resumed run, names the keys that changed since the first run."""
@@ -195,11 +190,9 @@ def _training_data(config, services, show_progress, log) -> TrainingData:
   if not (folder / "train_filtered.jsonl").is_file():
     log(f"no naive-RAG precompute for this config in {folder}: running it now "
         f"(python -m s3_jax.precompute --config ...; done once, then reused)")
-  config = _with_splits(config, "train")
-  if jax.process_index() == 0:  # one host writes the shared cache folder; the others wait for it
-    run_precompute(config, folder, retriever=services.retriever, generator=services.generator,
-                   show_progress=show_progress, log=log)
-  sharding_lib.host_barrier("precompute")
+  # Every host answers its share of the questions (process 0 writes the folder, or each host its own copy).
+  run_precompute(_with_splits(config, "train"), folder, retriever=services.retriever,
+                 generator=services.generator, show_progress=show_progress, log=log)
   return load_training_data(folder, batch_size=config.ppo.batch_size, seed=config.data.shuffle_seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
 

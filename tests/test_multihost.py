@@ -1,6 +1,8 @@
-"""The multi-host path on one machine: two processes × 4 CPU devices (`jax.distributed.initialize` on
-127.0.0.1, as `launch/gpu_vm.sh` starts hosts) train 2 steps of configs/tiny.py over one 8-device mesh, each
-process rolling out its own half of every batch, and log the metrics of one process with 8 devices."""
+"""The multi-host path on one machine: several processes (`jax.distributed.initialize` on 127.0.0.1, as
+`launch/gpu_vm.sh` starts hosts) produce what one process produces. Training: two processes × 4 CPU devices
+train 2 steps of configs/tiny.py over one 8-device mesh, each rolling out its own half of every batch, and log
+the metrics of one process with 8 devices. Precompute and evaluation: two processes split every chunk of
+questions, answer their shares, and process 0 writes the same files one process writes."""
 
 import json
 import os
@@ -9,46 +11,59 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import FIXTURES, REPO
+
+# XLA's in-process collectives on 8 fake CPU devices abort a run whose device threads wait on each other
+# longer than the default limits; on a loaded 2-core machine a rendezvous inside the sampler's while loop can.
+SLOW_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
+                    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600 "
+                    "--xla_cpu_collective_timeout_seconds=1200")
+
+
+def _start(args, devices, extra_env=None):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES}",
+         **(extra_env or {})}
+  return subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _run_single(args, devices):
+  process = _start(args, devices)
+  out, _ = process.communicate(timeout=1200)
+  assert process.returncode == 0, out[-3000:]
+
+
+def _run_hosts(args_of, devices, hosts=2):
+  """`args_of(i)`: process i's command; every process joins one JAX job through a local coordinator."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  processes = [_start(args_of(i), devices, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                            "JAX_NUM_PROCESSES": str(hosts), "JAX_PROCESS_ID": str(i)})
+               for i in range(hosts)]
+  outputs = [p.communicate(timeout=1200)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0] * hosts, "\n".join(o[-3000:] for o in outputs)
+  return outputs
+
 
 # Greedy rollouts (the same episodes however the batch is split) and one 8-way fsdp mesh in both runs.
-ARGS = ["--config", "configs/tiny.py:steps=2", "--config.rollout.temperature=0", "--config.mesh.fsdp=8",
-        "--config.rollout.max_response_length=16",
-        "--config.ppo.mini_batch_size=8", "--config.ppo.actor_micro_batch_size=8",
-        "--config.ppo.critic_micro_batch_size=8", "--config.ppo.score_micro_batch_size=8"]
+TRAIN = ["s3_jax.train", "--config", "configs/tiny.py:steps=2", "--config.rollout.temperature=0",
+         "--config.mesh.fsdp=8", "--config.rollout.max_response_length=16",
+         "--config.ppo.mini_batch_size=8", "--config.ppo.actor_micro_batch_size=8",
+         "--config.ppo.critic_micro_batch_size=8", "--config.ppo.score_micro_batch_size=8"]
 
 
-def _train(workdir, devices, extra_env=None):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(extra_env or {})}
-  return subprocess.Popen([sys.executable, "-m", "s3_jax.train", *ARGS, "--workdir", str(workdir)], env=env,
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _rows(workdir):
+def _metrics(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
 @pytest.mark.entry
-@pytest.mark.skipif(os.environ.get("S3_JAX_TEST_MULTIHOST") != "1", reason=(
-    "opt-in (S3_JAX_TEST_MULTIHOST=1): on a 2-core box the 1-process × 8-fake-device reference run can "
-    "abort in XLA's in-process all-reduce inside the sampler's while loop (\"stuck\" watchdog); passed 2 of "
-    "3 runs"))
-def test_two_processes_match_one(tmp_path):
-  single = _train(tmp_path / "single", 8)
-  out, _ = single.communicate(timeout=1200)
-  assert single.returncode == 0, out[-3000:]
+def test_training_two_processes_match_one(tmp_path):
+  _run_single([*TRAIN, "--workdir", str(tmp_path / "single")], 8)
+  _run_hosts(lambda i: [*TRAIN, "--workdir", str(tmp_path / "multi")], 4)
 
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  hosts = [_train(tmp_path / "multi", 4, {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-                                          "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
-           for i in range(2)]
-  outputs = [h.communicate(timeout=1200)[0] for h in hosts]
-  assert [h.returncode for h in hosts] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-
-  one, two = _rows(tmp_path / "single"), _rows(tmp_path / "multi")
+  one, two = _metrics(tmp_path / "single"), _metrics(tmp_path / "multi")
   assert [r["step"] for r in two] == [1, 2]  # process 0 alone writes the metrics
   for a, b in zip(one, two, strict=True):
     assert sorted(a) == sorted(b)
@@ -58,3 +73,37 @@ def test_two_processes_match_one(tmp_path):
   assert (tmp_path / "multi" / "checkpoints" / "2").is_dir()
   assert {p.name for p in (tmp_path / "multi").glob("answers*.sqlite")} == {"answers.0.sqlite",
                                                                           "answers.1.sqlite"}
+
+
+# 6 training questions in chunks of 4 (shares 2+2, then 1+1); 5 evaluation questions in chunks of 4 (nq's 3:
+# shares 1+2; hotpotqa's 2: 1+1).
+PRECOMPUTE = ["s3_jax.precompute", "--config", "configs/tiny.py", "--config.data.train_limit=6",
+              "--config.precompute.chunk_size=4"]
+EVALUATE = ["s3_jax.evaluate", "--config", "configs/tiny.py", "--method", "rag", "--datasets", "nq,hotpotqa",
+            f"--config.evaluate.flashrag_dir={FIXTURES / 'flashrag'}", "--config.evaluate.batch_size=4"]
+
+
+@pytest.mark.slow
+@pytest.mark.entry
+def test_precompute_and_evaluate_two_processes_match_one(tmp_path):
+  _run_single([*PRECOMPUTE, "--out", str(tmp_path / "pre1")], 1)
+  _run_single([*EVALUATE, "--out", str(tmp_path / "eval1")], 1)
+  outputs = _run_hosts(lambda i: [*PRECOMPUTE, "--out", str(tmp_path / "pre2")], 1)
+  assert '"kept"' in outputs[0] and '"kept"' not in outputs[1]  # process 0 alone prints the stats
+  _run_hosts(lambda i: [*EVALUATE, "--out", str(tmp_path / "eval2")], 1)
+
+  one, two = tmp_path / "pre1", tmp_path / "pre2"
+  for name in ("rag_cache.json", "train_filtered.jsonl", "retrieval_train.jsonl"):
+    assert (two / name).read_text() == (one / name).read_text(), name
+  stats = [json.loads((folder / "stats.json").read_text()) for folder in (one, two)]
+  assert stats[1]["train"] == stats[0]["train"]
+  assert {p.name for p in two.glob("answers*.sqlite")} == {"answers.0.sqlite", "answers.1.sqlite"}
+  assert len((one / "retrieval_train.jsonl").read_text().splitlines()) == 6
+
+  rows1 = (tmp_path / "eval1" / "predictions.jsonl").read_text().splitlines()
+  rows2 = (tmp_path / "eval2" / "predictions.jsonl").read_text().splitlines()
+  assert len(rows1) == 5 and rows2 == rows1  # the same rows, in the same order
+  for name in ("summary.json", "table.md"):
+    assert (tmp_path / "eval2" / name).read_text() == (tmp_path / "eval1" / name).read_text()
+  assert {p.name for p in (tmp_path / "eval2").glob("answers*.sqlite")} == {"answers.0.sqlite",
+                                                                           "answers.1.sqlite"}

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -125,6 +126,18 @@ def ensure_index(corpus: str | Path, kind: str, *, corpus_limit: int = 0, encode
   out = Path(root or cache_dir() / "indexes") / f"{kind}-{corpus.stem}-{digest}"
   if (out / MANIFEST).is_file():
     return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # Processes starting together (hosts of one job on a shared cache) build it once: the others wait.
+  with open(out.parent / f"{out.name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (out / MANIFEST).is_file():
+      _build_subset_index(corpus, out, kind, corpus_limit, encoder, faiss_kind, query_prefix, passage_prefix,
+                          show_progress)
+  return out
+
+
+def _build_subset_index(corpus: Path, out: Path, kind: str, corpus_limit: int, encoder, faiss_kind: str,
+                        query_prefix: str, passage_prefix: str, show_progress: bool) -> None:
   out.mkdir(parents=True, exist_ok=True)
   source = corpus
   if corpus_limit > 0:  # the first rows, as a corpus file of their own next to the index
@@ -139,7 +152,6 @@ def ensure_index(corpus: str | Path, kind: str, *, corpus_limit: int = 0, encode
             break
   build_index(source, out, kind, encoder=encoder, faiss_kind=faiss_kind, query_prefix=query_prefix,
               passage_prefix=passage_prefix, show_progress=show_progress)
-  return out
 
 
 def ensure_config_index(config: Any, show_progress: bool = True) -> Path:
