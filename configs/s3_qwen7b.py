@@ -31,6 +31,7 @@ def get_config(arg=None):
   c.searcher.init_from = "models/Qwen2.5-7B-Instruct"
   c.searcher.tokenizer = "models/Qwen2.5-7B-Instruct"
   c.searcher.compute_dtype = "bfloat16"
+  c.rollout.param_dtype = "bfloat16"  # the sampler's copy: 15 GB instead of 30 (the masters stay fp32)
 
   c.retriever.kind = "dense"
   c.retriever.address = "127.0.0.1:50051"

@@ -244,6 +244,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.max_response_length = 500
   c.rollout.max_start_length = 2000
   c.rollout.max_obs_length = 1400
+  # The sampler's copy of the policy: "" = searcher.param_dtype; bfloat16 halves its memory and decode traffic
+  # (s3/verl sample with vLLM in bf16); the update keeps the master weights' dtype.
+  c.rollout.param_dtype = ""
 
   # cache: the scored-answer SQLite file; "" = WORKDIR/answers.sqlite (per run, so metrics never depend on
   # what earlier runs cached).
@@ -313,6 +316,7 @@ _CHOICES = {
     "ppo.loss_agg": ("token_mean", "micro_token_mean"),
     "searcher.param_dtype": ("float32", "bfloat16"),
     "searcher.compute_dtype": ("float32", "bfloat16"),
+    "rollout.param_dtype": ("", "float32", "bfloat16"),
     "searcher.remat": ("full", "dots", "none"),
     "evaluate.agent_backend": ("jax", "vllm"),
 }

@@ -54,10 +54,16 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 def rollout_mesh(shape: Mapping[str, int]) -> Mesh:
   """The mesh rollouts sample on: `shape` (the training mesh) on one process; on several, every process
-  samples its own questions on its own devices (fsdp over the local devices, no cross-host traffic)."""
+  samples its own questions on its own devices (no cross-host traffic): the training mesh's tensor axis
+  (which shards the sampler's weights) over the local devices, the rest of them sharding the batch."""
   if jax.process_count() == 1:
     return make_mesh(shape)
-  return make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
+  local = jax.local_devices()
+  tensor = shape.get("tensor", 1)
+  if tensor < 1 or len(local) % tensor:
+    raise ValueError(f"mesh.tensor={tensor} must divide this host's {len(local)} devices (each host samples "
+                     f"its own rollouts on its own devices)")
+  return make_mesh({"data": 1, "fsdp": -1, "tensor": tensor}, devices=local)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules,

@@ -121,7 +121,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
         examples, initial = data.batch(step)
         with watch("step"):
           try:
-            policy = update_lib.policy_params(state["actor"]["params"])
+            policy = update_lib.cast_floats(update_lib.policy_params(state["actor"]["params"]),
+                                            _DTYPES.get(config.rollout.param_dtype))
             sampler.set_params(policy if jax.process_count() == 1 else sharding_lib.host_fetch(policy))
             policy = SamplerPolicy(sampler, temperature=config.rollout.temperature,
                                    top_p=config.rollout.top_p, top_k=config.rollout.top_k,

@@ -221,3 +221,23 @@ def test_bfloat16_compute_tracks_float32():
     assert state["actor"]["params"]["layers"]["q"].dtype == np.float32  # masters stay fp32
   for key in ("actor/entropy", "critic/vf_loss", "critic/value_mean"):
     np.testing.assert_allclose(out["bf16"][1][key], out["fp32"][1][key], rtol=0.05, atol=0.01, err_msg=key)
+
+
+def test_sampler_copy_in_bfloat16_keeps_shardings_and_the_masters():
+  """`rollout.param_dtype=bfloat16`: the sampler's copy of the sharded actor is cast (each array keeps its
+  sharding, values equal NumPy's rounding), the master weights stay float32, and None is the identity."""
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  settings = dataclasses.replace(SETTINGS, actor_micro_batch_size=8, critic_micro_batch_size=8)
+  learner = update_lib.PPOLearner(settings, CONFIG, mesh=mesh)
+  actor, critic = _models()
+  state = learner.init_state(actor, critic)
+  masters = update_lib.policy_params(state["actor"]["params"])
+  copy = update_lib.cast_floats(masters, jnp.bfloat16)
+  for (path, master), cast in zip(jax.tree_util.tree_leaves_with_path(masters), jax.tree.leaves(copy),
+                                  strict=True):
+    assert master.dtype == jnp.float32 and cast.dtype == jnp.bfloat16, jax.tree_util.keystr(path)
+    assert cast.sharding == master.sharding, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(cast).astype(np.float32),
+                                  np.asarray(master).astype(jnp.bfloat16).astype(np.float32))
+  assert update_lib.cast_floats(masters, None) is masters
+  assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(copy))  # the test means something

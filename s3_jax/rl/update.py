@@ -123,6 +123,13 @@ def policy_params(actor: Params) -> Params:
   return {k: v for k, v in actor.items() if k != "value_head"}
 
 
+def cast_floats(params: Params, dtype: Any) -> Params:
+  """`params` with every floating-point array cast to `dtype` (shardings kept); `dtype` None: unchanged."""
+  if dtype is None:
+    return params
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def full_index(batch: int, length: int) -> jax.Array:
   """The window of every position but the first, `[b, t-1]` (what `index` means for whole sequences)."""
   return jnp.broadcast_to(jnp.arange(1, length, dtype=jnp.int32), (batch, length - 1))
