@@ -1,6 +1,7 @@
 """Service replicas behind one client: batches spread over real gRPC retriever servers on 127.0.0.1, a replica
 killed mid-run leaves the results unchanged, and every replica down is an error naming each one."""
 
+import grpc
 import pytest
 from conftest import FIXTURES
 
@@ -103,3 +104,35 @@ def test_address_lists():
   single = connect_retriever("127.0.0.1:1", local_index=None)
   assert type(single).__name__ == "RetrieverClient"
   single.close()
+
+
+def test_a_restarted_replica_rejoins_after_retry_after(retriever):
+  """A replica dropped as dead is tried again once `retry_after` seconds have passed (a fake clock here): a
+  server restarted on its port serves again, with the same results."""
+  services = [CountingService(retriever, "bm25", 5) for _ in range(2)]
+  servers = [retriever_server.start_server(s) for s in services]
+  ports = [port for _, port in servers]
+  client = connect_retriever(",".join(f"127.0.0.1:{port}" for port in ports), local_index=None)
+  now = [0.0]
+  client.replicas.clock = lambda: now[0]
+  reference = _ids(retriever.search(QUERIES[:10], 2))
+  restarted = None
+  try:
+    servers[0][0].stop(grace=0).wait()
+    assert _ids(client.search(QUERIES[:10], 2)) == reference
+    assert list(client.replicas.down) == [f"127.0.0.1:{ports[0]}"]
+    replacement = CountingService(retriever, "bm25", 5)
+    restarted, _ = retriever_server.start_server(replacement, port=ports[0])
+    now[0] = 59.0  # not yet: the replacement gets nothing
+    assert _ids(client.search(QUERIES[:10], 2)) == reference and replacement.queries == 0
+    # In a real minute gRPC has long since reconnected; here wait for the channel's backoff to end.
+    grpc.channel_ready_future(client.replicas.clients[0]._channel).result(timeout=30)
+    now[0] = 60.0
+    assert _ids(client.search(QUERIES[:10], 2)) == reference
+    assert replacement.queries == 5 and not client.replicas.down  # back in the rotation, half the batch
+  finally:
+    for server, _ in servers:
+      server.stop(grace=0)
+    if restarted is not None:
+      restarted.stop(grace=0)
+    client.close()

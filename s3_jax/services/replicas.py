@@ -1,6 +1,7 @@
 """Several replicas of one service behind one client: each batch is split into contiguous shares over the
 healthy replicas (sent concurrently), and a replica that stops answering is dropped and its share resent to
-the others, so a run survives losing all but one replica. Results come back in request order, so a
+the others, so a run survives losing all but one replica. A dropped replica is tried again after `retry_after`
+seconds (60), so one that was restarted rejoins. Results come back in request order, so a
 deterministic service (retrieval, greedy generation) gives the same answers whichever replica served them.
 
   connect_retriever("10.0.0.5:50051,10.0.0.6:50051")  # one address: a RetrieverClient; several: replicas
@@ -9,6 +10,7 @@ deterministic service (retrieval, greedy generation) gives the same answers whic
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
@@ -33,17 +35,27 @@ class ReplicaSet:
   share starts in `items`) of `items`, one per healthy
   replica, concurrently; the results concatenated in order. A replica raising `ServiceUnavailableError` (its
   client's own retries exhausted) is marked down and its share redone on the others; with none left the
-  error names every address."""
+  error names every address. A replica down for `retry_after` seconds is given another chance."""
 
-  def __init__(self, clients: Sequence[Any], what: str):
+  def __init__(self, clients: Sequence[Any], what: str, retry_after: float = 60.0,
+               clock: Callable[[], float] = time.monotonic):
     if not clients:
       raise ValueError("a replica set needs at least one client")
-    self.clients, self.what = list(clients), what
+    self.clients, self.what, self.retry_after, self.clock = list(clients), what, retry_after, clock
     self.down: dict[str, str] = {}  # address -> why it was dropped
+    self._down_since: dict[str, float] = {}
 
   @property
   def healthy(self) -> list[Any]:
+    now = self.clock()
+    for address, since in list(self._down_since.items()):
+      if now - since >= self.retry_after:  # back in the rotation; dropped again if it still does not answer
+        del self._down_since[address], self.down[address]
     return [c for c in self.clients if c.address not in self.down]
+
+  def _drop(self, address: str, why: str) -> None:
+    self.down[address] = why
+    self._down_since[address] = self.clock()
 
   def map(self, items: Sequence[Any], call: Callable[[Any, list[Any], int], list[Any]]) -> list[Any]:
     items = list(items)
@@ -65,7 +77,7 @@ class ReplicaSet:
         try:
           out = future.result()
         except ServiceUnavailableError as e:
-          self.down[client.address] = str(e)
+          self._drop(client.address, str(e))
           failed = True
           continue
         if len(out) != len(share):
