@@ -1,6 +1,19 @@
-# Shared by the launch scripts (sourced, not run): dry-run aware command execution, retries, remote
-# environment. The sourcing script sets DRY_RUN (0 or 1) before calling any of these.
+# Shared by the launch scripts (sourced, not run): argument parsing, dry-run aware command execution,
+# retries, remote environment.
 # shellcheck shell=bash
+
+# parse_args "$@": DRY_RUN (1 after a leading --dry-run, else 0), VERB (the next word) and ARGS (the rest).
+# shellcheck disable=SC2034  # VERB and ARGS are read by the sourcing script
+parse_args() {
+  DRY_RUN=0
+  if [[ "${1:-}" == "--dry-run" ]]; then
+    DRY_RUN=1
+    shift
+  fi
+  VERB="${1:-}"
+  if (($#)); then shift; fi
+  ARGS=("$@")
+}
 
 # Runs a command, or with DRY_RUN=1 prints it (one line, shell-quoted) instead.
 run() {

@@ -16,13 +16,11 @@
 # --dry-run prints every command (one per line, shell-quoted) instead of running it.
 set -euo pipefail
 
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
-VERB="${1:-}"
-shift || true
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$ROOT/launch/common.sh"
+parse_args "$@"
+set -- ${ARGS[@]+"${ARGS[@]}"}
 
 : "${GPU_HOSTS:?set GPU_HOSTS (VM names, the first coordinates)}"
 : "${ZONE:?set ZONE}"
@@ -36,9 +34,6 @@ REMOTE_DIR="${REMOTE_DIR:-s3_jax}"
 COORDINATOR_PORT="${COORDINATOR_PORT:-8476}"
 CREATE_RETRIES="${CREATE_RETRIES:-5}"
 RETRY_SECONDS="${RETRY_SECONDS:-60}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck source=launch/common.sh
-source "$ROOT/launch/common.sh"
 
 compute() {
   local project=()

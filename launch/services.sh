@@ -25,16 +25,11 @@
 # --dry-run prints every command (one per line, shell-quoted) instead of running it.
 set -euo pipefail
 
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
-VERB="${1:-}"
-shift || true
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=launch/common.sh
 source "$ROOT/launch/common.sh"
+parse_args "$@"
+set -- ${ARGS[@]+"${ARGS[@]}"}
 
 USAGE="$0 [--dry-run] start|wait|logs|stop [retriever|generator] | push-token"
 REMOTE_DIR="${REMOTE_DIR:-s3_jax}"

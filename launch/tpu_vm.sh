@@ -12,13 +12,11 @@
 # --dry-run prints every command (one per line, shell-quoted) instead of running it.
 set -euo pipefail
 
-DRY_RUN=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  DRY_RUN=1
-  shift
-fi
-VERB="${1:-}"
-shift || true
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$ROOT/launch/common.sh"
+parse_args "$@"
+set -- ${ARGS[@]+"${ARGS[@]}"}
 
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE}"
@@ -27,9 +25,6 @@ TPU_VERSION="${TPU_VERSION:-v2-alpha-tpuv5-lite}"
 REMOTE_DIR="${REMOTE_DIR:-s3_jax}"
 CREATE_RETRIES="${CREATE_RETRIES:-5}"
 RETRY_SECONDS="${RETRY_SECONDS:-60}"
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck source=launch/common.sh
-source "$ROOT/launch/common.sh"
 
 tpu() {
   local verb="$1"

@@ -78,13 +78,15 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
   index, count = jax.process_index(), jax.process_count()
   is_main = index == 0
   log = log if is_main else (lambda *_: None)
-  try:
-    record, problem = _check_record(out, method, checkpoint, config, write=is_main), ""
-  except ValueError as e:
-    record, problem = {}, str(e)
-  problems = [p for p in sharding_lib.host_gather_objects(problem) if p]
-  if problems:  # every process stops, not only the one that saw it
-    raise ValueError(problems[0])
+  record, problem = {}, ""
+  if is_main:  # process 0 keeps the folder's record; the others write nothing here
+    try:
+      record = _check_record(out, method, checkpoint, config)
+    except ValueError as e:
+      problem = str(e)
+  problem = sharding_lib.host_broadcast_object(problem)
+  if problem:  # every process stops, not only process 0
+    raise ValueError(problem)
   predictions = out / "predictions.jsonl"
   done = {tuple(key) for key in sharding_lib.host_broadcast_object(sorted(_done(predictions)))}
   todo = [(run, s, [ex for ex in s.examples if (ex.data_source, ex.id, run) not in done])
@@ -242,11 +244,10 @@ _FREE_KEYS = ("evaluate.datasets", "evaluate.runs", "evaluate.batch_size", "eval
               "evaluate.mirage_file", "retriever.address", "generator.address", "evaluate.agent_address")
 
 
-def _check_record(out: Path, method: str, checkpoint: str | None, config: ml_collections.ConfigDict,
-                  write: bool = True) -> dict[str, Any]:
+def _check_record(out: Path, method: str, checkpoint: str | None,
+                  config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`run.json`: what this folder evaluates. A rerun must evaluate the same thing (datasets and runs may
-  grow; where the services run may change), so predictions of different setups never mix. `write`: create
-  it when missing (process 0 only, multi-host)."""
+  grow; where the services run may change), so predictions of different setups never mix."""
   record = {"method": method, "checkpoint": checkpoint or "",
             "config": json.loads(config.to_json_best_effort(sort_keys=True))}
   path = out / "run.json"
@@ -262,7 +263,7 @@ def _check_record(out: Path, method: str, checkpoint: str | None, config: ml_col
                        + ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed)
                        + "); use another --out")
     record["label"] = before.get("label", "")
-  elif write:
+  else:
     path.write_text(json.dumps(record, indent=2) + "\n")
   return record
 

@@ -6,6 +6,7 @@ questions, answer their shares, and process 0 writes the same files one process 
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,24 +14,41 @@ import sys
 import pytest
 from conftest import FIXTURES, REPO
 
-# XLA's in-process collectives on 8 fake CPU devices abort a run whose device threads wait on each other
-# longer than the default limits; on a loaded 2-core machine a rendezvous inside the sampler's while loop can.
-SLOW_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
-                    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600 "
-                    "--xla_cpu_collective_timeout_seconds=1200")
+# XLA:CPU's in-process collectives among fake devices of one process block a worker thread per participant,
+# and on a 2-core machine a program with independent collectives (actor and critic, sampler steps) can
+# deadlock with every worker waiting in a different rendezvous (seen in 1 of 3 single-process 8-device tiny
+# runs here, with or without the concurrency-optimised scheduler; never in the 2-process runs, whose
+# collectives go through gloo). A hang becomes an abort after HANG_SECONDS (no healthy rendezvous on this
+# machine waits that long), and the single-process *reference* run is retried: the multi-host code under
+# test runs in the 2-process runs, which get no retry.
+HANG_SECONDS = 180
+COLLECTIVE_FLAGS = (f"--xla_cpu_collective_call_terminate_timeout_seconds={HANG_SECONDS} "
+                    f"--xla_cpu_collective_call_warn_stuck_timeout_seconds={HANG_SECONDS // 2} "
+                    f"--xla_cpu_collective_timeout_seconds={HANG_SECONDS}")
+REFERENCE_ATTEMPTS = 3
 
 
 def _start(args, devices, extra_env=None):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {SLOW_COLLECTIVES}",
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_FLAGS}",
          **(extra_env or {})}
   return subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _run_single(args, devices):
-  process = _start(args, devices)
-  out, _ = process.communicate(timeout=1200)
-  assert process.returncode == 0, out[-3000:]
+def _run_single(args, devices, workdir):
+  """The one-process reference run; retried only when XLA:CPU's collective watchdog aborted it."""
+  for attempt in range(REFERENCE_ATTEMPTS):
+    shutil.rmtree(workdir, ignore_errors=True)
+    process = _start([*args, f"--{'workdir' if args[0] == 's3_jax.train' else 'out'}", str(workdir)], devices)
+    out, _ = process.communicate(timeout=1200)
+    if process.returncode == 0:
+      return
+    watchdog = process.returncode in (-6, 134) and ("stuck" in out.lower() or "rendezvous" in out.lower())
+    if not watchdog:
+      break
+    print(f"reference run attempt {attempt + 1}: XLA:CPU collective watchdog abort; retrying",
+          file=sys.stderr)
+  raise AssertionError(out[-3000:])
 
 
 def _run_hosts(args_of, devices, hosts=2):
@@ -60,7 +78,7 @@ def _metrics(workdir):
 @pytest.mark.slow
 @pytest.mark.entry
 def test_training_two_processes_match_one(tmp_path):
-  _run_single([*TRAIN, "--workdir", str(tmp_path / "single")], 8)
+  _run_single(TRAIN, 8, tmp_path / "single")
   _run_hosts(lambda i: [*TRAIN, "--workdir", str(tmp_path / "multi")], 4)
 
   one, two = _metrics(tmp_path / "single"), _metrics(tmp_path / "multi")
@@ -86,8 +104,8 @@ EVALUATE = ["s3_jax.evaluate", "--config", "configs/tiny.py", "--method", "rag",
 @pytest.mark.slow
 @pytest.mark.entry
 def test_precompute_and_evaluate_two_processes_match_one(tmp_path):
-  _run_single([*PRECOMPUTE, "--out", str(tmp_path / "pre1")], 1)
-  _run_single([*EVALUATE, "--out", str(tmp_path / "eval1")], 1)
+  _run_single(PRECOMPUTE, 1, tmp_path / "pre1")
+  _run_single(EVALUATE, 1, tmp_path / "eval1")
   outputs = _run_hosts(lambda i: [*PRECOMPUTE, "--out", str(tmp_path / "pre2")], 1)
   assert '"kept"' in outputs[0] and '"kept"' not in outputs[1]  # process 0 alone prints the stats
   _run_hosts(lambda i: [*EVALUATE, "--out", str(tmp_path / "eval2")], 1)
