@@ -89,21 +89,21 @@ def _cli(workdir, steps, env_extra=None, *extra):
 def test_killed_run_resumes_to_the_same_metrics_and_parameters(tmp_path, asset):
   for name in ("smollm2-135m-instruct", "wiki-vital", "qa-fanout"):
     asset(name)
-  extra = ("checkpoint.every=2", "checkpoint.hf_export_every=4")
-  straight = _cli(tmp_path / "straight", 4, None, *extra)
+  extra = ("checkpoint.every=2", "checkpoint.hf_export_every=3")
+  straight = _cli(tmp_path / "straight", 3, None, *extra)
   assert straight.returncode == 0, straight.stderr[-3000:]
-  killed = _cli(tmp_path / "resumed", 4, {"S3_JAX_KILL_AT_STEP": "3"}, *extra)
+  killed = _cli(tmp_path / "resumed", 3, {"S3_JAX_KILL_AT_STEP": "3"}, *extra)
   assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
   assert [r["step"] for r in metrics_lib.read_metrics(tmp_path / "resumed")] == [1, 2]
-  resumed = _cli(tmp_path / "resumed", 4, None, *extra)
+  resumed = _cli(tmp_path / "resumed", 3, None, *extra)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stdout + resumed.stderr
   assert _rows(tmp_path / "straight") == _rows(tmp_path / "resumed")
-  assert [r["step"] for r in _rows(tmp_path / "resumed")] == [1, 2, 3, 4]
+  assert [r["step"] for r in _rows(tmp_path / "resumed")] == [1, 2, 3]
   from safetensors.numpy import load_file
 
-  a = load_file(tmp_path / "straight" / "hf" / "step_4" / "model.safetensors")
-  b = load_file(tmp_path / "resumed" / "hf" / "step_4" / "model.safetensors")
+  a = load_file(tmp_path / "straight" / "hf" / "step_3" / "model.safetensors")
+  b = load_file(tmp_path / "resumed" / "hf" / "step_3" / "model.safetensors")
   assert a.keys() == b.keys()
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
