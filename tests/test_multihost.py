@@ -15,13 +15,12 @@ import pytest
 from conftest import FIXTURES, REPO
 
 # XLA:CPU runs each fake device's program on one shared worker pool with a thread per device, and its
-# in-process collectives block a worker per participant. With as many workers as mesh devices, a program
-# whose devices wait in different rendezvous at once (independent collectives: actor and critic, the
-# sampler's loop) can deadlock; on this 2-core machine a single-process 8-device tiny run hung in 3 of 6 runs
-# (in score, update or the sampler's while loop; gloo collectives fail the same way with a size mismatch).
-# The single-process reference therefore has 16 devices and trains on an 8-device mesh of the first 8, which
-# leaves spare workers (every such run passed here). A hang would become an abort after HANG_SECONDS
-# instead of blocking CI; the abort is then retried, for the reference run only.
+# in-process collectives block a worker per participant. A program whose devices wait in different
+# rendezvous at once (independent collectives: actor, reference and critic all-gathers; the sampler's loop)
+# can deadlock: a single-process 8-device tiny run hung or aborted in 6 of 8 runs on this 2-core machine (in
+# score, update or the sampler's while loop). The single-process reference therefore has 16 devices and trains
+# on an 8-device mesh of the first 8, leaving spare workers (6 of 6 runs passed). A hang would become an
+# abort after HANG_SECONDS instead of blocking CI; the abort is then retried, for the reference run only.
 REFERENCE_DEVICES = 16
 HANG_SECONDS = 180
 COLLECTIVE_FLAGS = (f"--xla_cpu_collective_call_terminate_timeout_seconds={HANG_SECONDS} "
