@@ -152,15 +152,12 @@ def host_gather(array: np.ndarray) -> np.ndarray:
 
 
 def host_fetch(tree: Any) -> Any:
-  """A tree of global arrays as full host arrays on every process (`jax.device_get` on one process).
-
-  One array per gather: a single program gathering the whole tree holds many independent collectives, which
-  XLA:CPU may run in a different order on each device (gloo then fails with a size mismatch)."""
+  """A tree of global arrays as full host arrays on every process (`jax.device_get` on one process)."""
   if jax.process_count() == 1:
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
 
-  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def host_barrier(name: str) -> None:

@@ -80,8 +80,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     state = learner.init_state(actor, critic if learner.separate_critic else None)
     del actor, critic
     # Rollouts run on every host over its own questions, so each samples on its own devices.
-    sample_mesh = mesh if jax.process_count() == 1 else sharding_lib.rollout_mesh(dict(config.mesh))
-    sampler = Sampler(actor_model, tokenizer=tokenizer, pad_token_id=pad_id, mesh=sample_mesh,
+    sampler = Sampler(actor_model, tokenizer=tokenizer, pad_token_id=pad_id,
+                      mesh=sharding_lib.rollout_mesh(dict(config.mesh)),
                       rules=[tuple(r) for r in config.sampling_sharding_rules])
     scorer = RewardScorer(services.generator,
                           generator_id=f"{config.generator.backend}:{config.generator.model}",
