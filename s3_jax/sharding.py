@@ -66,6 +66,18 @@ def rollout_mesh(shape: Mapping[str, int]) -> Mesh:
   return make_mesh({"data": 1, "fsdp": -1, "tensor": tensor}, devices=local)
 
 
+def unroll_loops(mesh: Mesh | None) -> bool:
+  """Whether programs on `mesh` must unroll their loops (`lax.scan(..., unroll=True)`) so that all their
+  collectives sit in one flat sequence: true for a CPU mesh of several devices.
+
+  XLA:CPU (jaxlib 0.10) orders a program's collectives within one sequence of operations, but not a loop
+  holding collectives against the collectives beside it: each device may run them in a different order.
+  Across processes gloo then aborts ("Received data size doesn't match expected size"); in one process the
+  in-process communicator can deadlock once every worker thread waits in a different rendezvous. GPUs and
+  TPUs order collectives themselves (loops stay loops there), and one device has no collectives."""
+  return mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules,
                     mesh: Mesh | None = None) -> PartitionSpec:
   """Maps logical names to a `PartitionSpec`. A mesh axis is used at most once per array; mesh axes of
@@ -208,10 +220,12 @@ def shared_folder(folder: str | os.PathLike) -> bool:
   return all(host_gather_objects(seen == token))
 
 
-def per_process_name(filename: str) -> str:
-  """`answers.sqlite` on one process, `answers.{process index}.sqlite` on several: files each process writes
-  for itself (hosts never contend for one SQLite file, even on a shared filesystem)."""
+def per_process_name(path: str | Path) -> str | Path:
+  """`answers.sqlite` on one process, `answers.{process index}.sqlite` on several (the file's name; its folder
+  and the argument's type stay): files each process writes for itself (hosts never contend for one SQLite
+  file, even on a shared filesystem)."""
   if jax.process_count() == 1:
-    return filename
-  stem, dot, suffix = filename.partition(".")
-  return f"{stem}.{jax.process_index()}{dot}{suffix}"
+    return path
+  stem, dot, suffix = Path(path).name.partition(".")
+  named = Path(path).with_name(f"{stem}.{jax.process_index()}{dot}{suffix}")
+  return named if isinstance(path, Path) else str(named)

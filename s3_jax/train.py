@@ -87,8 +87,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
                           generator_id=f"{config.generator.backend}:{config.generator.model}",
                           kind=config.reward.kind, rag_cache=data.rag_cache,
                           use_judge=config.reward.use_judge,
-                          cache=AnswerCache(config.reward.cache
-                                            or workdir / sharding_lib.per_process_name("answers.sqlite")),
+                          cache=AnswerCache(sharding_lib.per_process_name(
+                              config.reward.cache or workdir / "answers.sqlite")),
                           max_tokens=config.generator.max_tokens)
 
     # Resume from the latest checkpoint, or start at step 0.

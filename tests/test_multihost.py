@@ -6,7 +6,6 @@ chunk of questions, answer their shares, and process 0 writes the same files one
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,19 +13,11 @@ import sys
 import pytest
 from conftest import FIXTURES, REPO
 
-# XLA:CPU runs each fake device's program on one shared worker pool with a thread per device, and its
-# in-process collectives block a worker per participant. A program whose devices wait in different
-# rendezvous at once (independent collectives: actor, reference and critic all-gathers; the sampler's loop)
-# can deadlock: a single-process 8-device tiny run hung or aborted in 6 of 8 runs on this 2-core machine (in
-# score, update or the sampler's while loop). The single-process reference therefore has 16 devices and trains
-# on an 8-device mesh of the first 8, leaving spare workers (6 of 6 runs passed). A hang would become an
-# abort after HANG_SECONDS instead of blocking CI; the abort is then retried, for the reference run only.
-REFERENCE_DEVICES = 16
+# A hang (a collective some device never joins) aborts after HANG_SECONDS instead of blocking CI.
 HANG_SECONDS = 180
 COLLECTIVE_FLAGS = (f"--xla_cpu_collective_call_terminate_timeout_seconds={HANG_SECONDS} "
                     f"--xla_cpu_collective_call_warn_stuck_timeout_seconds={HANG_SECONDS // 2} "
                     f"--xla_cpu_collective_timeout_seconds={HANG_SECONDS}")
-REFERENCE_ATTEMPTS = 2
 
 
 def _start(args, devices, extra_env=None):
@@ -37,19 +28,10 @@ def _start(args, devices, extra_env=None):
 
 
 def _run_single(args, devices, workdir):
-  """The one-process reference run; retried only when XLA:CPU's collective watchdog aborted it."""
-  for attempt in range(REFERENCE_ATTEMPTS):
-    shutil.rmtree(workdir, ignore_errors=True)
-    process = _start([*args, f"--{'workdir' if args[0] == 's3_jax.train' else 'out'}", str(workdir)], devices)
-    out, _ = process.communicate(timeout=1200)
-    if process.returncode == 0:
-      return
-    watchdog = process.returncode in (-6, 134) and ("stuck" in out.lower() or "rendezvous" in out.lower())
-    if not watchdog:
-      break
-    print(f"reference run attempt {attempt + 1}: XLA:CPU collective watchdog abort; retrying",
-          file=sys.stderr)
-  raise AssertionError(_failure(out))
+  """The one-process reference run."""
+  process = _start([*args, f"--{'workdir' if args[0] == 's3_jax.train' else 'out'}", str(workdir)], devices)
+  out, _ = process.communicate(timeout=1200)
+  assert process.returncode == 0, _failure(out)
 
 
 def _failure(output):
@@ -86,12 +68,8 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 @pytest.mark.entry
-@pytest.mark.skipif(os.environ.get("S3_JAX_TEST_MULTIHOST") != "1", reason=(
-    "opt-in (S3_JAX_TEST_MULTIHOST=1): XLA:CPU runs a program's independent collectives (fsdp all-gathers of "
-    "actor, reference and critic) in a different order on each fake device; across 2 processes gloo then "
-    "aborts with a size mismatch (every run on this 2-core box today; 2 passes in an earlier session)"))
 def test_training_two_processes_match_one(tmp_path):
-  _run_single(TRAIN, REFERENCE_DEVICES, tmp_path / "single")  # the mesh: mesh.fsdp=8, the first 8
+  _run_single(TRAIN, 8, tmp_path / "single")
   _run_hosts(lambda i: [*TRAIN, "--workdir", str(tmp_path / "multi")], 4)
 
   one, two = _metrics(tmp_path / "single"), _metrics(tmp_path / "multi")
@@ -138,3 +116,19 @@ def test_precompute_and_evaluate_two_processes_match_one(tmp_path):
     assert (tmp_path / "eval2" / name).read_text() == (tmp_path / "eval1" / name).read_text()
   assert {p.name for p in (tmp_path / "eval2").glob("answers*.sqlite")} == {"answers.0.sqlite",
                                                                            "answers.1.sqlite"}
+
+
+def test_per_process_names_keep_folder_and_type(monkeypatch):
+  """Each process's own file beside the configured one (`reward.cache=/shared/answers.sqlite` included)."""
+  from pathlib import Path
+
+  import jax
+
+  from s3_jax import sharding as sharding_lib
+
+  assert sharding_lib.per_process_name("answers.sqlite") == "answers.sqlite"  # one process: unchanged
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert sharding_lib.per_process_name("answers.sqlite") == "answers.1.sqlite"
+  assert sharding_lib.per_process_name("/shared/cache/answers.sqlite") == "/shared/cache/answers.1.sqlite"
+  assert sharding_lib.per_process_name(Path("/w.d/answers.sqlite")) == Path("/w.d/answers.1.sqlite")

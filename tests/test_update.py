@@ -2,6 +2,7 @@
 with the policy gradient's sign flipped, so the test can fail)."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -241,3 +242,58 @@ def test_sampler_copy_in_bfloat16_keeps_shardings_and_the_masters():
                                   np.asarray(master).astype(jnp.bfloat16).astype(np.float32))
   assert update_lib.cast_floats(masters, None) is masters
   assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(copy))  # the test means something
+
+
+_COLLECTIVES = ("all-reduce(", "all-gather(", "reduce-scatter(", "all-to-all(", "collective-permute(",
+                "all-reduce-start(", "all-gather-start(", "collective-permute-start(")
+
+
+def _loops_holding_collectives(hlo: str) -> list[str]:
+  """The while loops of compiled HLO text whose body or condition (or what they call) holds a collective."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    if line.endswith("{") and not line.startswith(" ") and "%" in line:
+      name = line.split("%", 1)[1].split(" ", 1)[0]
+      bodies[name] = []
+    elif line == "}":
+      name = None
+    elif name is not None:
+      bodies[name].append(line)
+  called = r"(?:calls|to_apply|body|condition|branch_computations)=\{?%([\w.\-]+)"
+  calls = {n: set(re.findall(called, "\n".join(b))) for n, b in bodies.items()}
+
+  def holds(n, seen=()):
+    text = "\n".join(bodies.get(n, []))
+    return (any(c in text for c in _COLLECTIVES)
+            or any(holds(m, (*seen, n)) for m in calls.get(n, ()) - {*seen, n}))
+
+  loops = re.findall(r"(%[\w.\-]+) = .* while\(.*?condition=%([\w.\-]+), body=%([\w.\-]+)", hlo)
+  return [loop for loop, cond, body in loops if holds(cond) or holds(body)]
+
+
+def test_cpu_mesh_programs_hold_no_collective_in_a_loop():
+  """XLA:CPU does not order a loop holding collectives against the collectives beside it (devices then run
+  them in different orders: gloo aborts, in-process collectives can deadlock), so on a CPU mesh of several
+  devices the learner unrolls every loop that would hold one; with the loops kept, the update holds such
+  loops (so this check can fail)."""
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  assert sharding_lib.unroll_loops(mesh) and not sharding_lib.unroll_loops(None)
+  assert not sharding_lib.unroll_loops(sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
+  settings = dataclasses.replace(SETTINGS, batch_size=8, mini_batch_size=8, score_micro_batch_size=4,
+                                 epochs=1)
+  learner = update_lib.PPOLearner(settings, CONFIG, mesh=mesh)
+  actor, critic = _models()
+  ref = learner.place_ref(actor)
+  state = learner.init_state(actor, critic)
+  batch = learner.place_batch(_random_batch(np.random.default_rng(0), b=8))
+  scored = learner.score(state, ref, batch)
+  inputs = {k: batch[k] for k in ("tokens", "attention_mask", "index")}
+
+  def programs():
+    score = jax.jit(learner._score_fn).lower(state, ref, inputs).compile().as_text()
+    update = jax.jit(learner._update_fn).lower(state, {**batch, **scored}).compile().as_text()
+    return _loops_holding_collectives(score), _loops_holding_collectives(update)
+
+  assert programs() == ([], [])
+  learner.unroll = False
+  assert programs()[1]

@@ -147,31 +147,35 @@ REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat=False):
+def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat=False,
+                unroll=False, constrain=None):
   t = tokens.shape[1]
-  x = jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype)
+  constrain = constrain or (lambda x: x)
+  x = constrain(jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype))
   inv_freq = jnp.asarray(rope_inv_freq(config))
   mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]
 
   def body(carry, layer):
     p, cached_kv = layer
     cached = None if cache is None else (*cached_kv, cache.valid)
-    return _layer(config, carry, p, positions, inv_freq, mask, cached)
+    x, kv = _layer(config, carry, p, positions, inv_freq, mask, cached)
+    return constrain(x), kv
 
   if remat:  # gradient checkpointing: keep each layer's input, recompute its inside during the backward pass
     policy = REMAT_POLICIES[remat if isinstance(remat, str) else "full"]
     body = jax.checkpoint(body, prevent_cse=False, policy=policy)
-  x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], None if cache is None else (cache.k, cache.v)))
+  x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], None if cache is None else (cache.k, cache.v)),
+                                   unroll=unroll)
   return rms_norm(x, params["final_norm"], config.rms_norm_eps), k_new, v_new
 
 
 def prefill(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, attention_mask: jax.Array,
-            slots: int, compute_dtype: Any = jnp.float32) -> tuple[jax.Array, KVCache]:
+            slots: int, compute_dtype: Any = jnp.float32, unroll: bool = False) -> tuple[jax.Array, KVCache]:
   """Hidden states of left-padded prompts `[b, t]` and a fresh `slots`-slot cache holding their keys and
   values (no attention over an empty cache, which XLA would otherwise constant-fold for ages)."""
   attention_mask = attention_mask.astype(bool)
   hidden, k_new, v_new = _run_layers(config, params, tokens, default_positions(attention_mask),
-                                     attention_mask, None, compute_dtype)
+                                     attention_mask, None, compute_dtype, unroll=unroll)
   pad = [(0, 0)] * 3 + [(0, slots - tokens.shape[1]), (0, 0)]
   valid = jnp.pad(attention_mask, [(0, 0), (0, slots - tokens.shape[1])])
   return hidden, KVCache(jnp.pad(k_new, pad), jnp.pad(v_new, pad), valid, jnp.int32(tokens.shape[1]))
@@ -179,7 +183,8 @@ def prefill(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, at
 
 def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array, *,
             attention_mask: jax.Array | None = None, cache: KVCache | None = None,
-            compute_dtype: Any = jnp.float32, remat: bool = False) -> tuple[jax.Array, KVCache | None]:
+            compute_dtype: Any = jnp.float32, remat: bool = False, unroll: bool = False,
+            constrain: Any = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
 
   Attention is causal over the `t` tokens and skips those where `attention_mask [b, t]` is 0. With a
@@ -188,13 +193,14 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
   The scan over layers only reads the cache; the write is one update after it, which XLA does in place
   inside a decode loop (writing per layer inside the scan copied the whole cache every step).
   `remat=True` recomputes each layer in the backward pass instead of storing its activations (training).
+  `unroll=True` unrolls the scan over layers (`sharding.unroll_loops`: a CPU mesh of several devices).
   """
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), bool)
   attention_mask = attention_mask.astype(bool)
   x, k_new, v_new = _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype,
-                                remat)
+                                remat, unroll, constrain)
   if cache is None:
     return x, None
   start = (0, 0, 0, cache.index, 0)

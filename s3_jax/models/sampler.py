@@ -114,6 +114,7 @@ class Sampler:
         eos.update(candidate)
     self.eos_token_ids = np.asarray(sorted(eos) or [-1], np.int32)
     self.mesh, self.rules = mesh, rules
+    self.unroll = sharding_lib.unroll_loops(mesh)  # layers unrolled on a CPU mesh (collective order)
     self._axes = nest_params({name: p.get_metadata()["logical_axes"]
                               for name, p in model.named_params().items()})
     self.set_params(model.arrays())
@@ -135,7 +136,8 @@ class Sampler:
 
   def _prefill_fn(self, params, tokens, mask, slots_like):
     self.trace_counts["prefill"] += 1  # runs at trace time only
-    hidden, cache = prefill(self.config, params, tokens, mask, slots_like.shape[0], self.compute_dtype)
+    hidden, cache = prefill(self.config, params, tokens, mask, slots_like.shape[0], self.compute_dtype,
+                            unroll=self.unroll)
     logits = lm_logits(params, hidden[:, -1])
     next_position = jnp.sum(mask, axis=1).astype(jnp.int32)
     return cache, logits, next_position
@@ -162,7 +164,7 @@ class Sampler:
       done = s["done"] | hit_eos | (count >= s["max_new"])
       hidden, cache = forward(self.config, params, token[:, None], s["position"][:, None],
                               attention_mask=active[:, None], cache=s["cache"],
-                              compute_dtype=self.compute_dtype)
+                              compute_dtype=self.compute_dtype, unroll=self.unroll)
       return {**s, "rng": rng, "tokens": tokens, "logprobs": logprobs, "count": count, "done": done,
               "eos": s["eos"] | hit_eos, "cache": cache, "logits": lm_logits(params, hidden[:, 0]),
               "position": s["position"] + active.astype(jnp.int32), "step": s["step"] + 1}

@@ -135,10 +135,11 @@ def full_index(batch: int, length: int) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(1, length, dtype=jnp.int32), (batch, length - 1))
 
 
-def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype, remat=False):
+def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype, remat=False,
+            unroll=False, constrain=None):
   mask = attention_mask.astype(bool)
   hidden, _ = forward(config, params, tokens, default_positions(mask), attention_mask=mask,
-                      compute_dtype=compute_dtype, remat=remat)
+                      compute_dtype=compute_dtype, remat=remat, unroll=unroll, constrain=constrain)
   return hidden
 
 
@@ -161,20 +162,22 @@ def _values_from_hidden(head: Params, hidden, index):
 
 
 def token_logprobs(config: DecoderConfig, params: Params, tokens, attention_mask, index=None,
-                   compute_dtype=jnp.float32, with_entropy: bool = False):
+                   compute_dtype=jnp.float32, with_entropy: bool = False, unroll: bool = False,
+                   constrain=None):
   """`logπ(token_i | tokens_<i)` for each position i of `index [b, w]` (default: every position but the
   first), and optionally the entropy of the distribution that produced it. The vocabulary projection runs
   on the window only: the prompt, most of a sequence, needs no logits."""
   index = full_index(*tokens.shape) if index is None else index
-  hidden = _hidden(config, params, tokens, attention_mask, compute_dtype)
+  hidden = _hidden(config, params, tokens, attention_mask, compute_dtype, unroll=unroll, constrain=constrain)
   return _logprobs_from_hidden(params, hidden, tokens, index, with_entropy)
 
 
 def token_values(config: DecoderConfig, critic: Params, tokens, attention_mask, index=None,
-                 compute_dtype=jnp.float32, remat: bool = False):
+                 compute_dtype=jnp.float32, remat: bool = False, unroll: bool = False, constrain=None):
   """`V` for each position i of `index`: the head on the hidden state of token i-1 (s3's `[:, -L-1:-1]`)."""
   index = full_index(*tokens.shape) if index is None else index
-  hidden = _hidden(config, critic["backbone"], tokens, attention_mask, compute_dtype, remat)
+  hidden = _hidden(config, critic["backbone"], tokens, attention_mask, compute_dtype, remat, unroll,
+                   constrain)
   return _values_from_hidden(critic["head"], hidden, index)
 
 
@@ -243,6 +246,7 @@ class PPOLearner:
     self.settings, self.config, self.compute_dtype, self.mesh, self.rules = (
         settings, config, compute_dtype, mesh, rules)
     self.remat = remat  # gradient checkpointing per layer in the update (s3: on for actor and critic)
+    self.unroll = sharding_lib.unroll_loops(mesh)  # every scan unrolled on a CPU mesh (collective order)
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh is not None and mesh.shape[a] > 1)
     self.batch_shards = math.prod(mesh.shape[a] for a in batch_axes) if mesh is not None else 1
     settings.check(self.batch_shards)
@@ -321,6 +325,10 @@ class PPOLearner:
     return {k: sharding_lib.place_local_batch(np.asarray(v), self.batch_sharding(np.ndim(v)))
             for k, v in batch.items()}
 
+  def _rows(self, x: jax.Array) -> jax.Array:
+    """Activations `[b, ...]` sharded on their rows over the batch axes (a layer's output, between layers)."""
+    return self._constrain_rows(x, 0)
+
   def _constrain_rows(self, x: jax.Array, dim: int) -> jax.Array:
     """Shards `x` over the batch axes on dimension `dim` (micro-batches are `[n, micro, t]`)."""
     if self.mesh is None:
@@ -359,17 +367,21 @@ class PPOLearner:
 
     def one(_, mb):
       tokens, mask, index = mb["tokens"], mb["attention_mask"], mb["index"]
-      hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt)
+      hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt, unroll=self.unroll,
+                       constrain=self._rows)
       out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False)[0]}
       if ref is not None:
-        out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt)[0]
+        out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.unroll,
+                                         constrain=self._rows)[0]
       if self.shared_head:
         out["values"] = _values_from_hidden(actor["value_head"], hidden, index)
       elif self.separate_critic:
-        out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, index, cdt)
+        out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, index, cdt,
+                                     unroll=self.unroll, constrain=self._rows)
       return None, out
 
-    _, out = jax.lax.scan(one, None, self._split(batch, self.settings.score_micro_batch_size))
+    _, out = jax.lax.scan(one, None, self._split(batch, self.settings.score_micro_batch_size),
+                          unroll=self.unroll)
     out = {k: self._constrain_rows(self._merge(v), 0) for k, v in out.items()}
     zeros = jnp.zeros(batch["index"].shape, jnp.float32)
     out.setdefault("ref_logp", out["old_logp"] if ref is None else zeros)
@@ -413,7 +425,8 @@ class PPOLearner:
     cdt = self.compute_dtype
     tokens, attn = mb["tokens"], mb["attention_mask"]
     policy = mb["policy_mask"].astype(jnp.float32)
-    hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt, self.remat)
+    hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt, self.remat, self.unroll,
+                     self._rows)
     logp, entropy = _logprobs_from_hidden(params, hidden, tokens, mb["index"], True)
     pg, diag = ppo_lib.policy_loss(logp, mb["old_logp"], mb["advantages"], policy, s.clip_ratio, s.dual_clip)
     sums = {"pg_loss": jnp.sum(pg), "entropy": jnp.sum(entropy * policy),
@@ -436,7 +449,7 @@ class PPOLearner:
     s = self.settings
     response = mb["response_mask"].astype(jnp.float32)
     values = token_values(self.config, params, mb["tokens"], mb["attention_mask"], mb["index"],
-                          self.compute_dtype, self.remat)
+                          self.compute_dtype, self.remat, self.unroll, self._rows)
     vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
     sums = {"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)}
     return sums["vf_loss"] / norm["response"], sums
@@ -462,7 +475,7 @@ class PPOLearner:
       return jax.tree.map(jnp.add, grads, g), sums
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, sums = jax.lax.scan(body, zeros, self._split(minibatch, micro))
+    grads, sums = jax.lax.scan(body, zeros, self._split(minibatch, micro), unroll=self.unroll)
     sums = jax.tree.map(jnp.sum, sums)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = opt.update(grads, learner["opt"], params)
@@ -503,9 +516,9 @@ class PPOLearner:
       return new, out
 
     def epoch(st, _):
-      return jax.lax.scan(minibatch_step, st, minibatches)
+      return jax.lax.scan(minibatch_step, st, minibatches, unroll=self.unroll)
 
-    state, per_step = jax.lax.scan(epoch, state, None, length=s.epochs)
+    state, per_step = jax.lax.scan(epoch, state, None, length=s.epochs, unroll=self.unroll)
     metrics.update({k: jnp.mean(v) for k, v in per_step.items()})
     count = state["actor"]["opt"][1][0].count  # adamw's step counter after this update
     metrics["actor/lr"] = self.actor_lr(count - 1)
