@@ -160,7 +160,7 @@ def test_ablation_switches(tokenizer, retriever):
 
 
 @pytest.mark.slow
-def test_real_policy_batch_of_8(asset, tokenizer, retriever):
+def test_real_policy_batch_of_4(asset, tokenizer, retriever):
   import jax.numpy as jnp
 
   from s3_jax.data.qa import read_qa
@@ -170,7 +170,7 @@ def test_real_policy_batch_of_8(asset, tokenizer, retriever):
   from s3_jax.search.episode import SamplerPolicy
 
   client, local = retriever
-  examples = read_qa(asset("qa-fanout") / "train.jsonl")[:8]
+  examples = read_qa(asset("qa-fanout") / "train.jsonl")[:4]
   model = load_hf(asset("smollm2-135m-instruct"), dtype=jnp.float32)
   policy = SamplerPolicy(Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0),
                          temperature=0.6, top_p=0.95, seed=0)
@@ -178,7 +178,7 @@ def test_real_policy_batch_of_8(asset, tokenizer, retriever):
                          max_obs_length=256, max_prompt_length=4096, bm25=True)
   initial = local.search([e.question for e in examples], 3)
   episodes = run_episodes(policy, tokenizer, client, examples, initial, config)
-  assert len(episodes) == 8 and all(e.ended in ("complete", "turns", "cap") for e in episodes)
+  assert len(episodes) == 4 and all(e.ended in ("complete", "turns", "cap") for e in episodes)
   for e in episodes:
     stats = e.stats()
     assert 1 <= stats["turns"] <= config.max_turns + 1  # exact: max_turns search rounds + a final turn
@@ -188,7 +188,7 @@ def test_real_policy_batch_of_8(asset, tokenizer, retriever):
     assert len(e.prompt_ids) < stats["context_tokens"] <= config.max_prompt_length
     assert stats["docs_selected"] <= sum(len(b) for b in e.blocks)
     assert e.selected_docs(3)  # D_s3 always holds at least the initial block
-  batch = make_batch(episodes, [1.0] * 8, pad_id=tokenizer.pad_token_id or 0)
+  batch = make_batch(episodes, [1.0] * 4, pad_id=tokenizer.pad_token_id or 0)
   assert not (batch.policy_mask & (batch.prompt_mask | batch.obs_mask)).any()
   # Every policy position holds what the policy sampled: decoding it gives the turns' texts back.
   for row, e in enumerate(episodes):

@@ -1,8 +1,9 @@
 """The multi-host path on one machine: several processes (`jax.distributed.initialize` on 127.0.0.1, as
 `launch/gpu_vm.sh` starts hosts) produce what one process produces. Training: two processes × 4 CPU devices
-train 2 steps of configs/tiny.py over one 8-device mesh, each rolling out its own half of every batch, and log
-the metrics of one process training on an 8-device mesh. Precompute and evaluation: two processes split every
-chunk of questions, answer their shares, and process 0 writes the same files one process writes."""
+train 2 steps of configs/tiny.py over one 8-device mesh (fsdp=4 across them × tensor=2), each rolling out its
+own half of every batch, and log the metrics of one process training on the same mesh of 8 devices.
+Precompute and evaluation: two processes split every chunk of questions, answer their shares, and process 0
+writes the same files one process writes."""
 
 import json
 import os
@@ -55,11 +56,13 @@ def _run_hosts(args_of, devices, hosts=2):
   return outputs
 
 
-# Greedy rollouts (the same episodes however the batch is split) and one 8-way fsdp mesh in both runs.
+# Greedy rollouts (the same episodes however the batch is split) and one mesh in both runs: fsdp=4 across
+# the two processes, tensor=2 within each (each process samples its 2 questions on its own 4 devices).
 TRAIN = ["s3_jax.train", "--config", "configs/tiny.py:steps=2", "--config.rollout.temperature=0",
-         "--config.mesh.fsdp=8", "--config.rollout.max_response_length=16",
-         "--config.ppo.mini_batch_size=8", "--config.ppo.actor_micro_batch_size=8",
-         "--config.ppo.critic_micro_batch_size=8", "--config.ppo.score_micro_batch_size=8"]
+         "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.rollout.max_response_length=16",
+         "--config.ppo.batch_size=4", "--config.ppo.mini_batch_size=4",
+         "--config.ppo.actor_micro_batch_size=4", "--config.ppo.critic_micro_batch_size=4",
+         "--config.ppo.score_micro_batch_size=4"]
 
 
 def _metrics(workdir):
