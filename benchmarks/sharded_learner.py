@@ -29,8 +29,9 @@ def _mesh_shape(text: str) -> dict[str, int]:
   shape = {"data": 1, "fsdp": 1, "tensor": 1}
   for part in text.split(","):
     name, _, size = part.partition("=")
-    if name not in shape:
-      raise SystemExit(f"--mesh {text!r}: {name!r} is not one of data, fsdp, tensor")
+    if name not in shape or not size.isdigit() or int(size) < 1:
+      raise SystemExit(f"--mesh {text!r}: {part!r} must be AXIS=SIZE with AXIS one of data, fsdp, tensor "
+                       f"and SIZE a positive integer")
     shape[name] = int(size)
   return shape
 

@@ -297,3 +297,27 @@ def test_cpu_mesh_programs_hold_no_collective_in_a_loop():
   assert programs() == ([], [])
   learner.unroll = False
   assert programs()[1]
+
+
+def test_fsdp_score_gathers_weights_and_keeps_activations_on_their_rows():
+  """On an fsdp mesh each device keeps its rows and all-gathers the weights: the compiled score program holds
+  no all-reduce. Without the learner's constraint on the residual stream XLA follows the weights' sharding
+  (hidden over fsdp) into the activations and all-reduces them in every layer (so this check can fail)."""
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  settings = dataclasses.replace(SETTINGS, batch_size=8, mini_batch_size=8, actor_micro_batch_size=8,
+                                 critic_micro_batch_size=8, score_micro_batch_size=8, epochs=1)
+
+  def collectives(constrained):
+    learner = update_lib.PPOLearner(settings, CONFIG, mesh=mesh)
+    if not constrained:
+      learner._rows = lambda x: x
+    actor, critic = _models()
+    ref, state = learner.place_ref(actor), learner.init_state(actor, critic)
+    batch = learner.place_batch(_random_batch(np.random.default_rng(0), b=8))
+    inputs = {k: batch[k] for k in ("tokens", "attention_mask", "index")}
+    hlo = jax.jit(learner._score_fn).lower(state, ref, inputs).compile().as_text()
+    return len(re.findall(r" all-reduce\(", hlo)), len(re.findall(r" all-gather\(", hlo))
+
+  reduces, gathers = collectives(True)
+  assert reduces == 0 and gathers > 0
+  assert collectives(False)[0] > 0

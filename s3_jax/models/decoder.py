@@ -12,6 +12,7 @@ k kv heads, g query heads per kv head, e head_dim, f mlp, v vocab.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -184,7 +185,7 @@ def prefill(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, at
 def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array, *,
             attention_mask: jax.Array | None = None, cache: KVCache | None = None,
             compute_dtype: Any = jnp.float32, remat: bool = False, unroll: bool = False,
-            constrain: Any = None) -> tuple[jax.Array, KVCache | None]:
+            constrain: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
 
   Attention is causal over the `t` tokens and skips those where `attention_mask [b, t]` is 0. With a
@@ -194,6 +195,8 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
   inside a decode loop (writing per layer inside the scan copied the whole cache every step).
   `remat=True` recomputes each layer in the backward pass instead of storing its activations (training).
   `unroll=True` unrolls the scan over layers (`sharding.unroll_loops`: a CPU mesh of several devices).
+  `constrain` is applied to the residual stream after the embedding and after each layer (the learner keeps
+  it sharded on its rows, so fsdp all-gathers weights instead of all-reducing activations).
   """
   b, t = tokens.shape
   if attention_mask is None:
