@@ -4,7 +4,7 @@ Searcher Qwen2.5-7B-Instruct, dense E5-base-v2 over wiki-18 (FAISS, `query: `/`p
 Qwen2.5-14B-Instruct generator on vLLM, 120 questions per PPO step, 20 steps. The retriever and
 generator run as services (launch/); point their addresses and the data paths at your hosts.
 
-  --config configs/s3_qwen7b.py[:X-Y-Z][,seed=N]
+  --config configs/s3_qwen7b.py[:X-Y-Z][,seed=N][,faithful]
 
 X-Y-Z = docs retrieved per query - docs selected per turn - turns (paper Table 3): 8-3-3 (default),
 5-3-3, 3-3-3, 3-3-4, 5-3-4, ...
@@ -16,7 +16,7 @@ from s3_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="8-3-3", seed=0)
+  arg = config_lib.parse_arg(arg, variant="8-3-3", seed=0, faithful=False)
   match = re.fullmatch(r"(\d+)-(\d+)-(\d+)", arg.variant)
   if not match:
     raise ValueError(f"configs/s3_qwen7b.py: variant {arg.variant!r} must be X-Y-Z, e.g. 8-3-3")
@@ -44,6 +44,8 @@ def get_config(arg=None):
   c.generator.address = "127.0.0.1:50052"
 
   c.checkpoint.every = 10
+  if arg.faithful:  # every s3_jax default that departs from s3's released code, switched to s3's
+    config_lib.use_s3_faithful(c)
   return c
 
 

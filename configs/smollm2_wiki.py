@@ -3,14 +3,14 @@
 SmolLM2-135M-Instruct searcher (critic from the same checkpoint), SmolLM2 generator, BM25 or MiniLM
 dense retrieval over the 10,033 Wikipedia summaries, FanOutQA or trivia questions.
 
-  --config configs/smollm2_wiki.py[:bm25|dense][,qa=fanout|trivia][,runlocal]
+  --config configs/smollm2_wiki.py[:bm25|dense][,qa=fanout|trivia][,runlocal][,faithful]
 """
 
 from s3_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="bm25", qa="fanout", runlocal=False)
+  arg = config_lib.parse_arg(arg, variant="bm25", qa="fanout", runlocal=False, faithful=False)
   if arg.variant not in ("bm25", "dense"):
     raise ValueError(f"configs/smollm2_wiki.py: variant {arg.variant!r} must be bm25 or dense")
   if arg.qa not in ("fanout", "trivia"):
@@ -45,6 +45,8 @@ def get_config(arg=None):
     c.ppo.score_micro_batch_size = 2
     c.rollout.max_turns = 1
     c.rollout.max_response_length = 64
+  if arg.faithful:  # every s3_jax default that departs from s3's released code, switched to s3's
+    config_lib.use_s3_faithful(c)
   return c
 
 

@@ -2,14 +2,14 @@
 SmolLM2 generator, and 3 PPO steps: about 40 s per step on 2 CPU cores (half of it the generator's answers),
 about 2.5 minutes with start-up once the naive-RAG precompute is cached.
 
-  --config configs/tiny.py[:bm25|dense][,steps=N]
+  --config configs/tiny.py[:bm25|dense][,steps=N][,faithful]
 """
 
 from s3_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="bm25", steps=3)
+  arg = config_lib.parse_arg(arg, variant="bm25", steps=3, faithful=False)
   if arg.variant not in ("bm25", "dense"):
     raise ValueError(f"configs/tiny.py: variant {arg.variant!r} must be bm25 or dense")
   c = config_lib.default_config()
@@ -45,6 +45,8 @@ def get_config(arg=None):
   c.evaluate.agent_max_tokens = 32  # the agent baselines' calls, kept short for the CI
 
   c.precompute.splits = "train"  # the trainer needs only the training questions' naive-RAG results
+  if arg.faithful:  # every s3_jax default that departs from s3's released code, switched to s3's
+    config_lib.use_s3_faithful(c)
   return c
 
 

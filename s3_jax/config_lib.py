@@ -163,6 +163,24 @@ def _lookup(config: ml_collections.ConfigDict, dotted: str) -> Any:
   return node
 
 
+def _judge_section() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({"backend": "same", "model": "", "address": "", "base_url": "",
+                                    "key_env": "OPENAI_API_KEY", "retry": "generator"})
+
+
+def use_s3_faithful(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Every choice where s3_jax's default departs from s3's released code switched to s3's behaviour (the
+  configs' `faithful` flag; README, "Differences from s3"): D_s3 by s3's parser on the decoded trajectory,
+  the RAG cache answered from s3's one-line context, training prompts with all 12 precomputed initial docs
+  (s3's `train_s3.py` does not truncate them; its test prompts keep 3), s3's turn count."""
+  c.rollout.doc_extraction = "faithful"
+  c.reward.rag_context_format = "s3"
+  c.rollout.initial_docs = c.precompute.retrieval_topk
+  c.evaluate.initial_docs = 3
+  c.rollout.turn_semantics = "s3"
+  return c
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every key the project reads, with s3's values (spec §6) where s3 has one.
 
@@ -251,6 +269,13 @@ def default_config() -> ml_collections.ConfigDict:
   # cache: the scored-answer SQLite file; "" = WORKDIR/answers.sqlite (per run, so metrics never depend on
   # what earlier runs cached).
   c.reward = ml_collections.ConfigDict({"kind": "paper", "use_judge": True, "cache": ""})
+  # The naive-RAG baseline's generator context (precompute, method rag; spec §3.3): "s3" = the one-line format
+  # s3's RAG cache was answered from, `Doc {i} (Title: "{title}") {text}\n`; "d_s3" = the D_s3 context format.
+  c.reward.rag_context_format = "s3"
+  # The LLM judge of training and the precompute: "same" = the answer generator (s3's training); or its own
+  # generator (backend jax | vllm | openai, at `address` or in process). retry: an unclear verdict is asked
+  # again of the answer "generator" (s3: its default Qwen, whatever judged first) or of the "judge".
+  c.reward.judge = _judge_section()
 
   # Naive-RAG precompute (python -m s3_jax.precompute; spec §3.3). dir "" = a cache folder named by a hash
   # of the settings the results depend on.
@@ -297,6 +322,13 @@ def default_config() -> ml_collections.ConfigDict:
       "datasets": "", "flashrag_dir": "", "mirage_file": "", "sample": 0, "sample_seed": 42, "runs": 1,
       "batch_size": 16, "seed": 0, "rag_topk": 3, "max_searches": 4, "search_topk": 3,
       "agent_backend": "jax", "agent_address": "", "agent_temperature": -1.0, "agent_max_tokens": 0})
+  # The s3 searcher's initial block at evaluation (s3's test prompts: the top 3; rollout.initial_docs is
+  # the training prompts'); the Search-R1 baseline's prompt: "code" (the released code's text, which its
+  # checkpoints were trained on) | "paper"; the evaluation's judge (the paper: Claude-3-Haiku), as
+  # reward.judge.
+  c.evaluate.initial_docs = 3
+  c.evaluate.search_r1_prompt = "code"
+  c.evaluate.judge = _judge_section()
 
   c.checkpoint = ml_collections.ConfigDict({"every": 10, "keep": 3, "hf_export_every": 20})
   c.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "mode": "online"})  # project "" = off
@@ -319,6 +351,12 @@ _CHOICES = {
     "rollout.param_dtype": ("", "float32", "bfloat16"),
     "searcher.remat": ("full", "dots", "none"),
     "evaluate.agent_backend": ("jax", "vllm"),
+    "reward.rag_context_format": ("s3", "d_s3"),
+    "reward.judge.backend": ("same", "jax", "vllm", "openai"),
+    "reward.judge.retry": ("generator", "judge"),
+    "evaluate.judge.backend": ("same", "jax", "vllm", "openai"),
+    "evaluate.judge.retry": ("generator", "judge"),
+    "evaluate.search_r1_prompt": ("code", "paper"),
 }
 _POSITIVE_INTS = (
     "total_steps", "log_every", "rollout.topk", "rollout.max_select", "rollout.max_turns",
@@ -330,7 +368,8 @@ _POSITIVE_INTS = (
     "searcher.model.head_dim", "searcher.model.mlp_size", "precompute.retrieval_topk",
     "precompute.context_docs", "precompute.chunk_size", "rollout.initial_docs",
     "rollout.samples_per_question", "ppo.score_micro_batch_size", "ppo.schedule_steps", "evaluate.runs",
-    "evaluate.batch_size", "evaluate.rag_topk", "evaluate.max_searches", "evaluate.search_topk")
+    "evaluate.batch_size", "evaluate.rag_topk", "evaluate.max_searches", "evaluate.search_topk",
+    "evaluate.initial_docs")
 _NON_NEGATIVE_INTS = ("data.corpus_limit", "data.train_limit", "data.test_limit",
                       "checkpoint.hf_export_every", "evaluate.sample", "evaluate.agent_max_tokens")
 _UNIT_INTERVAL = ("rollout.top_p", "ppo.gamma", "ppo.lam", "ppo.actor_warmup_ratio",
@@ -432,6 +471,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not all(x in ("train", "test") for x in splits) or not any(splits):
     raise _bad("precompute.splits", get("precompute.splits"),
                "must be a comma-separated subset of train,test")
+
+  for key in ("reward.judge", "evaluate.judge"):
+    section = get(key)
+    if section["backend"] != "same" and not section["model"]:
+      raise _bad(f"{key}.model", section["model"], f"names the judge model ({key}.backend="
+                 f"{section['backend']!r}); or set {key}.backend=same to judge with the generator")
+    if section["backend"] == "openai" and not section["address"] and not section["base_url"]:
+      raise _bad(f"{key}.base_url", "", "the openai judge needs its endpoint, e.g. http://127.0.0.1:8000/v1")
 
   model = get("searcher.model")
   if model["num_heads"] % model["num_kv_heads"]:

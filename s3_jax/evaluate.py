@@ -36,8 +36,7 @@ from s3_jax.baselines.base import AgentLM, MethodOutput, TimedRetriever, Timings
 from s3_jax.data.eval_sets import EvalSet, is_medical, load_sets
 from s3_jax.data.qa import QAExample
 from s3_jax.reward.cache import AnswerCache
-from s3_jax.reward.service import RewardItem, RewardScorer
-from s3_jax.search.formats import generator_context
+from s3_jax.reward.service import RewardItem, RewardScorer, scorer_from_config
 
 METHODS = ("none", "rag", "s3", "ircot", "search_o1", "search_r1", "deepretrieval")
 AGENT_METHODS = ("ircot", "search_o1", "search_r1", "deepretrieval")
@@ -106,11 +105,8 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
       record["label"] = model.label
       if is_main:
         (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
-      scorer = RewardScorer(services.generator,
-                            generator_id=f"{config.generator.backend}:{config.generator.model}",
-                            kind="genacc", use_judge=config.reward.use_judge,
-                            cache=AnswerCache(out / sharding_lib.per_process_name("answers.sqlite")),
-                            max_tokens=config.generator.max_tokens)
+      scorer = scorer_from_config(config, services.generator, kind="genacc", judge="evaluate",
+                                  cache=AnswerCache(out / sharding_lib.per_process_name("answers.sqlite")))
       count_tokens = _token_counter(config)
       timings.add("startup", time.perf_counter() - start)  # services, index, models: not per question
       progress = tqdm(total=remaining, desc=f"evaluate {method}", unit="q",
@@ -161,19 +157,20 @@ def _evaluate_chunk(model: Any, scorer: RewardScorer, examples: Sequence[QAExamp
     raise RuntimeError(f"method {model.name} returned {len(outputs)} outputs for {len(examples)} questions")
   items = [RewardItem(ex.data_source, ex.question, ex.golden_answers, tuple(o.docs),
                       prompt="closed_book" if o.closed_book else "context",
-                      scoring="mirage" if is_medical(ex) else "genacc")
+                      scoring="mirage" if is_medical(ex) else "genacc", context=o.context)
            for ex, o in zip(examples, outputs, strict=True)]
   results = scorer.score(items)
   rows = []
-  for ex, o, result in zip(examples, outputs, results, strict=True):
-    context = generator_context(o.docs)
+  for ex, o, item, result in zip(examples, outputs, items, results, strict=True):
+    context = "" if o.closed_book else item.context_text()
     rows.append({"data_source": ex.data_source, "id": ex.id, "run": run, "question": ex.question,
                  "golden_answers": list(ex.golden_answers), "context": context,
                  "context_docs": len({(d.title, d.text) for d in o.docs}),
                  "context_tokens": count_tokens(context) if context else 0, "answer": result.answer,
                  "finish_reason": result.finish_reason,
                  "scores": {k: result.scores.as_dict()[k] for k in report.SCORE_KEYS},
-                 "method": model.name, "dataset": eval_set.name, "trace": o.trace})
+                 "method": model.name, "dataset": eval_set.name, "generator": scorer.generator_id,
+                 "judge": scorer.judge_id, "trace": o.trace})
   return rows
 
 
@@ -270,16 +267,17 @@ def _check_record(out: Path, method: str, checkpoint: str | None,
 
 def compare(dirs: Sequence[str | Path], out: str | Path) -> Path:
   """One Table-1 table (`table.md`) and chart (`genacc.png`) over finished evaluation folders."""
-  summaries = {}
+  summaries, setups = {}, {}
   for d in map(Path, dirs):
     record = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
     label = record.get("label") or d.name
     if label in summaries:
       label = f"{label} [{d.name}]"
-    summaries[label] = report.summarize(report.read_predictions(d / "predictions.jsonl"))
+    rows = report.read_predictions(d / "predictions.jsonl")
+    summaries[label], setups[label] = report.summarize(rows), report.scorers(rows)
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "table.md").write_text(report.table_markdown(summaries, title="Comparison"))
+  (out / "table.md").write_text(report.table_markdown(summaries, title="Comparison", setups=setups))
   report.plot_summaries(summaries, out / "genacc.png", title="GenAcc by data source")
   (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
   return out / "table.md"

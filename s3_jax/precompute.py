@@ -3,8 +3,9 @@
   python -m s3_jax.precompute --config configs/NAME.py[:arg] [--config.key=value ...] [--out DIR]
 
 For every question of the configured splits: top-`precompute.retrieval_topk` (12) retrieval, the generator's
-answer on the top `precompute.context_docs` (3), its GenAcc and EM. Writes, in `precompute.dir` (default
-`$S3_JAX_CACHE/precompute/<hash of the settings>`):
+answer on the top `precompute.context_docs` (3) in the format `reward.rag_context_format` says ("s3": the
+one-line format s3's RAG cache was answered from; "d_s3": the D_s3 context format), its GenAcc and EM.
+Writes, in `precompute.dir` (default `$S3_JAX_CACHE/precompute/<hash of the settings>`):
 
   rag_cache.json          {data_source: {question: {"answer", "score", "em_score"}}} (s3's layout)
   retrieval_<split>.jsonl one row per question: data_source, question, the top-12 docs with scores
@@ -12,6 +13,8 @@ answer on the top `precompute.context_docs` (3), its GenAcc and EM. Writes, in `
                           does not already answer them
   stats.json              counts before and after filtering
   answers.sqlite          the scored-answer cache (shared with the training reward)
+  settings.json           what the results depend on (`settings`): a folder made under other settings (another
+                          context format, generator, judge or prompt version) is stale, and is recomputed
 
 Work is saved every `precompute.chunk_size` questions; rerunning after an interruption skips the questions
 already done.
@@ -22,21 +25,42 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from s3_jax import assets
+from s3_jax import assets, config_lib
 from s3_jax.data.corpus import Doc
 from s3_jax.data.qa import QAExample, read_qa
 from s3_jax.reward.cache import AnswerCache
 from s3_jax.reward.gbr import RagCache
 from s3_jax.reward.prompts import PROMPT_VERSION
-from s3_jax.reward.service import RewardItem, RewardScorer
+from s3_jax.reward.service import RewardItem, scorer_from_config
+from s3_jax.search.formats import rag_context
+from s3_jax.services.generator_backends import LazyGenerator
 
 YES_NO = frozenset(("yes", "no", "true", "false", "Yes", "No", "True", "False"))
+
+
+def _service_settings(section: ml_collections.ConfigDict) -> dict[str, Any]:
+  """A generator or judge section without what changes no answer (where the service runs)."""
+  out = section.to_dict()
+  for key in ("address", "key_env") + (("base_url",) if out.get("backend") != "openai" else ()):
+    out.pop(key, None)
+  return out
+
+
+def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Everything the precompute's results depend on (it names the default folder and is `settings.json`)."""
+  out = {"data": {k: str(config.data[k]) for k in ("train", "test", "corpus", "corpus_limit")},
+         "retriever": config.retriever.to_dict(), "generator": _service_settings(config.generator),
+         "topk": config.precompute.retrieval_topk, "context": config.precompute.context_docs,
+         "rag_context_format": config.reward.rag_context_format, "use_judge": config.reward.use_judge,
+         "judge": _service_settings(config.reward.judge), "prompt": PROMPT_VERSION}
+  out["retriever"].pop("address", None)
+  return out
 
 
 def precompute_dir(config: ml_collections.ConfigDict) -> Path:
@@ -44,15 +68,32 @@ def precompute_dir(config: ml_collections.ConfigDict) -> Path:
   everything its results depend on."""
   if config.precompute.dir:
     return Path(config.precompute.dir).expanduser()
-  settings = {"data": {k: str(config.data[k]) for k in ("train", "test", "corpus", "corpus_limit")},
-              "retriever": config.retriever.to_dict(), "generator": config.generator.to_dict(),
-              "topk": config.precompute.retrieval_topk, "context": config.precompute.context_docs,
-              "judge": config.reward.use_judge, "prompt": PROMPT_VERSION}
-  settings["retriever"].pop("address", None)
-  for key in ("address", "key_env") + (("base_url",) if config.generator.backend != "openai" else ()):
-    settings["generator"].pop(key, None)  # where the service runs changes no answer
-  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+  digest = hashlib.sha256(json.dumps(settings(config), sort_keys=True).encode()).hexdigest()[:16]
   return assets.cache_dir() / "precompute" / digest
+
+
+_DERIVED = ("rag_cache.json", "retrieval_train.jsonl", "retrieval_test.jsonl", "train_filtered.jsonl",
+            "stats.json")
+
+
+def _refresh(out: Path, wanted: dict[str, Any], log: Callable[[str], None]) -> None:
+  """Makes `out` hold results of `wanted`: a folder whose `settings.json` differs (or that has results but no
+  `settings.json`, from before it was written) is stale — its results are removed, saying why, and recomputed.
+  The scored-answer cache stays: its keys hold the context string, generator, judge and prompt version."""
+  path = out / "settings.json"
+  found = [name for name in _DERIVED if (out / name).exists()]
+  before = json.loads(path.read_text()) if path.is_file() else None
+  if found and before != wanted:
+    if before is None:
+      why = "it has no settings.json (made before the RAG context format was recorded)"
+    else:
+      flat_before, flat_now = config_lib.flatten(before), config_lib.flatten(wanted)
+      why = ", ".join(f"{k}: {flat_before.get(k)} -> {flat_now.get(k)}" for k in sorted(flat_before.keys()
+                      | flat_now.keys()) if flat_before.get(k) != flat_now.get(k))
+    log(f"precompute in {out} is stale ({why}); recomputing the naive-RAG baseline")
+    for name in found:
+      (out / name).unlink()
+  path.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")
 
 
 def make_retriever(config: ml_collections.ConfigDict, show_progress: bool = True) -> Any:
@@ -75,24 +116,6 @@ def make_generator(config: ml_collections.ConfigDict) -> Any:
   from s3_jax.services.generator_backends import InProcessGenerator, backend_from_config
 
   return InProcessGenerator(backend_from_config(config.generator))
-
-
-class _LazyGenerator:
-  """Loads the generator on first use, so a finished precompute reruns in seconds."""
-
-  def __init__(self, config: ml_collections.ConfigDict):
-    self.config, self._generator = config, None
-
-  def _get(self) -> Any:
-    if self._generator is None:
-      self._generator = make_generator(self.config)
-    return self._generator
-
-  def complete(self, *args: Any, **kwargs: Any) -> Any:
-    return self._get().complete(*args, **kwargs)
-
-  def generate(self, *args: Any, **kwargs: Any) -> Any:
-    return self._get().generate(*args, **kwargs)
 
 
 def keep_for_training(example: QAExample, rag_cache: RagCache) -> bool:
@@ -133,14 +156,17 @@ def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, r
   shared = sharding_lib.shared_folder(out)  # a collective: every process asks
   writes = index == 0 or not shared
   log = log if index == 0 else (lambda *_: None)
+  if writes:
+    _refresh(out, settings(config), log)
+  sharding_lib.host_barrier("precompute-settings")
   cache_path = out / "rag_cache.json"
   rag_cache = RagCache.load(cache_path) if cache_path.is_file() else RagCache(path=cache_path)
   retriever = retriever if retriever is not None else make_retriever(config, show_progress)
-  generator = generator if generator is not None else _LazyGenerator(config)
-  scorer = RewardScorer(generator, generator_id=f"{config.generator.backend}:{config.generator.model}",
-                        kind="genacc", use_judge=config.reward.use_judge,
-                        cache=AnswerCache(out / sharding_lib.per_process_name("answers.sqlite")),
-                        max_tokens=config.generator.max_tokens)
+  # Loaded on first use, so a finished precompute reruns in seconds.
+  generator = generator if generator is not None else LazyGenerator(lambda: make_generator(config))
+  scorer = scorer_from_config(config, generator, kind="genacc",
+                              cache=AnswerCache(out / sharding_lib.per_process_name("answers.sqlite")))
+  context_format = config.reward.rag_context_format
   topk, context_docs, chunk = (config.precompute.retrieval_topk, config.precompute.context_docs,
                                config.precompute.chunk_size)
   stats: dict[str, Any] = {"dir": str(out)}
@@ -167,7 +193,8 @@ def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, r
         mine = batch[len(batch) * index // count:len(batch) * (index + 1) // count]
         results = retriever.search([ex.question for ex in mine], topk) if mine else []
         scored = scorer.score([RewardItem(ex.data_source, ex.question, ex.golden_answers,
-                                          tuple(docs[:context_docs]))
+                                          tuple(docs[:context_docs]),
+                                          context=rag_context(docs, context_docs, context_format))
                                for ex, docs in zip(mine, results, strict=True)])
         rows = [([_doc_row(d) for d in docs], result.answer, result.scores.as_dict())
                 for docs, result in zip(results, scored, strict=True)]

@@ -96,19 +96,32 @@ def _pct(value: float | None, std: float | None = None) -> str:
   return f"{100 * value:.1f}" + (f"±{100 * std:.1f}" if std is not None else "")
 
 
-def table_markdown(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "") -> str:
+def scorers(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+  """Who answered and who judged a run's predictions: `{"generator": ..., "judge": ...}` (distinct values
+  joined; "unrecorded" for rows written before these were recorded)."""
+  return {key: " / ".join(sorted({str(row.get(key) or "unrecorded") for row in rows})) or "unrecorded"
+          for key in ("generator", "judge")}
+
+
+def table_markdown(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str = "",
+                   setups: Mapping[str, Mapping[str, str]] | None = None) -> str:
   """Table 1 of the paper: a row per method, a column per data source and "Avg", cells "GenAcc (EM)" in %
-  (± the std over runs when there are several); then a details table per method."""
+  (± the std over runs when there are several), and the generator and judge that scored it (`setups`, per
+  label, from `scorers`); then a details table per method."""
   sources = sorted({s for summary in summaries.values() for s in summary if s != "average"})
+  setups = setups or {}
   lines = [f"# {title}", ""] if title else []
   lines += ["GenAcc (EM), % — GenAcc = span match or LLM judge (MIRAGE sets: the judge alone); ± is the "
             "standard deviation over runs.", "",
-            "| Method | " + " | ".join(sources) + " | Avg |", "|---" * (len(sources) + 2) + "|"]
+            "| Method | " + " | ".join(sources) + " | Avg | Generator | Judge |",
+            "|---" * (len(sources) + 4) + "|"]
   for label, summary in summaries.items():
     cells = []
     for source in [*sources, "average"]:
       m = summary.get(source)
       cells.append("–" if m is None else f"{_pct(m['genacc'], m.get('genacc_std'))} ({_pct(m['em'])})")
+    setup = setups.get(label, {})
+    cells += [setup.get("generator", "unrecorded"), setup.get("judge", "unrecorded")]
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   for label, summary in summaries.items():
     lines += ["", f"## {label}", "",
@@ -162,9 +175,10 @@ def plot_summaries(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], out
 def write_reports(out: str | os.PathLike, label: str) -> dict[str, Any]:
   """Recomputes `summary.json`, `table.md` and `genacc.png` in `out` from its `predictions.jsonl`."""
   out = Path(out)
-  summary = summarize(read_predictions(out / "predictions.jsonl"))
+  rows = read_predictions(out / "predictions.jsonl")
+  summary = summarize(rows)
   (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-  (out / "table.md").write_text(table_markdown({label: summary}, title=label))
+  (out / "table.md").write_text(table_markdown({label: summary}, title=label, setups={label: scorers(rows)}))
   plot_summaries({label: summary}, out / "genacc.png", title=label)
   return summary
 

@@ -37,7 +37,7 @@ from s3_jax.models.sampler import Sampler
 from s3_jax.models.tokenizer import load_tokenizer
 from s3_jax.precompute import precompute_dir, run_precompute
 from s3_jax.reward.cache import AnswerCache
-from s3_jax.reward.service import RewardScorer
+from s3_jax.reward.service import scorer_from_config
 from s3_jax.rl import experience
 from s3_jax.rl import update as update_lib
 from s3_jax.search.episode import EpisodeConfig, SamplerPolicy
@@ -83,13 +83,9 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     sampler = Sampler(actor_model, tokenizer=tokenizer, pad_token_id=pad_id,
                       mesh=sharding_lib.rollout_mesh(dict(config.mesh)),
                       rules=[tuple(r) for r in config.sampling_sharding_rules])
-    scorer = RewardScorer(services.generator,
-                          generator_id=f"{config.generator.backend}:{config.generator.model}",
-                          kind=config.reward.kind, rag_cache=data.rag_cache,
-                          use_judge=config.reward.use_judge,
-                          cache=AnswerCache(sharding_lib.per_process_name(
-                              config.reward.cache or workdir / "answers.sqlite")),
-                          max_tokens=config.generator.max_tokens)
+    scorer = scorer_from_config(config, services.generator, kind=config.reward.kind, rag_cache=data.rag_cache,
+                                cache=AnswerCache(sharding_lib.per_process_name(
+                                    config.reward.cache or workdir / "answers.sqlite")))
 
     # Resume from the latest checkpoint, or start at step 0.
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)

@@ -68,11 +68,37 @@ EXAMPLES = [QAExample("a", "Who composed Carmen?", ("Bizet",), "nq"),
 
 def test_static_methods():
   retriever = Retriever()
-  [out] = NaiveRAG(_config(rag_topk=3), retriever).run(
-      [QAExample("m", "Which one?\nOptions:\nA: x\nB: y\n?", ("A: x",), "medqa")])
-  assert retriever.calls == [(["Which one?"], 3)]  # the options are not searched for
+  medical = [QAExample("m", "Which one?\nOptions:\nA: x\nB: y\n?", ("A: x",), "medqa")]
+  [out] = NaiveRAG(_config(rag_topk=3), retriever).run(medical)
+  # s3's format (the default) cuts its top-12 one-line string before "Doc 4" (spec §3.3).
+  assert retriever.calls == [(["Which one?"], 12)]  # the options are not searched for
   assert [d.id for d in out.docs] == ["Which one?-0", "Which one?-1", "Which one?-2"]
+  assert out.context == ''.join(f'Doc {j + 1} (Title: "T Which one? {j}") text about Which one? {j}\n'
+                                for j in range(3))
+  c = _config(rag_topk=3)
+  c.reward.rag_context_format = "d_s3"
+  [out] = NaiveRAG(c, retriever).run(medical)
+  assert retriever.calls[-1] == (["Which one?"], 3) and len(out.docs) == 3
+  assert out.context.startswith("Doc 1 (Title: T Which one? 0)\ntext about Which one? 0\n\nDoc 2 ")
   assert all(o.closed_book and not o.docs for o in ClosedBook(_config()).run(EXAMPLES))
+
+
+# Search-R1's template as its released code writes it (`scripts/data_process/nq_search.py`, `infer.py`), which
+# its checkpoints were trained on, and its paper's wording.
+SEARCH_R1_CODE_PROMPT = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you "
+    "get new information. After reasoning, if you find you lack some knowledge, you can call a search engine by "
+    "<search> query </search> and it will return the top searched results between <information> and "
+    "</information>. You can search as many times as your want. If you find no further external knowledge "
+    "needed, you can directly provide the answer inside <answer> and </answer>, without detailed "
+    "illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
+SEARCH_R1_PAPER_PROMPT = (
+    "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you "
+    "get new information. After reasoning, if you find you lack some knowledge, you can call a search engine by "
+    "<search> query </search>, and it will return the top searched results between <information> and "
+    "</information>. You can search as many times as you want. If you find no further external knowledge "
+    "needed, you can directly provide the answer inside <answer> and </answer> without detailed "
+    "illustrations. For example, <answer> xxx </answer>. Question: {question}\n")
 
 
 def test_search_r1_loop():
@@ -103,7 +129,12 @@ def test_search_r1_loop():
   assert all(stop == ("</search>", "</answer>") for stop in lm.stops)
   assert len(lm.stops) == 3 and retriever.calls == [(["carmen composer"], 2)]
   first = lm.chats[0]
-  assert first == [{"role": "user", "content": search_r1.PROMPT.format(question="Who composed Carmen?")}]
+  assert first == [{"role": "user", "content": SEARCH_R1_CODE_PROMPT.format(question="Who composed Carmen?")}]
+  assert search_r1.INVALID == ("\nMy previous action is invalid. If I want to search, I should put the query "
+                               "between <search> and </search>. If I want to give the final answer, I should "
+                               "put the answer between <answer> and </answer>. Let me try again.\n")
+  paper = search_r1.SearchR1(_config(search_r1_prompt="paper"), retriever, agent)
+  assert paper.prompt == SEARCH_R1_PAPER_PROMPT
   assert search_r1.parse_action("<search> a </search><answer>b</answer>") == ("search", "a")
   assert search_r1.parse_action("<answer>b") == ("invalid", "")
 

@@ -148,10 +148,28 @@ def test_read_qa_s3_verl_parquet(tmp_path):
   assert read_qa(path) == [QAExample("nq_12", "who wrote hamlet?", ("Shakespeare",), "nq")]
 
 
+def test_bare_string_gold_answers_are_one_answer(tmp_path):
+  """s3 wraps a bare string target in a list (`rag_2.output_sequence`): "Paris" is one answer, not five."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  jsonl = tmp_path / "qa.jsonl"
+  jsonl.write_text('{"id": "1", "question": "capital of france", "golden_answers": "Paris", '
+                   '"data_source": "d"}\n')
+  assert read_qa(jsonl)[0].golden_answers == ("Paris",)
+  rows = [{"question": "capital of france", "data_source": "nq", "extra_info": {"index": 1},
+           "reward_model": {"ground_truth": {"target": "Paris"}}},
+          {"question": "capital of italy", "data_source": "nq", "extra_info": {"index": 2},
+           "reward_model": {"ground_truth": {"target": "Rome"}}}]
+  path = tmp_path / "scalar.parquet"
+  pq.write_table(pa.Table.from_pylist(rows), path)
+  assert [ex.golden_answers for ex in read_qa(path)] == [("Paris",), ("Rome",)]
+
+
 @pytest.mark.parametrize("bad_row, reason", [
     ('{"id": "x", "golden_answers": ["a"], "data_source": "d"}', "missing 'question'"),
-    ('{"id": "x", "question": "q", "golden_answers": "a", "data_source": "d"}',
-     "'golden_answers' must be a list"),
+    ('{"id": "x", "question": "q", "golden_answers": {"a": 1}, "data_source": "d"}',
+     "'golden_answers' must be a string or a list of strings, got dict"),
     ('{"id": "x", "question": "q", "golden_answers": [], "data_source": "d"}', "is empty"),
     ('{"id": "x", "question": "q", "golden_answers": [["a"]], "data_source": "d"}',
      "a gold answer must be a string or a number"),

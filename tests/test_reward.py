@@ -1,12 +1,21 @@
 """Answer checks, the judge and the reward variants on hand-worked cases (spec §3)."""
 
+import numpy as np
 import pytest
 
 from s3_jax.data.corpus import Doc
 from s3_jax.reward.answers import exact_match, f1, span_match
 from s3_jax.reward.gbr import AnswerScores, RagCache, reward
-from s3_jax.reward.judge import judge, judge_messages, mirage_judge, parse_judge_reply, parse_mirage_reply
-from s3_jax.search.formats import generator_context, initial_block, observation
+from s3_jax.reward.judge import (
+  judge,
+  judge_messages,
+  mirage_judge,
+  mirage_messages,
+  parse_judge_reply,
+  parse_mirage_reply,
+)
+from s3_jax.reward.service import RewardItem
+from s3_jax.search.formats import generator_context, initial_block, observation, rag_context
 
 
 @pytest.mark.parametrize("prediction, golds, expected", [
@@ -135,3 +144,46 @@ def test_doc_formats():
   assert observation(docs[:1]) == 'Doc 1(Title: "Carmen") An opera.\n'
   assert generator_context(docs) == ("Doc 1 (Title: Carmen)\nAn opera.\n\n"
                                      "Doc 2 (Title: Bizet)\nA composer.\n\n")
+
+
+@pytest.mark.parametrize("golds", ["Paris", ["Paris"], ("Paris",), np.array(["Paris"]), np.array("Paris")])
+def test_gold_answers_as_s3_takes_them(golds):
+  """A bare string is one answer (s3 wraps it in a list), as is a list, tuple or numpy array of one; every
+  scoring entry point agrees."""
+  assert exact_match("paris", golds) and span_match("It is Paris.", golds) and f1("paris", golds) == 1.0
+  assert not exact_match("a", golds.replace("Paris", "abc") if isinstance(golds, str) else ["abc"])
+  [message] = judge_messages("It is Paris", golds)
+  assert "Golden answers: ['Paris']\n" in message["content"]  # str(list) of plain strings, not np.str_
+  assert "Golden Answers (reference): Paris\n" in mirage_messages("q?", "Paris", golds)[0]["content"]
+  assert RewardItem("nq", "q?", golds, ()).golden_answers == ("Paris",)
+
+
+def test_bare_string_is_not_iterated_character_by_character():
+  assert not exact_match("a", "abc") and exact_match("abc", "abc")
+  assert not span_match("a b c", "abc")
+
+
+@pytest.mark.parametrize("golds", [5, None, {"a": 1}, ["Paris", 5], b"Paris"])
+def test_gold_answers_of_another_type_are_a_type_error(golds):
+  for check in (exact_match, span_match, f1):
+    with pytest.raises(TypeError, match=r"gold answer"):
+      check("Paris", golds)
+  with pytest.raises(TypeError, match=r"gold answer"):
+    judge_messages("Paris", golds)
+  with pytest.raises(TypeError, match=r"gold answer"):
+    RewardItem("nq", "q?", golds, ())
+
+
+def test_rag_context_formats():
+  """s3's RAG cache answered from e5_retrieval's one-line format of its top 12, cut at "Doc 4" (spec §3.3);
+  "d_s3" is the D_s3 context format of the top 3."""
+  docs = [Doc(str(i), f"T{i}", f"text {i}.") for i in range(1, 6)]
+  assert rag_context(docs, 3) == ('Doc 1 (Title: "T1") text 1.\nDoc 2 (Title: "T2") text 2.\n'
+                                  'Doc 3 (Title: "T3") text 3.\n')
+  assert rag_context(docs, 3, "d_s3") == "Doc 1 (Title: T1)\ntext 1.\n\nDoc 2 (Title: T2)\ntext 2.\n\n" \
+                                         "Doc 3 (Title: T3)\ntext 3.\n\n"
+  # s3 splits the string at the first "Doc 4", wherever it is.
+  tricky = [Doc("1", "A", "see Doc 4 of the list"), *docs[1:]]
+  assert rag_context(tricky, 3) == 'Doc 1 (Title: "A") see '
+  with pytest.raises(ValueError, match="rag_context_format"):
+    rag_context(docs, 3, "other")

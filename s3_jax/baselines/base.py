@@ -21,11 +21,13 @@ from s3_jax.data.corpus import Doc
 @dataclasses.dataclass
 class MethodOutput:
   """`docs`: the generator's context, in order (the harness formats and de-duplicates them as s3 does);
+  `context`: the context string as is instead of that format (naive RAG in s3's RAG-cache format);
   `closed_book`: answer with s3's zero-shot prompt instead (no documents); `trace`: what the method did
   (queries, turns, its own answer, ...), written into predictions.jsonl as is."""
 
   docs: list[Doc]
   closed_book: bool = False
+  context: str | None = None
   trace: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

@@ -50,10 +50,15 @@ class QAExample:
 
 
 def _answers_from(value: Any) -> tuple[str, ...]:
+  """Gold answers of a row: a list (or a parquet numpy array) of strings or numbers, or one bare string
+  (one answer, as s3 wraps it)."""
   if hasattr(value, "tolist"):  # numpy arrays from parquet
     value = value.tolist()
+  if isinstance(value, str):
+    value = [value]
   if not isinstance(value, (list, tuple)):
-    raise ValueError(f"'golden_answers' must be a list of strings, got {type(value).__name__}")
+    raise ValueError(f"'golden_answers' must be a string or a list of strings, got {type(value).__name__} "
+                     f"{value!r}")
   answers = []
   for answer in value:
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from s3_jax.reward.answers import gold_list
+
 Messages = list[dict[str, str]]
 
 
@@ -18,11 +20,12 @@ class ChatGenerator(Protocol):
                max_tokens: int | None = None) -> list[str]: ...
 
 
-def judge_messages(response: str, golden_answers: Sequence[str]) -> Messages:
-  """s3's judge request: one user message, no system message; the gold answers as Python's `str(list)`."""
+def judge_messages(response: str, golden_answers: Sequence[str] | str) -> Messages:
+  """s3's judge request: one user message, no system message; the gold answers as Python's `str(list)` (a
+  bare string is one answer, `['Paris']`)."""
   return [{"role": "user", "content": (
       f"Please check if any of the golden answers is contained in the following response: {response}\n\n"
-      f"Golden answers: {list(golden_answers)!s}\n\nPlease directly answer with 'yes' or 'no'.")}]
+      f"Golden answers: {gold_list(golden_answers)!s}\n\nPlease directly answer with 'yes' or 'no'.")}]
 
 
 def parse_judge_reply(reply: str) -> bool | None:
@@ -78,9 +81,9 @@ The answer is considered correct if it:
 Respond with ONLY "yes" if the answer is correct, or "no" if it is incorrect."""
 
 
-def mirage_messages(question: str, answer: str, golden_answers: Sequence[str]) -> Messages:
+def mirage_messages(question: str, answer: str, golden_answers: Sequence[str] | str) -> Messages:
   return [{"role": "user", "content": MIRAGE_PROMPT.format(
-      question=question, answer=answer, golden_answers=", ".join(golden_answers))}]
+      question=question, answer=answer, golden_answers=", ".join(gold_list(golden_answers)))}]
 
 
 def parse_mirage_reply(reply: str) -> bool | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from s3_jax.data.corpus import Doc
 from s3_jax.data.qa import normalize_question
-from s3_jax.reward.answers import exact_match, f1, span_match
+from s3_jax.reward.answers import exact_match, f1, gold_list, span_match
 from s3_jax.reward.cache import AnswerCache, content_key
 from s3_jax.reward.gbr import REWARD_KINDS, AnswerScores, RagCache, reward
 from s3_jax.reward.judge import ChatGenerator, judge, mirage_judge
@@ -25,9 +25,11 @@ from s3_jax.search.formats import generator_context
 class RewardItem:
   """One trajectory to score: its question, gold answers and the documents D_s3 given to the generator.
 
-  `prompt`: "context" (s3's answer prompt with the documents) or "closed_book" (s3's zero-shot prompt, no
-  documents). `scoring`: "genacc" (span check, else the judge) or "mirage" (medical multiple choice: the
-  MIRAGE evaluator judge alone decides, spec §3.2)."""
+  `golden_answers`: a tuple, list or numpy array of strings, or one bare string (`answers.gold_list`); kept as
+  a tuple. `prompt`: "context" (s3's answer prompt with the documents) or "closed_book" (s3's zero-shot
+  prompt, no documents). `scoring`: "genacc" (span check, else the judge) or "mirage" (medical multiple
+  choice: the MIRAGE evaluator judge alone decides, spec §3.2). `context`: the generator's context string as
+  is (the naive-RAG formats, `formats.rag_context`); None formats `docs` as D_s3 (`generator_context`)."""
 
   data_source: str
   question: str
@@ -35,14 +37,20 @@ class RewardItem:
   docs: tuple[Doc, ...]
   prompt: str = "context"
   scoring: str = "genacc"
+  context: str | None = None
 
   def __post_init__(self):
+    object.__setattr__(self, "golden_answers", tuple(gold_list(self.golden_answers)))
     if self.prompt not in ("context", "closed_book"):
       raise ValueError(f"RewardItem.prompt={self.prompt!r} must be context or closed_book")
     if self.scoring not in ("genacc", "mirage"):
       raise ValueError(f"RewardItem.scoring={self.scoring!r} must be genacc or mirage")
-    if self.prompt == "closed_book" and self.docs:
+    if self.prompt == "closed_book" and (self.docs or self.context):
       raise ValueError("a closed-book item has no documents")
+
+  def context_text(self) -> str:
+    """The context string the generator sees."""
+    return self.context if self.context is not None else generator_context(self.docs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,14 +87,17 @@ class RewardScorer:
   """`score(items) -> list[RewardResult]`.
 
   `generator`: the answer model (a `GeneratorClient` or an in-process backend wrapper) with
-  `complete(chats, temperature=, top_p=, max_tokens=)`; `judge_generator` defaults to it (s3 judges with the
-  same server). `generator_id` names the model in the cache key, so changing the generator never reuses
-  another model's answers. `use_judge=False` scores GenAcc as the span check alone.
+  `complete(chats, temperature=, top_p=, max_tokens=)`; `judge_generator` defaults to it (s3's training
+  judges with the same server), and an unclear verdict is asked once more of `judge_retry` (default: the
+  answer generator, as s3 retries on its default Qwen model whichever judge asked first). `generator_id` and
+  `judge_id` name the models in the cache key, so changing either never reuses another model's scores.
+  `use_judge=False` scores GenAcc as the span check alone.
   """
 
   def __init__(self, generator: Any, *, generator_id: str, kind: str = "paper",
                rag_cache: RagCache | None = None, use_judge: bool = True,
-               judge_generator: ChatGenerator | None = None, cache: AnswerCache | None = None,
+               judge_generator: ChatGenerator | None = None, judge_id: str = "",
+               judge_retry: ChatGenerator | None = None, cache: AnswerCache | None = None,
                max_tokens: int | None = None):
     if kind not in REWARD_KINDS:
       raise ValueError(f"reward.kind={kind!r} must be one of {REWARD_KINDS}")
@@ -95,6 +106,10 @@ class RewardScorer:
                        "(python -m s3_jax.precompute)")
     self.generator, self.generator_id, self.kind, self.rag_cache = generator, generator_id, kind, rag_cache
     self.use_judge, self.judge_generator = use_judge, judge_generator or generator
+    self.judge_retry = judge_retry or generator
+    if judge_generator is not None and not judge_id:
+      raise ValueError("a separate judge needs a judge_id naming it (it keys the answer cache)")
+    self.judge_id = (judge_id or f"{generator_id} (the generator)") if use_judge else "off (span check only)"
     self.cache = cache if cache is not None else AnswerCache()
     self.max_tokens = max_tokens
     self.stats = RewardStats()
@@ -104,7 +119,7 @@ class RewardScorer:
         "answer_prompt": item.prompt, "scoring": item.scoring}  # keys of plain items stay as they were
     return content_key(question=normalize_question(item.question), context=context,
                        golden_answers=list(item.golden_answers), generator=self.generator_id,
-                       prompt=PROMPT_VERSION, judge=self.use_judge, max_tokens=self.max_tokens, **variant)
+                       prompt=PROMPT_VERSION, judge=self.judge_id, max_tokens=self.max_tokens, **variant)
 
   def score_answers(self, answers: Sequence[str], golden_answers: Sequence[Sequence[str]],
                     questions: Sequence[str] | None = None,
@@ -122,7 +137,8 @@ class RewardScorer:
     start = time.perf_counter()
     if ask:
       for i, v in zip(ask, judge(self.judge_generator, [answers[i] for i in ask],
-                                 [golden_answers[i] for i in ask]), strict=True):
+                                 [golden_answers[i] for i in ask], retry_generator=self.judge_retry),
+                      strict=True):
         verdicts[i] = v
     if medical:
       for i, v in zip(medical, mirage_judge(self.judge_generator, [questions[i] for i in medical],
@@ -137,7 +153,7 @@ class RewardScorer:
             for a, g, s, v, m in zip(answers, golden_answers, spans, verdicts, mirage, strict=True)]
 
   def score(self, items: Sequence[RewardItem]) -> list[RewardResult]:
-    contexts = [generator_context(item.docs) for item in items]
+    contexts = [item.context_text() for item in items]
     keys = [self._key(item, context) for item, context in zip(items, contexts, strict=True)]
     known = self.cache.get_many(sorted(set(keys)))
     self.stats.items += len(items)
@@ -173,3 +189,45 @@ class RewardScorer:
                                   scores=scores, rag_genacc=rag, cached=key in hits,
                                   finish_reason=entry["finish_reason"]))
     return results
+
+
+def judge_from_config(section: Any, generator: Any, generator_id: str, where: str = "reward.judge"
+                      ) -> dict[str, Any]:
+  """The `judge_generator` / `judge_id` / `judge_retry` arguments of `RewardScorer` for a judge section
+  (`reward.judge`, `evaluate.judge`): `backend` "same" judges with the answer generator; jax / vllm / openai
+  reach the judge at `address` (a generator service) or run it in this process (`model`, and for openai
+  `base_url` / `key_env`), loaded on its first verdict. `retry`: "generator" asks an unclear verdict once
+  more of the answer generator (s3's rule), "judge" of the judge itself."""
+  if section.backend == "same":
+    return {}
+  from s3_jax.services.generator_backends import LazyGenerator
+
+  if section.address:
+    from s3_jax.services.replicas import connect_generator
+
+    judge_generator = LazyGenerator(lambda: connect_generator(section.address))
+  else:
+    from s3_jax.services.generator_backends import InProcessGenerator, backend_from_config
+
+    judge_generator = LazyGenerator(lambda: InProcessGenerator(backend_from_config(section, where)))
+  judge_id = f"{section.backend}:{section.model}" + (f" at {section.base_url}" if section.backend == "openai"
+                                                      else "")
+  if section.retry == "generator":
+    judge_id += f"; unclear verdicts asked again of {generator_id}"
+  return {"judge_generator": judge_generator, "judge_id": judge_id,
+          "judge_retry": generator if section.retry == "generator" else judge_generator}
+
+
+def generator_id(config: Any) -> str:
+  """The answer generator's name in cache keys and tables."""
+  return f"{config.generator.backend}:{config.generator.model}"
+
+
+def scorer_from_config(config: Any, generator: Any, *, kind: str, cache: AnswerCache,
+                       rag_cache: RagCache | None = None, judge: str = "reward") -> RewardScorer:
+  """The scorer of a job: the configured generator, the judge of `config.<judge>.judge` ("reward" for
+  training and the precompute, "evaluate" for evaluation), `reward.use_judge`, `generator.max_tokens`."""
+  return RewardScorer(generator, generator_id=generator_id(config), kind=kind, rag_cache=rag_cache,
+                      use_judge=config.reward.use_judge, cache=cache, max_tokens=config.generator.max_tokens,
+                      **judge_from_config(config[judge].judge, generator, generator_id(config),
+                                          f"{judge}.judge"))

@@ -29,3 +29,20 @@ def generator_context(docs: Sequence[Doc]) -> str:
       seen.add((d.title, d.text))
       parts.append(f"Doc {len(parts) + 1} (Title: {d.title})\n{d.text}\n\n")
   return "".join(parts)
+
+
+RAG_CONTEXT_FORMATS = ("s3", "d_s3")
+
+
+def rag_context(retrieved: Sequence[Doc], k: int, context_format: str = "s3") -> str:
+  """The naive-RAG baseline's generator context from a question's ranked retrieval
+  (`reward.rag_context_format`, spec §3.3). "s3": what s3's RAG cache answered from — e5_retrieval's one
+  line per doc, `Doc {i} (Title: "{title}") {text}\\n`, over the whole retrieval, cut before the first
+  `Doc {k+1}` (as `context.py` splits it); "d_s3": the top `k` in the D_s3 context format
+  (`generator_context`)."""
+  if context_format == "s3":
+    return initial_block(retrieved).split(f"Doc {k + 1}")[0]
+  if context_format == "d_s3":
+    return generator_context(retrieved[:k])
+  raise ValueError(f"reward.rag_context_format={context_format!r} must be one of "
+                   f"{', '.join(RAG_CONTEXT_FORMATS)}")

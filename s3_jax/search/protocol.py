@@ -6,6 +6,7 @@ Trained s3 checkpoints only work when these strings match s3 exactly; tests chec
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import re
@@ -28,9 +29,11 @@ _TEMPLATE = (Path(__file__).parent / "s3_prompt.txt").read_text(encoding="utf-8"
 
 
 def build_prompt(question: str, initial_docs: Sequence[Doc], bm25: bool = False) -> str:
-  """s3's user message (`make_prefix`): instructions, the BM25 note when retrieval is BM25, the worked
-  example, the anchor sentence, the normalised question and the initial documents."""
-  return (_TEMPLATE.replace("<<BM25_NOTE>>", BM25_NOTE + "\n" if bm25 else "").replace("<<ANCHOR>>", ANCHOR)
+  """s3's user message (`make_prefix`), whitespace included: the instructions (ending `\\n`), the BM25 note
+  when retrieval is BM25 (no newline of its own, so the e5 prompt has a blank line before `For a question`
+  and the BM25 prompt none), the worked example, the anchor sentence, the normalised question and the
+  initial documents; it ends with `</information>\\n`."""
+  return (_TEMPLATE.replace("<<BM25_NOTE>>", BM25_NOTE if bm25 else "").replace("<<ANCHOR>>", ANCHOR)
           .replace("<<QUESTION>>", normalize_question(question))
           .replace("<<INITIAL>>", initial_block(initial_docs).strip()))
 
@@ -47,22 +50,35 @@ _QUERY = re.compile(r"<query>(.*?)</query>", re.DOTALL)
 
 def parse_action(text: str) -> Action:
   """s3's `postprocess_predictions`: a first `<search_complete>` of true/yes/1/y wins; else the first
-  `<query>` (JSON `{"query": ...}`, a list's first element, or the raw text; empty still searches); else
-  invalid."""
+  `<query>` (see `query_string`; empty still searches); else invalid."""
   complete = _COMPLETE.search(text)
   if complete and complete.group(1).strip().lower() in ("true", "yes", "1", "y"):
     return Action("complete")
   query = _QUERY.search(text)
   if query is None:
     return Action("invalid")
-  raw = query.group(1).strip()
+  return Action("search", query_string(query.group(1).strip()))
+
+
+def query_string(raw: str) -> str:
+  """The search string of a stripped `<query>` body, as s3 derives it: a JSON object's `"query"` when it is a
+  string, or the first element of a list when that is a string; the raw text for anything else (not JSON, not
+  an object, no `"query"` key, a number / null / boolean / object value, an empty list).
+
+  Where s3 has no string of its own, this differs (README, "Differences from s3"): a list whose first element
+  is not a string is sent by s3 as that value, which its server rejects (every search of the batch then
+  returns "Error"), and JSON that Python cannot parse without a `RecursionError` or an over-long integer
+  crashes s3's rollout; both search the raw text here."""
   try:
-    value = json.loads(raw)["query"]
-    if isinstance(value, list):
-      value = value[0]
-    return Action("search", str(value))
-  except Exception:  # s3 falls back to the raw text on any parse error
-    return Action("search", raw)
+    data = json.loads(raw)
+  except (ValueError, RecursionError):  # JSONDecodeError and int-conversion limits are ValueErrors
+    return raw
+  if not isinstance(data, dict) or "query" not in data:
+    return raw
+  value = data["query"]
+  if isinstance(value, list):
+    value = value[0] if value else None
+  return value if isinstance(value, str) else raw
 
 
 def cut_response(text: str) -> str:
@@ -84,6 +100,7 @@ _INFORMATION = re.compile(r"<information>(.*?)</information>", re.DOTALL)
 _IMPORTANT = re.compile(r"<important_info>(.*?)</important_info>", re.DOTALL)
 _DOC = re.compile(r'Doc\s*(\d+)\s*\(\s*Title\s*:\s*"?([^")]+)"?\)\s*(.*?)(?=Doc\s*\d+\s*\(\s*Title\s*:|$)',
                   re.IGNORECASE | re.DOTALL)
+_NUMBER = re.compile(r"\d+")
 _MAX_FAITHFUL_ID = 8  # s3 hard-codes ids 1..8
 
 
@@ -98,16 +115,42 @@ def _unique_texts(docs: Sequence[Doc]) -> list[Doc]:
 
 
 def parse_docs(block: str) -> list[tuple[int, Doc]]:
-  """The `(number, Doc)` pairs of an information block in any of the three formats of spec §2.5 (s3's
-  pattern: a title containing ")" is cut there, as in s3)."""
-  return [(int(n), Doc(id=n, title=title.strip(), text=text.strip()))
-          for n, title, text in _DOC.findall(block)]
+  """The `(number, Doc)` pairs of an information block in any of the three formats of spec §2.5, by s3's
+  pattern: a title containing `"` or `)` is cut there (the rest leaks into the text), a number that occurs
+  twice gives two docs, and a doc whose number `int()` cannot convert (over 4,300 digits) is dropped, as s3
+  drops it."""
+  docs = []
+  for match in _DOC.finditer(block):
+    try:
+      number = int(match.group(1))
+    except ValueError:
+      continue
+    docs.append((number, Doc(id=match.group(1), title=match.group(2).strip(), text=match.group(3).strip())))
+  return docs
 
 
-def selected_ids(content: str, max_id: int = _MAX_FAITHFUL_ID) -> list[int]:
+def _faithful_ids(content: str) -> list[int]:
+  """s3's ids of an `<important_info>` body: every integer in 1..8, de-duplicated in order; if any number of
+  the body cannot be converted (over 4,300 digits) the list is empty, as s3's `except` leaves it."""
+  try:
+    ids = [int(n) for n in _NUMBER.findall(content) if 1 <= int(n) <= _MAX_FAITHFUL_ID]
+  except ValueError:
+    return []
+  return list(dict.fromkeys(ids))
+
+
+def selected_ids(content: str, max_id: int) -> list[int]:
   """Every integer in an `<important_info>` body within 1..max_id, de-duplicated in order ("[1, 4]", "1,4"
-  and "Doc 1 and Doc 4" all give [1, 4])."""
-  return list(dict.fromkeys(i for i in map(int, re.findall(r"\d+", content)) if 1 <= i <= max_id))
+  and "Doc 1 and Doc 4" all give [1, 4]); a number too long to convert is out of range. Never raises."""
+  ids = []
+  for n in _NUMBER.findall(content):
+    try:
+      value = int(n)
+    except ValueError:  # over 4,300 digits: far outside any block
+      continue
+    if 1 <= value <= max_id:
+      ids.append(value)
+  return list(dict.fromkeys(ids))
 
 
 def selected_ids_in(text: str, block_size: int) -> list[int] | None:
@@ -117,25 +160,32 @@ def selected_ids_in(text: str, block_size: int) -> list[int] | None:
 
 
 def extract_selected_docs_faithful(trajectory_text: str) -> list[Doc]:
-  """D_s3 exactly as s3's `extract_titles_and_texts` builds it from the decoded prompt + responses (spec
-  §2.6, quirks included): every `<information>` block after the anchor counts, including ones the searcher
-  wrote itself; each `<important_info>` claims the block that starts last before it if that block is still
-  unclaimed; claimed blocks give their selected docs (ids 1-8, any number of them), unclaimed blocks all
-  their docs; selected docs come first; docs with the same text are given once. (s3 turns any parser
-  exception into an empty context; here a trajectory without the anchor is an error.)"""
-  _, found, rest = trajectory_text.partition(ANCHOR)
-  if not found:
+  """D_s3 exactly as s3 builds it from the decoded prompt + responses: `extract_titles_and_texts` on
+  `trajectory_text.split(ANCHOR)[1]` (spec §2.6, quirks included; the same documents in the same order for
+  every input that holds the anchor).
+
+  Only the text between the first and a second anchor sentence counts. Every `<information>` block in it
+  counts, including ones the searcher wrote itself. Each `<important_info>` claims the block that starts last
+  before it, if that block is still unclaimed, and keeps, in the block's own order, every parsed doc whose
+  number is among its ids (1-8, any number of them); unclaimed blocks give all their docs; selected docs come
+  first; a text already given is not given again. s3 returns an empty list when its parser raises; nothing
+  here raises on model output. A text without the anchor (not a trajectory of this prompt) is an error here,
+  where s3's reward function raises an IndexError."""
+  parts = trajectory_text.split(ANCHOR)
+  if len(parts) < 2:
     raise ValueError(f"the trajectory lacks the prompt's anchor sentence {ANCHOR!r}")
+  rest = parts[1]
   blocks = [(m.start(), m.group(1)) for m in _INFORMATION.finditer(rest)]
+  starts = [start for start, _ in blocks]
   claimed: set[int] = set()
   selected: list[Doc] = []
   for tag in _IMPORTANT.finditer(rest):
-    before = [i for i, (start, _) in enumerate(blocks) if start < tag.start()]
-    if not before or before[-1] in claimed:
+    b = bisect.bisect_left(starts, tag.start()) - 1  # the block that starts last before the tag
+    if b < 0 or b in claimed:
       continue
-    claimed.add(before[-1])
-    docs = dict(parse_docs(blocks[before[-1]][1]))
-    selected.extend(docs[i] for i in selected_ids(tag.group(1)) if i in docs)
+    claimed.add(b)
+    ids = _faithful_ids(tag.group(1))
+    selected.extend(doc for number, doc in parse_docs(blocks[b][1]) if number in ids)
   unclaimed = [doc for i, (_, block) in enumerate(blocks) if i not in claimed
                for _, doc in parse_docs(block)]
   return _unique_texts(selected + unclaimed)

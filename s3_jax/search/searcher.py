@@ -4,7 +4,7 @@ over the evaluation questions, and hand D_s3 to the generator.
 
 Rollouts sample as in training, at `rollout.temperature` / `rollout.top_p` (0.6 / 0.95): s3's evaluation is
 not greedy either (its `do_sample=False` never reaches vLLM, spec §2.2 and §12 item 7), which is why the paper
-averages 3 runs (`--runs 3`). The initial block is the question's top `rollout.initial_docs` (3, as s3's test
+averages 3 runs (`--runs 3`). The initial block is the question's top `evaluate.initial_docs` (3, as s3's test
 prompts) naive-retrieval documents; turns, top-k and selection follow `rollout.*` (8-3-3 by default).
 """
 
@@ -101,7 +101,8 @@ class S3Searcher:
     import jax
 
     r = self.config.rollout
-    initial = (self.retriever.search([retrieval_query(ex.question) for ex in examples], r.initial_docs)
+    initial = (self.retriever.search([retrieval_query(ex.question) for ex in examples],
+                                     self.config.evaluate.initial_docs)
                if r.begin_with_search else [[] for _ in examples])
     policy = SamplerPolicy(self.sampler, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                            rng=jax.random.key(seed))

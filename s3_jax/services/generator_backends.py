@@ -217,12 +217,32 @@ class InProcessGenerator:
     return [c.text for c in self.complete(chats, **kwargs)]
 
 
-def backend_from_config(generator: Any):
-  """The backend a config's `generator` section names: `backend`, `model`, and for `openai` its
-  `base_url` and `key_env` (the API key is read from that environment variable, never from the config)."""
+class LazyGenerator:
+  """A generator made on its first call by `factory()` (a service client or an in-process backend), so a job
+  whose answers are all cached never loads or reaches it."""
+
+  def __init__(self, factory: Any):
+    self._factory, self._generator = factory, None
+
+  def _get(self) -> Any:
+    if self._generator is None:
+      self._generator = self._factory()
+    return self._generator
+
+  def complete(self, *args: Any, **kwargs: Any) -> Any:
+    return self._get().complete(*args, **kwargs)
+
+  def generate(self, *args: Any, **kwargs: Any) -> Any:
+    return self._get().generate(*args, **kwargs)
+
+
+def backend_from_config(generator: Any, where: str = "generator"):
+  """The backend a config's `generator` section (or a judge section, named by `where`) names: `backend`,
+  `model`, and for `openai` its `base_url` and `key_env` (the API key is read from that environment variable,
+  never from the config)."""
   if generator.backend == "openai":
     if not generator.base_url:
-      raise ValueError("config.generator.backend='openai' needs config.generator.base_url "
+      raise ValueError(f"config.{where}.backend='openai' needs config.{where}.base_url "
                        "(e.g. http://127.0.0.1:8000/v1)")
     return make_backend("openai", generator.model, base_url=generator.base_url, key_env=generator.key_env)
   return make_backend(generator.backend, generator.model)
