@@ -87,15 +87,15 @@ def test_static_methods():
 # its checkpoints were trained on, and its paper's wording.
 SEARCH_R1_CODE_PROMPT = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you "
-    "get new information. After reasoning, if you find you lack some knowledge, you can call a search engine by "
-    "<search> query </search> and it will return the top searched results between <information> and "
+    "get new information. After reasoning, if you find you lack some knowledge, you can call a search engine "
+    "by <search> query </search> and it will return the top searched results between <information> and "
     "</information>. You can search as many times as your want. If you find no further external knowledge "
     "needed, you can directly provide the answer inside <answer> and </answer>, without detailed "
     "illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
 SEARCH_R1_PAPER_PROMPT = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you "
-    "get new information. After reasoning, if you find you lack some knowledge, you can call a search engine by "
-    "<search> query </search>, and it will return the top searched results between <information> and "
+    "get new information. After reasoning, if you find you lack some knowledge, you can call a search engine "
+    "by <search> query </search>, and it will return the top searched results between <information> and "
     "</information>. You can search as many times as you want. If you find no further external knowledge "
     "needed, you can directly provide the answer inside <answer> and </answer> without detailed "
     "illustrations. For example, <answer> xxx </answer>. Question: {question}\n")
