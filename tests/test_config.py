@@ -152,3 +152,18 @@ def test_a_sweep_with_a_bad_key_fails_before_launch(tmp_path):
                  "def sweep(add):\n  add(**{'ppo.actor_lrr': 1e-5})\n")
   with pytest.raises(ValueError, match=r"sweep run 'ppo\.actor_lrr=1e-05'.*no such config key"):
     config_lib.sweep_runs(str(bad))
+
+
+@pytest.mark.parametrize("spec", ["configs/s3_qwen7b.py:8-3-3,faithful",
+                                  "configs/smollm2_wiki.py:bm25,faithful", "configs/tiny.py:faithful"])
+def test_faithful_variant_switches_every_choice_to_s3s(spec):
+  """`faithful`: D_s3 by s3's parser, the RAG cache from s3's one-line context, s3's 12 initial docs in
+  training prompts and 3 at evaluation, s3's turn count; nothing else changes."""
+  plain = config_lib.load(str(REPO / spec.replace(",faithful", "").replace(":faithful", "")))
+  faithful = config_lib.load(str(REPO / spec))
+  changed = {k for k, v in config_lib.flatten(faithful.to_dict()).items()
+             if config_lib.flatten(plain.to_dict())[k] != v}
+  assert faithful.rollout.doc_extraction == "faithful" and faithful.reward.rag_context_format == "s3"
+  assert faithful.rollout.initial_docs == 12 and faithful.evaluate.initial_docs == 3
+  assert faithful.rollout.turn_semantics == "s3"
+  assert changed <= {"rollout.doc_extraction", "rollout.initial_docs"}

@@ -76,8 +76,19 @@ def _check_reports(out, runs=1):
     average = np.mean([np.mean([per_source_runs[s][metric][k] for s in sources]) for k in range(runs)])
     assert summary["average"][metric] == pytest.approx(average, abs=1e-12)
   header = table.splitlines()[4]
-  assert header == "| Method | " + " | ".join(sources) + " | Avg |"
+  assert header == "| Method | " + " | ".join(sources) + " | Avg | Generator | Judge |"
+  # Who answered and who judged, in every row and in the table.
+  assert len({(r["generator"], r["judge"]) for r in rows}) == 1
+  assert rows[0]["generator"] == "jax:asset:smollm2-135m-instruct"
+  assert table.splitlines()[6].endswith(f"| {rows[0]['generator']} | {rows[0]['judge']} |")
   return rows, summary
+
+
+def _s3_rag_context(docs, k=3):
+  """s3's naive-RAG context (spec §3.3): e5_retrieval's one line per doc, `Doc {i} (Title: {first line of
+  contents}) {rest}\\n` (the title keeps the corpus' quotes), cut before "Doc {k+1}"."""
+  return "".join(f'Doc {i} (Title: "{d.title}") {d.text}\n' for i, d in enumerate(docs, start=1)
+                 ).split(f"Doc {k + 1}")[0]
 
 
 @pytest.mark.slow
@@ -94,9 +105,9 @@ def test_every_method_end_to_end(method, services, tmp_path):
   for r in rows:
     if method == "none":
       assert r["context"] == "" and r["context_docs"] == 0
-    if method == "rag":  # the question's top 3, exactly as the retriever returns them
-      [docs] = services.retriever.search([r["question"]], 3)
-      assert r["context"] == generator_context(docs) and r["context_docs"] == 3
+    if method == "rag":  # the question's top 3, exactly as the retriever returns them, in s3's RAG format
+      [docs] = services.retriever.search([r["question"]], 12)
+      assert r["context"] == _s3_rag_context(docs) and r["context_docs"] == 3
     if method in ("s3", "ircot", "rag"):
       assert r["context_docs"] >= 1 and r["context_tokens"] > 0
 
@@ -145,12 +156,17 @@ def test_mirage_judge_only(services, tmp_path):
            show_progress=False, log=lambda *_: None)
   rows, summary = _check_reports(out)
   assert len(rows) == 3 and all(r["scores"]["judge"] is not None for r in rows)
+  assert rows[0]["judge"] == "jax:asset:smollm2-135m-instruct (the generator)"
   assert summary["medqa"]["judge_asked"] == 1.0
   medqa = [r for r in rows if r["data_source"] == "medqa"]
   assert medqa[0]["golden_answers"] == ["C: Vitamin C"]
   assert "\nOptions:\nA: Vitamin A\n" in medqa[0]["question"]
-  [docs] = services.retriever.search(["Which vitamin deficiency causes scurvy"], 3)  # options not searched
-  assert medqa[0]["context"] == generator_context(docs)
+  [docs] = services.retriever.search(["Which vitamin deficiency causes scurvy"], 12)  # options not searched
+  assert medqa[0]["context"] == _s3_rag_context(docs)
+  d_s3 = tmp_path / "d_s3"
+  evaluate(_config("reward.use_judge=True", "reward.rag_context_format=d_s3"), "rag", d_s3, datasets="medqa",
+           services=services, show_progress=False, log=lambda *_: None)
+  assert _rows(d_s3)[0]["context"] == generator_context(docs[:3])
 
 
 @pytest.mark.slow
@@ -221,3 +237,112 @@ def test_generator_backend_is_a_config_change(services, tmp_path, asset, monkeyp
   with pytest.raises(ValueError, match=r"needs config\.generator\.base_url"):
     evaluate(_config("generator.backend=openai"), "none", tmp_path / "nourl", datasets="nq",
              show_progress=False, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_a_judge_of_its_own(services, tmp_path, asset, monkeypatch):
+  """`evaluate.judge` names a judge other than the generator (here SmolLM2 behind an OpenAI-compatible
+  endpoint, as a hosted Claude would be): the judge's verdicts are its own, its name is in every row, the
+  table and the answer cache key, and an unclear verdict is asked again of the generator (s3's rule)."""
+  from s3_jax.reward.judge import judge_messages, parse_judge_reply
+  from s3_jax.services.generator_backends import JaxBackend
+  from s3_jax.services.generator_server import GeneratorService
+  from s3_jax.services.http_chat import serve_openai_http
+
+  class Counting(JaxBackend):
+    calls = 0
+
+    def generate(self, chats, params):
+      Counting.calls += len(chats)
+      return super().generate(chats, params)
+
+  backend = Counting(str(asset("smollm2-135m-instruct")))
+  server, port = serve_openai_http(GeneratorService(backend, default_max_tokens=16), token="k3y")
+  monkeypatch.setenv("S3_JAX_TEST_KEY", "k3y")
+  judged = ["reward.use_judge=True", "evaluate.judge.backend=openai", "evaluate.judge.model=haiku-stand-in",
+            f"evaluate.judge.base_url=http://127.0.0.1:{port}/v1", "evaluate.judge.key_env=S3_JAX_TEST_KEY"]
+  try:
+    evaluate(_config(*judged), "rag", tmp_path / "judged", datasets="nq", services=services,
+             show_progress=False, log=lambda *_: None)
+  finally:
+    server.shutdown()
+  rows = _rows(tmp_path / "judged")
+  asked = [r for r in rows if r["scores"]["judge"] is not None]
+  assert Counting.calls >= len(asked) > 0  # the endpoint judged (the generator's own service did not)
+  name = f"openai:haiku-stand-in at http://127.0.0.1:{port}/v1; unclear verdicts asked again of " \
+         "jax:asset:smollm2-135m-instruct"
+  assert {r["judge"] for r in rows} == {name}
+  assert (tmp_path / "judged" / "table.md").read_text().splitlines()[6].endswith(f"| {name} |")
+  # Each verdict is the endpoint model's own reply to s3's judge prompt (an unclear one goes to the generator,
+  # here the same model, which is unclear again: incorrect).
+  for r in asked:
+    [reply] = backend.generate([judge_messages(r["answer"], r["golden_answers"])], _judge_params())
+    assert r["scores"]["judge"] is bool(parse_judge_reply(reply.text))
+  with pytest.raises(ValueError, match=r"config\.evaluate\.judge\.model=''"):
+    _config("evaluate.judge.backend=jax")
+
+
+def _judge_params():
+  from s3_jax.services.generator_backends import GenerationParams
+
+  return GenerationParams(temperature=0.0, top_p=1.0, max_tokens=10)
+
+
+# Qwen2.5's chat template without its tool branches: a default system message when there is none.
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+@pytest.mark.slow
+def test_released_checkpoint_layout_samples_from_s3s_exact_prompt(services, tmp_path, asset, monkeypatch):
+  """A tiny random Qwen2 saved as `pat-jj/s3-8-3-3-20steps` is laid out (sharded safetensors with an index,
+  Qwen2.5's chat template) runs through `evaluate --method s3` on the `faithful` config, and the prompt ids it
+  samples from are the chat template applied to s3's exact text (written out in test_protocol.py)."""
+  import torch
+  import transformers
+  from test_protocol import S3_BM25_NOTE, S3_EXAMPLE, S3_INSTRUCTIONS
+
+  from s3_jax.search import episode
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(asset("smollm2-135m-instruct"))
+  tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
+  torch.manual_seed(0)
+  qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False,
+      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+  folder = tmp_path / "s3-8-3-3-20steps"
+  qwen.save_pretrained(folder, max_shard_size="4MB", safe_serialization=True)
+  tokenizer.save_pretrained(folder)
+  assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+
+  seen, sample = [], episode.SamplerPolicy.sample
+
+  def spy(self, contexts, max_new_tokens):
+    seen.append([list(c) for c in contexts])
+    return sample(self, contexts, max_new_tokens)
+
+  monkeypatch.setattr(episode.SamplerPolicy, "sample", spy)
+  config = config_lib.load(f"{REPO / 'configs/tiny.py'}:bm25,faithful", [*OVERRIDES, "evaluate.sample=1"])
+  assert config.rollout.doc_extraction == "faithful" and config.evaluate.initial_docs == 3
+  evaluate(config, "s3", tmp_path / "s3", checkpoint=str(folder), datasets="nq", services=services,
+           show_progress=False, log=lambda *_: None)
+  [row] = _rows(tmp_path / "s3")
+  [initial] = services.retriever.search([row["question"]], 3)
+  block = "".join(f'Doc {i} (Title: "{d.title}") {d.text}\n' for i, d in enumerate(initial, start=1))
+  s3_text = (S3_INSTRUCTIONS + S3_BM25_NOTE + S3_EXAMPLE + f"\n<question>\n{row['question']}\n</question>\n"
+             f"<information>\n{block.strip()}\n</information>\n")
+  expected = tokenizer.apply_chat_template([{"role": "user", "content": s3_text}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=True)
+  expected = list(expected["input_ids"])
+  assert tokenizer.decode(expected).startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+  assert seen[0][0] == expected

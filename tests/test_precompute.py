@@ -94,3 +94,60 @@ def test_precompute_cli(config, tmp_path):
   bad = subprocess.run([sys.executable, "-m", "s3_jax.precompute", "--config", str(REPO / "configs/tiny.py"),
                         "--config.precompute.splits=dev"], capture_output=True, text=True, cwd=REPO)
   assert bad.returncode != 0 and "config.precompute.splits='dev': must be a comma-separated" in bad.stderr
+
+
+class RecordingGenerator:
+  """Records the system message (the context) of every answer request; answers nothing useful."""
+
+  def __init__(self):
+    self.systems = []
+
+  def complete(self, chats, **kwargs):
+    from s3_jax.services.generator_backends import Completion
+
+    self.systems.extend(chat[0]["content"] for chat in chats)
+    return [Completion("I do not know", 10, 4, "stop") for _ in chats]
+
+  def generate(self, chats, **kwargs):  # the judge
+    return ["no"] * len(chats)
+
+
+def test_precompute_keys_its_results_by_the_rag_context_format(config, tmp_path):
+  """s3's RAG cache was answered from e5_retrieval's one-line context (spec §3.3): the default format. A
+  folder made under another format (or before the format was recorded) is stale: said so, and recomputed; the
+  same settings reuse it."""
+  from s3_jax.precompute import precompute_dir
+
+  base = ["data.train_limit=3", "precompute.splits=train", f"precompute.dir={tmp_path}"]
+  s3_config = config_lib.load(str(REPO / "configs/tiny.py"), base)
+  d_s3_config = config_lib.load(str(REPO / "configs/tiny.py"), [*base, "reward.rag_context_format=d_s3"])
+  first = RecordingGenerator()
+  run_precompute(s3_config, generator=first, show_progress=False, log=lambda *_: None)
+  retrieval = [json.loads(line) for line in (tmp_path / "retrieval_train.jsonl").read_text().splitlines()]
+  s3_contexts = ["".join(f'Doc {i} (Title: "{d["title"]}") {d["text"]}\n'
+                         for i, d in enumerate(r["docs"], 1)).split("Doc 4")[0] for r in retrieval]
+  assert first.systems == [f"Use the following contexts (some might be irrelevant) on demand:\nContexts:\n"
+                           f"{c}\n\nImportant: You MUST directly answer the question without any other text "
+                           "and thinking." for c in s3_contexts]
+
+  again, logs = RecordingGenerator(), []
+  run_precompute(s3_config, generator=again, show_progress=False, log=logs.append)
+  assert again.systems == [] and not any("stale" in line for line in logs)  # reused
+
+  other, logs = RecordingGenerator(), []
+  run_precompute(d_s3_config, generator=other, show_progress=False, log=logs.append)
+  stale = f'precompute in {tmp_path} is stale (rag_context_format: "s3" -> "d_s3")'
+  assert any(stale in line for line in logs)
+  d_s3_contexts = ["".join(f"Doc {i} (Title: {d['title']})\n{d['text']}\n\n" for i, d in
+                           enumerate(r["docs"][:3], 1)) for r in retrieval]
+  assert [s.split("Contexts:\n")[1].split("\n\nImportant:")[0] for s in other.systems] == d_s3_contexts
+  assert json.loads((tmp_path / "settings.json").read_text())["rag_context_format"] == "d_s3"
+
+  (tmp_path / "settings.json").unlink()  # a folder from before settings.json was written
+  logs = []
+  run_precompute(d_s3_config, generator=RecordingGenerator(), show_progress=False, log=logs.append)
+  assert any("has no settings.json" in line for line in logs)
+  # Without precompute.dir, each format has a folder of its own.
+  unset = ["data.train_limit=3", "precompute.splits=train"]
+  assert precompute_dir(config_lib.load(str(REPO / "configs/tiny.py"), unset)) != precompute_dir(
+      config_lib.load(str(REPO / "configs/tiny.py"), [*unset, "reward.rag_context_format=d_s3"]))

@@ -95,3 +95,62 @@ def test_without_judge_genacc_is_the_span_check():
   scorer = RewardScorer(generator, generator_id="x", kind="genacc", use_judge=False)
   [result] = scorer.score([RewardItem("nq", "Name the composer of Carmen", ("Bizet",), OTHER)])
   assert result.scores.judge is None and result.reward == 0.0 and generator.judge_batches == []
+
+
+class ScriptedJudge:
+  """A judge that replies from a script, one reply per request, recording what it was asked."""
+
+  def __init__(self, reply):
+    self.reply, self.asked = reply, []
+
+  def generate(self, chats, *, temperature=0.0, top_p=1.0, max_tokens=None):
+    self.asked.extend(chats)
+    return [self.reply(chat[0]["content"]) for chat in chats]
+
+
+def test_a_separate_judge_and_s3s_retry_rule(tmp_path):
+  """The judge is its own model; an unclear verdict is asked again of the answer generator (s3 retries on its
+  default Qwen whichever judge asked first); the judge's name is part of the cache key."""
+  generator = ScriptedGenerator()
+  haiku = ScriptedJudge(lambda text: "hmm" if "composer" in text else "No.")
+  items = [RewardItem("nq", "Name the composer of Carmen", ("Bizet",), OTHER),  # "the composer of Carmen"
+           RewardItem("nq", "Who composed Carmen?", ("Bizet",), OTHER)]  # "I do not know"
+  scorer = RewardScorer(generator, generator_id="scripted", kind="genacc", judge_generator=haiku,
+                        judge_id="claude-3-haiku", cache=AnswerCache(tmp_path / "answers.sqlite"))
+  results = scorer.score(items)
+  assert len(haiku.asked) == 2  # both spans failed: the separate judge was asked
+  assert [len(batch) for batch in generator.judge_batches] == [1]  # the unclear verdict, retried once
+  assert "the composer of Carmen" in generator.judge_batches[0][0][0]["content"]
+  assert [r.scores.judge for r in results] == [True, False]  # the generator's retry said yes
+  same_judge_retry = RewardScorer(generator, generator_id="scripted", kind="genacc", judge_generator=haiku,
+                                  judge_id="claude-3-haiku (retry: judge)", judge_retry=haiku)
+  assert [r.scores.judge for r in same_judge_retry.score(items)] == [False, False]  # still unclear: incorrect
+  answers = len(generator.answer_batches)
+  RewardScorer(generator, generator_id="scripted", kind="genacc",
+               cache=AnswerCache(tmp_path / "answers.sqlite")).score(items)
+  assert len(generator.answer_batches) == answers + 1  # another judge: nothing reused from the cache
+  with pytest.raises(ValueError, match="judge_id"):
+    RewardScorer(generator, generator_id="scripted", kind="genacc", judge_generator=haiku)
+
+
+def test_judge_sections_of_the_config():
+  from s3_jax import config_lib
+  from s3_jax.reward.service import judge_from_config, scorer_from_config
+
+  c = config_lib.default_config()
+  assert judge_from_config(c.reward.judge, "gen", "jax:m") == {}  # "same": the generator judges
+  c.evaluate.judge.update({"backend": "openai", "model": "claude-3-haiku", "base_url": "http://h:1/v1"})
+  made = judge_from_config(c.evaluate.judge, "gen", "jax:m")
+  assert made["judge_id"] == "openai:claude-3-haiku at http://h:1/v1; unclear verdicts asked again of jax:m"
+  assert made["judge_retry"] == "gen"
+  scorer = scorer_from_config(c, ScriptedGenerator(), kind="genacc", cache=AnswerCache(), judge="evaluate")
+  assert scorer.judge_id == made["judge_id"].replace("jax:m", "jax:asset:smollm2-135m-instruct")
+  assert scorer.judge_retry is not scorer.judge_generator
+  assert scorer_from_config(c, ScriptedGenerator(), kind="genacc", cache=AnswerCache()).judge_id == \
+      "jax:asset:smollm2-135m-instruct (the generator)"
+  c.evaluate.judge.base_url = ""
+  with pytest.raises(ValueError, match=r"config\.evaluate\.judge\.base_url"):
+    config_lib.validate(c)
+  c.evaluate.judge.update({"backend": "vllm", "model": ""})
+  with pytest.raises(ValueError, match=r"config\.evaluate\.judge\.model=''"):
+    config_lib.validate(c)
