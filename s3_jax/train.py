@@ -86,6 +86,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     scorer = scorer_from_config(config, services.generator, kind=config.reward.kind, rag_cache=data.rag_cache,
                                 cache=AnswerCache(sharding_lib.per_process_name(
                                     config.reward.cache or workdir / "answers.sqlite")))
+    log(f"reward {config.reward.kind}: answers by {scorer.generator_id}, judged by {scorer.judge_id}")
 
     # Resume from the latest checkpoint, or start at step 0.
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
