@@ -238,7 +238,8 @@ def _done(predictions: Path) -> set[tuple[str, str, int]]:
 
 
 _FREE_KEYS = ("evaluate.datasets", "evaluate.runs", "evaluate.batch_size", "evaluate.flashrag_dir",
-              "evaluate.mirage_file", "retriever.address", "generator.address", "evaluate.agent_address")
+              "evaluate.mirage_file", "retriever.address", "generator.address", "evaluate.agent_address",
+              "evaluate.judge.address", "reward.judge.address")
 
 
 def _check_record(out: Path, method: str, checkpoint: str | None,
