@@ -112,9 +112,12 @@ def _final_row(workdir: Path) -> dict[str, Any] | None:
 
 
 def summarize(root: str | Path) -> Path:
-  """`ROOT/summary.md` (one row per run: last step's metrics and each evaluation's GenAcc (EM) average) and
-  `ROOT/summary.png` (final mean reward and GenAcc per run)."""
+  """`ROOT/summary.md` (one row per run: last step's metrics and each evaluation's GenAcc (EM) average, then
+  who answered and who judged each evaluation) and `ROOT/summary.png` (final mean reward and GenAcc per
+  run)."""
   import matplotlib
+
+  from s3_jax import report
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -137,6 +140,12 @@ def summarize(root: str | Path) -> Path:
       e = evals[name].get(m)
       cells.append("–" if e is None else f"{100 * e['genacc']:.1f} ({100 * e['em']:.1f})")
     lines.append("| " + " | ".join(cells) + " |")
+  scorers = sorted({(m, who["generator"], who["judge"]) for w in workdirs
+                    for p in sorted((w / "eval").glob("*/predictions.jsonl"))
+                    for m, who in [(p.parent.name, report.scorers(report.read_predictions(p)))]})
+  if scorers:
+    lines += ["", *(f"- eval {m}: answers by {generator}, judged by {judge}"
+                    for m, generator, judge in scorers)]
   out = root / "summary.md"
   out.write_text("\n".join(lines) + "\n")
 

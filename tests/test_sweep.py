@@ -70,3 +70,19 @@ def test_local_sweep_of_two_tiny_runs(tmp_path):
   row = next(line for line in table.splitlines() if line.startswith("| base |"))
   assert row.startswith(f"| base | 1 | {base['reward/mean']:.4g} | {base['reward/genacc']:.4g} |")
   assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_summary_names_who_answered_and_judged(tmp_path):
+  from launch.sweep import summarize
+
+  for run, judge in (("base", "jax:g (the generator)"), ("other", "openai:haiku at http://h/v1")):
+    (tmp_path / run / "eval" / "rag").mkdir(parents=True)
+    (tmp_path / run / "config.json").write_text("{}")
+    (tmp_path / run / "eval" / "rag" / "summary.json").write_text(json.dumps(
+        {"average": {"genacc": 0.5, "em": 0.25}}))
+    (tmp_path / run / "eval" / "rag" / "predictions.jsonl").write_text(json.dumps(
+        {"generator": "jax:g", "judge": judge}) + "\n")
+  table = summarize(tmp_path).read_text()
+  assert "| base | – |" in table and "| 50.0 (25.0) |" in table
+  assert table.splitlines()[-2:] == ["- eval rag: answers by jax:g, judged by jax:g (the generator)",
+                                     "- eval rag: answers by jax:g, judged by openai:haiku at http://h/v1"]
