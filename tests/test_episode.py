@@ -19,7 +19,7 @@ class ScriptedPolicy:
   def __init__(self, tokenizer, scripts):
     self.tokenizer, self.scripts, self.calls = tokenizer, scripts, []
 
-  def sample(self, contexts, max_new_tokens):
+  def sample(self, contexts, max_new_tokens, keys=None):
     self.calls.append(len(contexts))
     out = []
     for context in contexts:
@@ -105,7 +105,7 @@ def test_rollout_batch_masks(tokenizer, retriever):
     def __init__(self):
       self.turn = 0
 
-    def sample(self, contexts, max_new_tokens):
+    def sample(self, contexts, max_new_tokens, keys=None):
       self.turn += 1
       text = ('<query>{"query": "Bizet"}</query>' if self.turn == 1
               else "<search_complete>True</search_complete>")
@@ -143,7 +143,7 @@ def test_ablation_switches(tokenizer, retriever):
             "<search_complete>True</search_complete>"]
 
   class Scripted:
-    def sample(self, contexts, max_new_tokens):
+    def sample(self, contexts, max_new_tokens, keys=None):
       return [tokenizer(script.pop(0), add_special_tokens=False)["input_ids"]]
 
   [episode] = run_episodes(Scripted(), tokenizer, client, [example], initial_blocks(retrieved, True, 2),
@@ -194,3 +194,51 @@ def test_real_policy_batch_of_4(asset, tokenizer, retriever):
   for row, e in enumerate(episodes):
     policy_text = tokenizer.decode(batch.tokens[row][batch.policy_mask[row]])
     assert policy_text.replace("<query>\n", "") == "".join(e.responses).replace("<query>\n", "")
+
+
+def _greedy_rollouts(model, tokenizer, client, examples, initial, config):
+  """The same greedy episodes with each episode's KV cache kept across turns and with the whole context
+  re-prefilled every turn."""
+  from s3_jax.models.sampler import Sampler
+  from s3_jax.search.episode import SamplerPolicy
+
+  out = {}
+  for keep in (True, False):
+    sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0, chunk=8)
+    policy = SamplerPolicy(sampler, temperature=0.0, top_p=1.0, keep_cache=keep)
+    out[keep] = run_episodes(policy, tokenizer, client, examples, initial, config)
+    if keep:
+      assert sampler.trace_counts["extend"] >= 1  # later turns did prefill into the kept cache
+  return out[True], out[False]
+
+
+@pytest.mark.parametrize("model_name", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
+def test_cached_turns_give_the_re_prefill_trajectories(model_name, asset, tokenizer, retriever, tmp_path):
+  import jax.numpy as jnp
+  from test_decoder import make_hf_model
+
+  from s3_jax.data.qa import read_qa
+  from s3_jax.models.hf import load_hf
+
+  client, local = retriever
+  examples = read_qa(asset("qa-fanout") / "train.jsonl")[:8 if model_name == "tiny" else 4]
+  initial = local.search([e.question for e in examples], 3)
+  if model_name == "tiny":  # random text: every turn is invalid and gets the nudge; prompts differ in length,
+    make_hf_model("LlamaForCausalLM", tmp_path, vocab_size=len(tokenizer), max_position_embeddings=4096)
+    model = load_hf(tmp_path)  # so a context cap makes episodes end at different turns
+    cap = 80 + len(tokenizer(protocol.build_prompt(examples[0].question, initial[0], True))["input_ids"])
+    config = EpisodeConfig(topk=3, max_turns=4, turn_semantics="exact", max_response_length=24,
+                           max_obs_length=256, max_prompt_length=cap, bm25=True)
+  else:  # without the initial block greedy SmolLM2 searches (with it, it completes at once)
+    initial = [[] for _ in examples]
+    model = load_hf(asset("smollm2-135m-instruct"), dtype=jnp.float32)
+    config = EpisodeConfig(topk=3, max_turns=2, turn_semantics="exact", max_response_length=64,
+                           max_obs_length=256, max_prompt_length=4096, bm25=True)
+  cached, fresh = _greedy_rollouts(model, tokenizer, client, examples, initial, config)
+  for a, b in zip(cached, fresh, strict=True):
+    assert a.ids == b.ids and a.policy_mask == b.policy_mask
+    assert a.responses == b.responses and a.queries == b.queries and a.ended == b.ended
+  if model_name == "tiny":
+    assert len({len(e.responses) for e in cached}) > 1  # episodes ended at different turns
+  else:  # SmolLM2's turns end at different steps (compaction); its episodes search
+    assert sum(len(e.queries) for e in cached) >= 2

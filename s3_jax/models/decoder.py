@@ -42,6 +42,16 @@ class KVCache(NamedTuple):
                jnp.zeros((), jnp.int32))
 
 
+def dot(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """`einsum(equation, x, w)` with float32 accumulation, the result in `x`'s dtype.
+
+  With bfloat16 operands XLA:CPU's fast (AMX/oneDNN) path needs a float32 result: the same einsum with a
+  bfloat16 result runs at half the speed of float32 (`shared/reference/environment.md`, bf16 table).
+  `w` is cast to `x`'s dtype first (float32 master weights, bfloat16 compute).
+  """
+  return jnp.einsum(equation, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """`scale * x / sqrt(mean(x²) + eps)`, the statistics in float32 (as Hugging Face does)."""
   x32 = x.astype(jnp.float32)
@@ -96,7 +106,8 @@ def _mix(probs, v):
   if probs.shape[3] == 1:
     out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None, :, :].astype(probs.dtype), axis=3)
     return out[:, None]
-  return jnp.einsum("bkgts,bkse->btkge", probs, v.astype(probs.dtype))
+  # float32 probabilities against float32 values, or bfloat16 ones against bfloat16 values (AMX), f32 sums
+  return jnp.einsum("bkgts,bkse->btkge", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
 def _attention(q, k, v, mask, cached=None):
@@ -122,9 +133,9 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached):
   """One pre-norm block: the new residual stream and this layer's fresh keys/values `[b, k, t, e]`."""
   dtype = x.dtype
   h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-  q = jnp.einsum("btd,dhe->bthe", h, p["q"].astype(dtype))
-  k = jnp.einsum("btd,dke->btke", h, p["k"].astype(dtype))
-  v = jnp.einsum("btd,dke->btke", h, p["v"].astype(dtype))
+  q = dot("btd,dhe->bthe", h, p["q"])
+  k = dot("btd,dke->btke", h, p["k"])
+  v = dot("btd,dke->btke", h, p["v"])
   if config.qkv_bias:
     q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
   if config.qk_norm:
@@ -134,11 +145,11 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached):
   k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)
   v = v.transpose(0, 2, 1, 3)
   attn = _attention(q, k, v, mask, cached)
-  x = x + jnp.einsum("bthe,hed->btd", attn, p["o"].astype(dtype))
+  x = x + dot("bthe,hed->btd", attn, p["o"])
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, p["gate"].astype(dtype))
-  up = jnp.einsum("btd,df->btf", h, p["up"].astype(dtype))
-  x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["down"].astype(dtype))
+  gate = dot("btd,df->btf", h, p["gate"])
+  up = dot("btd,df->btf", h, p["up"])
+  x = x + dot("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
   return x, (k, v)
 
 

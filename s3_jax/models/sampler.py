@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from s3_jax import sharding as sharding_lib
-from s3_jax.models.decoder import Decoder, forward, lm_logits, nest_params, prefill
+from s3_jax.models.decoder import Decoder, KVCache, forward, lm_logits, nest_params, prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +118,11 @@ class Sampler:
     self._axes = nest_params({name: p.get_metadata()["logical_axes"]
                               for name, p in model.named_params().items()})
     self.set_params(model.arrays())
-    self.trace_counts = {"prefill": 0, "decode": 0}
+    self.trace_counts = {"prefill": 0, "decode": 0, "extend": 0, "take": 0, "repack": 0}
     self._prefill = jax.jit(self._prefill_fn)
+    self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
+    self._take_rows = jax.jit(self._take_rows_fn)
+    self._repack = jax.jit(self._repack_fn)
     self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "ignore_eos"),
                            donate_argnames=("state",))
 
@@ -171,6 +174,37 @@ class Sampler:
 
     return jax.lax.while_loop(cond, body, state)
 
+  def _extend_fn(self, params, cache, tokens, mask, positions):
+    """Chunked prefill into an existing cache: `tokens [b, t]` (left-padded, `mask`) at `positions`, written
+    at `cache.index`; the last position's logits."""
+    self.trace_counts["extend"] += 1
+    hidden, cache = forward(self.config, params, tokens, positions, attention_mask=mask, cache=cache,
+                            compute_dtype=self.compute_dtype, unroll=self.unroll)
+    return cache, lm_logits(params, hidden[:, -1])
+
+  def _take_rows_fn(self, state, rows, padding):
+    """The decode state of rows `rows [b']` only (compaction); `padding [b']` rows start done."""
+    self.trace_counts["take"] += 1
+    take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+    out = {key: take(state[key]) for key in _ROW_KEYS}
+    out["done"] = out["done"] | padding
+    cache = state["cache"]
+    out["cache"] = KVCache(jnp.take(cache.k, rows, axis=1), jnp.take(cache.v, rows, axis=1),
+                           take(cache.valid), cache.index)
+    return {**out, "rng": state["rng"], "step": state["step"]}
+
+  def _repack_fn(self, k, v, valid, rows, slots, keep, slots_like, index):
+    """A new cache whose row i holds, at slots `0 ... keep[i].sum()`, the old cache's entries
+    `(rows[i], slots[i, j])` where `keep[i, j]` (every other slot empty), with `slots_like.shape[0]` slots."""
+    self.trace_counts["repack"] += 1
+    n = slots_like.shape[0]
+    pad = n - rows.shape[1]
+    gather = lambda x: jnp.pad(x[:, rows, :, slots, :], [(0, 0), (0, pad)] + [(0, 0)] * 3)  # noqa: E731
+    new_k = gather(k).transpose(2, 0, 3, 1, 4)  # [b, s, layers, kv, e] -> [layers, b, kv, s, e]
+    new_v = gather(v).transpose(2, 0, 3, 1, 4)
+    new_valid = jnp.pad(valid[rows, slots] & keep, [(0, 0), (0, pad)])
+    return KVCache(new_k, new_v, new_valid, index)
+
   # -- host API -------------------------------------------------------------------------------------
 
   def fits(self, prompt_length: int, max_new_tokens: int) -> bool:
@@ -179,11 +213,7 @@ class Sampler:
                  + _bucket(max(max_new_tokens, 1), self.chunk))
     return positions <= self.config.max_position_embeddings
 
-  def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), *,
-               max_new_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
-               rng: jax.Array | None = None) -> SampleOutput:
-    """Continues each prompt (a list of token ids). `max_new_tokens` overrides `params.max_new_tokens`
-    per row. Stop strings need the `tokenizer` given at construction."""
+  def _check_requests(self, prompts, params, max_new_tokens, stop_strings) -> list[int]:
     if not prompts:
       raise ValueError("generate() needs at least one prompt")
     if any(len(p) == 0 for p in prompts):
@@ -193,24 +223,22 @@ class Sampler:
     limits = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * len(prompts)
     if len(limits) != len(prompts):
       raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts")
-    n, longest = len(prompts), max(len(p) for p in prompts)
-    batch = _bucket(n, 1)
-    prompt_len = _length_bucket(longest, self.min_prompt_bucket)
-    new_len = _bucket(max(max(limits), 1), self.chunk)
-    if prompt_len + new_len > self.config.max_position_embeddings:
-      raise ValueError(f"prompt bucket {prompt_len} + {new_len} new tokens exceed the model's "
-                       f"max_position_embeddings={self.config.max_position_embeddings}")
-    tokens = np.full((batch, prompt_len), self.pad_token_id, np.int32)
-    mask = np.zeros((batch, prompt_len), bool)
-    for i, prompt in enumerate(prompts):
-      tokens[i, prompt_len - len(prompt):] = prompt
-      mask[i, prompt_len - len(prompt):] = True
-    mask[n:, -1] = True  # padding rows hold one token so their softmax stays finite; they start done
-    max_new = np.zeros(batch, np.int32)
-    max_new[:n] = limits
+    return limits
 
-    cache, logits, position = self._prefill(self.params, tokens, mask, np.zeros(prompt_len + new_len, bool))
-    state = {
+  def _left_pad(self, rows: Sequence[Sequence[int]], batch: int, length: int):
+    tokens = np.full((batch, length), self.pad_token_id, np.int32)
+    mask = np.zeros((batch, length), bool)
+    for i, row in enumerate(rows):
+      if len(row):
+        tokens[i, length - len(row):] = row
+        mask[i, length - len(row):] = True
+    mask[len(rows):, -1] = True  # padding rows hold one token so their softmax stays finite; they start done
+    return tokens, mask
+
+  def _decode_state(self, cache, logits, position, limits, batch, new_len, rng):
+    max_new = np.zeros(batch, np.int32)
+    max_new[:len(limits)] = limits
+    return {
         "cache": cache, "logits": logits, "position": position,
         "rng": rng if rng is not None else jax.random.key(0),
         "tokens": jnp.full((batch, new_len), self.pad_token_id, jnp.int32),
@@ -218,24 +246,79 @@ class Sampler:
         "count": jnp.zeros(batch, jnp.int32), "max_new": jnp.asarray(max_new),
         "done": jnp.asarray(max_new == 0), "eos": jnp.zeros(batch, bool), "step": jnp.zeros((), jnp.int32),
     }
+
+  def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), *,
+               max_new_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (),
+               rng: jax.Array | None = None) -> SampleOutput:
+    """Continues each prompt (a list of token ids). `max_new_tokens` overrides `params.max_new_tokens`
+    per row. Stop strings need the `tokenizer` given at construction."""
+    limits = self._check_requests(prompts, params, max_new_tokens, stop_strings)
+    n, longest = len(prompts), max(len(p) for p in prompts)
+    batch = _bucket(n, 1)
+    prompt_len = _length_bucket(longest, self.min_prompt_bucket)
+    new_len = _bucket(max(max(limits), 1), self.chunk)
+    if prompt_len + new_len > self.config.max_position_embeddings:
+      raise ValueError(f"prompt bucket {prompt_len} + {new_len} new tokens exceed the model's "
+                       f"max_position_embeddings={self.config.max_position_embeddings}")
+    tokens, mask = self._left_pad(prompts, batch, prompt_len)
+    cache, logits, position = self._prefill(self.params, tokens, mask, np.zeros(prompt_len + new_len, bool))
+    state = self._decode_state(cache, logits, position, limits, batch, new_len, rng)
+    pieces = self._run_decode(state, list(range(n)) + [-1] * (batch - n), params, stop_strings,
+                              keep_cache=False)
+    return self._outputs(pieces, n, stop_strings)
+
+  def _run_decode(self, state, owners: list[int], params: SamplingParams, stop_strings: Sequence[str], *,
+                  keep_cache: bool) -> list[_Piece]:
+    """Decodes in chunks until every row is done. Between chunks, rows that hit a stop string are marked
+    done, and once the rows still running fit a smaller batch bucket the finished ones are set aside (their
+    tokens, and their cache when `keep_cache`) and decoding goes on over the running rows only, so finished
+    rows cost no more decode steps. `owners[i]` is the request of row i (-1: padding). Returns the pieces
+    the rows ended in, each with its owners."""
     greedy = params.temperature == 0
     static = {"greedy": greedy, "top_k": 0 if greedy else max(params.top_k, 0),
               "use_top_p": not greedy and params.top_p < 1, "ignore_eos": params.ignore_eos}
     temperature = jnp.float32(params.temperature if not greedy else 1.0)
-    stopped = np.zeros(batch, bool)
+    top_p = jnp.float32(params.top_p)
+    new_len = state["tokens"].shape[1]
+    pieces = []
     while True:
-      state = self._decode(self.params, state, temperature, jnp.float32(params.top_p), **static)
+      state = self._decode(self.params, state, temperature, top_p, **static)
       done = np.asarray(state["done"])
       if stop_strings:
         newly = self._stop_string_rows(np.asarray(state["tokens"]), np.asarray(state["count"]),
-                                       ~done[:n] & ~stopped[:n], stop_strings)
+                                       ~done & (np.asarray(owners) >= 0), stop_strings)
         if newly.any():
-          stopped[:n] |= newly
-          done = done | stopped
+          done = done | newly
           state["done"] = jnp.asarray(done)
       if done.all() or int(state["step"]) >= new_len:
         break
-    return self._outputs(state, n, stop_strings)
+      running = np.flatnonzero(~done).tolist()
+      batch = _bucket(len(running), 1)
+      if batch < len(owners):  # compact: set the finished rows aside, decode the running ones only
+        finished = [i for i in np.flatnonzero(done) if owners[i] >= 0]
+        if finished:
+          pieces.append(self._piece(state, finished, owners, keep_cache))
+        rows = running + [running[0]] * (batch - len(running))
+        padding = np.arange(batch) >= len(running)
+        state = self._take_rows(state, np.asarray(rows, np.int32), padding)
+        owners = [owners[i] for i in running] + [-1] * (batch - len(running))
+    real = [i for i, owner in enumerate(owners) if owner >= 0]
+    pieces.append(self._piece(state, real, owners, keep_cache, whole=True))
+    return pieces
+
+  def _piece(self, state, rows: list[int], owners: list[int], keep_cache: bool,
+             whole: bool = False) -> _Piece:
+    cache, cache_rows = None, rows
+    if keep_cache:
+      if whole:
+        cache = state["cache"]
+      else:  # the finished rows' cache, padded to a batch bucket (one compiled take per bucket pair)
+        padded = rows + [rows[0]] * (_bucket(len(rows), 1) - len(rows))
+        taken = self._take_rows(state, np.asarray(padded, np.int32), np.zeros(len(padded), bool))
+        cache, cache_rows = taken["cache"], list(range(len(rows)))
+    host = {key: np.asarray(state[key])[rows] for key in ("tokens", "logprobs", "count", "eos")}
+    return _Piece([owners[i] for i in rows], host["tokens"], host["logprobs"], host["count"], host["eos"],
+                  cache, cache_rows)
 
   def _stop_string_rows(self, tokens, counts, candidates, stop_strings) -> np.ndarray:
     hits = np.zeros(len(candidates), bool)
@@ -247,24 +330,175 @@ class Sampler:
     text = self.tokenizer.decode(list(ids))
     return any(s in text for s in stop_strings)
 
-  def _outputs(self, state, n, stop_strings) -> SampleOutput:
-    tokens = np.asarray(state["tokens"])
-    logprobs = np.asarray(state["logprobs"])
-    counts = np.asarray(state["count"])
-    eos = np.asarray(state["eos"])
+  def _cut(self, ids: list[int], eos: bool, stop_strings) -> tuple[list[int], str]:
+    reason = "eos" if eos else "length"
+    if stop_strings and self._has_stop(ids, stop_strings):
+      # The shortest prefix whose text holds a stop string (containment grows with the prefix).
+      low, high = 1, len(ids)
+      while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if self._has_stop(ids[:mid], stop_strings) else (mid + 1, high)
+      ids, reason = ids[:low], "stop"
+    return ids, reason
+
+  def _outputs(self, pieces: list[_Piece], n: int, stop_strings) -> SampleOutput:
+    rows: list[Any] = [None] * n
+    for piece in pieces:
+      for j, owner in enumerate(piece.owners):
+        rows[owner] = (piece, j)
     out = SampleOutput([], [], [])
-    for i in range(n):
-      ids = tokens[i, :counts[i]].tolist()
-      reason = "eos" if eos[i] else "length"
-      if stop_strings and self._has_stop(ids, stop_strings):
-        # The shortest prefix whose text holds a stop string (containment grows with the prefix).
-        low, high = 1, len(ids)
-        while low < high:
-          mid = (low + high) // 2
-          low, high = (low, mid) if self._has_stop(ids[:mid], stop_strings) else (mid + 1, high)
-        ids, reason = ids[:low], "stop"
+    for piece, j in rows:
+      ids, reason = self._cut(piece.tokens[j, :piece.count[j]].tolist(), bool(piece.eos[j]), stop_strings)
       out.tokens.append(ids)
-      out.logprobs.append(logprobs[i, :len(ids)].tolist())
+      out.logprobs.append(piece.logprobs[j, :len(ids)].tolist())
       out.finish_reasons.append(reason)
     return out
 
+  def session(self) -> DecodeSession:
+    """A `DecodeSession`: multi-turn generation that keeps each conversation's KV cache between calls."""
+    return DecodeSession(self)
+
+
+_ROW_KEYS = ("logits", "position", "tokens", "logprobs", "count", "max_new", "done", "eos")
+
+
+@dataclasses.dataclass
+class _Piece:
+  """Rows that finished decoding together: their requests, sampled tokens, log-probs, counts, EOS flags and,
+  when kept, the cache they live in (row `cache_rows[j]` of `cache` holds request `owners[j]`)."""
+
+  owners: list[int]
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  count: np.ndarray
+  eos: np.ndarray
+  cache: KVCache | None
+  cache_rows: list[int]
+
+
+@dataclasses.dataclass
+class _Cached:
+  """What the cache holds for one conversation: its token ids in order, and where each one is (which
+  piece, which row of it, which slot)."""
+
+  tokens: list[int]
+  piece: int
+  row: int
+  slots: np.ndarray
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  n = min(len(a), len(b))
+  if n == 0:
+    return 0
+  diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+  return int(diff[0]) if len(diff) else n
+
+
+class DecodeSession:
+  """Multi-turn generation over one `Sampler` that keeps each conversation's KV cache between calls.
+
+  `generate(keys, contexts, ...)` continues each context (the whole token sequence so far: the earlier
+  turns' sampled ids and whatever the caller appended). For a key seen before, the cached keys/values of the
+  longest common prefix of the cached sequence and the new context are kept, and only the rest of the
+  context is prefilled (chunked prefill into the existing cache, at that conversation's own positions); a
+  cached token the context no longer has (the part of a turn cut after a stop string, a dropped EOS) is
+  dropped from the cache. The result equals `Sampler.generate` on the same contexts (up to float rounding:
+  cached keys/values were computed one token at a time). Keys absent from a call are forgotten (their cache
+  is freed); a change of the sampler's parameters (`set_params`) forgets everything.
+
+  Between calls the caches of all conversations are packed into one fresh cache (valid slots first), sized
+  by bucket: `_length_bucket` of the longest kept prefix, of the new tokens and of the new-token limit.
+  """
+
+  def __init__(self, sampler: Sampler):
+    self.sampler = sampler
+    self._cached: dict[Any, _Cached] = {}
+    self._pieces: list[KVCache] = []
+    self._params = sampler.params
+    self.reused_tokens = 0  # context tokens taken from the cache instead of prefilled (all calls)
+    self.prefilled_tokens = 0
+
+  def close(self) -> None:
+    """Frees every cache."""
+    self._cached, self._pieces = {}, []
+
+  def generate(self, keys: Sequence[Any], contexts: Sequence[Sequence[int]],
+               params: SamplingParams = SamplingParams(), *, max_new_tokens: Sequence[int] | None = None,
+               stop_strings: Sequence[str] = (), rng: jax.Array | None = None) -> SampleOutput:
+    s = self.sampler
+    limits = s._check_requests(contexts, params, max_new_tokens, stop_strings)
+    if len(keys) != len(contexts) or len(set(keys)) != len(keys):
+      raise ValueError(f"need one distinct key per context, got {len(keys)} keys for {len(contexts)} "
+                       "contexts")
+    for context, limit in zip(contexts, limits, strict=True):
+      if len(context) + limit > s.config.max_position_embeddings:
+        raise ValueError(f"a context of {len(context)} tokens + {limit} new tokens exceeds the model's "
+                         f"max_position_embeddings={s.config.max_position_embeddings}")
+    if s.params is not self._params:  # new weights: every cached key/value is stale
+      self.close()
+      self._params = s.params
+    n = len(contexts)
+    kept = []
+    for key, context in zip(keys, contexts, strict=True):
+      cached = self._cached.get(key)
+      # keep at least the last context token to prefill: its logits start the new turn
+      kept.append(0 if cached is None else min(_common_prefix(cached.tokens, context), len(context) - 1))
+    batch = _bucket(n, 1)
+    longest_kept = max(kept)
+    fresh = [list(context[p:]) for context, p in zip(contexts, kept, strict=True)]
+    chunk = _length_bucket(max(len(f) for f in fresh), s.min_prompt_bucket)
+    new_len = _bucket(max(max(limits), 1), s.chunk)
+    tokens, mask = s._left_pad(fresh, batch, chunk)
+    self.reused_tokens += sum(kept)
+    self.prefilled_tokens += sum(len(f) for f in fresh)
+    if longest_kept == 0:
+      self.close()
+      start = 0
+      slots = _length_bucket(chunk + new_len, 64)
+      cache, logits, position = s._prefill(s.params, tokens, mask, np.zeros(slots, bool))
+    else:
+      start = longest_kept
+      prefix_slots = _length_bucket(longest_kept, 64)
+      slots = _length_bucket(prefix_slots + chunk + new_len, 64)
+      cache = self._repack(keys, kept, batch, prefix_slots, slots, start)
+      positions = np.zeros((batch, chunk), np.int32)
+      for i, (p, f) in enumerate(zip(kept, fresh, strict=True)):
+        positions[i, chunk - len(f):] = np.arange(p, p + len(f))
+      cache, logits = s._extend(s.params, cache, tokens, mask, positions)
+      position = jnp.asarray(np.asarray([len(c) for c in contexts] + [0] * (batch - n), np.int32))
+    state = s._decode_state(cache, logits, position, limits, batch, new_len, rng)
+    pieces = s._run_decode(state, list(range(n)) + [-1] * (batch - n), params, stop_strings, keep_cache=True)
+    # What the cache now holds for each conversation: the kept prefix (slots 0...), the fresh tokens (left-
+    # padded in slots start ... start + chunk), then the sampled ones from slot start + chunk on.
+    self._cached, self._pieces = {}, [piece.cache for piece in pieces]
+    for number, piece in enumerate(pieces):
+      for j, owner in enumerate(piece.owners):
+        p, f = kept[owner], fresh[owner]
+        count = int(piece.count[j])
+        slot_ids = np.concatenate([np.arange(p), start + chunk - len(f) + np.arange(len(f)),
+                                   start + chunk + np.arange(count)]).astype(np.int32)
+        self._cached[keys[owner]] = _Cached(list(contexts[owner]) + piece.tokens[j, :count].tolist(), number,
+                                            piece.cache_rows[j], slot_ids)
+    return s._outputs(pieces, n, stop_strings)
+
+  def _repack(self, keys, kept, batch, prefix_slots, slots, index) -> KVCache:
+    """One cache with row i = the first `kept[i]` cached tokens of `keys[i]`, at slots 0 ... kept[i]."""
+    offsets = np.cumsum([0] + [piece.k.shape[1] for piece in self._pieces])
+    rows = np.zeros((batch, prefix_slots), np.int32)
+    where = np.zeros((batch, prefix_slots), np.int32)
+    keep = np.zeros((batch, prefix_slots), bool)
+    for i, (key, p) in enumerate(zip(keys, kept, strict=True)):
+      if p:
+        cached = self._cached[key]
+        rows[i, :] = offsets[cached.piece] + cached.row
+        where[i, :p] = cached.slots[:p]
+        keep[i, :p] = True
+    if len(self._pieces) == 1:
+      k, v, valid = self._pieces[0].k, self._pieces[0].v, self._pieces[0].valid
+    else:
+      k = jnp.concatenate([piece.k for piece in self._pieces], axis=1)
+      v = jnp.concatenate([piece.v for piece in self._pieces], axis=1)
+      valid = jnp.concatenate([piece.valid for piece in self._pieces], axis=0)
+    self._pieces = []  # the old caches go once the new one is built
+    return self.sampler._repack(k, v, valid, rows, where, keep, np.zeros(slots, bool), jnp.int32(index))

@@ -22,8 +22,11 @@ from s3_jax.search.formats import observation
 
 
 class Policy(Protocol):
-  def sample(self, contexts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[list[int]]:
-    """One turn per context: the sampled token ids (stopping at `</query>` or EOS, or at the limit)."""
+  def sample(self, contexts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+             keys: Sequence[Any] | None = None) -> list[list[int]]:
+    """One turn per context: the sampled token ids (stopping at `</query>` or EOS, or at the limit).
+    `keys[i]` names context i's episode (the same key on every turn of one rollout), so a policy may keep
+    each episode's KV cache between turns. A policy may also have `release()`, called when a rollout ends."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +117,14 @@ class Episode:
 
 class SamplerPolicy:
   """The searcher's `Policy` on this project's `Sampler`: one batched call per turn, stopping at `</query>`
-  or EOS, with the rollout's temperature / top-p / top-k; a fresh RNG key per turn."""
+  or EOS, with the rollout's temperature / top-p / top-k; a fresh RNG key per turn.
+
+  `keep_cache=True` (`rollout.keep_cache`, the default) keeps each episode's KV cache between turns
+  (`Sampler.session`) and prefills only what the environment appended; `False` re-prefills the whole context
+  every turn (s3/verl's way; the reference the cached path is tested against)."""
 
   def __init__(self, sampler: Any, *, temperature: float, top_p: float, top_k: int = -1, seed: int = 0,
-               rng: Any = None):
+               rng: Any = None, keep_cache: bool = True):
     import jax
 
     from s3_jax.models.sampler import SamplingParams
@@ -125,14 +132,25 @@ class SamplerPolicy:
     self.sampler = sampler
     self.params = SamplingParams(temperature=temperature, top_p=top_p, top_k=max(top_k, 0))
     self.rng = rng if rng is not None else jax.random.key(seed)
+    self.keep_cache = keep_cache
+    self._session = None
 
-  def sample(self, contexts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[list[int]]:
+  def sample(self, contexts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+             keys: Sequence[Any] | None = None) -> list[list[int]]:
     import jax
 
     self.rng, rng = jax.random.split(self.rng)
-    out = self.sampler.generate(contexts, self.params, max_new_tokens=max_new_tokens,
-                                stop_strings=("</query>",), rng=rng)
-    return out.tokens
+    kwargs = {"max_new_tokens": max_new_tokens, "stop_strings": ("</query>",), "rng": rng}
+    if not self.keep_cache or keys is None:
+      return self.sampler.generate(contexts, self.params, **kwargs).tokens
+    if self._session is None:
+      self._session = self.sampler.session()
+    return self._session.generate(keys, contexts, self.params, **kwargs).tokens
+
+  def release(self) -> None:
+    """Frees the episodes' caches (the rollout ended)."""
+    if self._session is not None:
+      self._session.close()
 
 
 def initial_blocks(retrieved: Sequence[Sequence[Doc]], begin_with_search: bool,
@@ -173,6 +191,21 @@ def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Seque
   episodes = [Episode(ex, chat_prompt_ids(tokenizer, protocol.build_prompt(ex.question, docs, config.bm25)),
                       [list(docs)]) for ex, docs in zip(examples, initial_docs, strict=True)]
   search_rounds = config.max_turns + 1 if config.turn_semantics == "s3" else config.max_turns
+  rollout = object()  # keys of this rollout's episodes: (rollout, index)
+  try:
+    _turns(policy, tokenizer, retriever, episodes, config, search_rounds, rollout, eos_ids, timings)
+  finally:
+    release = getattr(policy, "release", None)
+    if release is not None:
+      release()
+  for e in episodes:
+    if not e.done:
+      e.ended = "cap" if len(e.prompt_ids) + len(e.ids) >= config.max_prompt_length else "turns"
+  return episodes
+
+
+def _turns(policy, tokenizer, retriever, episodes, config, search_rounds, rollout, eos_ids, timings) -> None:
+  number = {id(e): i for i, e in enumerate(episodes)}
   for turn in range(search_rounds + 1):  # the last round is the final, no-search turn
     final = turn == search_rounds
     active = [e for e in episodes if not e.done]
@@ -187,7 +220,8 @@ def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Seque
       break
     start = time.perf_counter()
     sampled = policy.sample([e.prompt_ids + e.ids for e in active],
-                            [min(config.max_response_length, r) for r in room if r > 0])
+                            [min(config.max_response_length, r) for r in room if r > 0],
+                            keys=[(rollout, number[id(e)]) for e in active])
     timings["sample"] = timings.get("sample", 0.0) + time.perf_counter() - start
     searching: list[tuple[Episode, str]] = []
     for e, ids in zip(active, sampled, strict=True):
@@ -215,7 +249,3 @@ def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Seque
         e.blocks.append(list(docs))
         obs = tokenizer(protocol.observation_text(observation(docs)), add_special_tokens=False)["input_ids"]
         e.append(obs[:config.max_obs_length], from_policy=False)
-  for e in episodes:
-    if not e.done:
-      e.ended = "cap" if len(e.prompt_ids) + len(e.ids) >= config.max_prompt_length else "turns"
-  return episodes

@@ -1,0 +1,107 @@
+"""`DecodeSession` (the KV cache kept across turns) and the sampler's row compaction, against the
+re-prefill path (`Sampler.generate` on the whole context) and against `transformers`."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from test_decoder import make_hf_model
+
+from s3_jax.models.hf import load_hf
+from s3_jax.models.sampler import Sampler, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("tiny_session")
+  reference = make_hf_model("LlamaForCausalLM", folder, num_hidden_layers=3, max_position_embeddings=1024)
+  return reference, load_hf(folder)
+
+
+def _hf_greedy(reference, prompt, steps, eos):
+  ids = list(prompt)
+  for _ in range(steps):
+    with torch.no_grad():
+      token = int(torch.argmax(reference(torch.tensor([ids])).logits[0, -1]))
+    ids.append(token)
+    if token in eos:
+      break
+  return ids[len(prompt):]
+
+
+def _turns(sampler, rng, turns=3, n=5, steps=10):
+  """Multi-turn conversations as a rollout runs them: each turn continues every live context, keeps the
+  sampled ids (the last one cut from some, as a stop-string cut does), and appends an 'observation' of a
+  different length per row; conversation 1 ends after turn 1 and a new one (key 9) starts at turn 2.
+  Yields (keys, contexts, limits) of every turn together with the session's and the re-prefill outputs."""
+  session = sampler.session()
+  keys = list(range(n))
+  contexts = {k: rng.integers(1, 128, int(rng.integers(3, 30))).tolist() for k in keys}
+  for turn in range(turns):
+    live = list(keys)
+    limits = [int(rng.integers(1, steps)) for _ in live]
+    batch = [contexts[k] for k in live]
+    cached = session.generate(live, batch, SamplingParams(max_new_tokens=steps), max_new_tokens=limits)
+    fresh = sampler.generate(batch, SamplingParams(max_new_tokens=steps), max_new_tokens=limits)
+    yield live, batch, limits, cached, fresh
+    for k, ids in zip(live, cached.tokens, strict=True):
+      kept = ids[:-1] if (k + turn) % 2 and len(ids) > 1 else ids
+      contexts[k] = contexts[k] + kept + rng.integers(1, 128, int(rng.integers(1, 40))).tolist()
+    if turn == 0:
+      keys.remove(1)
+      keys.append(9)
+      contexts[9] = rng.integers(1, 128, 12).tolist()
+
+
+def test_session_equals_re_prefill_and_transformers_over_turns(tiny):
+  reference, model = tiny
+  sampler = Sampler(model, eos_token_ids=[7, 19], chunk=4)  # rows end at different steps: compaction
+  eos = set(sampler.eos_token_ids.tolist())  # 7, 19 and the config's EOS
+  for _live, batch, limits, cached, fresh in _turns(sampler, np.random.default_rng(0)):
+    assert cached.tokens == fresh.tokens
+    assert cached.finish_reasons == fresh.finish_reasons
+    for got, want in zip(cached.logprobs, fresh.logprobs, strict=True):
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    for context, limit, ids in zip(batch, limits, cached.tokens, strict=True):
+      assert ids == _hf_greedy(reference, context, limit, eos)
+  assert sampler.trace_counts["extend"] >= 1 and sampler.trace_counts["repack"] >= 1
+
+
+def test_session_reuses_the_cache_and_forgets_ended_conversations(tiny):
+  _, model = tiny
+  sampler = Sampler(model, chunk=4)
+  session = sampler.session()
+  first = session.generate(["a", "b"], [[1, 2, 3, 4], [5, 6]], SamplingParams(max_new_tokens=6))
+  assert session.reused_tokens == 0 and session.prefilled_tokens == 6
+  context = [1, 2, 3, 4] + first.tokens[0] + [9, 9]
+  session.generate(["a"], [context], SamplingParams(max_new_tokens=3))
+  assert session.reused_tokens == 4 + 6  # the prompt and the sampled turn came from the cache
+  assert session.prefilled_tokens == 6 + 2
+  assert set(session._cached) == {"a"}  # "b" was not continued: its cache is gone
+  sampler.set_params(jax.tree.map(lambda x: x * 1.0, sampler.params))  # new weights: nothing is reused
+  session.generate(["a"], [context], SamplingParams(max_new_tokens=3))
+  assert session.reused_tokens == 10
+
+
+def test_compaction_gives_the_same_answers_as_one_row_at_a_time(tiny):
+  _, model = tiny
+  prompts = [np.random.default_rng(i).integers(1, 128, 5 + 3 * i).tolist() for i in range(7)]
+  params = SamplingParams(max_new_tokens=24)
+  # 107, 44, 33 are greedy tokens of rows 1, 2, 3 (at steps 7, 4, 2) of this seeded model: with them as EOS,
+  # four rows end early and three run to the limit, so the batch of 8 compacts to 4
+  sampler = Sampler(model, eos_token_ids=[107, 44, 33], chunk=2)
+  together = sampler.generate(prompts, params)
+  alone = [sampler.generate([p], params) for p in prompts]
+  assert together.tokens == [a.tokens[0] for a in alone]
+  assert together.finish_reasons == [a.finish_reasons[0] for a in alone]
+  assert len({len(t) for t in together.tokens}) > 2  # rows really ended at different steps
+  assert sampler.trace_counts["take"] >= 1  # and the batch was compacted
+
+
+def test_session_bad_requests(tiny):
+  _, model = tiny
+  session = Sampler(model).session()
+  with pytest.raises(ValueError, match="one distinct key per context"):
+    session.generate([1, 1], [[1], [2]])
+  with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=1024"):
+    session.generate([1], [[1] * 1000], SamplingParams(max_new_tokens=100))
