@@ -46,8 +46,10 @@ def matmul_peak(repeats: int = 5) -> tuple[float, str]:
   return best, best_shape
 
 
-def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, remat: str = "full") -> dict:
+def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, remat: str = "full",
+                dtype: str = "float32") -> dict:
   import jax
+  import jax.numpy as jnp
   from flax import nnx
 
   from s3_jax import assets
@@ -59,7 +61,8 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
   settings = update_lib.PPOSettings(batch_size=batch, mini_batch_size=batch, actor_micro_batch_size=micro,
                                     critic_micro_batch_size=micro, score_micro_batch_size=micro,
                                     actor_lr=1e-6, critic_lr=1e-5)
-  learner = update_lib.PPOLearner(settings, config, remat=False if remat == "none" else remat)
+  learner = update_lib.PPOLearner(settings, config, remat=False if remat == "none" else remat,
+                                  compute_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
   state = learner.init_state(Decoder(config, rngs=nnx.Rngs(0)).arrays(),
                              update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(1))))
   rng = np.random.default_rng(0)
@@ -119,7 +122,9 @@ def main() -> None:
   parser.add_argument("--window", type=int, default=256)
   parser.add_argument("--micro", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--remat", default="full", choices=("none", "full", "dots"))
+  parser.add_argument("--remat", default="dots", choices=("none", "full", "dots"))
+  parser.add_argument("--dtypes", default="float32,bfloat16",
+                      help="compute dtypes of the update (fp32 masters)")
   parser.add_argument("--runs", default="tiny,smollm2",
                       help="configs whose step time split to measure ('' = none)")
   parser.add_argument("--steps", type=int, default=3)
@@ -130,16 +135,20 @@ def main() -> None:
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
   peak, shape = matmul_peak()
   print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32, best shape {shape})")
-  r = update_rate(args.batch, args.length, args.window, args.micro, args.repeats, args.remat)
-  xla_rate, model_rate = r["xla_flops"] / r["seconds"], r["model_flops"] / r["seconds"]
-  print(f"update step, SmolLM2-135M actor + critic, batch {args.batch} x {args.length} tokens "
-        f"(window {args.window}, micro-batch {args.micro}, remat {args.remat}): {r['seconds']:.2f} s, "
-        f"{r['tokens'] / r['seconds']:.0f} tokens/s")
-  print(f"  model matmul work {r['model_flops'] / 1e12:.2f} TFLOP (forward + backward, remat recompute not "
-        f"counted) -> {model_rate / 1e9:.1f} GFLOP/s = {100 * model_rate / peak:.0f}% of matmul peak "
-        f"(target >= 40%)")
-  print(f"  (XLA's cost_analysis counts {r['xla_flops'] / 1e12:.2f} TFLOP = {xla_rate / 1e9:.1f} GFLOP/s: it "
-        f"counts each lax.scan body once, so it undercounts a layer-scanned, micro-batched step)")
+  first = None
+  for dtype in args.dtypes.split(","):
+    r = update_rate(args.batch, args.length, args.window, args.micro, args.repeats, args.remat, dtype)
+    first = first or r["seconds"]
+    xla_rate, model_rate = r["xla_flops"] / r["seconds"], r["model_flops"] / r["seconds"]
+    print(f"update step ({dtype} compute), SmolLM2-135M actor + critic, batch {args.batch} x {args.length} "
+          f"tokens (window {args.window}, micro-batch {args.micro}, remat {args.remat}): "
+          f"{r['seconds']:.2f} s ({first / r['seconds']:.2f}x the first row), "
+          f"{r['tokens'] / r['seconds']:.0f} tokens/s")
+    print(f"  model matmul work {r['model_flops'] / 1e12:.2f} TFLOP (forward + backward, remat recompute not "
+          f"counted) -> {model_rate / 1e9:.1f} GFLOP/s = {100 * model_rate / peak:.0f}% of the fp32 matmul "
+          f"peak")
+    print(f"  (XLA's cost_analysis counts {r['xla_flops'] / 1e12:.2f} TFLOP = {xla_rate / 1e9:.1f} GFLOP/s: "
+          f"it counts each lax.scan body once, so it undercounts a layer-scanned, micro-batched step)")
   for name in filter(None, args.runs.split(",")):
     split = run_split(name, args.steps if name == "tiny" else 2)
     total = split.get("time/step", 0.0)

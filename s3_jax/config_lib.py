@@ -265,6 +265,9 @@ def default_config() -> ml_collections.ConfigDict:
   # The sampler's copy of the policy: "" = searcher.param_dtype; bfloat16 halves its memory and decode traffic
   # (s3/verl sample with vLLM in bf16); the update keeps the master weights' dtype.
   c.rollout.param_dtype = ""
+  # Keep each episode's KV cache across turns and prefill only what the environment appended (s3/verl
+  # re-prefill the whole context every turn: False, the reference the cached path is tested against).
+  c.rollout.keep_cache = True
 
   # cache: the scored-answer SQLite file; "" = WORKDIR/answers.sqlite (per run, so metrics never depend on
   # what earlier runs cached).
@@ -347,7 +350,7 @@ _CHOICES = {
     "ppo.adv_estimator": ("gae", "grpo", "reinforce_pp"),
     "ppo.loss_agg": ("token_mean", "micro_token_mean"),
     "searcher.param_dtype": ("float32", "bfloat16"),
-    "searcher.compute_dtype": ("float32", "bfloat16"),
+    "searcher.compute_dtype": ("auto", "float32", "bfloat16"),
     "rollout.param_dtype": ("", "float32", "bfloat16"),
     "searcher.remat": ("full", "dots", "none"),
     "evaluate.agent_backend": ("jax", "vllm"),

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 
 from s3_jax import sharding as sharding_lib
+from s3_jax.models import precision
 from s3_jax.models.config import DecoderConfig
 from s3_jax.models.decoder import param_specs
 
@@ -110,7 +111,7 @@ def plan(config: ml_collections.ConfigDict, model: DecoderConfig, devices: int,
   sample_mesh = mesh if processes == 1 else {"data": 1, "fsdp": local // mesh["tensor"],
                                              "tensor": mesh["tensor"]}
   param_bytes = _BYTES[config.searcher.param_dtype]
-  compute_bytes = _BYTES[config.searcher.compute_dtype]
+  compute_bytes = _BYTES[precision.resolve(config.searcher.compute_dtype)]
   sample_bytes = _BYTES[config.rollout.param_dtype or config.searcher.param_dtype]
   from s3_jax.rl.update import PPOSettings
 

@@ -31,6 +31,7 @@ from s3_jax import metrics as metrics_lib
 from s3_jax import sharding as sharding_lib
 from s3_jax.checkpoint import Checkpointer
 from s3_jax.data.training import TrainingData, load_training_data
+from s3_jax.models import precision
 from s3_jax.models.config import DecoderConfig
 from s3_jax.models.decoder import Decoder, ValueModel
 from s3_jax.models.sampler import Sampler
@@ -70,7 +71,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     settings = update_lib.PPOSettings.from_config(config)
     actor_model, critic = _init_models(config, settings, tokenizer)
     learner = update_lib.PPOLearner(settings, actor_model.config, mesh=mesh,
-                                    compute_dtype=_DTYPES[config.searcher.compute_dtype],
+                                    compute_dtype=precision.dtype(config.searcher.compute_dtype),
                                     rules=[tuple(r) for r in config.sharding_rules],
                                     remat=False if config.searcher.remat == "none" else config.searcher.remat)
     actor = actor_model.arrays()
@@ -123,7 +124,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
             sampler.set_params(policy if jax.process_count() == 1 else sharding_lib.host_fetch(policy))
             policy = SamplerPolicy(sampler, temperature=config.rollout.temperature,
                                    top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-                                   rng=jax.random.fold_in(jax.random.wrap_key_data(rng), step))
+                                   rng=jax.random.fold_in(jax.random.wrap_key_data(rng), step),
+                                   keep_cache=config.rollout.keep_cache)
             exp = experience.collect(
                 policy, tokenizer, services.retriever, scorer, examples,
                 [docs[:config.rollout.initial_docs] if config.rollout.begin_with_search else []
@@ -208,7 +210,7 @@ def _init_models(config, settings, tokenizer) -> tuple[Decoder, dict | None]:
   from s3_jax.models.hf import load_hf
 
   param_dtype = _DTYPES[config.searcher.param_dtype]
-  compute_dtype = _DTYPES[config.searcher.compute_dtype]
+  compute_dtype = precision.dtype(config.searcher.compute_dtype)
   if config.searcher.init_from:
     folder = assets.resolve(config.searcher.init_from)
     actor = load_hf(folder, dtype=param_dtype, compute_dtype=compute_dtype)

@@ -72,23 +72,30 @@ def _run(learner, steps, seed=0):
   return jax.device_get(state), all_metrics
 
 
-@pytest.mark.parametrize("separate", [True, False])
-def test_sharded_update_matches_unsharded_and_does_not_retrace(separate):
+# fp32: reduction order only. bf16: the sharded and unsharded programs round bf16 activations at different
+# points (partial sums per shard), so metrics agree to bf16's ~2-3 significant digits.
+@pytest.mark.parametrize("separate, compute_dtype", [(True, jnp.float32), (False, jnp.float32),
+                                                     (True, jnp.bfloat16)])
+def test_sharded_update_matches_unsharded_and_does_not_retrace(separate, compute_dtype):
   assert jax.device_count() == 8
   settings = dataclasses.replace(SETTINGS, separate_critic=separate)
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  plain = update_lib.PPOLearner(settings, CONFIG)
-  sharded = update_lib.PPOLearner(settings, CONFIG, mesh=mesh)
+  plain = update_lib.PPOLearner(settings, CONFIG, compute_dtype=compute_dtype)
+  sharded = update_lib.PPOLearner(settings, CONFIG, mesh=mesh, compute_dtype=compute_dtype)
   state_a, metrics_a = _run(plain, 3)
   state_b, metrics_b = _run(sharded, 3)
+  fp32 = compute_dtype == jnp.float32
   for a, b in zip(metrics_a, metrics_b, strict=True):
     assert a.keys() == b.keys()
     for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=2e-5, err_msg=k)
-  flat_a = jax.tree_util.tree_leaves_with_path(state_a)
-  flat_b = jax.tree.leaves(state_b)
-  for (path, a), b in zip(flat_a, flat_b, strict=True):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-4 if fp32 else 2e-2, atol=2e-5 if fp32 else 2e-3,
+                                 err_msg=k)
+  if fp32:  # bf16: Adam's steps of near-zero gradients rounded differently differ by up to 2·lr, so the
+    # weights after 3 steps say little; the metrics above (losses, KL, gradient norms) are the check
+    flat_a = jax.tree_util.tree_leaves_with_path(state_a)
+    flat_b = jax.tree.leaves(state_b)
+    for (path, a), b in zip(flat_a, flat_b, strict=True):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
   assert sharded.trace_counts == {"score": 1, "update": 1}
   # The weights really are sharded on the 2×2×2 mesh (fsdp on embed, tensor on heads).
   q = sharded.state_shardings["actor"]["params"]["layers"]["q"]
@@ -148,7 +155,7 @@ TOY = DecoderConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_lay
 TARGET = np.arange(4)  # reward: the fraction of response tokens in {0, 1, 2, 3} (random policy: ~0.25)
 
 
-def _toy_training(steps, flip_sign=False, monkeypatch=None):
+def _toy_training(steps, flip_sign=False, monkeypatch=None, compute_dtype=jnp.float32):
   if flip_sign:
     original = ppo_lib.policy_loss
     monkeypatch.setattr(ppo_lib, "policy_loss",
@@ -156,8 +163,8 @@ def _toy_training(steps, flip_sign=False, monkeypatch=None):
   settings = update_lib.PPOSettings(batch_size=32, mini_batch_size=16, actor_micro_batch_size=16,
                                     critic_micro_batch_size=16, score_micro_batch_size=32, actor_lr=3e-3,
                                     critic_lr=3e-3, kl_coef=0.0, entropy_coef=0.0, weight_decay=0.0)
-  learner = update_lib.PPOLearner(settings, TOY)
-  model = Decoder(TOY, rngs=nnx.Rngs(0))
+  learner = update_lib.PPOLearner(settings, TOY, compute_dtype=compute_dtype)
+  model = Decoder(TOY, rngs=nnx.Rngs(0), compute_dtype=compute_dtype)
   state = learner.init_state(model.arrays(), update_lib.critic_params(ValueModel(TOY, rngs=nnx.Rngs(1))))
   sampler = Sampler(model, pad_token_id=0)
   rng = np.random.default_rng(0)
@@ -187,8 +194,9 @@ def _toy_training(steps, flip_sign=False, monkeypatch=None):
   return means
 
 
-def test_ppo_learns_a_dense_toy_reward():
-  means = _toy_training(30)
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
+def test_ppo_learns_a_dense_toy_reward(compute_dtype):
+  means = _toy_training(30, compute_dtype=compute_dtype)  # bf16: the sampler and the learner compute in bf16
   assert means[0] < 0.4, means[:3]
   assert max(np.mean(means[i:i + 3]) for i in range(len(means) - 2)) >= 0.8, means
 

@@ -98,7 +98,9 @@ def _scores(q, k):
   if q.shape[1] == 1:
     product = q[:, 0, :, :, None, :].astype(jnp.float32) * k[:, :, None, :, :].astype(jnp.float32)
     return jnp.sum(product, axis=-1)[:, :, :, None, :]
-  return jnp.einsum("btkge,bkse->bkgts", q, k, preferred_element_type=jnp.float32)
+  # Batch dimensions leading in every operand and the result: XLA:CPU runs this layout ~2x faster than
+  # "btkge,bkse->bkgts" (measured, bf16 and fp32).
+  return jnp.einsum("bkgte,bkse->bkgts", q.transpose(0, 2, 3, 1, 4), k, preferred_element_type=jnp.float32)
 
 
 def _mix(probs, v):
@@ -106,8 +108,11 @@ def _mix(probs, v):
   if probs.shape[3] == 1:
     out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None, :, :].astype(probs.dtype), axis=3)
     return out[:, None]
-  # float32 probabilities against float32 values, or bfloat16 ones against bfloat16 values (AMX), f32 sums
-  return jnp.einsum("bkgts,bkse->btkge", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  # float32 probabilities against float32 values, or bfloat16 ones against bfloat16 values (AMX), f32 sums.
+  # The result keeps the batch dimensions leading ("->btkge" directly: XLA:CPU has no bf16 x bf16 = f32
+  # kernel for that layout, and in fp32 it is ~5x slower).
+  out = jnp.einsum("bkgts,bkse->bkgte", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.transpose(0, 3, 1, 2, 4)
 
 
 def _attention(q, k, v, mask, cached=None):

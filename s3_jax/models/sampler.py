@@ -99,9 +99,14 @@ class Sampler:
   def __init__(self, model: Decoder, *, eos_token_ids: Sequence[int] = (), tokenizer: Any = None,
                pad_token_id: int = 0, mesh: Mesh | None = None,
                rules: sharding_lib.Rules = sharding_lib.SAMPLING_RULES, chunk: int = 16,
-               min_prompt_bucket: int = 16):
+               min_prompt_bucket: int = 16, decode_dtype: Any = None):
     self.config = model.config
     self.compute_dtype = model.compute_dtype
+    # One token per row: on XLA:CPU a bf16 matrix-vector product runs 5-8x slower than fp32 (no AMX path
+    # for so few rows; benchmarks/README.md), so CPU decode steps compute in fp32 over the (bf16) cache.
+    # Prefill and chunked prefill keep the model's compute dtype.
+    cpu = jax.default_backend() == "cpu"
+    self.decode_dtype = decode_dtype or (jnp.float32 if cpu else self.compute_dtype)
     self.tokenizer = tokenizer
     self.pad_token_id = pad_token_id
     self.chunk = chunk
@@ -167,7 +172,7 @@ class Sampler:
       done = s["done"] | hit_eos | (count >= s["max_new"])
       hidden, cache = forward(self.config, params, token[:, None], s["position"][:, None],
                               attention_mask=active[:, None], cache=s["cache"],
-                              compute_dtype=self.compute_dtype, unroll=self.unroll)
+                              compute_dtype=self.decode_dtype, unroll=self.unroll)
       return {**s, "rng": rng, "tokens": tokens, "logprobs": logprobs, "count": count, "done": done,
               "eos": s["eos"] | hit_eos, "cache": cache, "logits": lm_logits(params, hidden[:, 0]),
               "position": s["position"] + active.astype(jnp.int32), "step": s["step"] + 1}

@@ -21,6 +21,7 @@ from s3_jax import assets
 from s3_jax.baselines.base import MethodOutput, Timings
 from s3_jax.data.eval_sets import retrieval_query
 from s3_jax.data.qa import QAExample
+from s3_jax.models import precision
 from s3_jax.models.config import DecoderConfig
 from s3_jax.search.episode import EpisodeConfig, SamplerPolicy, run_episodes
 
@@ -65,7 +66,7 @@ def load_searcher(config: ml_collections.ConfigDict, checkpoint: str | None) -> 
   from s3_jax.models.tokenizer import load_tokenizer
 
   dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  dtype, compute = dtypes[config.searcher.param_dtype], dtypes[config.searcher.compute_dtype]
+  dtype, compute = dtypes[config.searcher.param_dtype], precision.dtype(config.searcher.compute_dtype)
   source = checkpoint or config.searcher.init_from
   if source:
     folder, description = resolve_checkpoint(source)
@@ -105,7 +106,7 @@ class S3Searcher:
                                      self.config.evaluate.initial_docs)
                if r.begin_with_search else [[] for _ in examples])
     policy = SamplerPolicy(self.sampler, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                           rng=jax.random.key(seed))
+                           rng=jax.random.key(seed), keep_cache=r.keep_cache)
     own: dict[str, float] = {}  # the episode loop times its own sampling and retrieval
     episodes = run_episodes(policy, self.tokenizer, getattr(self.retriever, "retriever", self.retriever),
                             examples, initial,
