@@ -16,6 +16,7 @@ turns). On their policy tokens:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def _stats(diff: np.ndarray) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--episodes", type=int, default=16)
+  parser.add_argument("--episodes", type=int, default=16, help="an even number")
   args = parser.parse_args()
 
   import jax
@@ -111,7 +112,9 @@ def main() -> None:
     for (start, end), lp in zip(runs, kept, strict=False):
       sampled[i, start:end] = lp[:end - start]
 
-  settings = update_lib.PPOSettings.from_config(config)
+  n = len(episodes)  # the PPO batch is these episodes, two minibatches (runlocal's micro-batch sizes)
+  settings = dataclasses.replace(update_lib.PPOSettings.from_config(config), batch_size=n,
+                                 mini_batch_size=n // 2)
   actor = model.arrays()
   out = {}
   for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):

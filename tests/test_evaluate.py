@@ -327,9 +327,9 @@ def test_released_checkpoint_layout_samples_from_s3s_exact_prompt(services, tmp_
 
   seen, sample = [], episode.SamplerPolicy.sample
 
-  def spy(self, contexts, max_new_tokens):
+  def spy(self, contexts, max_new_tokens, keys=None):
     seen.append([list(c) for c in contexts])
-    return sample(self, contexts, max_new_tokens)
+    return sample(self, contexts, max_new_tokens, keys)
 
   monkeypatch.setattr(episode.SamplerPolicy, "sample", spy)
   config = config_lib.load(f"{REPO / 'configs/tiny.py'}:bm25,faithful", [*OVERRIDES, "evaluate.sample=1"])

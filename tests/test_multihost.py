@@ -81,7 +81,11 @@ def test_training_two_processes_match_one(tmp_path):
     assert sorted(a) == sorted(b)
     for key in a:
       if not key.startswith("time/") and a[key] is not None:
-        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        # explained variance is 1 - Var(returns - values) / Var(returns), and this config's rewards are nearly
+        # constant (Var(returns) ~ 0, EV ~ -4e4): the 1e-5-level rounding differences of 8 vs 2 x 4 devices'
+        # reductions in the values come out ~10x larger in it; every other metric holds 1e-4
+        rel = 1e-3 if key == "critic/explained_variance" else 1e-4
+        assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), key
   assert (tmp_path / "multi" / "checkpoints" / "2").is_dir()
   assert {p.name for p in (tmp_path / "multi").glob("answers*.sqlite")} == {"answers.0.sqlite",
                                                                           "answers.1.sqlite"}
