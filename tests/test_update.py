@@ -82,9 +82,10 @@ def test_sharded_update_matches_unsharded_and_does_not_retrace(separate, compute
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   plain = update_lib.PPOLearner(settings, CONFIG, compute_dtype=compute_dtype)
   sharded = update_lib.PPOLearner(settings, CONFIG, mesh=mesh, compute_dtype=compute_dtype)
-  state_a, metrics_a = _run(plain, 3)
-  state_b, metrics_b = _run(sharded, 3)
   fp32 = compute_dtype == jnp.float32
+  steps = 3 if fp32 else 1  # bf16: one step's metrics are the check (below); CI time
+  state_a, metrics_a = _run(plain, steps)
+  state_b, metrics_b = _run(sharded, steps)
   for a, b in zip(metrics_a, metrics_b, strict=True):
     assert a.keys() == b.keys()
     for k in a:
@@ -100,7 +101,7 @@ def test_sharded_update_matches_unsharded_and_does_not_retrace(separate, compute
   # The weights really are sharded on the 2×2×2 mesh (fsdp on embed, tensor on heads).
   q = sharded.state_shardings["actor"]["params"]["layers"]["q"]
   assert tuple(q.spec)[:3] == (None, "fsdp", "tensor"), q.spec
-  if separate:  # s3's critic warm-up: PPO step s uses lr · min(1, s / 2): 0, 0.5, 1 × lr
+  if separate and fp32:  # s3's critic warm-up: PPO step s uses lr · min(1, s / 2): 0, 0.5, 1 × lr
     np.testing.assert_allclose([m["critic/lr"] for m in metrics_a], [0.0, 5e-4, 1e-3], rtol=1e-6)
 
 
