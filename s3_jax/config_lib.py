@@ -190,6 +190,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 20  # s3 reports its step-20 checkpoint
   c.log_every = 1
+  # JAX's persistent compilation cache (s3_jax/compile_cache.py): "auto" = $S3_JAX_CACHE/xla, "" = off, or a
+  # folder. A rerun, a resumed run or the next seed loads its compiled programs instead of compiling again.
+  c.compile_cache = "auto"
 
   # Device mesh ("data", "fsdp", "tensor"); one size may be -1 to take the remaining devices.
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -434,6 +437,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if target is not None and target not in _MESH_AXES:
           raise _bad(key, rule, f"mesh axis {target!r} is not one of {', '.join(_MESH_AXES)}")
 
+  if not isinstance(get("compile_cache"), str):
+    raise _bad("compile_cache", get("compile_cache"), "must be a string: 'auto', '' (off) or a folder")
   for key in ("data.train", "data.test", "data.corpus"):
     value = get(key)
     if not isinstance(value, str) or not value or (value.startswith("asset:")

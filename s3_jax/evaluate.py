@@ -59,6 +59,7 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
   import jax
   from tqdm import tqdm
 
+  from s3_jax import compile_cache
   from s3_jax import sharding as sharding_lib
   from s3_jax.services.embedded import open_services
 
@@ -71,6 +72,7 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
     raise ValueError(f"--runs {runs} must be at least 1")
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
+  compile_cache.enable(config.compile_cache)
   sets = load_sets(datasets or config.evaluate.datasets or config.data.test, config)
   if not config.reward.use_judge and any(is_medical(ex) for s in sets for ex in s.examples):
     raise ValueError("MIRAGE sets are scored by the judge alone: set --config.reward.use_judge=True")

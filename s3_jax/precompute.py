@@ -147,11 +147,13 @@ def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, r
   import jax
   from tqdm import tqdm
 
+  from s3_jax import compile_cache
   from s3_jax import sharding as sharding_lib
   from s3_jax.reward.gbr import AnswerScores
 
   out = Path(out) if out is not None else precompute_dir(config)
   out.mkdir(parents=True, exist_ok=True)
+  compile_cache.enable(config.compile_cache)
   index, count = jax.process_index(), jax.process_count()
   shared = sharding_lib.shared_folder(out)  # a collective: every process asks
   writes = index == 0 or not shared

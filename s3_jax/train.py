@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from s3_jax import assets, config_lib
+from s3_jax import assets, compile_cache, config_lib
 from s3_jax import metrics as metrics_lib
 from s3_jax import sharding as sharding_lib
 from s3_jax.checkpoint import Checkpointer
@@ -57,6 +57,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   _record_config(config, workdir, log if is_main else None)
+  compile_cache.enable(config.compile_cache, log if is_main else None)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s); "
       f"workdir {workdir}")

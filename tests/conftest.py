@@ -11,6 +11,19 @@ if os.environ.get("S3_JAX_TEST_GPU") != "1":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compilation dominates the suite's time: one persistent compilation cache for the whole session, fresh each
+# session (so a test never loads a program compiled by an earlier checkout), shared with the subprocesses the
+# entry-point tests start (they inherit the environment). Tests that compare traces count tracing, which the
+# cache does not skip. A dir set by the caller wins.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  import atexit
+  import shutil
+  import tempfile
+
+  _compile_cache = tempfile.mkdtemp(prefix="s3_jax_test_xla_")
+  atexit.register(shutil.rmtree, _compile_cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _compile_cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from pathlib import Path
 
