@@ -119,7 +119,7 @@ def test_sharded_sampling_equals_unsharded(tmp_path):
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
   plain = Sampler(model).generate(PROMPTS, SamplingParams(max_new_tokens=6))
   sharded_sampler = Sampler(model, mesh=mesh)
-  assert sharded_sampler.params["layers"]["q"].sharding.spec[2] == "tensor"
+  assert sharded_sampler.params["layers"][0]["q"].sharding.spec[1] == "tensor"  # [embed, heads, head_dim]
   assert sharded_sampler.generate(PROMPTS, SamplingParams(max_new_tokens=6)).tokens == plain.tokens
 
 

@@ -1,8 +1,11 @@
 """One Flax NNX decoder for the Llama (SmolLM2, Llama 3), Qwen2/2.5 and Qwen3 families, and its value-head
 variant (the PPO critic).
 
-Layers are stacked along a leading `layers` axis and run with `lax.scan`, so compile time does not grow
-with depth. The math lives in pure functions over plain arrays (`forward`, `lm_logits`); the modules hold
+Layers are stacked along a leading `layers` axis and run with `lax.scan` in training, so compile time does
+not grow with depth; the sampler unstacks them (`unstack_layers`) into a buffer per weight and a KV cache
+per layer, and loops over layers, which XLA:CPU runs ~2x faster per decode step.
+
+The math lives in pure functions over plain arrays (`forward`, `lm_logits`); the modules hold
 the parameters, each an `nnx.Param` tagged with logical axis names (`logical_axes` metadata) that
 `s3_jax.sharding` maps onto the mesh.
 
@@ -26,20 +29,47 @@ _NEG_INF = float(np.finfo(np.float32).min)
 
 
 class KVCache(NamedTuple):
-  """Keys/values `[layers, batch, kv_heads, slots, head_dim]` (slots next to head_dim, so decode attention
-  needs no transpose of the cache), which slots hold real tokens
-  (`valid [batch, slots]`), and the next slot to write (`index`, shared by all rows)."""
+  """One layer's keys `k[l] [batch, kv_heads, head_dim, slots]` (slots minor: a decode step's scores are one
+  batched dot over them) and values `v[l] [batch, kv_heads, slots, head_dim]`, each layer its own buffer;
+  which slots hold real tokens (`valid [batch, slots]`) and the next slot to write (`index`, shared by all
+  rows).
 
-  k: jax.Array
-  v: jax.Array
+  Separate buffers per layer, not one stacked array: XLA:CPU reads a layer's slice of a stacked cache inside
+  the layer loop at about half the speed of a buffer of its own, and decode attention is what bounds a decode
+  step at rollout lengths (`benchmarks/decode_attention.py`)."""
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
 
   @classmethod
   def zeros(cls, config: DecoderConfig, batch: int, slots: int, dtype: Any) -> KVCache:
-    shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, slots), bool),
-               jnp.zeros((), jnp.int32))
+    kv, e = config.num_kv_heads, config.head_dim
+    return cls(tuple(jnp.zeros((batch, kv, e, slots), dtype) for _ in range(config.num_layers)),
+               tuple(jnp.zeros((batch, kv, slots, e), dtype) for _ in range(config.num_layers)),
+               jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+
+  @property
+  def batch(self) -> int:
+    return self.valid.shape[0]
+
+  @property
+  def slots(self) -> int:
+    return self.valid.shape[1]
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+  """`params` with `layers` as a tuple of per-layer dicts, each weight its own buffer (call outside `jit`).
+
+  The layout the sampler decodes with: a Python loop over layers on separate buffers runs XLA:CPU's dots
+  and attention at full speed, where a scan (or an unrolled loop) over slices of the stacked weights does
+  not (`benchmarks/README.md`, decode step). Training keeps the stacked layout (a scan, remat)."""
+  layers = params["layers"]
+  if isinstance(layers, (tuple, list)):
+    return params
+  count = next(iter(layers.values())).shape[0]
+  return {**params, "layers": tuple({name: value[i] for name, value in layers.items()} for i in range(count))}
 
 
 def dot(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -92,8 +122,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 def _scores(q, k):
   """q `[b, t, k, g, e]`, k `[b, k, s, e]` -> float32 scores `[b, k, g, t, s]`.
 
-  One query position (decode) uses a broadcast multiply-reduce: on CPU it is ~3x faster than XLA's
-  batched dot with a 1-row left operand, and it fuses without materialising the product.
+  One query position uses a broadcast multiply-reduce: on CPU it is ~3x faster than XLA's batched dot with
+  a 1-row left operand, and it fuses without materialising the product.
   """
   if q.shape[1] == 1:
     product = q[:, 0, :, :, None, :].astype(jnp.float32) * k[:, :, None, :, :].astype(jnp.float32)
@@ -103,11 +133,18 @@ def _scores(q, k):
   return jnp.einsum("bkgte,bkse->bkgts", q.transpose(0, 2, 3, 1, 4), k, preferred_element_type=jnp.float32)
 
 
+def _cached_scores(q, kt):
+  """q `[b, t, k, g, e]`, cached keys kt `[b, k, e, s]` -> float32 scores `[b, k, g, t, s]`: one batched dot
+  with the slots minor (a decode step over 1,088 slots: 1.5 ms a layer, against 2.5 ms for the multiply-reduce
+  over `[b, k, s, e]`; `benchmarks/decode_attention.py`)."""
+  q = q.transpose(0, 2, 3, 1, 4).astype(kt.dtype)
+  return jnp.einsum("bkgte,bkes->bkgts", q, kt, preferred_element_type=jnp.float32)
+
+
 def _mix(probs, v):
   """probs `[b, k, g, t, s]`, v `[b, k, s, e]` -> `[b, t, k, g, e]`."""
-  if probs.shape[3] == 1:
-    out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None, :, :].astype(probs.dtype), axis=3)
-    return out[:, None]
+  if probs.shape[3] == 1 and probs.shape[4] == 1:  # one position over one key: a product
+    return (probs[:, :, :, 0, :] * v.astype(probs.dtype))[:, None]
   # float32 probabilities against float32 values, or bfloat16 ones against bfloat16 values (AMX), f32 sums.
   # The result keeps the batch dimensions leading ("->btkge" directly: XLA:CPU has no bf16 x bf16 = f32
   # kernel for that layout, and in fp32 it is ~5x slower).
@@ -115,27 +152,28 @@ def _mix(probs, v):
   return out.transpose(0, 3, 1, 2, 4)
 
 
-def _attention(q, k, v, mask, cached=None):
-  """Grouped-query attention of q `[b, t, h, e]` over the fresh keys/values k/v `[b, k, t, e]`
-  (allowed where `mask [b, t, t]`) and, when given, over cached ones `(k, v, valid [b, s])`.
-  Returns `[b, t, h, e]`."""
+def _attention(q, k, v, mask):
+  """Grouped-query attention of q `[b, t, h, e]` over keys/values k/v `[b, k, s, e]`, allowed where
+  `mask [b, t, s]`. Returns `[b, t, h, e]`."""
   b, t, h, e = q.shape
-  kv_heads = k.shape[1]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, e)
+  q = q.reshape(b, t, k.shape[1], h // k.shape[1], e)
   scores = jnp.where(mask[:, None, None], _scores(q, k) / np.sqrt(e), _NEG_INF)
-  if cached is not None:
-    cached_k, cached_v, valid = cached
-    cached_scores = jnp.where(valid[:, None, None, None, :], _scores(q, cached_k) / np.sqrt(e), _NEG_INF)
-    probs = jax.nn.softmax(jnp.concatenate([cached_scores, scores], axis=-1), axis=-1)
-    slots = cached_k.shape[2]
-    out = _mix(probs[..., :slots], cached_v) + _mix(probs[..., slots:], v)
-  else:
-    out = _mix(jax.nn.softmax(scores, axis=-1), v)
-  return out.astype(q.dtype).reshape(b, t, h, e)
+  return _mix(jax.nn.softmax(scores, axis=-1), v).astype(q.dtype).reshape(b, t, h, e)
+
+
+def _cached_attention(q, kt, v, mask):
+  """Grouped-query attention of q `[b, t, h, e]` over one layer's cache (keys kt `[b, k, e, s]`, values
+  v `[b, k, s, e]`, the new tokens already written), allowed where `mask [b, t, s]`."""
+  b, t, h, e = q.shape
+  q = q.reshape(b, t, kt.shape[1], h // kt.shape[1], e)
+  scores = jnp.where(mask[:, None, None], _cached_scores(q, kt) / np.sqrt(e), _NEG_INF)
+  return _mix(jax.nn.softmax(scores, axis=-1), v).astype(q.dtype).reshape(b, t, h, e)
 
 
 def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached):
-  """One pre-norm block: the new residual stream and this layer's fresh keys/values `[b, k, t, e]`."""
+  """One pre-norm block: the new residual stream and this layer's keys/values — the fresh ones `[b, k, t, e]`,
+  or with `cached = (kt, v, index)` (one layer's cache, `mask [b, t, slots]`) the cache with the new tokens
+  written at slots `index ... + t` first (so the write is in place and attention reads one buffer)."""
   dtype = x.dtype
   h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
   q = dot("btd,dhe->bthe", h, p["q"])
@@ -149,7 +187,14 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached):
   q = apply_rope(q, positions, inv_freq)
   k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)
   v = v.transpose(0, 2, 1, 3)
-  attn = _attention(q, k, v, mask, cached)
+  if cached is None:
+    attn = _attention(q, k, v, mask)
+  else:
+    cached_k, cached_v, index = cached
+    k = jax.lax.dynamic_update_slice(cached_k, k.transpose(0, 1, 3, 2).astype(cached_k.dtype),
+                                     (0, 0, 0, index))
+    v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, index, 0))
+    attn = _cached_attention(q, k, v, mask)
   x = x + dot("bthe,hed->btd", attn, p["o"])
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   gate = dot("btd,df->btf", h, p["gate"])
@@ -166,36 +211,58 @@ REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
 
 def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat=False,
                 unroll=False, constrain=None):
+  """The final-norm hidden states and each layer's fresh keys/values `[b, k, t, e]` (stacked `[layers, ...]`
+  from a scan over stacked layers; a list from a loop over `unstack_layers`' per-layer buffers)."""
   t = tokens.shape[1]
   constrain = constrain or (lambda x: x)
   x = constrain(jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype))
   inv_freq = jnp.asarray(rope_inv_freq(config))
   mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]
+  layers = params["layers"]
+  if cache is not None:
+    if not isinstance(layers, (tuple, list)):
+      layers = unstack_layers(params)["layers"]  # static slices: correct, slower (the sampler unstacks once)
+    # query i sees every valid cached slot and the new tokens up to itself (slots index ... index + i)
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.index, axis=1)
+    slots = jnp.arange(valid.shape[1])
+    mask = valid[:, None, :] & (slots[None, None, :] <= cache.index + jnp.arange(t)[None, :, None])
+  if isinstance(layers, (tuple, list)):
+    kvs = []
+    for i, p in enumerate(layers):
+      cached = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+      x, kv = _layer(config, x, p, positions, inv_freq, mask, cached)
+      x = constrain(x)
+      kvs.append(kv)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), kvs
 
-  def body(carry, layer):
-    p, cached_kv = layer
-    cached = None if cache is None else (*cached_kv, cache.valid)
-    x, kv = _layer(config, carry, p, positions, inv_freq, mask, cached)
+  def body(carry, p):
+    x, kv = _layer(config, carry, p, positions, inv_freq, mask, None)
     return constrain(x), kv
 
   if remat:  # gradient checkpointing: keep each layer's input, recompute its inside during the backward pass
     policy = REMAT_POLICIES[remat if isinstance(remat, str) else "full"]
     body = jax.checkpoint(body, prevent_cse=False, policy=policy)
-  x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], None if cache is None else (cache.k, cache.v)),
-                                   unroll=unroll)
-  return rms_norm(x, params["final_norm"], config.rms_norm_eps), k_new, v_new
+  x, (k_new, v_new) = jax.lax.scan(body, x, layers, unroll=unroll)
+  return rms_norm(x, params["final_norm"], config.rms_norm_eps), (k_new, v_new)
 
 
 def prefill(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, attention_mask: jax.Array,
-            slots: int, compute_dtype: Any = jnp.float32, unroll: bool = False) -> tuple[jax.Array, KVCache]:
+            slots: int, compute_dtype: Any = jnp.float32, unroll: bool = False,
+            cache_dtype: Any = None) -> tuple[jax.Array, KVCache]:
   """Hidden states of left-padded prompts `[b, t]` and a fresh `slots`-slot cache holding their keys and
-  values (no attention over an empty cache, which XLA would otherwise constant-fold for ages)."""
+  values in `cache_dtype` (default: the compute dtype) — no attention over an empty cache, which XLA would
+  otherwise constant-fold for ages."""
   attention_mask = attention_mask.astype(bool)
-  hidden, k_new, v_new = _run_layers(config, params, tokens, default_positions(attention_mask),
-                                     attention_mask, None, compute_dtype, unroll=unroll)
-  pad = [(0, 0)] * 3 + [(0, slots - tokens.shape[1]), (0, 0)]
-  valid = jnp.pad(attention_mask, [(0, 0), (0, slots - tokens.shape[1])])
-  return hidden, KVCache(jnp.pad(k_new, pad), jnp.pad(v_new, pad), valid, jnp.int32(tokens.shape[1]))
+  hidden, fresh = _run_layers(config, params, tokens, default_positions(attention_mask), attention_mask, None,
+                              compute_dtype, unroll=unroll)
+  if not isinstance(fresh, list):  # stacked [layers, b, k, t, e]
+    fresh = [(fresh[0][i], fresh[1][i]) for i in range(config.num_layers)]
+  pad = slots - tokens.shape[1]
+  valid = jnp.pad(attention_mask, [(0, 0), (0, pad)])
+  dtype = cache_dtype or compute_dtype
+  k = tuple(jnp.pad(k.transpose(0, 1, 3, 2).astype(dtype), [(0, 0)] * 3 + [(0, pad)]) for k, _ in fresh)
+  v = tuple(jnp.pad(v.astype(dtype), [(0, 0), (0, 0), (0, pad), (0, 0)]) for _, v in fresh)
+  return hidden, KVCache(k, v, valid, jnp.int32(tokens.shape[1]))
 
 
 def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array, *,
@@ -204,11 +271,13 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
             constrain: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
 
+  `params["layers"]` is either stacked (`[layers, ...]` per weight: a `lax.scan` over layers, training) or a
+  tuple of per-layer dicts (`unstack_layers`: a loop, the sampler's layout).
   Attention is causal over the `t` tokens and skips those where `attention_mask [b, t]` is 0. With a
   cache, the tokens also attend to every valid cached slot and are then written at slots
   `cache.index ... + t` (the same for every row: prompts are left-padded); the updated cache is returned.
-  The scan over layers only reads the cache; the write is one update after it, which XLA does in place
-  inside a decode loop (writing per layer inside the scan copied the whole cache every step).
+  Each layer writes its new keys/values into its cache before attending over it, so XLA updates the cache
+  in place inside a decode loop (a write after the read copied the whole cache every step).
   `remat=True` recomputes each layer in the backward pass instead of storing its activations (training).
   `unroll=True` unrolls the scan over layers (`sharding.unroll_loops`: a CPU mesh of several devices).
   `constrain` is applied to the residual stream after the embedding and after each layer (the learner keeps
@@ -218,13 +287,11 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), bool)
   attention_mask = attention_mask.astype(bool)
-  x, k_new, v_new = _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype,
-                                remat, unroll, constrain)
+  x, fresh = _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat,
+                         unroll, constrain)
   if cache is None:
     return x, None
-  start = (0, 0, 0, cache.index, 0)
-  return x, KVCache(jax.lax.dynamic_update_slice(cache.k, k_new.astype(cache.k.dtype), start),
-                    jax.lax.dynamic_update_slice(cache.v, v_new.astype(cache.v.dtype), start),
+  return x, KVCache(tuple(k for k, _ in fresh), tuple(v for _, v in fresh),
                     jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.index, axis=1),
                     cache.index + t)
 

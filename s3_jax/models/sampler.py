@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from s3_jax import sharding as sharding_lib
-from s3_jax.models.decoder import Decoder, KVCache, forward, lm_logits, nest_params, prefill
+from s3_jax.models.decoder import Decoder, KVCache, forward, lm_logits, prefill, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +102,13 @@ class Sampler:
                min_prompt_bucket: int = 16, decode_dtype: Any = None):
     self.config = model.config
     self.compute_dtype = model.compute_dtype
-    # One token per row: on XLA:CPU a bf16 matrix-vector product runs 5-8x slower than fp32 (no AMX path
-    # for so few rows; benchmarks/README.md), so CPU decode steps compute in fp32 over the (bf16) cache.
-    # Prefill and chunked prefill keep the model's compute dtype.
+    # One token per row: on XLA:CPU decode steps in bf16 run slower than fp32, and a bf16 cache slows fp32
+    # steps down further (SmolLM2, batch 16, 1,088 slots: fp32 83 ms a step; bf16 cache 176 ms; bf16
+    # weights, compute and cache 138 ms; benchmarks/decode_step.py). So on CPU, decode steps compute in fp32
+    # over an fp32 cache; prefill and chunked prefill keep the model's compute dtype (bf16 pays there).
     cpu = jax.default_backend() == "cpu"
     self.decode_dtype = decode_dtype or (jnp.float32 if cpu else self.compute_dtype)
+    self.cache_dtype = self.decode_dtype
     self.tokenizer = tokenizer
     self.pad_token_id = pad_token_id
     self.chunk = chunk
@@ -119,9 +121,9 @@ class Sampler:
         eos.update(candidate)
     self.eos_token_ids = np.asarray(sorted(eos) or [-1], np.int32)
     self.mesh, self.rules = mesh, rules
-    self.unroll = sharding_lib.unroll_loops(mesh)  # layers unrolled on a CPU mesh (collective order)
-    self._axes = nest_params({name: p.get_metadata()["logical_axes"]
-                              for name, p in model.named_params().items()})
+    # Logical axes of each weight, a layer's without the leading "layers" axis (the sampler unstacks them).
+    self._axes = {name.removeprefix("layers."): p.get_metadata()["logical_axes"][name.startswith("layers."):]
+                  for name, p in model.named_params().items()}
     self.set_params(model.arrays())
     self.trace_counts = {"prefill": 0, "decode": 0, "extend": 0, "take": 0, "repack": 0}
     self._prefill = jax.jit(self._prefill_fn)
@@ -133,11 +135,17 @@ class Sampler:
 
   def set_params(self, params: dict[str, Any]) -> None:
     """Samples from `params` (the nested arrays `Decoder.arrays()` returns, e.g. the trainer's latest actor)
-    from now on, placed with the sampling rules. Same shapes, so nothing recompiles."""
+    from now on, placed with the sampling rules. Same shapes, so nothing recompiles.
+
+    The sampler keeps them unstacked (`decoder.unstack_layers`: one buffer per layer's weight), the layout
+    its layer loop runs fastest on; `self.params` is that copy."""
+    params = unstack_layers(params)
     if self.mesh is not None:
-      def place(axes, x):
-        return jax.device_put(x, sharding_lib.param_sharding(x.shape, axes, self.mesh, self.rules))
-      params = jax.tree.map(place, self._axes, params, is_leaf=lambda x: isinstance(x, tuple))
+      def place(weights):
+        return {name: x if name == "layers" else jax.device_put(
+            x, sharding_lib.param_sharding(x.shape, self._axes[name], self.mesh, self.rules))
+            for name, x in weights.items()}
+      params = {**place(params), "layers": tuple(place(layer) for layer in params["layers"])}
     self.params = params
 
   # -- jitted bodies ---------------------------------------------------------------------------------
@@ -145,7 +153,7 @@ class Sampler:
   def _prefill_fn(self, params, tokens, mask, slots_like):
     self.trace_counts["prefill"] += 1  # runs at trace time only
     hidden, cache = prefill(self.config, params, tokens, mask, slots_like.shape[0], self.compute_dtype,
-                            unroll=self.unroll)
+                            cache_dtype=self.cache_dtype)
     logits = lm_logits(params, hidden[:, -1])
     next_position = jnp.sum(mask, axis=1).astype(jnp.int32)
     return cache, logits, next_position
@@ -172,7 +180,7 @@ class Sampler:
       done = s["done"] | hit_eos | (count >= s["max_new"])
       hidden, cache = forward(self.config, params, token[:, None], s["position"][:, None],
                               attention_mask=active[:, None], cache=s["cache"],
-                              compute_dtype=self.decode_dtype, unroll=self.unroll)
+                              compute_dtype=self.decode_dtype)
       return {**s, "rng": rng, "tokens": tokens, "logprobs": logprobs, "count": count, "done": done,
               "eos": s["eos"] | hit_eos, "cache": cache, "logits": lm_logits(params, hidden[:, 0]),
               "position": s["position"] + active.astype(jnp.int32), "step": s["step"] + 1}
@@ -184,7 +192,7 @@ class Sampler:
     at `cache.index`; the last position's logits."""
     self.trace_counts["extend"] += 1
     hidden, cache = forward(self.config, params, tokens, positions, attention_mask=mask, cache=cache,
-                            compute_dtype=self.compute_dtype, unroll=self.unroll)
+                            compute_dtype=self.compute_dtype)
     return cache, lm_logits(params, hidden[:, -1])
 
   def _take_rows_fn(self, state, rows, padding):
@@ -194,19 +202,19 @@ class Sampler:
     out = {key: take(state[key]) for key in _ROW_KEYS}
     out["done"] = out["done"] | padding
     cache = state["cache"]
-    out["cache"] = KVCache(jnp.take(cache.k, rows, axis=1), jnp.take(cache.v, rows, axis=1),
-                           take(cache.valid), cache.index)
+    out["cache"] = KVCache(tuple(map(take, cache.k)), tuple(map(take, cache.v)), take(cache.valid),
+                           cache.index)
     return {**out, "rng": state["rng"], "step": state["step"]}
 
   def _repack_fn(self, k, v, valid, rows, slots, keep, slots_like, index):
     """A new cache whose row i holds, at slots `0 ... keep[i].sum()`, the old cache's entries
     `(rows[i], slots[i, j])` where `keep[i, j]` (every other slot empty), with `slots_like.shape[0]` slots."""
     self.trace_counts["repack"] += 1
-    n = slots_like.shape[0]
-    pad = n - rows.shape[1]
-    gather = lambda x: jnp.pad(x[:, rows, :, slots, :], [(0, 0), (0, pad)] + [(0, 0)] * 3)  # noqa: E731
-    new_k = gather(k).transpose(2, 0, 3, 1, 4)  # [b, s, layers, kv, e] -> [layers, b, kv, s, e]
-    new_v = gather(v).transpose(2, 0, 3, 1, 4)
+    pad = slots_like.shape[0] - rows.shape[1]
+    # per layer: keys [b, kv, e, s] and values [b, kv, s, e] gathered to [b', s', kv, e], then laid out again
+    new_k = tuple(jnp.pad(x[rows, :, :, slots].transpose(0, 2, 3, 1), [(0, 0)] * 3 + [(0, pad)]) for x in k)
+    new_v = tuple(jnp.pad(x[rows, :, slots, :].transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, pad), (0, 0)])
+                  for x in v)
     new_valid = jnp.pad(valid[rows, slots] & keep, [(0, 0), (0, pad)])
     return KVCache(new_k, new_v, new_valid, index)
 
@@ -489,7 +497,7 @@ class DecodeSession:
 
   def _repack(self, keys, kept, batch, prefix_slots, slots, index) -> KVCache:
     """One cache with row i = the first `kept[i]` cached tokens of `keys[i]`, at slots 0 ... kept[i]."""
-    offsets = np.cumsum([0] + [piece.k.shape[1] for piece in self._pieces])
+    offsets = np.cumsum([0] + [piece.batch for piece in self._pieces])
     rows = np.zeros((batch, prefix_slots), np.int32)
     where = np.zeros((batch, prefix_slots), np.int32)
     keep = np.zeros((batch, prefix_slots), bool)
@@ -502,8 +510,8 @@ class DecodeSession:
     if len(self._pieces) == 1:
       k, v, valid = self._pieces[0].k, self._pieces[0].v, self._pieces[0].valid
     else:
-      k = jnp.concatenate([piece.k for piece in self._pieces], axis=1)
-      v = jnp.concatenate([piece.v for piece in self._pieces], axis=1)
+      k = tuple(jnp.concatenate(layer) for layer in zip(*(piece.k for piece in self._pieces), strict=True))
+      v = tuple(jnp.concatenate(layer) for layer in zip(*(piece.v for piece in self._pieces), strict=True))
       valid = jnp.concatenate([piece.valid for piece in self._pieces], axis=0)
     self._pieces = []  # the old caches go once the new one is built
     return self.sampler._repack(k, v, valid, rows, where, keep, np.zeros(slots, bool), jnp.int32(index))

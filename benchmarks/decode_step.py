@@ -1,0 +1,131 @@
+"""One SmolLM2-135M decode step (one new token per row) through the sampler's own jitted decode loop, over a
+KV cache of rollout length, for the weight / compute / cache dtypes the sampler can use; and the decode
+attention of 30 layers three ways (a scan over a stacked cache, the stacked cache with the slots minor, a loop
+over per-layer buffers): the figures behind `decoder.KVCache`'s layout and `Sampler.decode_dtype`.
+
+  python benchmarks/decode_step.py [--batch 16] [--slots 1088] [--steps 16] [--repeats 3]
+
+Random weights of SmolLM2-135M's shapes (the time does not depend on their values), a random cache with 90%
+of the slots valid. ms per step is the median over `repeats` calls of `steps` decode steps each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _median_ms(fn, repeats: int, per: int) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)) / per * 1e3
+
+
+def attention_layouts(batch: int, slots: int, repeats: int) -> None:
+  layers, kv, g, e = 30, 3, 3, 64
+  rng = np.random.default_rng(0)
+  k = rng.standard_normal((layers, batch, kv, slots, e), np.float32)
+  v = rng.standard_normal((layers, batch, kv, slots, e), np.float32)
+  valid = jnp.asarray(rng.random((batch, slots)) < 0.9)
+  q0 = jnp.asarray(rng.standard_normal((batch, kv, g, e), np.float32))
+
+  def softmax(scores):
+    return jax.nn.softmax(jnp.where(valid[:, None, None], scores / 8.0, -1e30), -1)
+
+  def reduce_attn(q, k, v):  # keys [b, k, s, e]: broadcast multiply-reduce
+    p = softmax(jnp.sum(q[:, :, :, None, :] * k[:, :, None], -1))
+    return jnp.sum(p[..., None] * v[:, :, None], 3)
+
+  def dot_attn(q, kt, v):  # keys [b, k, e, s]: two batched dots
+    p = softmax(jnp.einsum("bkge,bkes->bkgs", q, kt))
+    return jnp.einsum("bkgs,bkse->bkge", p, v)
+
+  def scan(attn):
+    return jax.jit(lambda q, k, v: jax.lax.scan(lambda c, kv: (c + attn(c, *kv), None), q, (k, v))[0])
+
+  def loop(attn):
+    def f(q, ks, vs):
+      for kl, vl in zip(ks, vs, strict=True):
+        q = q + attn(q, kl, vl)
+      return q
+    return jax.jit(f)
+
+  kt = k.transpose(0, 1, 2, 4, 3)
+  cases = [("scan, stacked [L,b,k,s,e], multiply-reduce (before)", scan(reduce_attn), k),
+           ("scan, stacked [L,b,k,e,s], dots", scan(dot_attn), kt),
+           ("loop, per-layer [b,k,s,e], multiply-reduce", loop(reduce_attn), list(k)),
+           ("loop, per-layer [b,k,e,s], dots (now)", loop(dot_attn), list(kt))]
+  cache_bytes = 2 * k.nbytes
+  print(f"decode attention, 30 layers, batch {batch}, {slots} slots, fp32 "
+        f"({cache_bytes / 1e6:.0f} MB of K/V per step)")
+  for name, fn, keys in cases:
+    keys = jax.tree.map(jnp.asarray, keys)
+    values = jnp.asarray(v) if isinstance(keys, jax.Array) else [jnp.asarray(x) for x in v]
+    ms = _median_ms(lambda: fn(q0, keys, values).block_until_ready(), repeats * 3, 1)  # noqa: B023
+    print(f"  {name:<52} {ms:7.1f} ms  {cache_bytes / ms / 1e6:5.1f} GB/s")
+
+
+def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
+  from flax import nnx
+
+  from s3_jax import assets
+  from s3_jax.models.decoder import Decoder, KVCache
+  from s3_jax.models.hf import read_config
+  from s3_jax.models.sampler import Sampler
+
+  config, _ = read_config(assets.prepare("smollm2-135m-instruct", log=lambda m: None))
+  rng = np.random.default_rng(0)
+  print(f"SmolLM2-135M decode step through Sampler._decode, batch {batch}, {slots} slots, greedy")
+  print(f"  {'weights':<9} {'compute':<9} {'cache':<9} {'ms/step':>8}")
+  for weights, compute, cache_dtype in (("float32", "float32", "float32"), ("float32", "float32", "bfloat16"),
+                                        ("bfloat16", "float32", "bfloat16"),
+                                        ("bfloat16", "bfloat16", "bfloat16")):
+    model = Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(weights))
+    sampler = Sampler(model, decode_dtype=jnp.dtype(compute), chunk=steps)
+    kv, e = config.num_kv_heads, config.head_dim
+    layer = lambda shape, dt=cache_dtype: jnp.asarray(rng.standard_normal(shape, np.float32), dt)  # noqa: E731
+    start = slots - (repeats + 2) * steps  # each call writes `steps` more slots
+    valid = np.zeros((batch, slots), bool)
+    valid[:, :start] = rng.random((batch, start)) < 0.9
+    cache = KVCache(tuple(layer((batch, kv, e, slots)) for _ in range(config.num_layers)),
+                    tuple(layer((batch, kv, slots, e)) for _ in range(config.num_layers)),
+                    jnp.asarray(valid), jnp.int32(start))
+    logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
+    position = jnp.full((batch,), start, jnp.int32)
+    held = {"state": sampler._decode_state(cache, logits, position, [steps] * batch, batch, steps, None)}
+
+    def run():
+      state = held["state"]  # noqa: B023  (the last call's state: its cache was donated and returned)
+      state = {**state, "step": jnp.int32(0), "count": jnp.zeros(batch, jnp.int32),
+               "done": jnp.zeros(batch, bool)}
+      state = sampler._decode(sampler.params, state, jnp.float32(1.0), jnp.float32(1.0), greedy=True,  # noqa: B023
+                              top_k=0, use_top_p=False, ignore_eos=True)
+      state["tokens"].block_until_ready()
+      held["state"] = state  # noqa: B023
+
+    print(f"  {weights:<9} {compute:<9} {cache_dtype:<9} {_median_ms(run, repeats, steps):8.1f}", flush=True)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--slots", type=int, default=1088)
+  parser.add_argument("--steps", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--skip-attention", action="store_true")
+  args = parser.parse_args()
+  if not args.skip_attention:
+    attention_layouts(args.batch, args.slots, args.repeats)
+  decode_steps(args.batch, args.slots, args.steps, args.repeats)
+
+
+if __name__ == "__main__":
+  main()
