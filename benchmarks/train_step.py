@@ -47,7 +47,7 @@ def matmul_peak(repeats: int = 5) -> tuple[float, str]:
 
 
 def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, remat: str = "full",
-                dtype: str = "float32") -> dict:
+                dtype: str = "float32", critic: str = "separate") -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -60,11 +60,15 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
   config, _ = read_config(assets.path("smollm2-135m-instruct"))
   settings = update_lib.PPOSettings(batch_size=batch, mini_batch_size=batch, actor_micro_batch_size=micro,
                                     critic_micro_batch_size=micro, score_micro_batch_size=micro,
-                                    actor_lr=1e-6, critic_lr=1e-5)
+                                    actor_lr=1e-6, critic_lr=1e-5, separate_critic=critic == "separate")
   learner = update_lib.PPOLearner(settings, config, remat=False if remat == "none" else remat,
                                   compute_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
-  state = learner.init_state(Decoder(config, rngs=nnx.Rngs(0)).arrays(),
-                             update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(1))))
+  actor = Decoder(config, rngs=nnx.Rngs(0)).arrays()
+  if critic == "separate":  # s3: a second SmolLM2 with a value head
+    state = learner.init_state(actor, update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(1))))
+  else:  # a value head on the actor's trunk (critic.separate_model=False)
+    value_head = update_lib.init_value_head(config, jax.random.key(1))
+    state = learner.init_state({**actor, "value_head": value_head}, None)
   rng = np.random.default_rng(0)
   prompt = length - window
   data = {"tokens": rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32),
@@ -97,7 +101,8 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
                + 3 * d * config.intermediate_size)
   tokens = batch * length
   backbone = 2 * per_layer * layers * tokens + 4 * batch * length * length * d * layers
-  model_flops = 3 * (2 * backbone + 2 * d * config.vocab_size * batch * window)
+  models = 2 if critic == "separate" else 1  # backbones run forward and backward
+  model_flops = 3 * (models * backbone + 2 * d * config.vocab_size * batch * window)
   return {"seconds": seconds, "xla_flops": flops, "model_flops": model_flops, "tokens": tokens}
 
 
@@ -125,6 +130,8 @@ def main() -> None:
   parser.add_argument("--remat", default="dots", choices=("none", "full", "dots"))
   parser.add_argument("--dtypes", default="float32,bfloat16",
                       help="compute dtypes of the update (fp32 masters)")
+  parser.add_argument("--critics", default="separate",
+                      help="separate (s3: a second model) and/or shared (a value head on the actor)")
   parser.add_argument("--runs", default="tiny,smollm2",
                       help="configs whose step time split to measure ('' = none)")
   parser.add_argument("--steps", type=int, default=3)
@@ -136,12 +143,13 @@ def main() -> None:
   peak, shape = matmul_peak()
   print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32, best shape {shape})")
   first = None
-  for dtype in args.dtypes.split(","):
-    r = update_rate(args.batch, args.length, args.window, args.micro, args.repeats, args.remat, dtype)
+  for critic, dtype in [(c, d) for c in args.critics.split(",") for d in args.dtypes.split(",")]:
+    r = update_rate(args.batch, args.length, args.window, args.micro, args.repeats, args.remat, dtype, critic)
     first = first or r["seconds"]
     xla_rate, model_rate = r["xla_flops"] / r["seconds"], r["model_flops"] / r["seconds"]
-    print(f"update step ({dtype} compute), SmolLM2-135M actor + critic, batch {args.batch} x {args.length} "
-          f"tokens (window {args.window}, micro-batch {args.micro}, remat {args.remat}): "
+    print(f"update step ({dtype} compute), SmolLM2-135M actor + {critic} critic, "
+          f"batch {args.batch} x {args.length} tokens (window {args.window}, micro-batch {args.micro}, "
+          f"remat {args.remat}): "
           f"{r['seconds']:.2f} s ({first / r['seconds']:.2f}x the first row), "
           f"{r['tokens'] / r['seconds']:.0f} tokens/s")
     print(f"  model matmul work {r['model_flops'] / 1e12:.2f} TFLOP (forward + backward, remat recompute not "

@@ -30,12 +30,28 @@ def _rows(workdir):
           for row in metrics_lib.read_metrics(workdir)]
 
 
+def _recording_instances(monkeypatch, cls):
+  """Every `cls` made from now on (the trainer builds its sampler, the generator's and its learner itself)."""
+  made, init = [], cls.__init__
+
+  def recording_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    made.append(self)
+
+  monkeypatch.setattr(cls, "__init__", recording_init)
+  return made
+
+
 @pytest.mark.slow
-def test_train_main_two_steps_on_tiny(tmp_path, asset):
+def test_train_main_two_steps_on_tiny(tmp_path, asset, monkeypatch):
   from s3_jax import train
+  from s3_jax.models.sampler import Sampler
+  from s3_jax.rl.update import PPOLearner
 
   for name in ("smollm2-135m-instruct", "wiki-vital", "qa-fanout"):
     asset(name)
+  samplers = _recording_instances(monkeypatch, Sampler)
+  learners = _recording_instances(monkeypatch, PPOLearner)
   workdir = tmp_path / "run"
   lines = []
   rows = train.main(_config(2, "checkpoint.hf_export_every=2"), workdir, show_progress=False,
@@ -75,6 +91,14 @@ def test_train_main_two_steps_on_tiny(tmp_path, asset):
     expected = hf_model(torch.tensor(ids)).logits.numpy()
   np.testing.assert_allclose(np.asarray(ours(ids)), expected, rtol=1e-4, atol=1e-4)
   assert any("embedded retriever" in line for line in lines)
+  # No recompilation: every trace of a sampler's or the learner's jitted functions over both steps was for a
+  # signature (shapes, dtypes, static arguments) that object had not traced before — a repeat would be a
+  # compile on every step.
+  assert {name for made in samplers + learners for name, _ in made.traces} >= {"prefill", "decode", "score",
+                                                                              "update"}
+  for made in samplers + learners:
+    repeated = {trace for trace in made.traces if made.traces.count(trace) > 1}
+    assert not repeated, (type(made).__name__, repeated)
 
 
 def _cli(workdir, steps, env_extra=None, *extra):

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from s3_jax import sharding as sharding_lib
+from s3_jax import tracing
 from s3_jax.models.decoder import Decoder, KVCache, forward, lm_logits, prefill, unstack_layers
 
 
@@ -126,6 +127,7 @@ class Sampler:
                   for name, p in model.named_params().items()}
     self.set_params(model.arrays())
     self.trace_counts = {"prefill": 0, "decode": 0, "extend": 0, "take": 0, "repack": 0}
+    self.traces: list[tuple[str, str]] = []  # (function, `tracing.signature`) of every trace, in order
     self._prefill = jax.jit(self._prefill_fn)
     self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
     self._take_rows = jax.jit(self._take_rows_fn)
@@ -150,8 +152,32 @@ class Sampler:
 
   # -- jitted bodies ---------------------------------------------------------------------------------
 
+  def _state_shardings(self, state):
+    """On a mesh, one placement for every decode state, whoever made it (`_decode_state` on the host, a
+    decode chunk, a compaction): jit keys its cache on input shardings too, so a state placed differently
+    would compile the decode loop again. The cache is split over kv heads as the rules say, the rest
+    replicated."""
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    axes = (None, "kv_heads", None, None)
+    cache = state["cache"]
+    return {**{key: replicated for key in state if key != "cache"},
+            "cache": KVCache(tuple(sharding_lib.param_sharding(x.shape, axes, self.mesh, self.rules)
+                                   for x in cache.k),
+                             tuple(sharding_lib.param_sharding(x.shape, axes, self.mesh, self.rules)
+                                   for x in cache.v), replicated, replicated)}
+
+  def _constrain_state(self, state):
+    if self.mesh is None:
+      return state
+    return jax.lax.with_sharding_constraint(state, self._state_shardings(state))
+
+  def _traced(self, name: str, *args, **static) -> None:
+    """Runs at trace time only: counts the trace and keeps what it was for (`tracing.signature`)."""
+    self.trace_counts[name] += 1
+    self.traces.append((name, tracing.signature(*args, **static)))
+
   def _prefill_fn(self, params, tokens, mask, slots_like):
-    self.trace_counts["prefill"] += 1  # runs at trace time only
+    self._traced("prefill", params, tokens, mask, slots_like)
     hidden, cache = prefill(self.config, params, tokens, mask, slots_like.shape[0], self.compute_dtype,
                             cache_dtype=self.cache_dtype)
     logits = lm_logits(params, hidden[:, -1])
@@ -159,7 +185,8 @@ class Sampler:
     return cache, logits, next_position
 
   def _decode_fn(self, params, state, temperature, top_p, *, greedy, top_k, use_top_p, ignore_eos):
-    self.trace_counts["decode"] += 1
+    self._traced("decode", params, state, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+                 ignore_eos=ignore_eos)
     eos = jnp.asarray(self.eos_token_ids)
     end = jnp.minimum(state["step"] + self.chunk, state["tokens"].shape[1])
 
@@ -185,31 +212,31 @@ class Sampler:
               "eos": s["eos"] | hit_eos, "cache": cache, "logits": lm_logits(params, hidden[:, 0]),
               "position": s["position"] + active.astype(jnp.int32), "step": s["step"] + 1}
 
-    return jax.lax.while_loop(cond, body, state)
+    return self._constrain_state(jax.lax.while_loop(cond, body, state))
 
   def _extend_fn(self, params, cache, tokens, mask, positions):
     """Chunked prefill into an existing cache: `tokens [b, t]` (left-padded, `mask`) at `positions`, written
     at `cache.index`; the last position's logits."""
-    self.trace_counts["extend"] += 1
+    self._traced("extend", params, cache, tokens, mask, positions)
     hidden, cache = forward(self.config, params, tokens, positions, attention_mask=mask, cache=cache,
                             compute_dtype=self.compute_dtype)
     return cache, lm_logits(params, hidden[:, -1])
 
   def _take_rows_fn(self, state, rows, padding):
     """The decode state of rows `rows [b']` only (compaction); `padding [b']` rows start done."""
-    self.trace_counts["take"] += 1
+    self._traced("take", state, rows, padding)
     take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
     out = {key: take(state[key]) for key in _ROW_KEYS}
     out["done"] = out["done"] | padding
     cache = state["cache"]
     out["cache"] = KVCache(tuple(map(take, cache.k)), tuple(map(take, cache.v)), take(cache.valid),
                            cache.index)
-    return {**out, "rng": state["rng"], "step": state["step"]}
+    return self._constrain_state({**out, "rng": state["rng"], "step": state["step"]})
 
   def _repack_fn(self, k, v, valid, rows, slots, keep, slots_like, index):
     """A new cache whose row i holds, at slots `0 ... keep[i].sum()`, the old cache's entries
     `(rows[i], slots[i, j])` where `keep[i, j]` (every other slot empty), with `slots_like.shape[0]` slots."""
-    self.trace_counts["repack"] += 1
+    self._traced("repack", k, v, valid, rows, slots, keep, slots_like, index)
     pad = slots_like.shape[0] - rows.shape[1]
     # per layer: keys [b, kv, e, s] and values [b, kv, s, e] gathered to [b', s', kv, e], then laid out again
     new_k = tuple(jnp.pad(x[rows, :, :, slots].transpose(0, 2, 3, 1), [(0, 0)] * 3 + [(0, pad)]) for x in k)
@@ -251,7 +278,7 @@ class Sampler:
   def _decode_state(self, cache, logits, position, limits, batch, new_len, rng):
     max_new = np.zeros(batch, np.int32)
     max_new[:len(limits)] = limits
-    return {
+    state = {
         "cache": cache, "logits": logits, "position": position,
         "rng": rng if rng is not None else jax.random.key(0),
         "tokens": jnp.full((batch, new_len), self.pad_token_id, jnp.int32),
@@ -259,6 +286,7 @@ class Sampler:
         "count": jnp.zeros(batch, jnp.int32), "max_new": jnp.asarray(max_new),
         "done": jnp.asarray(max_new == 0), "eos": jnp.zeros(batch, bool), "step": jnp.zeros((), jnp.int32),
     }
+    return state if self.mesh is None else jax.device_put(state, self._state_shardings(state))
 
   def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams = SamplingParams(), *,
                max_new_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (),

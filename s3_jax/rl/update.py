@@ -31,6 +31,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from s3_jax import sharding as sharding_lib
+from s3_jax import tracing
 from s3_jax.models.config import DecoderConfig
 from s3_jax.models.decoder import default_positions, forward, lm_logits, nest_params, param_specs
 from s3_jax.rl import ppo as ppo_lib
@@ -261,6 +262,7 @@ class PPOLearner:
     self.critic_opt = make_optimizer(self.critic_lr, settings.weight_decay, settings.grad_clip)
     self.state_shardings = None  # set by init_state on a mesh
     self.trace_counts = {"score": 0, "update": 0}
+    self.traces: list[tuple[str, str]] = []  # (function, `tracing.signature`) of every trace, in order
     self._score = None
     self._update = None
 
@@ -362,6 +364,7 @@ class PPOLearner:
 
   def _score_fn(self, state, ref, batch):
     self.trace_counts["score"] += 1  # runs at trace time only
+    self.traces.append(("score", tracing.signature(state, ref, batch)))
     cdt = self.compute_dtype
     actor = state["actor"]["params"]
 
@@ -483,6 +486,7 @@ class PPOLearner:
 
   def _update_fn(self, state, batch):
     self.trace_counts["update"] += 1
+    self.traces.append(("update", tracing.signature(state, batch)))
     s = self.settings
     advantages, returns, metrics = self._advantages(batch)
     data = {**{k: batch[k] for k in ("tokens", "attention_mask", "index", "policy_mask", "response_mask",
