@@ -67,6 +67,33 @@ def test_session_equals_re_prefill_and_transformers_over_turns(tiny):
   assert sampler.trace_counts["extend"] >= 1 and sampler.trace_counts["repack"] >= 1
 
 
+def test_rows_of_very_different_new_lengths_extend_in_groups_with_the_same_result(tiny):
+  """A turn where one conversation appends a long observation and the rest a short nudge is extended in two
+  length groups (merged for decoding): the same tokens as the re-prefill path and transformers."""
+  reference, model = tiny
+  sampler = Sampler(model, eos_token_ids=[7], chunk=4)
+  session = sampler.session()
+  rng = np.random.default_rng(3)
+  keys = list(range(6))
+  contexts = [rng.integers(1, 128, int(rng.integers(5, 25))).tolist() for _ in keys]
+  first = session.generate(keys, contexts, SamplingParams(max_new_tokens=5))
+  contexts = [c + ids + rng.integers(1, 128, 150 if k == 2 else 2).tolist()
+              for k, c, ids in zip(keys, contexts, first.tokens, strict=True)]
+  cached = session.generate(keys, contexts, SamplingParams(max_new_tokens=6))
+  assert sampler.trace_counts["merge"] == 1  # two groups were extended and merged
+  fresh = sampler.generate(contexts, SamplingParams(max_new_tokens=6))
+  assert cached.tokens == fresh.tokens
+  for got, want in zip(cached.logprobs, fresh.logprobs, strict=True):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  eos = set(sampler.eos_token_ids.tolist())
+  for context, ids in zip(contexts, cached.tokens, strict=True):
+    assert ids == _hf_greedy(reference, context, 6, eos)
+  # and the next turn continues from the merged cache
+  contexts = [c + ids + [5] for c, ids in zip(contexts, cached.tokens, strict=True)]
+  assert session.generate(keys, contexts, SamplingParams(max_new_tokens=4)).tokens == \
+      sampler.generate(contexts, SamplingParams(max_new_tokens=4)).tokens
+
+
 def test_session_reuses_the_cache_and_forgets_ended_conversations(tiny):
   _, model = tiny
   sampler = Sampler(model, chunk=4)
