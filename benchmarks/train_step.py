@@ -2,6 +2,14 @@
 and critic), and the per-step time split of real training runs (tiny and SmolLM2 configs).
 
   python benchmarks/train_step.py [--batch 8] [--length 1024] [--window 256] [--micro 2] [--runs tiny,smollm2]
+  python benchmarks/train_step.py --whole-step [--questions 16] [--paths old,new,new-shared]
+
+`--whole-step`: whole PPO steps of `configs/smollm2_wiki.py:runlocal` at `--questions` questions and 3-3-3
+sizes (topk 3, 3 selected, 3 turns), one process per path, the same questions and seed: the time split of the
+last of `--whole-steps` steps (default 2; the first compiles) and each process's peak RSS. Paths
+(`WHOLE_STEP_PATHS`): `old` = fp32, every turn re-prefilled (the pre-issue-18 rollout; the sampler's newer
+kernels, compaction and length groups apply to it too, so it understates the issue's gain), `new` = the
+defaults, `new-shared` = + a value head on the actor, `new-shared-bf16` = + bf16 compute.
 
 FLOPs are the model's matmul work counted analytically (the usual MFU convention: forward 2·N per token for
 the actor and critic backbones plus attention and the window's vocabulary projection, backward twice that;
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,6 +115,53 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
   return {"seconds": seconds, "xla_flops": flops, "model_flops": model_flops, "tokens": tokens}
 
 
+WHOLE_STEP_PATHS = {
+    "old": ["rollout.keep_cache=False", "searcher.compute_dtype=float32"],
+    "new": [],
+    "new-shared": ["critic.separate_model=False"],
+    "new-shared-bf16": ["critic.separate_model=False", "searcher.compute_dtype=bfloat16"],
+}
+
+
+def whole_step_child(path: str, questions: int, steps: int) -> dict:
+  """In a process of its own: `steps` PPO steps of runlocal at 3-3-3; the last step's split and peak RSS."""
+  import resource
+
+  from s3_jax import config_lib, train
+  from s3_jax import metrics as metrics_lib
+
+  overrides = [f"total_steps={steps}", "checkpoint.hf_export_every=0", f"ppo.batch_size={questions}",
+               f"ppo.mini_batch_size={max(1, questions // 2)}", "ppo.actor_micro_batch_size=2",
+               "ppo.critic_micro_batch_size=2", "ppo.score_micro_batch_size=4", "rollout.topk=3",
+               "rollout.max_select=3", "rollout.max_turns=3", *WHOLE_STEP_PATHS[path]]
+  config = config_lib.load(f"{REPO / 'configs' / 'smollm2_wiki.py'}:runlocal", overrides)
+  with tempfile.TemporaryDirectory() as workdir:
+    train.main(config, workdir, show_progress=False, log=lambda _: None)
+    row = metrics_lib.read_metrics(workdir)[-1]
+  split = {k: v for k, v in row.items() if k.startswith("time/")}
+  keys = ("rollout/turns", "rollout/searches", "reward/mean")
+  return {**split, **{k: row[k] for k in keys if k in row},
+          "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def whole_step(paths: list[str], questions: int, steps: int) -> None:
+  results = {}
+  for path in paths:
+    command = [sys.executable, __file__, "--whole-step-child", path, "--questions", str(questions),
+               "--whole-steps", str(steps)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+      raise SystemExit(f"path {path} failed:\n{done.stderr[-3000:]}")
+    results[path] = json.loads(done.stdout.strip().splitlines()[-1])
+  first = results[paths[0]]["time/step"]
+  print(f"whole PPO step, smollm2_wiki runlocal, {questions} questions, 3-3-3, last of {steps} steps")
+  for path, r in results.items():
+    parts = ", ".join(f"{k[5:]} {r[k]:.1f} s" for k in ("time/sample", "time/retrieve", "time/reward",
+                                                         "time/score", "time/update") if k in r)
+    print(f"  {path:<16} step {r['time/step']:7.1f} s ({first / r['time/step']:.2f}x {paths[0]}) | {parts} | "
+          f"peak RSS {r['peak_rss_gb']:.1f} GB | turns {r.get('rollout/turns', float('nan')):.2f}")
+
+
 def run_split(name: str, steps: int) -> dict:
   """The last step's time split of a real run (embedded services, real precompute)."""
   from s3_jax import config_lib, train
@@ -135,7 +191,23 @@ def main() -> None:
   parser.add_argument("--runs", default="tiny,smollm2",
                       help="configs whose step time split to measure ('' = none)")
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--whole-step", action="store_true", help="whole PPO steps, old vs new paths")
+  parser.add_argument("--paths", default="old,new,new-shared", help="--whole-step paths: " +
+                      ", ".join(WHOLE_STEP_PATHS))
+  parser.add_argument("--questions", type=int, default=16)
+  parser.add_argument("--whole-steps", type=int, default=2, help="--whole-step: steps per path, last timed")
+  parser.add_argument("--whole-step-child", choices=tuple(WHOLE_STEP_PATHS), help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.whole_step_child:
+    print(json.dumps(whole_step_child(args.whole_step_child, args.questions, args.whole_steps)))
+    return
+  if args.whole_step:
+    paths = args.paths.split(",")
+    unknown = [p for p in paths if p not in WHOLE_STEP_PATHS]
+    if unknown:
+      parser.error(f"--paths: unknown {unknown}; known: {', '.join(WHOLE_STEP_PATHS)}")
+    whole_step(paths, args.questions, args.whole_steps)
+    return
 
   import jax
 
