@@ -31,11 +31,17 @@ def reduce_bkse(q, k, v, valid):
   return jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=3)
 
 
-def dot_bkse(q, k, v, valid):
-  """Batched dots, cache [b, k, s, e], f32 accumulation."""
-  scores = jnp.einsum("bkge,bkse->bkgs", q.astype(k.dtype), k, preferred_element_type=jnp.float32) / 8.0
-  probs = _softmax_masked(scores, valid)
-  return jnp.einsum("bkgs,bkse->bkge", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+def _dots(score_equation: str):
+  """Batched dots with f32 accumulation, the keys laid out as `score_equation`'s second operand says."""
+  def attend(q, k, v, valid):
+    scores = jnp.einsum(score_equation, q.astype(k.dtype), k, preferred_element_type=jnp.float32) / 8.0
+    probs = _softmax_masked(scores, valid)
+    return jnp.einsum("bkgs,bkse->bkge", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return attend
+
+
+dot_bkse = _dots("bkge,bkse->bkgs")  # cache [b, k, s, e]
+dot_bkes = _dots("bkge,bkes->bkgs")  # keys [b, k, e, s]
 
 
 def reduce_bkes(q, kt, v, valid):
@@ -43,13 +49,6 @@ def reduce_bkes(q, kt, v, valid):
   scores = jnp.sum(q[..., None].astype(jnp.float32) * kt[:, :, None].astype(jnp.float32), axis=3) / 8.0
   probs = _softmax_masked(scores, valid)
   return jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=3)
-
-
-def dot_bkes(q, kt, v, valid):
-  """Batched dots with keys [b, k, e, s]."""
-  scores = jnp.einsum("bkge,bkes->bkgs", q.astype(kt.dtype), kt, preferred_element_type=jnp.float32) / 8.0
-  probs = _softmax_masked(scores, valid)
-  return jnp.einsum("bkgs,bkse->bkge", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
 VARIANTS = {"reduce [b,k,s,e]": (reduce_bkse, False), "dot [b,k,s,e]": (dot_bkse, False),

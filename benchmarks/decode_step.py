@@ -12,21 +12,11 @@ of the slots valid. ms per step is the median over `repeats` calls of `steps` de
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def _median_ms(fn, repeats: int, per: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times)) / per * 1e3
+from timing import median_time
 
 
 def attention_layouts(batch: int, slots: int, repeats: int) -> None:
@@ -69,7 +59,7 @@ def attention_layouts(batch: int, slots: int, repeats: int) -> None:
   for name, fn, keys in cases:
     keys = jax.tree.map(jnp.asarray, keys)
     values = jnp.asarray(v) if isinstance(keys, jax.Array) else [jnp.asarray(x) for x in v]
-    ms = _median_ms(lambda: fn(q0, keys, values).block_until_ready(), repeats * 3, 1)  # noqa: B023
+    ms = median_time(lambda: fn(q0, keys, values).block_until_ready(), repeats * 3) * 1e3  # noqa: B023
     print(f"  {name:<52} {ms:7.1f} ms  {cache_bytes / ms / 1e6:5.1f} GB/s")
 
 
@@ -111,7 +101,8 @@ def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
       state["tokens"].block_until_ready()
       held["state"] = state  # noqa: B023
 
-    print(f"  {weights:<9} {compute:<9} {cache_dtype:<9} {_median_ms(run, repeats, steps):8.1f}", flush=True)
+    ms = median_time(run, repeats) / steps * 1e3
+    print(f"  {weights:<9} {compute:<9} {cache_dtype:<9} {ms:8.1f}", flush=True)
 
 
 def main() -> None:
