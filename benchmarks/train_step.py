@@ -94,6 +94,7 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost["flops"])
+  temp_gb = compiled.memory_analysis().temp_size_in_bytes / 1e9
   state, metrics = learner.update(state, full)  # compile + warm-up
   jax.block_until_ready(metrics)
   times = []
@@ -112,7 +113,8 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
   backbone = 2 * per_layer * layers * tokens + 4 * batch * length * length * d * layers
   models = 2 if critic == "separate" else 1  # backbones run forward and backward
   model_flops = 3 * (models * backbone + 2 * d * config.vocab_size * batch * window)
-  return {"seconds": seconds, "xla_flops": flops, "model_flops": model_flops, "tokens": tokens}
+  return {"seconds": seconds, "xla_flops": flops, "model_flops": model_flops, "tokens": tokens,
+          "temp_gb": temp_gb}
 
 
 WHOLE_STEP_PATHS = {
@@ -223,7 +225,7 @@ def main() -> None:
           f"batch {args.batch} x {args.length} tokens (window {args.window}, micro-batch {args.micro}, "
           f"remat {args.remat}): "
           f"{r['seconds']:.2f} s ({first / r['seconds']:.2f}x the first row), "
-          f"{r['tokens'] / r['seconds']:.0f} tokens/s")
+          f"{r['tokens'] / r['seconds']:.0f} tokens/s, XLA temporaries {r['temp_gb']:.2f} GB")
     print(f"  model matmul work {r['model_flops'] / 1e12:.2f} TFLOP (forward + backward, remat recompute not "
           f"counted) -> {model_rate / 1e9:.1f} GFLOP/s = {100 * model_rate / peak:.0f}% of the fp32 matmul "
           f"peak")

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from s3_jax import assets, compile_cache, config_lib
+from s3_jax import assets, compile_cache, config_lib, host_memory
 from s3_jax import metrics as metrics_lib
 from s3_jax import sharding as sharding_lib
 from s3_jax.checkpoint import Checkpointer
@@ -139,12 +139,15 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
             raise RuntimeError(f"step {step + 1} failed during rollout/reward: {e}. The state after step "
                                f"{step} is saved in {workdir / 'checkpoints'}; fix the cause and rerun the "
                                f"same command to resume.") from e
+          host_memory.release()  # each stage's freed buffers go back to the OS before the next one's peak
           with watch("score"):
             batch = learner.place_batch(exp.batch)
             scored = jax.block_until_ready(learner.score(state, ref, batch))
+          host_memory.release()
           with watch("update"):
             state, step_metrics = learner.update(state, {**batch, **scored})
             step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+          host_memory.release()
         step += 1
         row = {**exp.metrics, **step_metrics, **_times(watch.take()), **{
             f"data/{k}": float(v) for k, v in data.position(step - 1).items()}}

@@ -79,6 +79,59 @@ def test_left_padding_matches_the_unpadded_rows(tmp_path):
     assert _relative_error(logits[i, 12 - len(row):], expected) <= 1e-4
 
 
+def _numpy_attention(q, k, v, mask):
+  """Grouped-query attention in NumPy float64: q `[b, t, h, e]`, k/v `[b, kv, s, e]`, mask `[b, t, s]`."""
+  b, t, h, e = q.shape
+  group = h // k.shape[1]
+  out = np.zeros((b, t, h, e))
+  for head in range(h):
+    kk, vv = k[:, head // group].astype(np.float64), v[:, head // group].astype(np.float64)
+    scores = np.einsum("bte,bse->bts", q[:, :, head].astype(np.float64), kk) / np.sqrt(e)
+    scores = np.where(mask, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out[:, :, head] = np.einsum("bts,bse->bte", probs, vv)
+  return out
+
+
+@pytest.mark.parametrize("block", [4, 5, 16, 64])
+def test_query_blocked_causal_attention_matches_numpy_and_its_gradient_the_whole_matrix(block):
+  from s3_jax.models.decoder import _attention, _dense_attention
+
+  rng = np.random.default_rng(0)
+  b, t, h, kv, e = 2, 23, 4, 2, 8  # 23 positions: a ragged last block for every block size but 64
+  q, k, v = (rng.standard_normal(shape).astype(np.float32)
+             for shape in ((b, t, h, e), (b, kv, t, e), (b, kv, t, e)))
+  valid = np.ones((b, t), bool)
+  valid[1, :6] = False  # row 1 left-padded by 6
+  mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+  mask[1, :6, 0] = True  # padding queries see something (as in the model: their outputs are never used)
+  got = np.asarray(_attention(*map(jnp.asarray, (q, k, v, mask)), block=block))
+  np.testing.assert_allclose(got, _numpy_attention(q, k, v, mask), rtol=0, atol=2e-6)
+  weights = jnp.asarray(rng.standard_normal((b, t, h, e)), jnp.float32)
+
+  def loss(f, q, k, v):
+    return jnp.sum(f(q, k, v, jnp.asarray(mask)) * weights)
+
+  blocked = jax.grad(lambda *a: loss(lambda *x: _attention(*x, block=block), *a), argnums=(0, 1, 2))
+  dense = jax.grad(lambda *a: loss(_dense_attention, *a), argnums=(0, 1, 2))
+  for g_blocked, g_dense in zip(blocked(q, k, v), dense(q, k, v), strict=True):
+    np.testing.assert_allclose(np.asarray(g_blocked), np.asarray(g_dense), rtol=0, atol=2e-5)
+
+
+def test_blocked_attention_logits_match_transformers(tmp_path, monkeypatch):
+  from s3_jax.models import decoder
+
+  reference = make_hf_model("Qwen3ForCausalLM", tmp_path, head_dim=32)
+  model = load_hf(tmp_path)
+  ids = _ids(2, 40, seed=4)
+  with torch.no_grad():
+    expected = reference(torch.tensor(ids)).logits.numpy()
+  monkeypatch.setattr(decoder, "ATTENTION_BLOCK", 16)  # 40 positions: blocks of 16, 16 and 8
+  logits = model(jnp.asarray(ids, jnp.int32))
+  assert _relative_error(logits, expected) <= 1e-4
+
+
 def test_kv_cache_decode_equals_full_forward(tmp_path):
   make_hf_model("Qwen3ForCausalLM", tmp_path, head_dim=32)
   model = load_hf(tmp_path)

@@ -129,6 +129,38 @@ def test_score_matches_a_direct_forward_pass():
     np.testing.assert_allclose(scored["values"][i, slots], values[index[i, slots] - 1], rtol=1e-4, atol=1e-5)
 
 
+def test_window_in_logit_chunks_matches_numpy_and_the_whole_windows_gradient(monkeypatch):
+  """The vocabulary projection over the window in chunks (5, 5, 5, 5, 1 of 21 slots, each rematerialised):
+  log-probs and entropies as NumPy computes them from the model's logits, gradients as the whole window's."""
+  actor, _ = _models()
+  batch = _random_batch(np.random.default_rng(4), b=3)
+  tokens, mask, index = (jnp.asarray(batch[k]) for k in ("tokens", "attention_mask", "index"))
+
+  def logprobs(params):
+    hidden = update_lib._hidden(CONFIG, params, tokens, mask, jnp.float32)
+    return update_lib._logprobs_from_hidden(params, hidden, tokens, index, True)
+
+  def loss(params):
+    logp, entropy = logprobs(params)
+    return jnp.sum(logp * jnp.arange(21.0)) + jnp.sum(entropy)
+
+  whole_grad = jax.grad(loss)(actor)
+  monkeypatch.setattr(update_lib, "LOGITS_CHUNK", 5)
+  logp, entropy = (np.asarray(x) for x in logprobs(actor))
+  logits = np.asarray(Decoder(CONFIG, rngs=nnx.Rngs(0))(tokens, mask), np.float64)
+  log_softmax = logits - logits.max(-1, keepdims=True)
+  log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+  before = np.asarray(index) - 1
+  rows = np.arange(3)[:, None]
+  np.testing.assert_allclose(logp, log_softmax[rows, before, np.asarray(tokens)[rows, np.asarray(index)]],
+                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose(entropy, -(np.exp(log_softmax) * log_softmax).sum(-1)[rows, before],
+                             rtol=0, atol=1e-5)
+  chunked_grad = jax.grad(loss)(actor)
+  for a, b in zip(jax.tree.leaves(chunked_grad), jax.tree.leaves(whole_grad), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # f32 sums reordered
+
+
 def test_micro_batch_size_does_not_change_a_token_mean_update():
   """With ppo.loss_agg=token_mean the gradient is one token mean over the minibatch, whatever the micro-batch
   split; s3's micro_token_mean (mean of per-micro means) differs from it."""

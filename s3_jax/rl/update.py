@@ -21,6 +21,7 @@ Only the window gets logits, so the long prompt costs no vocabulary projection. 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -149,12 +150,34 @@ def _before(hidden, index):
   return jnp.take_along_axis(hidden, (index - 1)[..., None], axis=1)
 
 
-def _logprobs_from_hidden(params: Params, hidden, tokens, index, with_entropy: bool):
-  logits = lm_logits(params, _before(hidden, index))
+# The vocabulary projection runs over the window in chunks of this many positions (`_logprobs_from_hidden`).
+LOGITS_CHUNK = 512
+
+
+def _window_logprobs(head: Params, before, targets, with_entropy: bool):
+  logits = lm_logits(head, before)
   log_norm = jax.nn.logsumexp(logits, axis=-1)
-  targets = jnp.take_along_axis(tokens, index, axis=1)
   logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_norm
   return logp, (ppo_lib.entropy_from_logits(logits) if with_entropy else None)
+
+
+def _logprobs_from_hidden(params: Params, hidden, tokens, index, with_entropy: bool):
+  """Log-probs (and entropies) of `tokens` at `index [b, w]` from the final hidden states `[b, t, d]`.
+
+  Over more than `LOGITS_CHUNK` positions the window goes in chunks, each rematerialised in the backward
+  pass: the float32 logits `[b, w, vocab]` (SmolLM2, 2 rows x 2,560 positions: 1 GB, and the softmax and
+  its gradient as much again each) are never held whole; the recomputed projection costs ~7% of an update."""
+  before = _before(hidden, index)
+  targets = jnp.take_along_axis(tokens, index, axis=1)
+  head = {k: params[k] for k in ("embed", "lm_head") if k in params}
+  w = index.shape[1]
+  if w <= LOGITS_CHUNK:
+    return _window_logprobs(head, before, targets, with_entropy)
+  chunk = jax.checkpoint(functools.partial(_window_logprobs, with_entropy=with_entropy))
+  parts = [chunk(head, before[:, i:i + LOGITS_CHUNK], targets[:, i:i + LOGITS_CHUNK])
+           for i in range(0, w, LOGITS_CHUNK)]
+  logp = jnp.concatenate([lp for lp, _ in parts], axis=1)
+  return logp, (jnp.concatenate([e for _, e in parts], axis=1) if with_entropy else None)
 
 
 def _values_from_hidden(head: Params, hidden, index):

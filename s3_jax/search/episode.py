@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from s3_jax import host_memory
 from s3_jax.data.corpus import Doc
 from s3_jax.data.qa import QAExample
 from s3_jax.search import protocol
@@ -142,15 +143,19 @@ class SamplerPolicy:
     self.rng, rng = jax.random.split(self.rng)
     kwargs = {"max_new_tokens": max_new_tokens, "stop_strings": ("</query>",), "rng": rng}
     if not self.keep_cache or keys is None:
-      return self.sampler.generate(contexts, self.params, **kwargs).tokens
-    if self._session is None:
-      self._session = self.sampler.session()
-    return self._session.generate(keys, contexts, self.params, **kwargs).tokens
+      tokens = self.sampler.generate(contexts, self.params, **kwargs).tokens
+    else:
+      if self._session is None:
+        self._session = self.sampler.session()
+      tokens = self._session.generate(keys, contexts, self.params, **kwargs).tokens
+    host_memory.release()  # the last turn's caches and temporaries (`s3_jax.host_memory`)
+    return tokens
 
   def release(self) -> None:
     """Frees the episodes' caches (the rollout ended)."""
     if self._session is not None:
       self._session.close()
+    host_memory.release()
 
 
 def initial_blocks(retrieved: Sequence[Sequence[Doc]], begin_with_search: bool,
