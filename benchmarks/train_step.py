@@ -7,9 +7,12 @@ and critic), and the per-step time split of real training runs (tiny and SmolLM2
 `--whole-step`: whole PPO steps of `configs/smollm2_wiki.py:runlocal` at `--questions` questions and 3-3-3
 sizes (topk 3, 3 selected, 3 turns), one process per path, the same questions and seed: the time split of the
 last of `--whole-steps` steps (default 2; the first compiles) and each process's peak RSS. Paths
-(`WHOLE_STEP_PATHS`): `old` = fp32, every turn re-prefilled (the pre-issue-18 rollout; the sampler's newer
-kernels, compaction and length groups apply to it too, so it understates the issue's gain), `new` = the
-defaults, `new-shared` = + a value head on the actor, `new-shared-bf16` = + bf16 compute.
+(`WHOLE_STEP_PATHS`): `old` = fp32, every turn re-prefilled, micro-batches padded to the whole batch (the
+pre-issue-18 path; the sampler's newer kernels, compaction and length groups and the learner's blocked
+attention and chunked logits apply to it too, so it understates the issue's gain), `new` = the defaults,
+`new-shared` = + a value head on the actor, `new-shared-bf16` = + bf16 compute, `new-shared-full` =
+`new-shared` with whole-layer rematerialisation (`searcher.remat=full`: layer inputs kept, not every
+matmul's output; s3's gradient checkpointing).
 
 FLOPs are the model's matmul work counted analytically (the usual MFU convention: forward 2·N per token for
 the actor and critic backbones plus attention and the window's vocabulary projection, backward twice that;
@@ -118,10 +121,11 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
 
 
 WHOLE_STEP_PATHS = {
-    "old": ["rollout.keep_cache=False", "searcher.compute_dtype=float32"],
+    "old": ["rollout.keep_cache=False", "searcher.compute_dtype=float32", "ppo.micro_batch_padding=batch"],
     "new": [],
     "new-shared": ["critic.separate_model=False"],
     "new-shared-bf16": ["critic.separate_model=False", "searcher.compute_dtype=bfloat16"],
+    "new-shared-full": ["critic.separate_model=False", "searcher.remat=full"],
 }
 
 
@@ -155,6 +159,7 @@ def whole_step(paths: list[str], questions: int, steps: int) -> None:
     if done.returncode:
       raise SystemExit(f"path {path} failed:\n{done.stderr[-3000:]}")
     results[path] = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{path}: {json.dumps(results[path])}", flush=True)  # each path as it ends (a long run)
   first = results[paths[0]]["time/step"]
   print(f"whole PPO step, smollm2_wiki runlocal, {questions} questions, 3-3-3, last of {steps} steps")
   for path, r in results.items():

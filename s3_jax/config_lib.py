@@ -315,6 +315,9 @@ def default_config() -> ml_collections.ConfigDict:
   # token_mean: one token mean over each minibatch (independent of the micro-batch split);
   # micro_token_mean: s3 / verl v0.1, a token mean per micro-batch averaged over the micro-batches.
   c.ppo.loss_agg = "token_mean"
+  # own: each micro-batch of the score and update passes padded to its own longest row and window, rows of
+  # similar length grouped (rl/layout.py); batch: the whole batch's shape, one program (s3 pads per batch).
+  c.ppo.micro_batch_padding = "own"
   c.ppo.schedule_steps = 1500  # the step count warm-up ratios refer to (s3: total_training_steps=1500)
 
   # python -m s3_jax.evaluate (spec §8-9). datasets: comma-separated names or files ("" = data.test);
@@ -352,6 +355,7 @@ _CHOICES = {
     "ppo.kl_mode": ("reward", "loss"),
     "ppo.adv_estimator": ("gae", "grpo", "reinforce_pp"),
     "ppo.loss_agg": ("token_mean", "micro_token_mean"),
+    "ppo.micro_batch_padding": ("own", "batch"),
     "searcher.param_dtype": ("float32", "bfloat16"),
     "searcher.compute_dtype": ("auto", "float32", "bfloat16"),
     "rollout.param_dtype": ("", "float32", "bfloat16"),

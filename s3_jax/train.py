@@ -141,11 +141,12 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
                                f"same command to resume.") from e
           host_memory.release()  # each stage's freed buffers go back to the OS before the next one's peak
           with watch("score"):
+            layout = learner.layout(exp.batch)  # micro-batches padded to their own length (None: the batch's)
             batch = learner.place_batch(exp.batch)
-            scored = jax.block_until_ready(learner.score(state, ref, batch))
+            scored = jax.block_until_ready(learner.score(state, ref, batch, layout))
           host_memory.release()
           with watch("update"):
-            state, step_metrics = learner.update(state, {**batch, **scored})
+            state, step_metrics = learner.update(state, {**batch, **scored}, layout)
             step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           host_memory.release()
         step += 1

@@ -362,3 +362,103 @@ def test_fsdp_score_gathers_weights_and_keeps_activations_on_their_rows():
   reduces, gathers = collectives(True)
   assert reduces == 0 and gathers > 0
   assert collectives(False)[0] > 0
+
+
+# -- micro-batches padded to their own lengths (ppo.micro_batch_padding=own, rl/layout.py) ----------------
+
+def test_layout_groups_rows_by_length_and_pads_each_micro_batch_to_its_own():
+  from s3_jax.rl import layout as layout_lib
+
+  rng = np.random.default_rng(7)
+  batch = _random_batch(rng)
+  lengths, widths = layout_lib.row_extents(batch)
+  np.testing.assert_array_equal(lengths, batch["attention_mask"].sum(1))  # rows are right-padded
+  np.testing.assert_array_equal(widths, batch["response_mask"].sum(1))  # the response starts the window
+  layout = layout_lib.plan(lengths, widths, SETTINGS, length=24, width=21)
+  assert sorted(r for mb in layout.score for r in mb.rows) == list(range(16))
+  score_order = [r for mb in layout.score for r in mb.rows]
+  assert list(lengths[score_order]) == sorted(lengths, reverse=True)  # similar lengths share a micro-batch
+  for mb in [*layout.score, *[m for mini in layout.actor + layout.critic for m in mini]]:
+    assert lengths[list(mb.rows)].max() <= mb.length <= 24 and widths[list(mb.rows)].max() <= mb.width <= 21
+  assert min(mb.length for mb in layout.score) < 24  # something was cut
+  for m, mini in enumerate(layout.actor):  # minibatches keep their rows (s3: m*8 ... m*8+7), regrouped inside
+    assert sorted(r for mb in mini for r in mb.rows) == list(range(8 * m, 8 * m + 8))
+    assert [len(mb.rows) for mb in mini] == [4, 4]
+  # micro_token_mean's loss depends on which rows share a micro-batch: s3's groups (in order), only trimmed.
+  s3_groups = layout_lib.plan(lengths, widths, dataclasses.replace(SETTINGS, loss_agg="micro_token_mean"),
+                              length=24, width=21)
+  assert [mb.rows for mini in s3_groups.actor for mb in mini] == [tuple(range(i, i + 4))
+                                                                  for i in (0, 4, 8, 12)]
+  assert layout_lib.plan(lengths, widths, dataclasses.replace(SETTINGS, separate_critic=False), length=24,
+                         width=21).critic == ()
+  with pytest.raises(ValueError, match="do not fit"):
+    layout_lib.plan(lengths, widths, SETTINGS, length=16, width=21)
+  with pytest.raises(ValueError, match="8 rows"):
+    layout_lib.plan(lengths[:8], widths[:8], SETTINGS, length=24, width=21)
+  assert update_lib.PPOLearner(dataclasses.replace(SETTINGS, micro_batch_padding="batch"), CONFIG).layout(
+      batch) is None
+  with pytest.raises(ValueError, match="micro_batch_padding"):
+    dataclasses.replace(SETTINGS, micro_batch_padding="rows").check()
+
+
+def _strided(batch, mini, micro):
+  """`batch` with each minibatch's rows reordered so that the whole-batch path's strided micro-batches
+  (chunk j = rows j, j + n, ... of the minibatch) hold s3's contiguous ones (rows j·micro ... + micro - 1)."""
+  n = mini // micro
+  within = [(p % n) * micro + p // n for p in range(mini)]
+  order = np.concatenate([m + np.asarray(within) for m in range(0, len(batch["tokens"]), mini)])
+  return {k: v[order] for k, v in batch.items()}, order
+
+
+def _run_in_layouts(learner, use_layout, steps=2, s3_micro_batches=False):
+  actor, critic = _models()
+  ref = learner.place_ref(actor)
+  if learner.shared_head:
+    actor["value_head"] = update_lib.init_value_head(CONFIG, jax.random.key(5))
+  state = learner.init_state(actor, critic if learner.separate_critic else None)
+  rng = np.random.default_rng(0)
+  out = []
+  for _ in range(steps):
+    host = _random_batch(rng)
+    order = np.arange(len(host["tokens"]))
+    if s3_micro_batches:
+      host, order = _strided(host, learner.settings.mini_batch_size, learner.settings.actor_micro_batch_size)
+    layout = learner.layout(host) if use_layout else None
+    batch = learner.place_batch(host)
+    scored = learner.score(state, ref, batch, layout)
+    state, metrics = learner.update(state, {**batch, **scored}, layout)
+    back = np.argsort(order)  # rows in the generated order
+    out.append(({k: v[back] for k, v in host.items()},
+                {k: v[back] for k, v in jax.device_get(scored).items()}, jax.device_get(metrics)))
+  return jax.device_get(state), out
+
+
+@pytest.mark.parametrize("separate, loss_agg, mesh", [(True, "token_mean", False),
+                                                      (False, "token_mean", False),
+                                                      (True, "micro_token_mean", False),
+                                                      (True, "token_mean", True)])
+def test_micro_batches_padded_to_their_own_length_give_the_whole_batchs_update(separate, loss_agg, mesh):
+  """Cutting each micro-batch to its own rows' length and regrouping rows by length changes no score, metric
+  or weight (fp32: only the order of float sums), sharded or not; every trace is for a new shape. With
+  micro_token_mean the layout keeps s3's contiguous micro-batches, which the whole-batch path (strided chunks)
+  holds when each minibatch's rows are reordered (`_strided`)."""
+  settings = dataclasses.replace(SETTINGS, separate_critic=separate, loss_agg=loss_agg)
+  kwargs = {"mesh": sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})} if mesh else {}
+  whole = update_lib.PPOLearner(settings, CONFIG, **kwargs)
+  own = update_lib.PPOLearner(settings, CONFIG, **kwargs)
+  state_a, steps_a = _run_in_layouts(whole, False, s3_micro_batches=loss_agg == "micro_token_mean")
+  state_b, steps_b = _run_in_layouts(own, True)
+  for (host, scored_a, metrics_a), (_, scored_b, metrics_b) in zip(steps_a, steps_b, strict=True):
+    response = host["response_mask"]  # slots past a row's response are not scored in a layout (and unused)
+    for k in ("old_logp", "ref_logp", "values"):
+      np.testing.assert_allclose(scored_b[k][response], scored_a[k][response], rtol=1e-5, atol=2e-6,
+                                 err_msg=k)
+    assert metrics_a.keys() == metrics_b.keys()
+    for k in metrics_a:
+      np.testing.assert_allclose(metrics_b[k], metrics_a[k], rtol=2e-5, atol=2e-6, err_msg=k)
+  leaves_b = jax.tree.leaves(state_b)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state_a), leaves_b, strict=True):
+    np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+  assert whole.trace_counts == {"score": 1, "update": 1}
+  assert own.trace_counts["score"] >= 2  # micro-batches of different lengths were scored
+  assert len(set(own.traces)) == len(own.traces)  # nothing traced twice for one signature

@@ -35,6 +35,7 @@ from s3_jax import sharding as sharding_lib
 from s3_jax import tracing
 from s3_jax.models.config import DecoderConfig
 from s3_jax.models.decoder import default_positions, forward, lm_logits, nest_params, param_specs
+from s3_jax.rl import layout as layout_lib
 from s3_jax.rl import ppo as ppo_lib
 
 Params = dict[str, Any]
@@ -70,6 +71,7 @@ class PPOSettings:
   weight_decay: float = 0.01
   grad_clip: float = 1.0
   separate_critic: bool = True
+  micro_batch_padding: str = "own"
 
   @classmethod
   def from_config(cls, config: Any) -> PPOSettings:
@@ -85,7 +87,8 @@ class PPOSettings:
         adv_estimator=p.adv_estimator, loss_agg=p.loss_agg, actor_lr=p.actor_lr, critic_lr=p.critic_lr,
         actor_warmup_steps=int(p.actor_warmup_ratio * p.schedule_steps),
         critic_warmup_steps=int(p.critic_warmup_ratio * p.schedule_steps),
-        weight_decay=p.weight_decay, grad_clip=p.grad_clip, separate_critic=config.critic.separate_model)
+        weight_decay=p.weight_decay, grad_clip=p.grad_clip, separate_critic=config.critic.separate_model,
+        micro_batch_padding=p.micro_batch_padding)
 
   @property
   def uses_critic(self) -> bool:
@@ -100,6 +103,8 @@ class PPOSettings:
     if self.adv_estimator not in ppo_lib.ADVANTAGE_ESTIMATORS:
       raise ValueError(f"ppo.adv_estimator={self.adv_estimator!r} must be one of "
                        f"{', '.join(ppo_lib.ADVANTAGE_ESTIMATORS)}")
+    if self.micro_batch_padding not in ("own", "batch"):
+      raise ValueError(f"ppo.micro_batch_padding={self.micro_batch_padding!r} must be own or batch")
     if self.loss_agg not in ("token_mean", "micro_token_mean"):
       raise ValueError(f"ppo.loss_agg={self.loss_agg!r} must be token_mean or micro_token_mean")
     if self.batch_size % self.mini_batch_size:
@@ -288,6 +293,7 @@ class PPOLearner:
     self.traces: list[tuple[str, str]] = []  # (function, `tracing.signature`) of every trace, in order
     self._score = None
     self._update = None
+    self._jitted: dict[str, Any] = {}
 
   # -- shardings ----------------------------------------------------------------------------------------
 
@@ -377,48 +383,63 @@ class PPOLearner:
 
   # -- score --------------------------------------------------------------------------------------------
 
-  def score(self, state: dict[str, Any], ref: Params | None,
-            batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  def score(self, state: dict[str, Any], ref: Params | None, batch: dict[str, jax.Array],
+            layout: layout_lib.Layout | None = None) -> dict[str, jax.Array]:
     """Old log-probs (the current actor), reference log-probs (`ref`, None = no KL) and values, each
-    `[b, t]`, in micro-batches of `ppo.score_micro_batch_size`."""
+    `[b, w]`, in micro-batches of `ppo.score_micro_batch_size`: each padded to its own length when a `layout`
+    (`self.layout`) is given, else the whole batch's shape in one program."""
+    batch = {k: batch[k] for k in ("tokens", "attention_mask", "index")}
+    if layout is not None:
+      return self._score_in_layout(state, ref, batch, layout)
     if self._score is None:
       self._score = jax.jit(self._score_fn)
-    return self._score(state, ref, {k: batch[k] for k in ("tokens", "attention_mask", "index")})
+    return self._score(state, ref, batch)
 
-  def _score_fn(self, state, ref, batch):
-    self.trace_counts["score"] += 1  # runs at trace time only
-    self.traces.append(("score", tracing.signature(state, ref, batch)))
+  def _score_rows(self, state, ref, mb):
+    """Scores of one micro-batch `{tokens, attention_mask, index}`."""
     cdt = self.compute_dtype
     actor = state["actor"]["params"]
+    tokens, mask, index = mb["tokens"], mb["attention_mask"], mb["index"]
+    hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt, unroll=self.unroll,
+                     constrain=self._rows)
+    out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False)[0]}
+    if ref is not None:
+      out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.unroll,
+                                       constrain=self._rows)[0]
+    if self.shared_head:
+      out["values"] = _values_from_hidden(actor["value_head"], hidden, index)
+    elif self.separate_critic:
+      out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, index, cdt,
+                                   unroll=self.unroll, constrain=self._rows)
+    return out
 
-    def one(_, mb):
-      tokens, mask, index = mb["tokens"], mb["attention_mask"], mb["index"]
-      hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt, unroll=self.unroll,
-                       constrain=self._rows)
-      out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False)[0]}
-      if ref is not None:
-        out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.unroll,
-                                         constrain=self._rows)[0]
-      if self.shared_head:
-        out["values"] = _values_from_hidden(actor["value_head"], hidden, index)
-      elif self.separate_critic:
-        out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, index, cdt,
-                                     unroll=self.unroll, constrain=self._rows)
-      return None, out
-
-    _, out = jax.lax.scan(one, None, self._split(batch, self.settings.score_micro_batch_size),
-                          unroll=self.unroll)
-    out = {k: self._constrain_rows(self._merge(v), 0) for k, v in out.items()}
-    zeros = jnp.zeros(batch["index"].shape, jnp.float32)
+  @staticmethod
+  def _score_defaults(out, ref, zeros):
+    out = dict(out)
     out.setdefault("ref_logp", out["old_logp"] if ref is None else zeros)
     out.setdefault("values", zeros)
     return out
 
+  def _score_fn(self, state, ref, batch):
+    self.trace_counts["score"] += 1  # runs at trace time only
+    self.traces.append(("score", tracing.signature(state, ref, batch)))
+
+    def one(_, mb):
+      return None, self._score_rows(state, ref, mb)
+
+    _, out = jax.lax.scan(one, None, self._split(batch, self.settings.score_micro_batch_size),
+                          unroll=self.unroll)
+    out = {k: self._constrain_rows(self._merge(v), 0) for k, v in out.items()}
+    return self._score_defaults(out, ref, jnp.zeros(batch["index"].shape, jnp.float32))
+
   # -- update -------------------------------------------------------------------------------------------
 
-  def update(self, state: dict[str, Any], batch: dict[str, jax.Array]) -> tuple[dict[str, Any], dict]:
-    """One PPO step on a scored batch (`BATCH_KEYS` + `old_logp`, `ref_logp`, `values`). The state is donated:
-    use the returned one."""
+  def update(self, state: dict[str, Any], batch: dict[str, jax.Array],
+             layout: layout_lib.Layout | None = None) -> tuple[dict[str, Any], dict]:
+    """One PPO step on a scored batch (`BATCH_KEYS` + `old_logp`, `ref_logp`, `values`), with micro-batches
+    padded to their own lengths when a `layout` is given. The state is donated: use the returned one."""
+    if layout is not None:
+      return self._update_in_layout(state, batch, layout)
     if self._update is None:
       shardings = self.state_shardings
       self._update = jax.jit(self._update_fn, donate_argnums=0,
@@ -521,35 +542,172 @@ class PPOLearner:
     minibatches = jax.tree.map(lambda x: self._constrain_rows(x, 1), minibatches)
 
     def minibatch_step(st, mb):
-      out = {}
       actor, sums, norm = self._learn(st["actor"], self._actor_terms, self.actor_opt,
                                       s.actor_micro_batch_size, mb)
       new = {"actor": actor}
-      policy_tokens = jnp.maximum(jnp.sum(mb["policy_mask"].astype(jnp.float32)), 1.0)
-      response_tokens = jnp.maximum(jnp.sum(mb["response_mask"].astype(jnp.float32)), 1.0)
-      for k in ("pg_loss", "entropy", "pg_clipfrac", "approx_kl", "kl_loss"):
-        if k in sums:
-          out[f"actor/{k}"] = sums[k] / policy_tokens
-      for k in ("vf_loss", "vf_clipfrac"):
-        if k in sums:
-          out[f"critic/{k}"] = sums[k] / response_tokens
-      out["actor/grad_norm"] = norm
+      out = _minibatch_metrics("actor", sums, norm, _token_counts(mb))
       if self.separate_critic:
         critic, csums, cnorm = self._learn(st["critic"], self._critic_terms, self.critic_opt,
                                            s.critic_micro_batch_size, mb)
         new["critic"] = critic
-        out.update({f"critic/{k}": v / response_tokens for k, v in csums.items()})
-        out["critic/grad_norm"] = cnorm
+        out.update(_minibatch_metrics("critic", csums, cnorm, _token_counts(mb)))
       return new, out
 
     def epoch(st, _):
       return jax.lax.scan(minibatch_step, st, minibatches, unroll=self.unroll)
 
     state, per_step = jax.lax.scan(epoch, state, None, length=s.epochs, unroll=self.unroll)
-    metrics.update({k: jnp.mean(v) for k, v in per_step.items()})
+    return state, self._step_metrics(state, metrics, per_step)
+
+  def _step_metrics(self, state, metrics, per_step):
+    """The step's metrics: the batch's, the minibatch steps' means (`per_step`: arrays over steps) and the
+    learning rates that were used."""
+    metrics = {**metrics, **{k: jnp.mean(v) for k, v in per_step.items()}}
     count = state["actor"]["opt"][1][0].count  # adamw's step counter after this update
     metrics["actor/lr"] = self.actor_lr(count - 1)
     if self.separate_critic:
       metrics["critic/lr"] = self.critic_lr(count - 1)
-    return state, metrics
+    return metrics
+
+  # -- micro-batches padded to their own lengths (ppo.micro_batch_padding=own, `layout.py`) --------------
+
+  def layout(self, batch: dict[str, np.ndarray]) -> layout_lib.Layout | None:
+    """The micro-batch layout of a host batch (this process's rows; every process's row lengths decide it,
+    so all get the same), or None with `ppo.micro_batch_padding=batch` (one shape for the whole batch)."""
+    if self.settings.micro_batch_padding == "batch":
+      return None
+    lengths, widths = (sharding_lib.host_gather(x) for x in layout_lib.row_extents(batch))
+    return layout_lib.plan(lengths, widths, self.settings, length=np.shape(batch["tokens"])[1],
+                           width=np.shape(batch["index"])[1])
+
+  def _jit(self, name: str, fn, **kwargs):
+    """`fn` jitted once per learner (and recorded in `traces` at each trace, with its static arguments)."""
+    if name not in self._jitted:
+      static = kwargs.pop("static_argnames", ())
+
+      def traced(*args, **kw):
+        self.trace_counts[name] = self.trace_counts.get(name, 0) + 1
+        self.traces.append((name, tracing.signature(*args, **kw)))
+        return fn(*args, **kw)
+      self._jitted[name] = jax.jit(traced, static_argnames=static, **kwargs)
+    return self._jitted[name]
+
+  def _row_ids(self, rows) -> jax.Array:
+    ids = np.asarray(rows, np.int32)
+    if self.mesh is None:
+      return jnp.asarray(ids)
+    return jax.device_put(ids, self._replicated())
+
+  def _gather(self, data, rows, length: int, width: int):
+    """The micro-batch of `rows`: sequences cut to `length`, window arrays to `width` (slots past a row's
+    end point at its last position, as in the whole batch)."""
+    out = {}
+    for k, x in data.items():
+      x = jnp.take(x, rows, axis=0)
+      out[k] = self._rows(x[:, :length] if k in ("tokens", "attention_mask") else x[:, :width])
+    out["index"] = jnp.minimum(out["index"], length - 1)
+    return out
+
+  def _score_in_layout(self, state, ref, batch, layout):
+    score = self._jit("score", lambda st, r, data, rows, *, length, width:
+                      self._score_rows(st, r, self._gather(data, rows, length, width)),
+                      static_argnames=("length", "width"))
+    put = self._jit("score_put", lambda full, part, rows: jax.tree.map(
+        lambda f, p: f.at[rows, :p.shape[1]].set(p), full, part), donate_argnums=0)
+    zeros = self._jit("score_zeros", lambda index, *, keys: {k: (index * 0).astype(jnp.float32)
+                                                              for k in keys}, static_argnames=("keys",))
+    full = None
+    for mb in layout.score:
+      rows = self._row_ids(mb.rows)
+      part = score(state, ref, batch, rows, length=mb.length, width=mb.width)
+      full = put(zeros(batch["index"], keys=tuple(sorted(part))) if full is None else full, part, rows)
+    return self._score_defaults(full, ref, zeros(batch["index"], keys=("zeros",))["zeros"])
+
+  def _update_in_layout(self, state, batch, layout):
+    s = self.settings
+    prepare = self._jit("update_prepare", self._prepare_fn)
+    data, metrics = prepare(batch)
+    counts = self._jit("update_counts", lambda d, rows: _token_counts(
+        {k: jnp.take(d[k], rows, axis=0) for k in ("policy_mask", "response_mask")}))
+    learners = [("actor", self._actor_terms, self.actor_opt, layout.actor)]
+    if self.separate_critic:
+      learners.append(("critic", self._critic_terms, self.critic_opt, layout.critic))
+    per_step = []
+    for _ in range(s.epochs):
+      for m in range(s.batch_size // s.mini_batch_size):
+        whole = counts(data, self._row_ids(range(m * s.mini_batch_size, (m + 1) * s.mini_batch_size)))
+        out = {}
+        for name, terms, opt, micro_batches in learners:
+          state = {**state, name: self._learn_in_layout(name, terms, opt, state[name], data, micro_batches[m],
+                                                        whole, out)}
+        per_step.append(out)
+    finish = self._jit("update_finish", lambda st, met, steps: self._step_metrics(
+        st, met, {k: jnp.stack([o[k] for o in steps]) for k in steps[0]}))
+    return state, finish(state, metrics, per_step)
+
+  def _prepare_fn(self, batch):
+    """Advantages and returns over the whole batch (no model runs), and the arrays micro-batches take."""
+    advantages, returns, metrics = self._advantages(batch)
+    data = {**{k: batch[k] for k in ("tokens", "attention_mask", "index", "policy_mask", "response_mask",
+                                     "old_logp", "ref_logp", "values")},
+            "advantages": advantages, "returns": returns}
+    return data, metrics
+
+  def _learn_in_layout(self, name, terms, opt, learner, data, micro_batches, whole, out):
+    """One minibatch step of one learner: a gradient per micro-batch (each its own shape), summed, clipped,
+    applied; the minibatch's metrics go into `out`."""
+    n_micro = len(micro_batches)
+    token_mean = self.settings.loss_agg == "token_mean"
+    shardings = None if self.state_shardings is None else self.state_shardings[name]
+
+    def grad(params, data, rows, whole, *, length, width):
+      mb = self._gather(data, rows, length, width)
+      if token_mean:
+        norm = {k: jnp.maximum(v, 1.0) for k, v in whole.items()}
+      else:
+        norm = {k: jnp.maximum(v, 1.0) * n_micro for k, v in _token_counts(mb).items()}
+      (_, sums), g = jax.value_and_grad(terms, has_aux=True)(params, mb, norm)
+      if shardings is not None:
+        g = jax.lax.with_sharding_constraint(g, shardings["params"])
+      return g, sums
+
+    def apply(learner, grads, sums, whole):
+      grad_norm = optax.tree.norm(grads)
+      updates, opt_state = opt.update(grads, learner["opt"], learner["params"])
+      new = {"params": optax.apply_updates(learner["params"], updates), "opt": opt_state}
+      return new, _minibatch_metrics(name, sums, grad_norm, whole)
+
+    # The model's programs are "score" and "update" (the actor's gradient) as in the whole-batch path.
+    grad_fn = self._jit("update" if name == "actor" else f"update_{name}", grad,
+                        static_argnames=("length", "width"))
+    add = self._jit("update_add", lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+    apply_fn = self._jit(f"update_{name}_apply", apply, donate_argnums=0,
+                         out_shardings=None if shardings is None else (shardings, self._replicated()))
+    total = None
+    for mb in micro_batches:
+      g = grad_fn(learner["params"], data, self._row_ids(mb.rows), whole, length=mb.length, width=mb.width)
+      total = g if total is None else add(total, g)
+    new, metrics = apply_fn(learner, total[0], total[1], whole)
+    out.update(metrics)
+    return new
+
+
+def _token_counts(mb):
+  return {"policy": jnp.sum(mb["policy_mask"].astype(jnp.float32)),
+          "response": jnp.sum(mb["response_mask"].astype(jnp.float32))}
+
+
+def _minibatch_metrics(name: str, sums, grad_norm, counts):
+  """A learner's metrics for one minibatch step from its summed terms: the actor's per policy token (its
+  value terms, with a shared head, per response token), the critic's per response token."""
+  policy_tokens = jnp.maximum(counts["policy"], 1.0)
+  response_tokens = jnp.maximum(counts["response"], 1.0)
+  out = {}
+  for k, v in sums.items():
+    if k in ("vf_loss", "vf_clipfrac"):
+      out[f"critic/{k}"] = v / response_tokens
+    else:
+      out[f"{name}/{k}"] = v / policy_tokens
+  out[f"{name}/grad_norm"] = grad_norm
+  return out
 
