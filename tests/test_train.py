@@ -110,6 +110,7 @@ def _cli(workdir, steps, env_extra=None, *extra):
 
 @pytest.mark.slow
 @pytest.mark.entry
+@pytest.mark.late
 def test_killed_run_resumes_to_the_same_metrics_and_parameters(tmp_path, asset):
   for name in ("smollm2-135m-instruct", "wiki-vital", "qa-fanout"):
     asset(name)
