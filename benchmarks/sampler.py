@@ -7,7 +7,11 @@ prefill-only call (1 new token) to split prefill from decode. Each engine runs i
 idle worker threads otherwise slow torch down). Also prints the batch-1 memory-bandwidth ceiling: measured
 copy bandwidth / weight bytes read per token.
 
-  python benchmarks/sampler.py [--batches 1,16] [--repeats 3]
+  python benchmarks/sampler.py [--batches 1,16] [--repeats 3] [--dtype bfloat16]
+
+`--dtype bfloat16`: transformers runs the model in bf16; ours loads fp32 weights with bf16 compute, which is
+what the rollout does (`searcher.compute_dtype=bfloat16`: prefill in bf16, decode steps in fp32 on CPU,
+where bf16 decode measured slower; `Sampler.decode_dtype`).
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
   return 2 * nbytes / best / 1e9
 
 
-def bench_ours(folder, prompts, batches, repeats, new_tokens):
+def bench_ours(folder, prompts, batches, repeats, new_tokens, dtype):
+  import jax.numpy as jnp
+
   from s3_jax.models.hf import load_hf
   from s3_jax.models.sampler import Sampler, SamplingParams
 
-  sampler = Sampler(load_hf(folder))
+  sampler = Sampler(load_hf(folder, compute_dtype=getattr(jnp, dtype)))
   results = {}
   for b in batches:
     rows = [p.tolist() for p in prompts[:b]]
@@ -53,12 +59,12 @@ def bench_ours(folder, prompts, batches, repeats, new_tokens):
   return results
 
 
-def bench_transformers(folder, prompts, batches, repeats, new_tokens):
+def bench_transformers(folder, prompts, batches, repeats, new_tokens, dtype):
   import torch
   import transformers
 
   torch.set_num_threads(2)
-  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
   results = {}
   for b in batches:
     ids = torch.tensor(prompts[:b])
@@ -80,6 +86,7 @@ def main() -> None:
   parser.add_argument("--batches", default="1,16")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--new-tokens", type=int, default=128)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--engine", choices=("s3_jax", "transformers"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
@@ -90,19 +97,20 @@ def main() -> None:
     folder = assets.path("smollm2-135m-instruct")
     prompts = np.random.default_rng(0).integers(100, 40000, (max(batches), 512))
     bench = bench_ours if args.engine == "s3_jax" else bench_transformers
-    print(json.dumps(bench(folder, prompts, batches, args.repeats, args.new_tokens)))
+    print(json.dumps(bench(folder, prompts, batches, args.repeats, args.new_tokens, args.dtype)))
     return
 
   def child(engine):
     done = subprocess.run([sys.executable, __file__, "--engine", engine, "--batches", args.batches,
-                           "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)],
+                           "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
+                           "--dtype", args.dtype],
                           capture_output=True, text=True, check=True)
     return {int(b): tuple(v) for b, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
   ours = child("s3_jax")
   theirs = child("transformers")
 
-  print(f"SmolLM2-135M fp32, 512 prompt tokens, {args.new_tokens} new tokens, greedy, "
+  print(f"SmolLM2-135M {args.dtype}, 512 prompt tokens, {args.new_tokens} new tokens, greedy, "
         f"median of {args.repeats}, one process per engine")
   print(f"{'batch':>5}  {'engine':<14} {'new tok/s':>9} {'wall s':>7} {'prefill s':>9} {'decode tok/s':>12}")
   for b in batches:

@@ -12,7 +12,7 @@ pre-issue-18 path; the sampler's newer kernels, compaction and length groups and
 attention and chunked logits apply to it too, so it understates the issue's gain), `new` = the defaults,
 `new-shared` = + a value head on the actor, `new-shared-bf16` = + bf16 compute, `new-shared-full` =
 `new-shared` with whole-layer rematerialisation (`searcher.remat=full`: layer inputs kept, not every
-matmul's output; s3's gradient checkpointing).
+matmul's output; s3's gradient checkpointing), `new-shared-full-bf16` = that with bf16 compute.
 
 FLOPs are the model's matmul work counted analytically (the usual MFU convention: forward 2·N per token for
 the actor and critic backbones plus attention and the window's vocabulary projection, backward twice that;
@@ -59,7 +59,7 @@ def matmul_peak(repeats: int = 5) -> tuple[float, str]:
 
 
 def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, remat: str = "full",
-                dtype: str = "float32", critic: str = "separate") -> dict:
+                dtype: str = "float32", critic: str = "separate", layers: str = "auto") -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -75,6 +75,8 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
                                     actor_lr=1e-6, critic_lr=1e-5, separate_critic=critic == "separate")
   learner = update_lib.PPOLearner(settings, config, remat=False if remat == "none" else remat,
                                   compute_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+  if layers == "scan":  # the learner's rule ("auto") loops over layers for bf16 on CPU; this forces the scan
+    learner.layer_loop = learner.unroll
   actor = Decoder(config, rngs=nnx.Rngs(0)).arrays()
   if critic == "separate":  # s3: a second SmolLM2 with a value head
     state = learner.init_state(actor, update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(1))))
@@ -93,7 +95,9 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
   scored = learner.score(state, None, placed)
   full = {**placed, **jax.device_get(scored)}
   full["ref_logp"] = full["old_logp"]
+  start = time.perf_counter()
   compiled = jax.jit(learner._update_fn).lower(state, full).compile()
+  compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost["flops"])
@@ -117,7 +121,7 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
   models = 2 if critic == "separate" else 1  # backbones run forward and backward
   model_flops = 3 * (models * backbone + 2 * d * config.vocab_size * batch * window)
   return {"seconds": seconds, "xla_flops": flops, "model_flops": model_flops, "tokens": tokens,
-          "temp_gb": temp_gb}
+          "temp_gb": temp_gb, "compile_s": compile_s, "layer_loop": learner.layer_loop}
 
 
 WHOLE_STEP_PATHS = {
@@ -126,6 +130,8 @@ WHOLE_STEP_PATHS = {
     "new-shared": ["critic.separate_model=False"],
     "new-shared-bf16": ["critic.separate_model=False", "searcher.compute_dtype=bfloat16"],
     "new-shared-full": ["critic.separate_model=False", "searcher.remat=full"],
+    "new-shared-full-bf16": ["critic.separate_model=False", "searcher.remat=full",
+                             "searcher.compute_dtype=bfloat16"],
 }
 
 
@@ -195,6 +201,8 @@ def main() -> None:
                       help="compute dtypes of the update (fp32 masters)")
   parser.add_argument("--critics", default="separate",
                       help="separate (s3: a second model) and/or shared (a value head on the actor)")
+  parser.add_argument("--layers", default="auto",
+                      help="auto (the learner's rule: a loop over layers for bf16 on CPU) and/or scan")
   parser.add_argument("--runs", default="tiny,smollm2",
                       help="configs whose step time split to measure ('' = none)")
   parser.add_argument("--steps", type=int, default=3)
@@ -222,13 +230,18 @@ def main() -> None:
   peak, shape = matmul_peak()
   print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32, best shape {shape})")
   first = None
-  for critic, dtype in [(c, d) for c in args.critics.split(",") for d in args.dtypes.split(",")]:
-    r = update_rate(args.batch, args.length, args.window, args.micro, args.repeats, args.remat, dtype, critic)
+  for critic, dtype, layers in [(c, d, lay) for c in args.critics.split(",") for d in args.dtypes.split(",")
+                                for lay in args.layers.split(",")]:
+    if layers not in ("auto", "scan"):
+      parser.error(f"--layers: {layers!r} is not auto or scan")
+    r = update_rate(args.batch, args.length, args.window, args.micro, args.repeats, args.remat, dtype, critic,
+                    layers)
     first = first or r["seconds"]
     xla_rate, model_rate = r["xla_flops"] / r["seconds"], r["model_flops"] / r["seconds"]
     print(f"update step ({dtype} compute), SmolLM2-135M actor + {critic} critic, "
           f"batch {args.batch} x {args.length} tokens (window {args.window}, micro-batch {args.micro}, "
-          f"remat {args.remat}): "
+          f"remat {args.remat}, layers {'loop' if r['layer_loop'] else 'scan'}, "
+          f"compiled in {r['compile_s']:.0f} s): "
           f"{r['seconds']:.2f} s ({first / r['seconds']:.2f}x the first row), "
           f"{r['tokens'] / r['seconds']:.0f} tokens/s, XLA temporaries {r['temp_gb']:.2f} GB")
     print(f"  model matmul work {r['model_flops'] / 1e12:.2f} TFLOP (forward + backward, remat recompute not "

@@ -278,3 +278,67 @@ def test_bfloat16_compute_and_parameter_dtypes(tmp_path):
   stored = load_hf(tmp_path, dtype=jnp.bfloat16)
   assert stored.named_params()["layers.q"].get_value().dtype == jnp.bfloat16
   assert _relative_error(stored(jnp.asarray(ids, jnp.int32)), expected) <= 1.6e-2
+
+
+def _bf16(x):
+  return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("equation, x_shape, w_shape", [("btd,df->btf", (2, 5, 16), (16, 24)),
+                                                        ("bthe,hed->btd", (2, 5, 4, 8), (4, 8, 12))])
+def test_dense_bfloat16_and_its_gradient_match_numpy(equation, x_shape, w_shape):
+  """The bf16 weight matmul (one 2-D dot, a custom backward pass) against float64 NumPy on the same
+  bf16-rounded operands: result, input gradient and (float32) weight gradient."""
+  from s3_jax.models.decoder import dense
+
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  w = rng.standard_normal(w_shape).astype(np.float32) * 0.2  # a float32 master
+  out_shape = x_shape[:2] + w_shape[x.ndim - 2:]
+  g = rng.standard_normal(out_shape).astype(np.float32)
+
+  def loss(x, w):
+    return jnp.sum(dense(equation, x.astype(jnp.bfloat16), w).astype(jnp.float32) * g)
+
+  got = dense(equation, jnp.asarray(x, jnp.bfloat16), jnp.asarray(w))
+  dx, dw = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+  assert got.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+  m, i = x_shape[0] * x_shape[1], int(np.prod(x_shape[2:]))
+  xb, wb, gb = _bf16(x).reshape(m, i), _bf16(w).reshape(i, -1), _bf16(g).reshape(m, -1)
+  for value, ref in ((got, xb @ wb), (dx, gb @ wb.T), (dw, xb.T @ gb)):
+    value = np.asarray(value, np.float64).reshape(ref.shape)
+    # bf16 results: one rounding (2^-8 relative); f32 accumulation of bf16 products: far tighter
+    assert np.abs(value - ref).max() <= 8e-3 * np.abs(ref).max(), (value, ref)
+  # float32 is the einsum it always was
+  np.testing.assert_array_equal(
+      np.asarray(dense(equation, jnp.asarray(x), jnp.asarray(w))),
+      np.asarray(jnp.einsum(equation, jnp.asarray(x), jnp.asarray(w), preferred_element_type=jnp.float32)))
+
+
+@pytest.mark.parametrize("remat", [False, "full", "dots"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layers_as_a_loop_equal_the_scan_and_so_do_their_gradients(tmp_path, remat, dtype):
+  """`unroll=True` (a Python loop over per-layer slices: CPU meshes, the learner's bf16 on CPU) against the
+  `lax.scan` over stacked layers: hidden states and every weight's gradient."""
+  make_hf_model("Qwen2ForCausalLM", tmp_path, num_hidden_layers=3)
+  model = load_hf(tmp_path)
+  params, config = model.arrays(), model.config
+  ids = jnp.asarray(_ids(2, 12, seed=4), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(12), ids.shape)
+  weights = jnp.asarray(np.random.default_rng(5).standard_normal((2, 12, config.hidden_size)), jnp.float32)
+
+  def loss(params, unroll):
+    hidden, _ = forward(config, params, ids, positions, compute_dtype=dtype, remat=remat, unroll=unroll)
+    return jnp.sum(hidden.astype(jnp.float32) * weights), hidden.astype(jnp.float32)
+
+  (_, h_scan), g_scan = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, False)
+  (_, h_loop), g_loop = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, True)
+  fp32 = dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(h_loop), np.asarray(h_scan), rtol=0,
+                             atol=(1e-6 if fp32 else 2e-2) * float(np.abs(np.asarray(h_scan)).max()))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_scan), jax.tree.leaves(g_loop), strict=True):
+    scale = float(np.abs(np.asarray(a)).max()) or 1.0
+    # fp32: the same operations in another order; bf16: the scan's and the loop's bf16 dots differ (einsum vs
+    # the custom 2-D backward), each rounding activations at bf16's 2^-8
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=(1e-5 if fp32 else 3e-2) * scale,
+                               err_msg=jax.tree_util.keystr(path))
