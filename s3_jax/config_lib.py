@@ -241,6 +241,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.generator.model = "asset:smollm2-135m-instruct"
   c.generator.address = ""
   c.generator.max_tokens = 64
+  # jax backend in this process: the compute dtype (weights stay float32); "auto" = bfloat16 where the
+  # hardware has bf16 units. float32 by default: the answers are the reward (benchmarks/README.md).
+  c.generator.compute_dtype = "float32"
   c.generator.base_url = ""  # openai backend: the endpoint, e.g. http://127.0.0.1:8000/v1
   c.generator.key_env = "OPENAI_API_KEY"  # openai backend: the environment variable holding the API key
 
@@ -348,6 +351,7 @@ _CHOICES = {
     "retriever.kind": ("bm25", "dense"),
     "retriever.faiss": ("flat", "ivf", "hnsw"),
     "generator.backend": ("jax", "vllm", "openai"),
+    "generator.compute_dtype": ("auto", "float32", "bfloat16"),
     "rollout.turn_semantics": ("s3", "exact"),
     "rollout.doc_extraction": ("safe", "faithful"),
     "reward.kind": ("paper", "code", "genacc", "em", "f1"),

@@ -4,6 +4,7 @@
       [--http-port H]   # also serve s3/Search-R1's HTTP POST /retrieve
   python -m s3_jax.serve generator --backend jax|vllm|openai --model DIR|asset:NAME|NAME --port P
       [--host 127.0.0.1] [--auth-token T] [--max-tokens 64] [--dtype float32|bfloat16]
+      [--compute-dtype auto|float32|bfloat16 (jax)]
       [--base-url URL --key-env OPENAI_API_KEY]   # openai: any OpenAI-compatible endpoint
       [--http-port H]   # also serve OpenAI-style POST /v1/chat/completions (what s3's scripts call)
       [--tensor-parallel N --gpu-memory-utilization F --max-model-len L]   # vllm engine settings
@@ -68,7 +69,8 @@ def serve_retriever(index: str, host: str, port: int, auth_token: str | None, ht
 def serve_generator(backend: str, model: str, host: str, port: int, auth_token: str | None, *,
                     max_tokens: int = 64, dtype: str = "float32", base_url: str | None = None,
                     key_env: str = "OPENAI_API_KEY", http_port: int | None = None,
-                    engine_args: dict | None = None, ready=print) -> None:
+                    engine_args: dict | None = None, compute_dtype: str | None = None,
+                    ready=print) -> None:
   from s3_jax.services.generator_backends import make_backend
   from s3_jax.services.generator_server import GeneratorService, start_server
 
@@ -81,7 +83,10 @@ def serve_generator(backend: str, model: str, host: str, port: int, auth_token: 
     if engine_args and backend != "vllm":
       raise ValueError(f"--tensor-parallel, --gpu-memory-utilization and --max-model-len are vLLM engine "
                        f"settings: they need --backend vllm, not {backend}")
-    engine = make_backend(backend, model, dtype=dtype, **(engine_args or {}))
+    if compute_dtype is not None and backend != "jax":
+      raise ValueError(f"--compute-dtype is the jax backend's setting, not {backend}'s (vllm: --dtype)")
+    extra = {"compute_dtype": compute_dtype} if compute_dtype is not None else {}
+    engine = make_backend(backend, model, dtype=dtype, **(engine_args or {}), **extra)
   service = GeneratorService(engine, default_max_tokens=max_tokens, token=token)
   stop = _stop_on_signals()
   server, bound = start_server(service, host, port)
@@ -147,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
   generator.add_argument("--auth-token", default=None)
   generator.add_argument("--max-tokens", type=int, default=64, help="default when a request sets none")
   generator.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  generator.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default=None,
+                         help="jax: compute dtype over --dtype weights (auto: bf16 where the CPU has it)")
   generator.add_argument("--base-url", default=None, help="openai: the endpoint, e.g. http://HOST:8000/v1")
   generator.add_argument("--key-env", default="OPENAI_API_KEY", help="openai: env variable holding the key")
   generator.add_argument("--http-port", type=int, default=None,
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
       serve_retriever(args.index, args.host, args.port, args.auth_token, args.http_port)
     else:
       serve_generator(args.backend, args.model, args.host, args.port, args.auth_token,
-                      max_tokens=args.max_tokens, dtype=args.dtype, base_url=args.base_url,
+                      max_tokens=args.max_tokens, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                      base_url=args.base_url,
                       key_env=args.key_env, http_port=args.http_port, engine_args={
                           k: v for k, v in (("tensor_parallel_size", args.tensor_parallel),
                                             ("gpu_memory_utilization", args.gpu_memory_utilization),

@@ -97,6 +97,7 @@ def test_overrides_take_the_type_of_the_key():
     ("data.train=asset:qa fanout", r"config.data.train='asset:qa fanout': must be a file path or asset"),
     ("searcher.model.num_kv_heads=3", r"config.searcher.model.num_kv_heads=3: must divide"),
     ("reward.kind=gbr", r"config.reward.kind='gbr': must be one of paper, code, genacc, em, f1"),
+    ("generator.compute_dtype=fp16", r"config.generator.compute_dtype='fp16': must be one of auto, float32"),
 ])
 def test_validate_names_the_key_and_the_value(override, message):
   with pytest.raises(ValueError, match=message):

@@ -9,6 +9,7 @@ import sys
 import urllib.request
 
 import grpc
+import jax.numpy as jnp
 import pytest
 from conftest import REPO
 
@@ -170,3 +171,34 @@ def test_vllm_backend_matches_the_jax_backend_greedy(asset, backend):
   got, expected = engine.generate(chats, params), backend.generate(chats, params)
   assert [c.text for c in got] == [c.text for c in expected]
   assert [c.prompt_tokens for c in got] == [c.prompt_tokens for c in expected]
+
+
+def test_bfloat16_compute_backend_answers_and_is_another_generator_in_cache_keys(asset, backend):
+  """`generator.compute_dtype=bfloat16`: the jax backend keeps fp32 weights, prefills in bf16, still
+  answers the context questions, and its answers never share cache entries with fp32's."""
+  from s3_jax import config_lib
+  from s3_jax.reward.service import generator_id
+  from s3_jax.services.generator_backends import backend_from_config
+
+  config = config_lib.load(str(REPO / "configs/tiny.py"))
+  config.generator.model = str(asset("smollm2-135m-instruct"))
+  fp32_id = generator_id(config)
+  config.generator.compute_dtype = "bfloat16"
+  assert generator_id(config) == fp32_id + "@bfloat16"
+  bf16 = backend_from_config(config.generator)
+  assert bf16.sampler.compute_dtype == jnp.bfloat16 and backend.sampler.compute_dtype == jnp.float32
+  assert bf16.sampler.params["layers"][0]["q"].dtype == jnp.float32
+  chats = [answer_messages(QUESTION, generator_context(CARMEN)),
+           [{"role": "user", "content": "What is the capital of France?"}]]
+  got = bf16.generate(chats, GenerationParams(temperature=0.0, max_tokens=24))
+  assert span_match(got[0].text, ["Georges Bizet"]), got[0].text
+  assert span_match(got[1].text, ["Paris"]), got[1].text
+  config.generator.address = "127.0.0.1:1"  # a remote service: its dtype is the server's, not this config's
+  assert generator_id(config) == fp32_id
+
+
+def test_compute_dtype_is_the_jax_backends_setting():
+  from s3_jax.serve import serve_generator
+
+  with pytest.raises(ValueError, match=r"--compute-dtype is the jax backend's setting, not vllm's"):
+    serve_generator("vllm", "asset:smollm2-135m-instruct", "127.0.0.1", 0, None, compute_dtype="bfloat16")

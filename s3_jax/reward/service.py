@@ -219,8 +219,17 @@ def judge_from_config(section: Any, generator: Any, generator_id: str, where: st
 
 
 def generator_id(config: Any) -> str:
-  """The answer generator's name in cache keys and tables."""
-  return f"{config.generator.backend}:{config.generator.model}"
+  """The answer generator's name in cache keys and tables; a jax generator in this process computing in
+  bfloat16 is another generator (`@bfloat16`: its answers differ, so they never share cached entries)."""
+  name = f"{config.generator.backend}:{config.generator.model}"
+  section = config.generator
+  if section.backend == "jax" and not section.address and section.get("compute_dtype",
+                                                                        "float32") != "float32":
+    from s3_jax.models import precision
+
+    dtype = precision.resolve(section.compute_dtype)
+    name += "" if dtype == "float32" else f"@{dtype}"
+  return name
 
 
 def scorer_from_config(config: Any, generator: Any, *, kind: str, cache: AnswerCache,

@@ -54,10 +54,12 @@ class JaxBackend:
 
   name = "jax"
 
-  def __init__(self, model: str, *, dtype: str = "float32", max_batch: int = 16):
+  def __init__(self, model: str, *, dtype: str = "float32", compute_dtype: str | None = None,
+               max_batch: int = 16):
     import jax.numpy as jnp
 
     from s3_jax import assets
+    from s3_jax.models import precision
     from s3_jax.models.hf import load_hf
     from s3_jax.models.sampler import Sampler
     from s3_jax.models.tokenizer import load_tokenizer
@@ -65,7 +67,9 @@ class JaxBackend:
     folder = assets.resolve(model)
     self.model_name = str(model)
     self.tokenizer = load_tokenizer(folder)
-    decoder = load_hf(folder, dtype=jnp.dtype(dtype))
+    # weights in `dtype`; compute in `compute_dtype` (auto / float32 / bfloat16; default: the weights' dtype)
+    decoder = load_hf(folder, dtype=jnp.dtype(dtype),
+                      compute_dtype=precision.dtype(compute_dtype) if compute_dtype else None)
     self.sampler = Sampler(decoder, tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id or 0)
     self.max_batch = max_batch
     self._lock = threading.Lock()
@@ -245,6 +249,8 @@ def backend_from_config(generator: Any, where: str = "generator"):
       raise ValueError(f"config.{where}.backend='openai' needs config.{where}.base_url "
                        "(e.g. http://127.0.0.1:8000/v1)")
     return make_backend("openai", generator.model, base_url=generator.base_url, key_env=generator.key_env)
+  if generator.backend == "jax" and generator.get("compute_dtype", "float32") != "float32":
+    return make_backend("jax", generator.model, compute_dtype=generator.compute_dtype)
   return make_backend(generator.backend, generator.model)
 
 
