@@ -1,0 +1,252 @@
+"""A learning experiment's results page, generated from its outputs alone (no number typed by hand).
+
+  python -m s3_jax.results EXPERIMENT [--out EXPERIMENT/results.md] [--curves EXPERIMENT/curves.png]
+      [--episodes 4]
+
+EXPERIMENT holds what the experiment's commands wrote:
+
+  train/seed<S>/        training workdirs (`python -m s3_jax.train ... --workdir`; `metrics.jsonl` is read)
+  eval/<row>/           evaluation outputs (`python -m s3_jax.evaluate ... --out`; `predictions.jsonl`),
+                        either one folder or one per seed (`eval/<row>/seed<S>/`). Rows, in table order:
+                        closed_book, rag, untrained, trained, best_dev (any may be missing but `trained`)
+  commands.sh           optional: the exact commands, copied into the page verbatim
+
+Every row must cover the same questions (data source and id): the page refuses to compare rows over different
+questions. A row over several seeds shows the mean ± the sample standard deviation (ddof 1) over seeds of each
+seed's mean; a row of one evaluation shows its mean. The bar the page checks (issue 19): trained − naive RAG
+> 2 × the trained row's std over seeds, and trained > untrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from s3_jax import metrics as metrics_lib
+from s3_jax import report
+
+ROWS = {"closed_book": "closed-book (no retrieval)", "rag": "naive RAG (question's BM25 top 3)",
+        "untrained": "s3 searcher, untrained (step 0)", "trained": "s3 searcher, trained (final checkpoint)",
+        "best_dev": "s3 searcher, best checkpoint by dev GenAcc"}
+
+# (title, key or derived key): one panel each in the curves PNG, a line per seed.
+CURVES = (("reward (GBR, the training reward)", "reward/mean"),
+          ("reward − β·KL (sum over the response)", "reward/token_reward_sum"),
+          ("rollout GenAcc", "reward/genacc"),
+          ("naive RAG GenAcc (the GBR baseline)", "reward/rag_genacc"),
+          ("valid-action rate", "valid_action_rate"),
+          ("searches per episode", "rollout/searches"),
+          ("documents selected per episode", "rollout/docs_selected"),
+          ("KL to the reference", "reward/kl"),
+          ("policy entropy", "actor/entropy"),
+          ("value explained variance", "critic/explained_variance"))
+
+
+def _value(row: Mapping[str, Any], key: str) -> float:
+  if key == "valid_action_rate":
+    rate = row.get("rollout/invalid_action_rate")
+    return math.nan if rate is None else 1.0 - rate
+  value = row.get(key)
+  return math.nan if value is None else float(value)
+
+
+def _seed_folders(folder: Path) -> dict[str, Path]:
+  """`{seed label: folder}`: `folder` itself ("") when it holds the outputs, else its `seed*/` children."""
+  if (folder / "predictions.jsonl").is_file() or (folder / "metrics.jsonl").is_file():
+    return {"": folder}
+  seeds = {p.name: p for p in sorted(folder.glob("seed*")) if p.is_dir()}
+  if not seeds:
+    raise FileNotFoundError(f"{folder}: neither outputs (predictions.jsonl / metrics.jsonl) nor seed*/ "
+                            "folders")
+  return seeds
+
+
+def _question_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """GenAcc and EM means over a run's questions (the first run when an evaluation has several)."""
+  first = min(int(r["run"]) for r in rows)
+  rows = [r for r in rows if int(r["run"]) == first]
+  return {m: statistics.fmean(float(r["scores"][m]) for r in rows) for m in ("genacc", "em")}
+
+
+def load_rows(experiment: Path) -> dict[str, dict[str, Any]]:
+  """`{row: {"seeds": {label: {"genacc", "em"}}, "questions": n, "predictions": {label: rows}}}`; raises
+  when rows cover different questions or `trained` is missing."""
+  out: dict[str, dict[str, Any]] = {}
+  reference: tuple[str, set[tuple[str, str]]] | None = None
+  for row in ROWS:
+    folder = experiment / "eval" / row
+    if not folder.exists():
+      continue
+    seeds, predictions = {}, {}
+    for label, path in _seed_folders(folder).items():
+      rows = report.read_predictions(path / "predictions.jsonl")
+      if not rows:
+        raise ValueError(f"{path / 'predictions.jsonl'}: no predictions (an evaluation not yet started)")
+      ids = {(r["data_source"], str(r["id"])) for r in rows}
+      if reference is None:
+        reference = (str(path), ids)
+      elif ids != reference[1]:
+        raise ValueError(f"{path}: {len(ids)} questions, {len(ids ^ reference[1])} of them not shared with "
+                         f"{reference[0]} ({len(reference[1])}): every row must cover the same questions")
+      seeds[label], predictions[label] = _question_means(rows), rows
+    out[row] = {"seeds": seeds, "questions": len(reference[1]), "predictions": predictions}
+  if "trained" not in out:
+    raise FileNotFoundError(f"{experiment / 'eval' / 'trained'}: the trained searcher's evaluation is "
+                            "missing")
+  return out
+
+
+def _stat(seeds: Mapping[str, Mapping[str, float]], metric: str) -> tuple[float, float | None]:
+  values = [s[metric] for s in seeds.values()]
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _cell(mean: float, std: float | None) -> str:
+  return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def verdict(rows: Mapping[str, Mapping[str, Any]]) -> str:
+  """The bar, in one sentence, from the table's numbers."""
+  trained, trained_std = _stat(rows["trained"]["seeds"], "genacc")
+  parts = []
+  if "rag" in rows:
+    rag = _stat(rows["rag"]["seeds"], "genacc")[0]
+    if trained_std is None:
+      parts.append(f"trained − naive RAG = {100 * (trained - rag):+.1f} points (one seed: no std to compare)")
+    else:
+      margin = trained - rag - 2 * trained_std
+      parts.append(f"trained − naive RAG = {100 * (trained - rag):+.1f} points against 2 × std = "
+                   f"{200 * trained_std:.1f}: **{'met' if margin > 0 else 'not met'}** "
+                   f"({100 * margin:+.1f} points)")
+  if "untrained" in rows:
+    untrained = _stat(rows["untrained"]["seeds"], "genacc")[0]
+    parts.append(f"trained − untrained = {100 * (trained - untrained):+.1f} points: "
+                 f"**{'above' if trained > untrained else 'not above'}**")
+  return "; ".join(parts) + "."
+
+
+def table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+  lines = ["| row | questions | seeds | GenAcc % | EM % | GenAcc per seed |", "|---|---|---|---|---|---|"]
+  for row, data in rows.items():
+    seeds = data["seeds"]
+    per_seed = ", ".join(f"{label or 'one run'} {100 * s['genacc']:.1f}" for label, s in seeds.items())
+    lines.append(f"| {ROWS[row]} | {data['questions']} | {len(seeds)} | {_cell(*_stat(seeds, 'genacc'))} | "
+                 f"{_cell(*_stat(seeds, 'em'))} | {per_seed} |")
+  return "\n".join(lines)
+
+
+def episodes(rows: Mapping[str, Mapping[str, Any]], count: int) -> str:
+  """The first `count` questions by (data source, id) — never chosen by score — as the untrained and the
+  trained searcher (their first seed) handled them, with naive RAG's verdict for the same question."""
+  if count <= 0 or "untrained" not in rows:
+    return ""
+  def first_seed(row):
+    label = sorted(rows[row]["predictions"])[0]
+    preds = rows[row]["predictions"][label]
+    first = min(int(r["run"]) for r in preds)
+    return label, {(r["data_source"], str(r["id"])): r for r in preds if int(r["run"]) == first}
+
+  (u_label, untrained), (t_label, trained) = first_seed("untrained"), first_seed("trained")
+  rag = first_seed("rag")[1] if "rag" in rows else {}
+  blocks = []
+  for key in sorted(trained)[:count]:
+    head = f"**{trained[key]['question']}** (gold: {', '.join(trained[key]['golden_answers'][:3])}"
+    head += f"; naive RAG GenAcc {rag[key]['scores']['genacc']:.0f})" if key in rag else ")"
+    lines = [head, "", "```"]
+    for name, label, preds in (("untrained", u_label, untrained), ("trained", t_label, trained)):
+      r = preds[key]
+      trace = r.get("trace") or {}
+      lines += [f"{name}{' ' + label if label else ''}: queries {trace.get('queries', [])}, "
+                f"{trace.get('docs_selected', '?')} documents selected, {trace.get('turns', '?')} turns",
+                f"  answer {r['answer']!r} -> GenAcc {r['scores']['genacc']:.0f}, EM {r['scores']['em']:.0f}"]
+    blocks.append("\n".join([*lines, "```"]))
+  return "\n\n".join(blocks)
+
+
+def plot_curves(experiment: Path, out: Path) -> Path:
+  """One panel per `CURVES` entry, a line per training seed."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  runs = {label: metrics_lib.read_metrics(path)
+          for label, path in _seed_folders(experiment / "train").items()}
+  empty = [label for label, rows in runs.items() if not rows]
+  if empty:
+    raise FileNotFoundError(f"{experiment / 'train'}: no metrics.jsonl rows for "
+                            f"{', '.join(empty) or 'the run'}")
+  cols = 5
+  fig, axes = plt.subplots(math.ceil(len(CURVES) / cols), cols, figsize=(4 * cols, 7),
+                           constrained_layout=True)
+  for ax, (title, key) in zip(axes.flat, CURVES, strict=True):
+    for label, rows in runs.items():
+      values = [_value(r, key) for r in rows]
+      if any(math.isfinite(v) for v in values):
+        ax.plot([r["step"] for r in rows], values, marker="o", markersize=2, label=label or "run")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("PPO step")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=7)
+  fig.suptitle(f"s3_jax training curves: {experiment.name}")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=90)
+  plt.close(fig)
+  return out
+
+
+def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4) -> str:
+  rows = load_rows(experiment)
+  plot_curves(experiment, curves)
+  steps = {label: metrics_lib.read_metrics(path)
+           for label, path in _seed_folders(experiment / "train").items()}
+  train_lines = [f"- {label or 'run'}: {len(r)} steps, "
+                 f"{sum(x.get('time/step', 0.0) for x in r) / 3600:.2f} h of steps"
+                 for label, r in steps.items()]
+  page = [f"# Results: {experiment.name}", "", "Generated by `python -m s3_jax.results` from the "
+          "experiment's outputs; every row covers the same held-out questions.", "", table(rows), "", verdict(rows), "",
+          f"![training curves]({_relative(curves, out.parent)})", "", "## Training", "", *train_lines]
+  shown = episodes(rows, episode_count)
+  if shown:
+    page += ["", "## Episodes before and after training", "",
+             "The first questions by id (not chosen by score), first seed of each row.", "", shown]
+  commands = experiment / "commands.sh"
+  if commands.is_file():
+    page += ["", "## Commands", "", "```sh", commands.read_text(encoding="utf-8").rstrip(), "```"]
+  text = "\n".join(page) + "\n"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(text, encoding="utf-8")
+  return text
+
+
+def _relative(path: Path, start: Path) -> str:
+  import os
+
+  return os.path.relpath(path.resolve(), start.resolve())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m s3_jax.results", description=__doc__.split("\n")[0])
+  parser.add_argument("experiment", type=Path)
+  parser.add_argument("--out", type=Path, default=None, help="default EXPERIMENT/results.md")
+  parser.add_argument("--curves", type=Path, default=None, help="default EXPERIMENT/curves.png")
+  parser.add_argument("--episodes", type=int, default=4)
+  args = parser.parse_args(argv)
+  try:
+    text = write_page(args.experiment, args.out or args.experiment / "results.md",
+                      args.curves or args.experiment / "curves.png", args.episodes)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,98 @@
+"""`python -m s3_jax.results` on a small experiment written here: the table's numbers against sums done in the
+test, the refusal to compare rows over different questions, the curves PNG and the page's parts."""
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from s3_jax import results
+
+QUESTIONS = [("trivia", f"q{i}") for i in range(10)]
+
+
+def _predictions(folder, correct, *, questions=QUESTIONS, queries=("a query",)):
+  """`correct`: the question indices whose answer is right (GenAcc 1; EM 1 for the even ones)."""
+  folder.mkdir(parents=True)
+  with open(folder / "predictions.jsonl", "w") as f:
+    for i, (source, qid) in enumerate(questions):
+      ok = i in correct
+      f.write(json.dumps({
+          "data_source": source, "id": qid, "run": 0, "question": f"question {qid}?", "golden_answers": ["x"],
+          "answer": "x" if ok else "y", "scores": {"genacc": float(ok), "em": float(ok and i % 2 == 0),
+                                                   "span": float(ok), "judge": None, "f1": float(ok)},
+          "trace": {"queries": list(queries), "docs_selected": 2, "turns": 2}}) + "\n")
+
+
+def _metrics(folder, steps, reward):
+  folder.mkdir(parents=True)
+  with open(folder / "metrics.jsonl", "w") as f:
+    for step in range(1, steps + 1):
+      f.write(json.dumps({"step": step, "reward/mean": reward * step, "reward/kl": 0.01 * step,
+                          "rollout/invalid_action_rate": 0.5 / step, "time/step": 600.0}) + "\n")
+
+
+def _experiment(tmp_path):
+  exp = tmp_path / "learn"
+  _predictions(exp / "eval" / "closed_book", {0})
+  _predictions(exp / "eval" / "rag", {0, 1, 2})
+  for seed, (untrained, trained) in enumerate([({0, 1}, {0, 1, 2, 3, 4}), ({1}, {0, 1, 2, 3, 4, 5}),
+                                               ({0, 1, 2}, {0, 1, 2, 3, 4, 5, 6})]):
+    _predictions(exp / "eval" / "untrained" / f"seed{seed}", untrained)
+    _predictions(exp / "eval" / "trained" / f"seed{seed}", trained, queries=(f"better query {seed}",))
+    _metrics(exp / "train" / f"seed{seed}", 3, 0.1 * (seed + 1))
+  (exp / "commands.sh").write_text("python -m s3_jax.train --config configs/smollm2_wiki.py:learn\n")
+  return exp
+
+
+def test_page_numbers_verdict_curves_and_episodes(tmp_path):
+  exp = _experiment(tmp_path)
+  page = results.write_page(exp, exp / "results.md", exp / "curves.png", episode_count=2)
+  trained = [0.5, 0.6, 0.7]  # 5, 6, 7 of 10 right
+  mean, std = statistics.fmean(trained), float(np.std(trained, ddof=1))
+  assert f"| {results.ROWS['trained']} | 10 | 3 | {100 * mean:.1f} ± {100 * std:.1f} |" in page
+  em = [3 / 10, 3 / 10, 4 / 10]  # even indices among the right ones
+  assert f"{100 * statistics.fmean(em):.1f} ± {100 * float(np.std(em, ddof=1)):.1f}" in page
+  assert f"| {results.ROWS['rag']} | 10 | 1 | 30.0 | 20.0 | one run 30.0 |" in page
+  untrained = statistics.fmean([0.2, 0.1, 0.3])
+  margin = mean - 0.3 - 2 * std  # 0.6 - 0.3 - 0.2 = +0.1: met
+  assert (f"trained − naive RAG = +30.0 points against 2 × std = {200 * std:.1f}: **met** "
+          f"({100 * margin:+.1f}") in page
+  assert f"trained − untrained = {100 * (mean - untrained):+.1f} points: **above**" in page
+  assert page.index(results.ROWS["closed_book"]) < page.index(results.ROWS["rag"]) < page.index(
+      results.ROWS["untrained"]) < page.index(results.ROWS["trained"])
+  assert "better query 0" in page and "question q0?" in page and "question q1?" in page
+  assert "question q2?" not in page  # two episodes asked for
+  assert "python -m s3_jax.train --config configs/smollm2_wiki.py:learn" in page
+  assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "- seed0: 3 steps, 0.50 h of steps" in page
+
+
+def test_not_met_when_the_gain_is_within_the_seeds_spread(tmp_path):
+  exp = tmp_path / "learn"
+  _predictions(exp / "eval" / "rag", {0, 1, 2, 3, 4})
+  for seed, trained in enumerate([{0, 1, 2, 3, 4, 5}, {0, 1, 2, 3}, {0, 1, 2, 3, 4, 5, 6, 7}]):
+    _predictions(exp / "eval" / "trained" / f"seed{seed}", trained)
+    _metrics(exp / "train" / f"seed{seed}", 2, 0.1)
+  page = results.write_page(exp, exp / "results.md", exp / "curves.png")
+  assert "**not met**" in page  # mean 0.6 - 0.5 = +10 points, 2 x std = 40 points
+
+
+def test_rows_over_different_questions_are_refused(tmp_path):
+  exp = _experiment(tmp_path)
+  other = tmp_path / "other"
+  _predictions(other, {0}, questions=[*QUESTIONS[:9], ("trivia", "q99")])
+  (exp / "eval" / "rag" / "predictions.jsonl").write_text((other / "predictions.jsonl").read_text())
+  with pytest.raises(ValueError, match=r"eval/rag: 10 questions, 2 of them not shared with .*closed_book"):
+    results.load_rows(exp)
+
+
+def test_cli_errors_name_what_is_missing(tmp_path, capsys):
+  exp = tmp_path / "learn"
+  _predictions(exp / "eval" / "rag", {0})
+  assert results.main([str(exp)]) == 1
+  assert "eval/trained: the trained searcher's evaluation is missing" in capsys.readouterr().err
+  _predictions(exp / "eval" / "trained", {0, 1})
+  assert results.main([str(exp)]) == 1
+  assert "train: neither outputs" in capsys.readouterr().err
