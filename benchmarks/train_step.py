@@ -59,7 +59,7 @@ def matmul_peak(repeats: int = 5) -> tuple[float, str]:
 
 
 def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, remat: str = "full",
-                dtype: str = "float32", critic: str = "separate", layers: str = "auto") -> dict:
+                dtype: str = "float32", critic: str = "separate") -> dict:
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -75,8 +75,6 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
                                     actor_lr=1e-6, critic_lr=1e-5, separate_critic=critic == "separate")
   learner = update_lib.PPOLearner(settings, config, remat=False if remat == "none" else remat,
                                   compute_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
-  if layers == "scan":  # the learner's rule ("auto") loops over layers for bf16 on CPU; this forces the scan
-    learner.layer_loop = learner.unroll
   actor = Decoder(config, rngs=nnx.Rngs(0)).arrays()
   if critic == "separate":  # s3: a second SmolLM2 with a value head
     state = learner.init_state(actor, update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(1))))
@@ -121,7 +119,7 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
   models = 2 if critic == "separate" else 1  # backbones run forward and backward
   model_flops = 3 * (models * backbone + 2 * d * config.vocab_size * batch * window)
   return {"seconds": seconds, "xla_flops": flops, "model_flops": model_flops, "tokens": tokens,
-          "temp_gb": temp_gb, "compile_s": compile_s, "layer_loop": learner.layer_loop}
+          "temp_gb": temp_gb, "compile_s": compile_s}
 
 
 WHOLE_STEP_PATHS = {
@@ -151,7 +149,8 @@ def whole_step_child(path: str, questions: int, steps: int) -> dict:
     train.main(config, workdir, show_progress=False, log=lambda _: None)
     row = metrics_lib.read_metrics(workdir)[-1]
   split = {k: v for k, v in row.items() if k.startswith("time/")}
-  keys = ("rollout/turns", "rollout/searches", "reward/mean")
+  keys = ("rollout/turns", "rollout/searches", "rollout/context_tokens", "rollout/policy_tokens",
+          "reward/mean")
   return {**split, **{k: row[k] for k in keys if k in row},
           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
@@ -201,8 +200,6 @@ def main() -> None:
                       help="compute dtypes of the update (fp32 masters)")
   parser.add_argument("--critics", default="separate",
                       help="separate (s3: a second model) and/or shared (a value head on the actor)")
-  parser.add_argument("--layers", default="auto",
-                      help="auto (the learner's rule: a loop over layers for bf16 on CPU) and/or scan")
   parser.add_argument("--runs", default="tiny,smollm2",
                       help="configs whose step time split to measure ('' = none)")
   parser.add_argument("--steps", type=int, default=3)
@@ -230,18 +227,13 @@ def main() -> None:
   peak, shape = matmul_peak()
   print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (float32, best shape {shape})")
   first = None
-  for critic, dtype, layers in [(c, d, lay) for c in args.critics.split(",") for d in args.dtypes.split(",")
-                                for lay in args.layers.split(",")]:
-    if layers not in ("auto", "scan"):
-      parser.error(f"--layers: {layers!r} is not auto or scan")
-    r = update_rate(args.batch, args.length, args.window, args.micro, args.repeats, args.remat, dtype, critic,
-                    layers)
+  for critic, dtype in [(c, d) for c in args.critics.split(",") for d in args.dtypes.split(",")]:
+    r = update_rate(args.batch, args.length, args.window, args.micro, args.repeats, args.remat, dtype, critic)
     first = first or r["seconds"]
     xla_rate, model_rate = r["xla_flops"] / r["seconds"], r["model_flops"] / r["seconds"]
     print(f"update step ({dtype} compute), SmolLM2-135M actor + {critic} critic, "
           f"batch {args.batch} x {args.length} tokens (window {args.window}, micro-batch {args.micro}, "
-          f"remat {args.remat}, layers {'loop' if r['layer_loop'] else 'scan'}, "
-          f"compiled in {r['compile_s']:.0f} s): "
+          f"remat {args.remat}, compiled in {r['compile_s']:.0f} s): "
           f"{r['seconds']:.2f} s ({first / r['seconds']:.2f}x the first row), "
           f"{r['tokens'] / r['seconds']:.0f} tokens/s, XLA temporaries {r['temp_gb']:.2f} GB")
     print(f"  model matmul work {r['model_flops'] / 1e12:.2f} TFLOP (forward + backward, remat recompute not "

@@ -3,14 +3,21 @@
 SmolLM2-135M-Instruct searcher (critic from the same checkpoint), SmolLM2 generator, BM25 or MiniLM
 dense retrieval over the 10,033 Wikipedia summaries, FanOutQA or trivia questions.
 
-  --config configs/smollm2_wiki.py[:bm25|dense][,qa=fanout|trivia][,runlocal][,faithful]
+  --config configs/smollm2_wiki.py[:bm25|dense][,qa=fanout|trivia][,runlocal][,learn][,faithful]
+
+`learn` is the laptop learning experiment (issue 19; docs/results_laptop.md): trivia questions, 3-3-3,
+16 questions a step, a value head on the actor's trunk (half the update of s3's separate critic on this CPU:
+benchmarks/README.md) and whole-layer remat.
 """
 
 from s3_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="bm25", qa="fanout", runlocal=False, faithful=False)
+  arg = config_lib.parse_arg(arg, variant="bm25", qa="", runlocal=False, learn=False, faithful=False)
+  arg.qa = arg.qa or ("trivia" if arg.learn else "fanout")
+  if arg.learn and arg.runlocal:
+    raise ValueError("configs/smollm2_wiki.py: learn and runlocal are separate sizes; pick one")
   if arg.variant not in ("bm25", "dense"):
     raise ValueError(f"configs/smollm2_wiki.py: variant {arg.variant!r} must be bm25 or dense")
   if arg.qa not in ("fanout", "trivia"):
@@ -45,6 +52,19 @@ def get_config(arg=None):
     c.ppo.score_micro_batch_size = 2
     c.rollout.max_turns = 1
     c.rollout.max_response_length = 64
+  if arg.learn:  # the laptop learning experiment: 3-3-3, 16 questions a step, checkpoints every 5 steps
+    c.total_steps = 30
+    c.rollout.topk = 3
+    c.rollout.max_select = 3
+    c.rollout.max_turns = 3
+    c.rollout.max_response_length = 128
+    c.ppo.actor_micro_batch_size = 2
+    c.ppo.critic_micro_batch_size = 2
+    c.critic.separate_model = False
+    c.searcher.remat = "full"
+    c.ppo.actor_lr = 1e-5  # s3's 1e-6 is for a 7B searcher; a first choice for 135M, to be measured
+    c.checkpoint.every = 5
+    c.checkpoint.hf_export_every = 5
   if arg.faithful:  # every s3_jax default that departs from s3's released code, switched to s3's
     config_lib.use_s3_faithful(c)
   return c

@@ -315,11 +315,11 @@ def test_dense_bfloat16_and_its_gradient_match_numpy(equation, x_shape, w_shape)
       np.asarray(jnp.einsum(equation, jnp.asarray(x), jnp.asarray(w), preferred_element_type=jnp.float32)))
 
 
-@pytest.mark.parametrize("remat", [False, "full", "dots"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layers_as_a_loop_equal_the_scan_and_so_do_their_gradients(tmp_path, remat, dtype):
-  """`unroll=True` (a Python loop over per-layer slices: CPU meshes, the learner's bf16 on CPU) against the
-  `lax.scan` over stacked layers: hidden states and every weight's gradient."""
+@pytest.mark.parametrize("dtype, remat", [(jnp.float32, False), (jnp.float32, "dots"), (jnp.bfloat16, "full"),
+                                          (jnp.bfloat16, "dots")])
+def test_unrolled_layers_equal_the_scan_and_so_do_their_gradients(tmp_path, remat, dtype):
+  """`unroll=True` (CPU meshes) against the rolled `lax.scan` over stacked layers, with the bf16 weight
+  matmuls' custom backward (`dense`) inside remat: hidden states and every weight's gradient."""
   make_hf_model("Qwen2ForCausalLM", tmp_path, num_hidden_layers=3)
   model = load_hf(tmp_path)
   params, config = model.arrays(), model.config
@@ -338,7 +338,7 @@ def test_layers_as_a_loop_equal_the_scan_and_so_do_their_gradients(tmp_path, rem
                              atol=(1e-6 if fp32 else 2e-2) * float(np.abs(np.asarray(h_scan)).max()))
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_scan), jax.tree.leaves(g_loop), strict=True):
     scale = float(np.abs(np.asarray(a)).max()) or 1.0
-    # fp32: the same operations in another order; bf16: the scan's and the loop's bf16 dots differ (einsum vs
-    # the custom 2-D backward), each rounding activations at bf16's 2^-8
+    # fp32: the same operations in another order; bf16: the two programs round bf16 activations at different
+    # points (fusion), each at bf16's 2^-8
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=(1e-5 if fp32 else 3e-2) * scale,
                                err_msg=jax.tree_util.keystr(path))

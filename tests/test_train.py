@@ -101,6 +101,26 @@ def test_train_main_two_steps_on_tiny(tmp_path, asset, monkeypatch):
     assert not repeated, (type(made).__name__, repeated)
 
 
+@pytest.mark.slow
+def test_learning_config_runs_a_step_at_tiny_sizes(tmp_path, asset):
+  """`configs/smollm2_wiki.py:learn` (issue 19) loads, validates and trains: the tiny random searcher and a
+  few trivia questions in place of SmolLM2 and 16 questions, the rest (3-3-3, the value head on the actor,
+  whole-layer remat) as the experiment runs it."""
+  from s3_jax import train
+
+  for name in ("smollm2-135m-instruct", "wiki-vital", "qa-trivia"):
+    asset(name)
+  config = config_lib.load(f"{REPO / 'configs' / 'smollm2_wiki.py'}:learn", [
+      "total_steps=1", "searcher.init_from=", "data.train_limit=8", "data.corpus_limit=2000",
+      "ppo.batch_size=2", "ppo.mini_batch_size=2", "ppo.score_micro_batch_size=2",
+      "rollout.max_response_length=24", "rollout.max_prompt_length=2048", "rollout.max_obs_length=256",
+      "generator.max_tokens=8", "reward.use_judge=False", "checkpoint.hf_export_every=0"])
+  assert (config.rollout.topk, config.rollout.max_select, config.rollout.max_turns) == (3, 3, 3)
+  rows = train.main(config, tmp_path / "run", show_progress=False, log=lambda _: None)
+  assert len(rows) == 1
+  assert "critic/vf_loss" in rows[0] and "critic/explained_variance" in rows[0]  # the shared value head
+
+
 def _cli(workdir, steps, env_extra=None, *extra):
   env = {**os.environ, **(env_extra or {})}
   args = [sys.executable, "-m", "s3_jax.train", f"--config={REPO / 'configs' / 'tiny.py'}:steps={steps}",

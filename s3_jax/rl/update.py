@@ -276,9 +276,6 @@ class PPOLearner:
         settings, config, compute_dtype, mesh, rules)
     self.remat = remat  # gradient checkpointing per layer in the update (s3: on for actor and critic)
     self.unroll = sharding_lib.unroll_loops(mesh)  # every scan unrolled on a CPU mesh (collective order)
-    # Layers as a loop over per-layer slices (not a scan) on a CPU mesh, and for bf16 compute on CPU, where
-    # the scan's bf16 dots on slices of stacked arrays lose what AMX gains (`decoder.forward`'s `unroll`).
-    self.layer_loop = self.unroll or (compute_dtype == jnp.bfloat16 and jax.default_backend() == "cpu")
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh is not None and mesh.shape[a] > 1)
     self.batch_shards = math.prod(mesh.shape[a] for a in batch_axes) if mesh is not None else 1
     settings.check(self.batch_shards)
@@ -403,17 +400,17 @@ class PPOLearner:
     cdt = self.compute_dtype
     actor = state["actor"]["params"]
     tokens, mask, index = mb["tokens"], mb["attention_mask"], mb["index"]
-    hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt, unroll=self.layer_loop,
+    hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt, unroll=self.unroll,
                      constrain=self._rows)
     out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False)[0]}
     if ref is not None:
-      out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.layer_loop,
+      out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.unroll,
                                        constrain=self._rows)[0]
     if self.shared_head:
       out["values"] = _values_from_hidden(actor["value_head"], hidden, index)
     elif self.separate_critic:
       out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, index, cdt,
-                                   unroll=self.layer_loop, constrain=self._rows)
+                                   unroll=self.unroll, constrain=self._rows)
     return out
 
   @staticmethod
@@ -475,7 +472,7 @@ class PPOLearner:
     cdt = self.compute_dtype
     tokens, attn = mb["tokens"], mb["attention_mask"]
     policy = mb["policy_mask"].astype(jnp.float32)
-    hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt, self.remat, self.layer_loop,
+    hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt, self.remat, self.unroll,
                      self._rows)
     logp, entropy = _logprobs_from_hidden(params, hidden, tokens, mb["index"], True)
     pg, diag = ppo_lib.policy_loss(logp, mb["old_logp"], mb["advantages"], policy, s.clip_ratio, s.dual_clip)
@@ -499,7 +496,7 @@ class PPOLearner:
     s = self.settings
     response = mb["response_mask"].astype(jnp.float32)
     values = token_values(self.config, params, mb["tokens"], mb["attention_mask"], mb["index"],
-                          self.compute_dtype, self.remat, self.layer_loop, self._rows)
+                          self.compute_dtype, self.remat, self.unroll, self._rows)
     vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
     sums = {"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)}
     return sums["vf_loss"] / norm["response"], sums
