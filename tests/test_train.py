@@ -111,7 +111,7 @@ def test_learning_config_runs_a_step_at_tiny_sizes(tmp_path, asset):
   for name in ("smollm2-135m-instruct", "wiki-vital", "qa-trivia"):
     asset(name)
   config = config_lib.load(f"{REPO / 'configs' / 'smollm2_wiki.py'}:learn", [
-      "total_steps=1", "searcher.init_from=", "data.train_limit=8", "data.corpus_limit=2000",
+      "total_steps=1", "searcher.init_from=", "data.train_limit=8", "data.corpus_limit=2000", "mesh.fsdp=2",
       "ppo.batch_size=2", "ppo.mini_batch_size=2", "ppo.score_micro_batch_size=2",
       "rollout.max_response_length=24", "rollout.max_prompt_length=2048", "rollout.max_obs_length=256",
       "generator.max_tokens=8", "reward.use_judge=False", "checkpoint.hf_export_every=0"])
