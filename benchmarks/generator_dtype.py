@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from reward import reward_questions
+
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -19,19 +21,12 @@ def main() -> None:
   parser.add_argument("--max-tokens", type=int, default=32)
   args = parser.parse_args()
 
-  from s3_jax import assets
-  from s3_jax.data.qa import read_qa
-  from s3_jax.retrieval.index_dir import ensure_index, load_retriever
   from s3_jax.reward.answers import span_match
   from s3_jax.reward.prompts import answer_messages
   from s3_jax.search.formats import generator_context
   from s3_jax.services.generator_backends import GenerationParams, JaxBackend
 
-  questions = [q for split in ("train", "dev", "test")
-               for q in read_qa(assets.path("qa-fanout") / f"{split}.jsonl")][:args.n]
-  retriever = load_retriever(ensure_index(assets.path("wiki-vital") / "corpus.jsonl", "bm25",
-                                          show_progress=False))
-  docs = retriever.search([q.question for q in questions], 3)
+  questions, docs = reward_questions(args.n)
   chats = [answer_messages(q.question, generator_context(tuple(d)))
            for q, d in zip(questions, docs, strict=True)]
   params = GenerationParams(temperature=0.0, top_p=1.0, max_tokens=args.max_tokens)

@@ -22,6 +22,20 @@ import sys
 import time
 
 
+def reward_questions(n: int) -> tuple[list, list]:
+  """The benchmark's first `n` FanOutQA questions (train, dev, test in order) and their BM25 top-3 wiki-vital
+  documents (D_s3 of each trajectory); `generator_dtype.py` answers the same prompts."""
+  from s3_jax import assets
+  from s3_jax.data.qa import read_qa
+  from s3_jax.retrieval.index_dir import ensure_index, load_retriever
+
+  questions = [q for split in ("train", "dev", "test")
+               for q in read_qa(assets.path("qa-fanout") / f"{split}.jsonl")][:n]
+  retriever = load_retriever(ensure_index(assets.path("wiki-vital") / "corpus.jsonl", "bm25",
+                                          show_progress=False))
+  return questions, retriever.search([q.question for q in questions], 3)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--n", type=int, default=120)
@@ -29,9 +43,6 @@ def main() -> None:
   parser.add_argument("--address", default=None, help="an already running generator service")
   args = parser.parse_args()
 
-  from s3_jax import assets
-  from s3_jax.data.qa import read_qa
-  from s3_jax.retrieval.index_dir import ensure_index, load_retriever
   from s3_jax.reward.answers import span_match
   from s3_jax.reward.judge import judge
   from s3_jax.reward.prompts import answer_messages
@@ -39,11 +50,7 @@ def main() -> None:
   from s3_jax.search.formats import generator_context
   from s3_jax.services import GeneratorClient
 
-  questions = [q for split in ("train", "dev", "test")
-               for q in read_qa(assets.path("qa-fanout") / f"{split}.jsonl")][:args.n]
-  retriever = load_retriever(ensure_index(assets.path("wiki-vital") / "corpus.jsonl", "bm25",
-                                          show_progress=False))
-  docs = retriever.search([q.question for q in questions], 3)
+  questions, docs = reward_questions(args.n)
   items = [RewardItem(q.data_source, q.question, q.golden_answers, tuple(d))
            for q, d in zip(questions, docs, strict=True)]
 
