@@ -8,7 +8,8 @@ EXPERIMENT holds what the experiment's commands wrote:
   train/seed<S>/        training workdirs (`python -m s3_jax.train ... --workdir`; `metrics.jsonl` is read)
   eval/<row>/           evaluation outputs (`python -m s3_jax.evaluate ... --out`; `predictions.jsonl`),
                         either one folder or one per seed (`eval/<row>/seed<S>/`). Rows, in table order:
-                        closed_book, rag, untrained, trained, best_dev (any may be missing but `trained`)
+                        closed_book, rag, untrained, warm_start, trained, best_dev (any may be missing but
+                        `trained`)
   commands.sh           optional: the exact commands, copied into the page verbatim
 
 Every row must cover the same questions (data source and id): the page refuses to compare rows over different
@@ -31,7 +32,9 @@ from s3_jax import metrics as metrics_lib
 from s3_jax import report
 
 ROWS = {"closed_book": "closed-book (no retrieval)", "rag": "naive RAG (question's BM25 top 3)",
-        "untrained": "s3 searcher, untrained (step 0)", "trained": "s3 searcher, trained (final checkpoint)",
+        "untrained": "s3 searcher, untrained (step 0)",
+        "warm_start": "s3 searcher after the format warm start (SFT; RL's step 0)",
+        "trained": "s3 searcher, trained (final checkpoint)",
         "best_dev": "s3 searcher, best checkpoint by dev GenAcc"}
 
 # (title, key or derived key): one panel each in the curves PNG, a line per seed.
@@ -127,6 +130,9 @@ def verdict(rows: Mapping[str, Mapping[str, Any]]) -> str:
     untrained = _stat(rows["untrained"]["seeds"], "genacc")[0]
     parts.append(f"trained − untrained = {100 * (trained - untrained):+.1f} points: "
                  f"**{'above' if trained > untrained else 'not above'}**")
+  if "warm_start" in rows:
+    start = _stat(rows["warm_start"]["seeds"], "genacc")[0]
+    parts.append(f"trained − warm start = {100 * (trained - start):+.1f} points (what RL added)")
   return "; ".join(parts) + "."
 
 

@@ -40,6 +40,7 @@ def _experiment(tmp_path):
   for seed, (untrained, trained) in enumerate([({0, 1}, {0, 1, 2, 3, 4}), ({1}, {0, 1, 2, 3, 4, 5}),
                                                ({0, 1, 2}, {0, 1, 2, 3, 4, 5, 6})]):
     _predictions(exp / "eval" / "untrained" / f"seed{seed}", untrained)
+    _predictions(exp / "eval" / "warm_start" / f"seed{seed}", untrained | {3})
     _predictions(exp / "eval" / "trained" / f"seed{seed}", trained, queries=(f"better query {seed}",))
     _metrics(exp / "train" / f"seed{seed}", 3, 0.1 * (seed + 1))
   (exp / "commands.sh").write_text("python -m s3_jax.train --config configs/smollm2_wiki.py:learn\n")
@@ -60,8 +61,11 @@ def test_page_numbers_verdict_curves_and_episodes(tmp_path):
   assert (f"trained − naive RAG = +30.0 points against 2 × std = {200 * std:.1f}: **met** "
           f"({100 * margin:+.1f}") in page
   assert f"trained − untrained = {100 * (mean - untrained):+.1f} points: **above**" in page
+  start = statistics.fmean([0.3, 0.2, 0.4])  # the untrained rows with question 3 right as well
+  assert f"trained − warm start = {100 * (mean - start):+.1f} points (what RL added)" in page
   assert page.index(results.ROWS["closed_book"]) < page.index(results.ROWS["rag"]) < page.index(
-      results.ROWS["untrained"]) < page.index(results.ROWS["trained"])
+      results.ROWS["untrained"]) < page.index(results.ROWS["warm_start"]) < page.index(
+      results.ROWS["trained"])
   assert "better query 0" in page and "question q0?" in page and "question q1?" in page
   assert "question q2?" not in page  # two episodes asked for
   assert "python -m s3_jax.train --config configs/smollm2_wiki.py:learn" in page
