@@ -9,7 +9,9 @@ among the first `--skip` questions of `data.train` are left out, e.g. the ones `
 through `experience.collect` with the rollout settings of the config (temperature, sizes, begin-with-search)
 and the searcher `--init` (an HF folder; default `searcher.init_from`), and prints what the trainer's step-1
 metrics would say: the reward (GBR), rollout GenAcc, protocol use (searches, selections, invalid actions, how
-episodes ended), and how many episodes earn a nonzero reward — the ones PPO can learn from. `--out` writes
+episodes ended), how many episodes earn a nonzero reward — the ones PPO can learn from — and the
+generator's ceiling on the same questions (`_ceiling`: its GenAcc given answer-bearing documents, an analysis
+that reads the gold answers). `--out` writes
 the metrics and every episode (queries, selections, answer verdict, reward) as JSON.
 """
 
@@ -85,6 +87,7 @@ def probe(config: Any, *, init: str | None, questions: int, skip: int, seed: int
     exp = experience.collect(policy, tokenizer, services.retriever, scorer, examples, initial,
                              EpisodeConfig.from_config(config), config.rollout, pad_id=pad_id, watch=watch,
                              max_length=config.rollout.max_prompt_length)
+    ceiling = _ceiling(scorer, examples, data.retrieved, config.precompute.context_docs)
   rewards = np.asarray(exp.rewards, np.float64)
   queries = [q for e in exp.episodes for q in e.queries]
   metrics = {**exp.metrics,
@@ -94,13 +97,34 @@ def probe(config: Any, *, init: str | None, questions: int, skip: int, seed: int
              "probe/episodes_with_a_search": float(sum(bool(e.queries) for e in exp.episodes)),
              "probe/placeholder_queries": float(sum(PLACEHOLDER in q for q in queries)),
              "probe/queries": float(len(queries)),
+             "probe/answer_in_top12": float(sum(c["found"] for c in ceiling)),
+             "probe/oracle_genacc": float(np.mean([c["genacc"] for c in ceiling])),
              "probe/seconds": time.perf_counter() - start}
   rows = [{"question": e.example.question, "answers": list(e.example.golden_answers), "queries": e.queries,
            "responses": e.responses, "block_sizes": [len(b) for b in e.blocks], "ended": e.ended,
-           "invalid_actions": e.invalid_actions, "docs_selected": e.docs_selected(), "reward": r}
-          for e, r in zip(exp.episodes, exp.rewards, strict=True)]
+           "invalid_actions": e.invalid_actions, "docs_selected": e.docs_selected(), "reward": r,
+           "oracle": c} for e, r, c in zip(exp.episodes, exp.rewards, ceiling, strict=True)]
   return {"init": str(init or "scripted"), "questions": questions, "skip": skip, "seed": seed,
           "data": config.data.train, "metrics": metrics, "episodes": rows}
+
+
+def _ceiling(scorer: Any, examples: Sequence[Any], retrieved: dict, k: int) -> list[dict[str, Any]]:
+  """The generator's ceiling on these questions (an analysis that reads the gold answers, never a training
+  signal): its GenAcc given the first `k` of the question's own top-12 BM25 documents that contain a gold
+  answer (span match on title and text). `found`: whether any of the 12 does. A question whose answer is in
+  none of them can still be answered after a reformulated query; one whose oracle documents do not get a right
+  answer is beyond this generator whatever the searcher does."""
+  from s3_jax.reward.answers import span_match
+  from s3_jax.reward.service import RewardItem
+
+  chosen = [[d for d in retrieved[(e.data_source, e.question)]
+             if span_match(f"{d.title} {d.text}", e.golden_answers)][:k] for e in examples]
+  items = [RewardItem(e.data_source, e.question, e.golden_answers, tuple(docs))
+           for e, docs in zip(examples, chosen, strict=True) if docs]
+  results = iter(scorer.score(items)) if items else iter(())
+  return [{"found": bool(docs), "docs": len(docs),
+           "genacc": float(next(results).scores.genacc) if docs else 0.0}
+          for docs in chosen]
 
 
 def summary(record: dict[str, Any]) -> str:
@@ -113,7 +137,9 @@ def summary(record: dict[str, Any]) -> str:
           f"{int(m['probe/placeholder_queries'])}/{int(m['probe/queries'])} queries are the template's "
           f"placeholder), docs selected/episode "
           f"{m['rollout/docs_selected']:.2f}, invalid-action rate {m['rollout/invalid_action_rate']:.3f}, "
-          f"ended by <search_complete> {m['rollout/ended_by_completion']:.2f} | {m['probe/seconds']:.0f} s")
+          f"ended by <search_complete> {m['rollout/ended_by_completion']:.2f} | ceiling: an answer in the "
+          f"question's top 12 for {int(m['probe/answer_in_top12'])}/{n}, GenAcc on those documents "
+          f"{m['probe/oracle_genacc']:.3f} | {m['probe/seconds']:.0f} s")
 
 
 def main() -> None:

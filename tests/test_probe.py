@@ -53,6 +53,12 @@ def test_counts_follow_the_scripts_and_skip_leaves_questions_out():
   assert m["reward/mean"] == pytest.approx(rewards.mean())
   # s3's filter kept only questions naive RAG got wrong, so GBR = the searcher's GenAcc minus 0 here
   np.testing.assert_allclose(rewards, [1.0 if r > 0 else 0.0 for r in rewards])
+  # the generator's ceiling: only questions with an answer-bearing document among their top 12 are scored
+  oracle = [r["oracle"] for r in rows]
+  assert m["probe/answer_in_top12"] == sum(o["found"] for o in oracle)
+  assert all(o["genacc"] == 0.0 and o["docs"] == 0 for o in oracle if not o["found"])
+  assert all(1 <= o["docs"] <= config.precompute.context_docs for o in oracle if o["found"])
+  assert m["probe/oracle_genacc"] == pytest.approx(np.mean([o["genacc"] for o in oracle]))
   json.dumps(record)  # what --out writes
 
 
@@ -62,3 +68,30 @@ def test_too_few_questions_is_an_error_naming_the_flags():
                 log=lambda _: None)
   with pytest.raises(ValueError, match="no searcher"):
     probe.probe(_config(), init=None, questions=2, skip=0, seed=0, log=lambda _: None)
+
+
+def test_the_ceiling_gives_the_generator_the_first_answer_bearing_documents():
+  from types import SimpleNamespace
+
+  from s3_jax.data.corpus import Doc
+  from s3_jax.data.qa import QAExample
+
+  asked = []
+
+  class Scorer:  # records what the generator is given; right when a document names Vienna
+    def score(self, items):
+      asked.extend(items)
+      return [SimpleNamespace(scores=SimpleNamespace(genacc=any("Vienna" in d.text for d in i.docs)))
+              for i in items]
+
+  docs = [Doc("1", "Danube", "A river in Europe."), Doc("2", "Austria", "Its capital is Vienna."),
+          Doc("3", "Wien", "VIENNA, city on the Danube."), Doc("4", "Vienna", "The capital of Austria."),
+          Doc("5", "Prague", "Capital of Czechia.")]
+  examples = [QAExample("a", "Capital of Austria?", ("Vienna",), "t"),
+              QAExample("b", "Capital of Czechia?", ("Prague",), "t"),
+              QAExample("c", "Capital of Mars?", ("Olympus",), "t")]
+  retrieved = {("t", e.question): docs for e in examples}
+  out = probe._ceiling(Scorer(), examples, retrieved, 2)
+  assert [[d.id for d in i.docs] for i in asked] == [["2", "3"], ["5"]]  # the first 2 that name the answer
+  assert out == [{"found": True, "docs": 2, "genacc": 1.0}, {"found": True, "docs": 1, "genacc": 0.0},
+                 {"found": False, "docs": 0, "genacc": 0.0}]
