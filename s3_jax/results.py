@@ -10,6 +10,7 @@ EXPERIMENT holds what the experiment's commands wrote:
                         either one folder or one per seed (`eval/<row>/seed<S>/`). Rows, in table order:
                         closed_book, rag, untrained, warm_start, trained, best_dev (any may be missing but
                         `trained`)
+  probe/<name>.json     optional: `python -m s3_jax.probe --out` records, one column each of a signal table
   commands.sh           optional: the exact commands, copied into the page verbatim
 
 Every row must cover the same questions (data source and id): the page refuses to compare rows over different
@@ -174,6 +175,45 @@ def episodes(rows: Mapping[str, Mapping[str, Any]], count: int) -> str:
   return "\n\n".join(blocks)
 
 
+# (label, how to show it from a probe record's metrics): the probe's columns (s3_jax/probe.py).
+PROBE_ROWS = (
+    ("episodes with a nonzero reward", lambda m, n: f"{m['probe/nonzero_reward']:.0f} / {n}"),
+    ("reward (GBR), mean", lambda m, n: f"{m['reward/mean']:.3f}"),
+    ("rollout GenAcc", lambda m, n: f"{m['reward/genacc']:.3f}"),
+    ("episodes that search", lambda m, n: f"{m['probe/episodes_with_a_search']:.0f} / {n}"),
+    ("searches per episode", lambda m, n: f"{m['rollout/searches']:.2f}"),
+    ("queries that are the template's `[search query]`",
+     lambda m, n: f"{m['probe/placeholder_queries']:.0f} / {m['probe/queries']:.0f}"),
+    ("documents selected per episode", lambda m, n: f"{m['rollout/docs_selected']:.2f}"),
+    ("invalid-action rate (per turn)", lambda m, n: f"{m['rollout/invalid_action_rate']:.3f}"),
+    ("episodes ended by `<search_complete>`", lambda m, n: f"{m['rollout/ended_by_completion']:.2f}"),
+    ("ceiling: an answer in the question's BM25 top 12",
+     lambda m, n: f"{m['probe/answer_in_top12']:.0f} / {n}"),
+    ("ceiling: generator GenAcc on those documents", lambda m, n: f"{m['probe/oracle_genacc']:.3f}"),
+)
+
+
+def probes(experiment: Path) -> str:
+  """The step-1 signal table from `probe/*.json` (`python -m s3_jax.probe --out`), a column per file in name
+  order; "" without any."""
+  import json
+
+  files = sorted((experiment / "probe").glob("*.json"))
+  if not files:
+    return ""
+  records = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+  lines = ["| | " + " | ".join(f.stem for f in files) + " |", "|---|" + "---|" * len(files)]
+  for label, show in PROBE_ROWS:
+    lines.append(f"| {label} | " + " | ".join(show(r["metrics"], int(r["metrics"]["probe/episodes"]))
+                                              for r in records) + " |")
+  settings = {(r["questions"], r["skip"], r["seed"], r["data"]) for r in records}
+  note = ("" if len(settings) == 1 else " (the files differ in questions, skip, seed or data: "
+          "compare with care)")
+  q, skip, seed, data = sorted(settings)[0]
+  return "\n".join([f"{q} filtered training questions of `{data}` (the first {skip} of the file left out), "
+                    f"sampling seed {seed}, no update{note}:", "", *lines])
+
+
 def plot_curves(experiment: Path, out: Path) -> Path:
   """One panel per `CURVES` entry, a line per training seed."""
   import matplotlib
@@ -219,6 +259,9 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
           "experiment's outputs; every row covers the same held-out questions.", "", table(rows), "",
           verdict(rows), "",
           f"![training curves]({_relative(curves, out.parent)})", "", "## Training", "", *train_lines]
+  signal = probes(experiment)
+  if signal:
+    page += ["", "## What PPO sees at step 1 (`python -m s3_jax.probe`)", "", signal]
   shown = episodes(rows, episode_count)
   if shown:
     page += ["", "## Episodes before and after training", "",

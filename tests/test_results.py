@@ -43,6 +43,15 @@ def _experiment(tmp_path):
     _predictions(exp / "eval" / "warm_start" / f"seed{seed}", untrained | {3})
     _predictions(exp / "eval" / "trained" / f"seed{seed}", trained, queries=(f"better query {seed}",))
     _metrics(exp / "train" / f"seed{seed}", 3, 0.1 * (seed + 1))
+  for name, nonzero in (("untrained", 1), ("warm_start", 5)):
+    (exp / "probe").mkdir(exist_ok=True)
+    (exp / "probe" / f"{name}.json").write_text(json.dumps({
+        "questions": 32, "skip": 64, "seed": 0, "data": "asset:qa-trivia/train.jsonl", "metrics": {
+            "probe/episodes": 32, "probe/nonzero_reward": nonzero, "reward/mean": nonzero / 32,
+            "reward/genacc": nonzero / 32, "probe/episodes_with_a_search": 2 * nonzero,
+            "rollout/searches": 0.5, "probe/placeholder_queries": 1, "probe/queries": 16,
+            "rollout/docs_selected": 1.0, "rollout/invalid_action_rate": 0.25,
+            "rollout/ended_by_completion": 0.5, "probe/answer_in_top12": 12, "probe/oracle_genacc": 0.2}}))
   (exp / "commands.sh").write_text("python -m s3_jax.train --config configs/smollm2_wiki.py:learn\n")
   return exp
 
@@ -69,6 +78,10 @@ def test_page_numbers_verdict_curves_and_episodes(tmp_path):
   assert "better query 0" in page and "question q0?" in page and "question q1?" in page
   assert "question q2?" not in page  # two episodes asked for
   assert "python -m s3_jax.train --config configs/smollm2_wiki.py:learn" in page
+  assert "| | untrained | warm_start |" in page
+  assert "| episodes with a nonzero reward | 1 / 32 | 5 / 32 |" in page
+  assert "| reward (GBR), mean | 0.031 | 0.156 |" in page
+  assert "32 filtered training questions of `asset:qa-trivia/train.jsonl` (the first 64" in page
   assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "- seed0: 3 steps, 0.50 h of steps" in page
 
