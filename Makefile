@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s3_jax-installed
 PYTEST_ARGS ?=
 # What `make demo` runs: the main job on the embedded default (SmolLM2 searcher and generator, BM25 over
-# wiki-vital, FanOutQA questions), 2 PPO steps; rerunning resumes in runs/demo.
-DEMO ?= $(PY) -m s3_jax.train --config configs/smollm2_wiki.py:runlocal --workdir runs/demo
+# wiki-vital, trivia questions), a short run of the learning config (2 PPO steps), then naive RAG and the
+# searcher before and after on 8 held-out questions (s3_jax/demo.py); rerunning resumes in runs/demo.
+DEMO ?= $(PY) -m s3_jax.demo --workdir runs/demo
 
 .PHONY: install assets lint test test-fast demo protos
 

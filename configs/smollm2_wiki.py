@@ -3,21 +3,25 @@
 SmolLM2-135M-Instruct searcher (critic from the same checkpoint), SmolLM2 generator, BM25 or MiniLM
 dense retrieval over the 10,033 Wikipedia summaries, FanOutQA or trivia questions.
 
-  --config configs/smollm2_wiki.py[:bm25|dense][,qa=fanout|trivia][,runlocal][,learn][,faithful]
+  --config configs/smollm2_wiki.py[:bm25|dense][,qa=fanout|trivia][,runlocal][,learn[,demo]][,faithful]
 
 `learn` is the laptop learning experiment (issue 19; docs/results_laptop.md): trivia questions, 3-3-3,
 16 questions a step, a value head on the actor's trunk (half the update of s3's separate critic on this CPU:
-benchmarks/README.md) and whole-layer remat.
+benchmarks/README.md) and whole-layer remat. `learn,demo` is `make demo`'s short run of it (s3_jax/demo.py):
+2 steps of 8 questions, one search round, 8 held-out questions evaluated.
 """
 
 from s3_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="bm25", qa="", runlocal=False, learn=False, faithful=False)
+  arg = config_lib.parse_arg(arg, variant="bm25", qa="", runlocal=False, learn=False, demo=False,
+                              faithful=False)
   arg.qa = arg.qa or ("trivia" if arg.learn else "fanout")
   if arg.learn and arg.runlocal:
     raise ValueError("configs/smollm2_wiki.py: learn and runlocal are separate sizes; pick one")
+  if arg.demo and not arg.learn:
+    raise ValueError("configs/smollm2_wiki.py: demo is a size of learn: use learn,demo")
   if arg.variant not in ("bm25", "dense"):
     raise ValueError(f"configs/smollm2_wiki.py: variant {arg.variant!r} must be bm25 or dense")
   if arg.qa not in ("fanout", "trivia"):
@@ -69,6 +73,16 @@ def get_config(arg=None):
     c.checkpoint.every = 1  # a session may stop mid-run: lose at most one step
     c.checkpoint.keep = 2
     c.checkpoint.hf_export_every = 4
+  if arg.demo:  # make demo: ~20 minutes on 2 cores with the naive-RAG precompute and 3 evaluations
+    c.total_steps = 2
+    c.data.train_limit = 64
+    c.ppo.batch_size = 8
+    c.ppo.mini_batch_size = 4
+    c.rollout.max_turns = 1
+    c.rollout.max_response_length = 96
+    c.checkpoint.every = 2
+    c.checkpoint.hf_export_every = 2
+    c.evaluate.sample = 8
   if arg.faithful:  # every s3_jax default that departs from s3's released code, switched to s3's
     config_lib.use_s3_faithful(c)
   return c

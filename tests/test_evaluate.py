@@ -178,6 +178,7 @@ def test_s3_checkpoint_equals_its_source(services, tmp_path):
   model, tokenizer, _ = load_searcher(config, None)  # the tiny config's random searcher
   save_hf(model, tmp_path / "run" / "hf" / "step_3", tokenizer)
   save_hf(model, tmp_path / "run" / "hf" / "step_12", tokenizer)
+  (tmp_path / "run" / "config.json").write_text('{"seed": 0}')  # a training workdir's config record
   folder, description = resolve_checkpoint(str(tmp_path / "run"))
   assert folder.name == "step_12" and description.endswith("(step 12)")  # numeric, not lexical, order
   (tmp_path / "bare" / "checkpoints").mkdir(parents=True)

@@ -9,8 +9,8 @@ C=configs/smollm2_wiki.py:learn
 python -m s3_jax.precompute --config $C --config.precompute.splits=train
 
 # 1. The format warm start: 64 mechanically scripted protocol traces (keyword queries, selections by rank,
-#    no answers), 2 epochs, AdamW 1e-5 (s3_jax/sft.py).
-python -m s3_jax.sft --config $C --out $E/sft --questions 64 --epochs 2 --lr 1e-5 --micro 2 --seed 0
+#    no answers), 1 epoch, AdamW 1e-5 (s3_jax/sft.py).
+python -m s3_jax.sft --config $C --out $E/sft --questions 64 --epochs 1 --lr 1e-5 --micro 2 --seed 0
 
 # 2. What PPO would see at step 1, untrained vs warm start: 32 filtered training questions that the warm start
 #    did not trace, the training reward, no update (s3_jax/probe.py).

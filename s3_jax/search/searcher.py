@@ -40,7 +40,10 @@ def resolve_checkpoint(checkpoint: str) -> tuple[Path, str]:
   """An HF folder (or `asset:NAME`) as is; a training workdir (or its `hf/`) -> its newest `hf/step_N`
   export. Returns the folder and a description."""
   folder = assets.resolve(checkpoint) if checkpoint.startswith("asset:") else Path(checkpoint).expanduser()
-  if (folder / "config.json").is_file():
+  # A training workdir holds a config.json too (the run's config record): it is a run when it has hf/ or
+  # checkpoints/.
+  run = (folder / "hf").is_dir() or (folder / "checkpoints").is_dir()
+  if (folder / "config.json").is_file() and not run:
     return folder, str(folder)
   exports = folder / "hf" if (folder / "hf").is_dir() else folder
   steps = sorted((int(m.group(1)), p) for p in exports.glob("step_*")
