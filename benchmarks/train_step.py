@@ -123,11 +123,14 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
 
 
 WHOLE_STEP_PATHS = {
-    "old": ["rollout.keep_cache=False", "searcher.compute_dtype=float32", "ppo.micro_batch_padding=batch"],
+    "old": ["rollout.keep_cache=False", "searcher.compute_dtype=float32", "ppo.micro_batch_padding=batch",
+            "ppo.shared_prefix=False"],
     "new": [],
     "new-shared": ["critic.separate_model=False"],
     "new-shared-bf16": ["critic.separate_model=False", "searcher.compute_dtype=bfloat16"],
     "new-shared-full": ["critic.separate_model=False", "searcher.remat=full"],
+    "new-shared-full-noprefix": ["critic.separate_model=False", "searcher.remat=full",
+                                 "ppo.shared_prefix=False"],
     "new-shared-full-bf16": ["critic.separate_model=False", "searcher.remat=full",
                              "searcher.compute_dtype=bfloat16"],
 }

@@ -321,6 +321,10 @@ def default_config() -> ml_collections.ConfigDict:
   # own: each micro-batch of the score and update passes padded to its own longest row and window, rows of
   # similar length grouped (rl/layout.py); batch: the whole batch's shape, one program (s3 pads per batch).
   c.ppo.micro_batch_padding = "own"
+  # The leading tokens every row of a batch shares (s3's ~650-token instruction template) run once per
+  # minibatch instead of once per row in the score and update passes (rl/layout.py); the same loss and
+  # gradient. Needs micro_batch_padding=own.
+  c.ppo.shared_prefix = True
   c.ppo.schedule_steps = 1500  # the step count warm-up ratios refer to (s3: total_training_steps=1500)
 
   # python -m s3_jax.evaluate (spec §8-9). datasets: comma-separated names or files ("" = data.test);
@@ -480,6 +484,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if ppo["adv_estimator"] == "grpo" and rollout["samples_per_question"] < 2:
     raise _bad("ppo.adv_estimator", "grpo", "normalises within groups of samples of one question: set "
                "rollout.samples_per_question >= 2")
+  if ppo["shared_prefix"] and ppo["micro_batch_padding"] != "own":
+    raise _bad("ppo.shared_prefix", True, "needs ppo.micro_batch_padding=own (set ppo.shared_prefix=False "
+               "with batch padding)")
   if ppo["dual_clip"] != 0 and ppo["dual_clip"] <= 1:
     raise _bad("ppo.dual_clip", ppo["dual_clip"], "must be 0 (off) or greater than 1")
 

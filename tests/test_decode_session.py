@@ -132,3 +132,32 @@ def test_session_bad_requests(tiny):
     session.generate([1, 1], [[1], [2]])
   with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=1024"):
     session.generate([1], [[1] * 1000], SamplingParams(max_new_tokens=100))
+
+
+def test_new_conversations_with_a_common_start_prefill_it_once(tiny):
+  """Five new conversations that begin with the same 70 tokens (an instruction template): 64 of them are
+  prefilled once at batch 1 and every row continues from that cache. Same tokens and log-probs as the
+  re-prefill path and transformers, this turn and the next; without a common start nothing is shared."""
+  reference, model = tiny
+  sampler = Sampler(model, eos_token_ids=[7], chunk=4)
+  session = sampler.session()
+  rng = np.random.default_rng(11)
+  template = rng.integers(1, 128, 70).tolist()
+  keys = list(range(5))
+  contexts = [template + rng.integers(1, 128, int(rng.integers(2, 30))).tolist() for _ in keys]
+  cached = session.generate(keys, contexts, SamplingParams(max_new_tokens=6))
+  assert session.shared_prefix_tokens == 64
+  assert session.prefilled_tokens == 64 + sum(len(c) - 64 for c in contexts)
+  fresh = sampler.generate(contexts, SamplingParams(max_new_tokens=6))
+  assert cached.tokens == fresh.tokens
+  for got, want in zip(cached.logprobs, fresh.logprobs, strict=True):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  eos = set(sampler.eos_token_ids.tolist())
+  for context, ids in zip(contexts, cached.tokens, strict=True):
+    assert ids == _hf_greedy(reference, context, 6, eos)
+  contexts = [c + ids + [5, 6] for c, ids in zip(contexts, cached.tokens, strict=True)]
+  assert session.generate(keys, contexts, SamplingParams(max_new_tokens=4)).tokens == \
+      sampler.generate(contexts, SamplingParams(max_new_tokens=4)).tokens
+  other = sampler.session()
+  other.generate([0, 1], [template[:40] + [3], template[:40] + [4]], SamplingParams(max_new_tokens=2))
+  assert other.shared_prefix_tokens == 0  # 40 common tokens: under SHARED_PREFIX_MULTIPLE

@@ -342,3 +342,54 @@ def test_unrolled_layers_equal_the_scan_and_so_do_their_gradients(tmp_path, rema
     # points (fusion), each at bf16's 2^-8
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=(1e-5 if fp32 else 3e-2) * scale,
                                err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("block", [None, 8])
+def test_a_shared_prefix_computed_once_matches_transformers_and_the_whole_rows_gradient(tmp_path, monkeypatch,
+                                                                                      block):
+  """Rows that begin with the same 24 tokens: the prefix's keys/values computed once at batch 1
+  (`prefix_kv`), then each row's continuation (right-padded) against them, give transformers' logits of the
+  whole rows, and the gradient of a loss over the continuations equals that of the whole-row forward pass."""
+  from s3_jax.models import decoder
+
+  if block:
+    monkeypatch.setattr(decoder, "ATTENTION_BLOCK", block)  # 16 continuation positions: blocks of 8
+  reference = make_hf_model("Qwen2ForCausalLM", tmp_path, rope_theta=1000000.0)
+  model = load_hf(tmp_path)
+  config, params = model.config, model.arrays()
+  p, t = 24, 40
+  ids = _ids(3, t, seed=7)
+  ids[:, :p] = ids[0, :p]
+  mask = np.ones((3, t), bool)
+  mask[1, 33:] = False  # right padding, as training rows
+  with torch.no_grad():
+    expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+  rest = jnp.asarray(mask[:, p:])
+  positions = decoder.default_positions(rest) + p
+
+  def continuation(params):
+    kv = decoder.prefix_kv(config, params, jnp.asarray(ids[:1, :p], jnp.int32))
+    hidden, _ = forward(config, params, jnp.asarray(ids[:, p:], jnp.int32), positions, attention_mask=rest,
+                        prefix=kv)
+    return lm_logits(params, hidden)
+
+  def whole(params):
+    m = jnp.asarray(mask)
+    hidden, _ = forward(config, params, jnp.asarray(ids, jnp.int32), decoder.default_positions(m),
+                        attention_mask=m)
+    return lm_logits(params, hidden)[:, p:]
+
+  got = continuation(params)
+  real = mask[:, p:]
+  assert _relative_error(np.asarray(got)[real], expected[:, p:][real]) <= 1e-4
+
+  def loss(fn):
+    return lambda params: jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(fn(params)), 0.0)[..., 5])
+
+  g_prefix, g_whole = jax.grad(loss(continuation))(params), jax.grad(loss(whole))(params)
+  leaves = jax.tree.leaves(g_prefix)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_whole), leaves, strict=True):
+    # float32 sums in another order: errors relative to the leaf's scale
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()),
+                               err_msg=jax.tree_util.keystr(path))
+  assert float(jnp.abs(g_whole["layers"]["k"]).max()) > 0  # the prefix's keys get a gradient to check

@@ -27,17 +27,19 @@ def _models(config=CONFIG, seed=0):
   return actor, critic
 
 
-def _random_batch(rng, b=16, t=24, vocab=32, width=21):
+def _random_batch(rng, b=16, t=24, vocab=32, width=21, prompt_lengths=(3, 8), prefix=0):
   """Rows of prompt (3-7 tokens), response (policy and observation tokens), padding; per-token arrays in the
-  response window, as `experience.response_window` lays them out."""
+  response window, as `experience.response_window` lays them out. `prefix`: every row begins with the same
+  tokens (an instruction template)."""
   tokens = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
+  tokens[:, :prefix] = tokens[0, :prefix]
   attention = np.zeros((b, t), bool)
   index = np.zeros((b, width), np.int32)
   policy = np.zeros((b, width), bool)
   response = np.zeros((b, width), bool)
   scores = np.zeros((b, width), np.float32)
   for i in range(b):
-    prompt = rng.integers(3, 8)
+    prompt = rng.integers(*prompt_lengths)
     end = rng.integers(prompt + 3, t + 1)
     n = end - prompt
     attention[i, :end] = True
@@ -410,7 +412,7 @@ def _strided(batch, mini, micro):
   return {k: v[order] for k, v in batch.items()}, order
 
 
-def _run_in_layouts(learner, use_layout, steps=2, s3_micro_batches=False):
+def _run_in_layouts(learner, use_layout, steps=2, s3_micro_batches=False, **batch_kwargs):
   actor, critic = _models()
   ref = learner.place_ref(actor)
   if learner.shared_head:
@@ -419,7 +421,7 @@ def _run_in_layouts(learner, use_layout, steps=2, s3_micro_batches=False):
   rng = np.random.default_rng(0)
   out = []
   for _ in range(steps):
-    host = _random_batch(rng)
+    host = _random_batch(rng, **batch_kwargs)
     order = np.arange(len(host["tokens"]))
     if s3_micro_batches:
       host, order = _strided(host, learner.settings.mini_batch_size, learner.settings.actor_micro_batch_size)
@@ -462,3 +464,89 @@ def test_micro_batches_padded_to_their_own_length_give_the_whole_batchs_update(s
   assert whole.trace_counts == {"score": 1, "update": 1}
   assert own.trace_counts["score"] >= 2  # micro-batches of different lengths were scored
   assert len(set(own.traces)) == len(own.traces)  # nothing traced twice for one signature
+
+
+# -- a prefix every row shares, computed once (ppo.shared_prefix) --------------------------------------------
+
+def test_shared_prefix_length_is_common_real_tokens_before_every_window(monkeypatch):
+  from s3_jax.rl import layout as layout_lib
+
+  rng = np.random.default_rng(3)
+  batch = _random_batch(rng, t=40, width=26, prompt_lengths=(14, 18), prefix=11)
+  assert layout_lib.common_prefix_length(batch["tokens"]) >= 11
+  common = layout_lib.common_prefix_length(batch["tokens"])
+  assert layout_lib.shared_prefix_length(batch, multiple=1) == common
+  assert layout_lib.shared_prefix_length(batch, multiple=4) == 8  # rounded down
+  assert layout_lib.shared_prefix_length(batch) == 0  # shorter than PREFIX_MULTIPLE (64)
+  cut = {**batch, "index": batch["index"].copy()}
+  cut["index"][5] -= 10  # a window that starts at 4 or later: its first prediction reads position index - 1
+  assert layout_lib.shared_prefix_length(cut, multiple=1) == int(cut["index"][:, 0].min()) - 1
+  padded = {**batch, "attention_mask": batch["attention_mask"].copy()}
+  padded["attention_mask"][3, :2] = False  # not a real token in every row: not shared
+  assert layout_lib.shared_prefix_length(padded, multiple=1) == 0
+  assert layout_lib.shared_prefix_length(_random_batch(rng), multiple=1) == 0  # random rows share nothing
+  lengths, widths = layout_lib.row_extents(batch)
+  with pytest.raises(ValueError, match="shared prefix of 40 tokens"):
+    layout_lib.plan(lengths, widths, SETTINGS, length=40, width=26, prefix=40)
+  with pytest.raises(ValueError, match="shared_prefix"):
+    dataclasses.replace(SETTINGS, shared_prefix=True, micro_batch_padding="batch").check()
+  monkeypatch.setattr(layout_lib, "PREFIX_MULTIPLE", 4)
+  learner = update_lib.PPOLearner(dataclasses.replace(SETTINGS, shared_prefix=True), CONFIG)
+  assert learner.layout(batch).prefix == 8
+  assert update_lib.PPOLearner(SETTINGS, CONFIG).layout(batch).prefix == 0  # off
+
+
+@pytest.mark.parametrize("separate, loss_agg, mesh", [(True, "token_mean", False),
+                                                      (True, "micro_token_mean", False),
+                                                      (False, "token_mean", True)])
+def test_a_shared_prefix_computed_once_gives_the_same_scores_and_update(separate, loss_agg, mesh,
+                                                                       monkeypatch):
+  """Rows that begin with the same 11 tokens: computing their first 8 once per batch (score) and once per
+  minibatch (update: its keys/values' gradient summed over micro-batches, pulled back once) changes no score,
+  metric or weight against running every row whole (fp32: only the order of float sums)."""
+  from s3_jax.rl import layout as layout_lib
+
+  monkeypatch.setattr(layout_lib, "PREFIX_MULTIPLE", 4)
+  settings = dataclasses.replace(SETTINGS, separate_critic=separate, loss_agg=loss_agg)
+  kwargs = {"mesh": sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})} if mesh else {}
+  whole = update_lib.PPOLearner(settings, CONFIG, **kwargs)
+  shared = update_lib.PPOLearner(dataclasses.replace(settings, shared_prefix=True), CONFIG, **kwargs)
+  batch = {"t": 40, "width": 26, "prompt_lengths": (14, 18), "prefix": 11}
+  state_a, steps_a = _run_in_layouts(whole, True, **batch)
+  state_b, steps_b = _run_in_layouts(shared, True, **batch)
+  for (host, scored_a, metrics_a), (_, scored_b, metrics_b) in zip(steps_a, steps_b, strict=True):
+    response = host["response_mask"]
+    for k in ("old_logp", "ref_logp", "values"):
+      np.testing.assert_allclose(scored_b[k][response], scored_a[k][response], rtol=1e-5, atol=2e-6,
+                                 err_msg=k)
+    assert metrics_a.keys() == metrics_b.keys()
+    for k in metrics_a:
+      np.testing.assert_allclose(metrics_b[k], metrics_a[k], rtol=2e-5, atol=2e-6, err_msg=k)
+  leaves = jax.tree.leaves(state_b)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state_a), leaves, strict=True):
+    np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+  assert any(name == "score_prefix" for name, _ in shared.traces)  # the shared path did run
+  assert not any(name == "score_prefix" for name, _ in whole.traces)
+  assert len(set(shared.traces)) == len(shared.traces)
+
+
+def test_a_shared_prefix_without_its_gradient_gives_another_update(monkeypatch):
+  """The negative control of the test above: the prefix's keys/values with their gradient cut (so only the
+  continuations' part reaches the weights) leave the scores of step 1 equal but not the weights."""
+  from s3_jax.rl import layout as layout_lib
+
+  monkeypatch.setattr(layout_lib, "PREFIX_MULTIPLE", 4)
+  whole = update_lib.PPOLearner(SETTINGS, CONFIG)
+  cut = update_lib.PPOLearner(dataclasses.replace(SETTINGS, shared_prefix=True), CONFIG)
+  prefix = cut._prefix
+  monkeypatch.setattr(cut, "_prefix", lambda *a, **k: jax.lax.stop_gradient(prefix(*a, **k)))
+  batch = {"t": 40, "width": 26, "prompt_lengths": (14, 18), "prefix": 11}
+  state_a, steps_a = _run_in_layouts(whole, True, steps=1, **batch)
+  state_b, steps_b = _run_in_layouts(cut, True, steps=1, **batch)
+  response = steps_a[0][0]["response_mask"]
+  np.testing.assert_allclose(steps_b[0][1]["old_logp"][response], steps_a[0][1]["old_logp"][response],
+                             rtol=1e-5, atol=2e-6)
+  diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(state_a["actor"]["params"]),
+                                                          jax.tree.leaves(state_b["actor"]["params"]),
+                                                          strict=True))
+  assert diff > 1e-4

@@ -4,34 +4,37 @@
 set -euo pipefail
 E=experiments/laptop
 C=configs/smollm2_wiki.py:learn
+# The naive-RAG precompute lives in the experiment (its JSONL files are committed; answers.sqlite is not), so a
+# later session reuses it instead of recomputing it.
+P=--config.precompute.dir=$E/precompute
 
 # 0. s3's naive-RAG baseline of the 448 training questions and its filter (cached; the trainer would run it).
-python -m s3_jax.precompute --config $C --config.precompute.splits=train
+python -m s3_jax.precompute --config $C $P --config.precompute.splits=train
 
 # 1. The format warm start: 64 mechanically scripted protocol traces (keyword queries, selections by rank,
 #    no answers), 1 epoch, AdamW 1e-5 (s3_jax/sft.py).
-python -m s3_jax.sft --config $C --out $E/sft --questions 64 --epochs 1 --lr 1e-5 --micro 2 --seed 0
+python -m s3_jax.sft --config $C $P --out $E/sft --questions 64 --epochs 1 --lr 1e-5 --micro 2 --seed 0
 
 # 2. What PPO would see at step 1, untrained vs warm start: 32 filtered training questions that the warm start
 #    did not trace, the training reward, no update (s3_jax/probe.py).
-python -m s3_jax.probe --config $C --questions 32 --skip 64 --out $E/probe/untrained.json
-python -m s3_jax.probe --config $C --questions 32 --skip 64 --init $E/sft --out $E/probe/warm_start.json
+python -m s3_jax.probe --config $C $P --questions 32 --skip 64 --out $E/probe/untrained.json
+python -m s3_jax.probe --config $C $P --questions 32 --skip 64 --init $E/sft --out $E/probe/warm_start.json
 
 # 3. Training, 3 seeds (the seed sets the value head's init and the rollout's RNG; the data order is the
 #    same: data.shuffle_seed), from the warm start; a checkpoint every step, so rerunning resumes.
 for S in 0 1 2; do
-  python -m s3_jax.train --config $C --config.seed=$S --config.searcher.init_from=$E/sft --workdir $E/train/seed$S
+  python -m s3_jax.train --config $C $P --config.seed=$S --config.searcher.init_from=$E/sft --workdir $E/train/seed$S
 done
 
 # 4. Evaluation on the held-out trivia test split: the same 100 questions (evaluate.sample=100, seed 42) for
 #    every row, the same generator, retriever and scoring (s3_jax/evaluate.py; each resumes when rerun).
 EV="--config.evaluate.sample=100"
-python -m s3_jax.evaluate --config $C $EV --method none --out $E/eval/closed_book
-python -m s3_jax.evaluate --config $C $EV --method rag --out $E/eval/rag
-python -m s3_jax.evaluate --config $C $EV --method s3 --out $E/eval/untrained
-python -m s3_jax.evaluate --config $C $EV --method s3 --checkpoint $E/sft --out $E/eval/warm_start
+python -m s3_jax.evaluate --config $C $P $EV --method none --out $E/eval/closed_book
+python -m s3_jax.evaluate --config $C $P $EV --method rag --out $E/eval/rag
+python -m s3_jax.evaluate --config $C $P $EV --method s3 --out $E/eval/untrained
+python -m s3_jax.evaluate --config $C $P $EV --method s3 --checkpoint $E/sft --out $E/eval/warm_start
 for S in 0 1 2; do
-  python -m s3_jax.evaluate --config $C $EV --method s3 --checkpoint $E/train/seed$S --out $E/eval/trained/seed$S
+  python -m s3_jax.evaluate --config $C $P $EV --method s3 --checkpoint $E/train/seed$S --out $E/eval/trained/seed$S
 done
 
 # 5. The results page and curves, from the outputs alone.

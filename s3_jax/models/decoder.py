@@ -204,7 +204,7 @@ def _dense_attention(q, k, v, mask):
   return _mix(jax.nn.softmax(scores, axis=-1), v).astype(q.dtype).reshape(b, t, h, e)
 
 
-def _attention(q, k, v, mask, block: int | None = None):
+def _attention(q, k, v, mask, block: int | None = None, prefix=None):
   """Causal self-attention of q `[b, t, h, e]` over the same positions' keys/values k/v `[b, k, t, e]`,
   allowed where `mask [b, t, t]` (which never allows a later position). Returns `[b, t, h, e]`.
 
@@ -214,16 +214,26 @@ def _attention(q, k, v, mask, block: int | None = None):
   (t = 4,096: 9 heads x 16.8M fp32 scores = 604 MB a row, a layer, in one piece). SmolLM2's shapes, 4 rows,
   t = 4,096: forward 8.5 s -> 1.7 s, forward + backward 20.5 s -> 5.2 s, temporaries 4.8 -> 1.7 GB; blocks of
   256 beat 512 and 1,024 and are within 10% of 128, which doubles the ops to compile
-  (`benchmarks/long_attention.py`)."""
+  (`benchmarks/long_attention.py`).
+
+  `prefix = (pk, pv)`, each `[1, k, p, e]`: keys/values of `p` earlier positions that every row shares and
+  every query sees (`forward(..., prefix=...)`); they are broadcast over the rows, so their gradient is the
+  sum over rows."""
   t = q.shape[1]
   block = block or ATTENTION_BLOCK
+
+  def attend(start, end):
+    kk, vv, m = k[:, :, :end], v[:, :, :end], mask[:, start:end, :end]
+    if prefix is not None:
+      b, p = q.shape[0], prefix[0].shape[2]
+      kk = jnp.concatenate([jnp.broadcast_to(prefix[0], (b, *prefix[0].shape[1:])).astype(k.dtype), kk], 2)
+      vv = jnp.concatenate([jnp.broadcast_to(prefix[1], (b, *prefix[1].shape[1:])).astype(v.dtype), vv], 2)
+      m = jnp.concatenate([jnp.ones((b, end - start, p), bool), m], 2)
+    return _dense_attention(q[:, start:end], kk, vv, m)
+
   if t <= block:
-    return _dense_attention(q, k, v, mask)
-  outs = []
-  for start in range(0, t, block):
-    end = min(start + block, t)
-    outs.append(_dense_attention(q[:, start:end], k[:, :, :end], v[:, :, :end], mask[:, start:end, :end]))
-  return jnp.concatenate(outs, axis=1)
+    return attend(0, t)
+  return jnp.concatenate([attend(start, min(start + block, t)) for start in range(0, t, block)], axis=1)
 
 
 def _cached_attention(q, kt, v, mask):
@@ -235,10 +245,11 @@ def _cached_attention(q, kt, v, mask):
   return _mix(jax.nn.softmax(scores, axis=-1), v).astype(q.dtype).reshape(b, t, h, e)
 
 
-def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached):
+def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached, prefix=None):
   """One pre-norm block: the new residual stream and this layer's keys/values — the fresh ones `[b, k, t, e]`,
   or with `cached = (kt, v, index)` (one layer's cache, `mask [b, t, slots]`) the cache with the new tokens
-  written at slots `index ... + t` first (so the write is in place and attention reads one buffer)."""
+  written at slots `index ... + t` first (so the write is in place and attention reads one buffer), or with
+  `prefix = (pk, pv)` (`[1, k, p, e]`) also attending to a shared prefix's keys/values."""
   dtype = x.dtype
   h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
   q = dense("btd,dhe->bthe", h, p["q"])
@@ -253,7 +264,7 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached):
   k = apply_rope(k, positions, inv_freq).transpose(0, 2, 1, 3)
   v = v.transpose(0, 2, 1, 3)
   if cached is None:
-    attn = _attention(q, k, v, mask)
+    attn = _attention(q, k, v, mask, prefix=prefix)
   else:
     cached_k, cached_v, index = cached
     k = jax.lax.dynamic_update_slice(cached_k, k.transpose(0, 1, 3, 2).astype(cached_k.dtype),
@@ -275,9 +286,12 @@ REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
 
 
 def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat=False,
-                unroll=False, constrain=None):
+                unroll=False, constrain=None, prefix=None):
   """The final-norm hidden states and each layer's fresh keys/values `[b, k, t, e]` (stacked `[layers, ...]`
-  from a scan over stacked layers; a list from a loop over `unstack_layers`' per-layer buffers)."""
+  from a scan over stacked layers; a list from a loop over `unstack_layers`' per-layer buffers). `prefix`:
+  a shared prefix's keys/values as `prefix_kv` returns them (stacked `[layers, 1, k, p, e]`)."""
+  if prefix is not None and cache is not None:
+    raise ValueError("a shared prefix and a KV cache are exclusive (the cache already holds the context)")
   t = tokens.shape[1]
   constrain = constrain or (lambda x: x)
   x = constrain(jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype))
@@ -295,13 +309,15 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
     kvs = []
     for i, p in enumerate(layers):
       cached = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-      x, kv = _layer(config, x, p, positions, inv_freq, mask, cached)
+      pre = None if prefix is None else (prefix[0][i], prefix[1][i])
+      x, kv = _layer(config, x, p, positions, inv_freq, mask, cached, pre)
       x = constrain(x)
       kvs.append(kv)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), kvs
 
-  def body(carry, p):
-    x, kv = _layer(config, carry, p, positions, inv_freq, mask, None)
+  def body(carry, layer):
+    p, pre = layer
+    x, kv = _layer(config, carry, p, positions, inv_freq, mask, None, pre)
     return constrain(x), kv
 
   if remat:  # gradient checkpointing: keep each layer's input, recompute its inside during the backward pass
@@ -310,7 +326,7 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
   # A Python loop over per-layer slices was tried for bf16 on CPU (2026-12-04): no faster than the scan
   # (45.5 vs 43.9 s, a SmolLM2 update) and XLA:CPU then held every layer's activations despite the remat
   # (7.2 GB of temporaries against 0.34 GB), so the layers stay in a scan.
-  x, (k_new, v_new) = jax.lax.scan(body, x, layers, unroll=unroll)
+  x, (k_new, v_new) = jax.lax.scan(body, x, (layers, prefix), unroll=unroll)
   return rms_norm(x, params["final_norm"], config.rms_norm_eps), (k_new, v_new)
 
 
@@ -333,10 +349,26 @@ def prefill(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, at
   return hidden, KVCache(k, v, valid, jnp.int32(tokens.shape[1]))
 
 
+def prefix_kv(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, *,
+              compute_dtype: Any = jnp.float32, unroll: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Keys and values `[layers, 1, k, p, e]` (after RoPE) of a prefix `tokens [1, p]` at positions 0 ... p-1,
+  for `forward(..., prefix=...)`: rows that all begin with the same p tokens (s3's ~650-token instruction
+  template) compute them once instead of once a row. Stacked layers only (training's layout)."""
+  if tokens.shape[0] != 1:
+    raise ValueError(f"prefix_kv: one prefix row, got tokens of shape {tokens.shape}")
+  p = tokens.shape[1]
+  _, kv = _run_layers(config, params, tokens, jnp.arange(p, dtype=jnp.int32)[None], jnp.ones((1, p), bool),
+                      None, compute_dtype, unroll=unroll)
+  if isinstance(kv, list):
+    raise ValueError("prefix_kv: stacked layers only (not unstack_layers' per-layer buffers)")
+  return kv
+
+
 def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array, *,
             attention_mask: jax.Array | None = None, cache: KVCache | None = None,
             compute_dtype: Any = jnp.float32, remat: bool = False, unroll: bool = False,
-            constrain: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
+            constrain: Callable[[jax.Array], jax.Array] | None = None,
+            prefix: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
 
   `params["layers"]` is either stacked (`[layers, ...]` per weight: a `lax.scan` over layers, training) or a
@@ -350,13 +382,17 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
   `unroll=True` unrolls the scan over layers (`sharding.unroll_loops`: a CPU mesh of several devices).
   `constrain` is applied to the residual stream after the embedding and after each layer (the learner keeps
   it sharded on its rows, so fsdp all-gathers weights instead of all-reducing activations).
+  `prefix` (`prefix_kv`'s keys/values of p shared tokens) makes `tokens` the continuation of that prefix in
+  every row: each attends to all p prefix positions, then causally to its own; `positions` start at p. The
+  result equals the forward pass over the whole rows, restricted to the continuation, and gradients reach the
+  parameters through the prefix's keys/values once (summed over rows) instead of once a row.
   """
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), bool)
   attention_mask = attention_mask.astype(bool)
   x, fresh = _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat,
-                         unroll, constrain)
+                         unroll, constrain, prefix)
   if cache is None:
     return x, None
   return x, KVCache(tuple(k for k, _ in fresh), tuple(v for _, v in fresh),

@@ -100,8 +100,9 @@ class Sampler:
   def __init__(self, model: Decoder, *, eos_token_ids: Sequence[int] = (), tokenizer: Any = None,
                pad_token_id: int = 0, mesh: Mesh | None = None,
                rules: sharding_lib.Rules = sharding_lib.SAMPLING_RULES, chunk: int = 16,
-               min_prompt_bucket: int = 16, decode_dtype: Any = None):
+               min_prompt_bucket: int = 16, decode_dtype: Any = None, share_prefix: bool = True):
     self.config = model.config
+    self.share_prefix = share_prefix  # sessions prefill new conversations' common start once
     self.compute_dtype = model.compute_dtype
     # One token per row: on XLA:CPU decode steps in bf16 run slower than fp32, and a bf16 cache slows fp32
     # steps down further (SmolLM2, batch 16, 1,088 slots: fp32 83 ms a step; bf16 cache 176 ms; bf16
@@ -440,6 +441,10 @@ class _Cached:
   slots: np.ndarray
 
 
+# New conversations share a prefix when their common leading tokens, rounded down to this, are at least this.
+SHARED_PREFIX_MULTIPLE = 64
+
+
 def _length_groups(lengths: Sequence[int], minimum: int) -> list[list[int]]:
   """Rows to extend together: all of them, or two groups split by length when that saves at least a quarter
   of the padded work (batch bucket x chunk bucket summed over the groups)."""
@@ -478,6 +483,10 @@ class DecodeSession:
 
   Between calls the caches of all conversations are packed into one fresh cache (valid slots first), sized
   by bucket: `_length_bucket` of the longest kept prefix, of the new tokens and of the new-token limit.
+
+  New conversations that all begin with the same tokens (s3's prompt: a 651-token instruction template
+  before the question) prefill those once, at batch 1, and every row continues from that cache
+  (`_share_prefix`): a rollout's first turn of 16 ~1,000-token prompts prefills ~6k tokens instead of ~16k.
   """
 
   def __init__(self, sampler: Sampler):
@@ -487,6 +496,7 @@ class DecodeSession:
     self._params = sampler.params
     self.reused_tokens = 0  # context tokens taken from the cache instead of prefilled (all calls)
     self.prefilled_tokens = 0
+    self.shared_prefix_tokens = 0  # of those prefilled, the shared prefixes (once for all their rows)
 
   def close(self) -> None:
     """Frees every cache."""
@@ -513,6 +523,8 @@ class DecodeSession:
       cached = self._cached.get(key)
       # keep at least the last context token to prefill: its logits start the new turn
       kept.append(0 if cached is None else min(_common_prefix(cached.tokens, context), len(context) - 1))
+    if max(kept) == 0 and n > 1 and s.share_prefix:
+      kept = self._share_prefix(keys, contexts)
     batch = _bucket(n, 1)
     longest_kept = max(kept)
     fresh = [list(context[p:]) for context, p in zip(contexts, kept, strict=True)]
@@ -546,6 +558,28 @@ class DecodeSession:
         self._cached[keys[owner]] = _Cached(list(contexts[owner]) + piece.tokens[j, :count].tolist(), number,
                                             piece.cache_rows[j], slot_ids)
     return s._outputs(pieces, n, stop_strings)
+
+  def _share_prefix(self, keys, contexts) -> list[int]:
+    """When every context begins with the same `SHARED_PREFIX_MULTIPLE`-rounded run of tokens (and at least
+    one such run), prefills it once at batch 1 and records it as every key's cached start; returns the
+    tokens each context now keeps (all zero when there is no such prefix: nothing is done)."""
+    s = self.sampler
+    p = min(len(c) for c in contexts) - 1  # every row keeps a token to prefill: its logits start the turn
+    for context in contexts[1:]:
+      p = min(p, _common_prefix(contexts[0], context))
+    p = max(p, 0) // SHARED_PREFIX_MULTIPLE * SHARED_PREFIX_MULTIPLE
+    if p == 0:
+      return [0] * len(contexts)
+    chunk = _length_bucket(p, s.min_prompt_bucket)
+    tokens, mask = s._left_pad([contexts[0][:p]], 1, chunk)
+    cache, _, _ = s._prefill(s.params, tokens, mask, np.zeros(chunk, bool))
+    self.close()
+    self._pieces = [cache]
+    slots = (chunk - p + np.arange(p)).astype(np.int32)
+    self._cached = {key: _Cached(list(contexts[0][:p]), 0, 0, slots) for key in keys}
+    self.prefilled_tokens += p
+    self.shared_prefix_tokens += p
+    return [p] * len(contexts)
 
   def _extend_in_groups(self, keys, kept, fresh, batch, chunk, prefix_slots, slots, start):
     """Chunked prefill of each conversation's `fresh` tokens into its kept cache: the cache and last logits of

@@ -15,6 +15,12 @@ mean over the minibatch whatever the split; s3's `micro_token_mean` averages per
 the micro-batches keep s3's rows (in order) and are only trimmed. Minibatches themselves are never reordered
 (minibatch m holds rows m·mini ... (m+1)·mini - 1, as s3). Lengths are rounded up to `train_length`'s buckets
 (4 per power of two), so a run compiles each function for a handful of shapes, never once per step.
+
+`layout.prefix` (`ppo.shared_prefix`): how many leading tokens every row shares — s3's prompt is a ~650-token
+instruction template before the question, so at laptop sizes (~1,400 tokens an episode) nearly half of every
+row is the same. The learner computes that prefix once (batch 1) and runs the micro-batches on the rest of
+their rows (`update.PPOLearner._learn_in_layout`). Rounded down to a multiple of `PREFIX_MULTIPLE`, so the
+shapes stay few, and cut before the first position any window reads.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 from s3_jax.search.batch import train_length
 
 MINIMUM = 16  # the shortest padded length / width (below it, rows are padded to it)
+PREFIX_MULTIPLE = 64  # a shared prefix is rounded down to this (0 when shorter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +49,26 @@ class Layout:
   score: tuple[MicroBatch, ...]
   actor: tuple[tuple[MicroBatch, ...], ...]  # per minibatch
   critic: tuple[tuple[MicroBatch, ...], ...]  # per minibatch (empty without a separate critic)
+  prefix: int = 0  # leading tokens every row shares, computed once (0: none)
+
+
+def common_prefix_length(tokens: np.ndarray) -> int:
+  """How many leading positions every row of `tokens [b, t]` holds the same token at."""
+  tokens = np.asarray(tokens)
+  same = np.all(tokens == tokens[:1], axis=0)
+  return int(same.size if same.all() else np.argmin(same))
+
+
+def shared_prefix_length(batch: dict[str, Any], multiple: int | None = None) -> int:
+  """The shared prefix of a host batch's rows: their common leading tokens (all real, none padding), cut
+  before the first position a response window predicts from (`index - 1`: those hidden states must be
+  computed per row), rounded down to a multiple of `multiple` (default `PREFIX_MULTIPLE`)."""
+  multiple = multiple or PREFIX_MULTIPLE
+  attention = np.asarray(batch["attention_mask"]).astype(bool)
+  real = attention.all(axis=0)
+  n = min(common_prefix_length(batch["tokens"]), int(real.size if real.all() else np.argmin(real)))
+  n = min(n, int(np.asarray(batch["index"])[:, 0].min()) - 1)
+  return max(n, 0) // multiple * multiple
 
 
 def row_extents(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -70,9 +97,11 @@ def _group(rows: Sequence[int], size: int, lengths, widths, length: int, width: 
   return tuple(out)
 
 
-def plan(lengths: np.ndarray, widths: np.ndarray, settings: Any, *, length: int, width: int) -> Layout:
+def plan(lengths: np.ndarray, widths: np.ndarray, settings: Any, *, length: int, width: int,
+         prefix: int = 0) -> Layout:
   """The layout for a batch whose rows hold `lengths` tokens and train on `widths` window slots, padded to
-  `[b, length]` with windows `[b, width]`; `settings` is the learner's `PPOSettings`."""
+  `[b, length]` with windows `[b, width]`, the first `prefix` tokens shared by every row; `settings` is the
+  learner's `PPOSettings`."""
   s = settings
   b = len(lengths)
   if b != s.batch_size or len(widths) != b:
@@ -80,6 +109,9 @@ def plan(lengths: np.ndarray, widths: np.ndarray, settings: Any, *, length: int,
   if int(np.max(lengths, initial=0)) > length or int(np.max(widths, initial=0)) > width:
     raise ValueError(f"layout: rows of up to {int(np.max(lengths))} tokens / {int(np.max(widths))} window "
                      f"slots do not fit the batch's [{length}] / [{width}]")
+  if prefix < 0 or (prefix and prefix >= int(np.min(lengths))):
+    raise ValueError(f"layout: a shared prefix of {prefix} tokens must be shorter than every row "
+                     f"(the shortest holds {int(np.min(lengths))})")
   by_length = s.loss_agg == "token_mean"
   score = _group(range(b), s.score_micro_batch_size, lengths, widths, length, width, True)
   minibatches = [range(m, m + s.mini_batch_size) for m in range(0, b, s.mini_batch_size)]
@@ -88,4 +120,4 @@ def plan(lengths: np.ndarray, widths: np.ndarray, settings: Any, *, length: int,
   separate = s.separate_critic and s.uses_critic
   critic = tuple(_group(rows, s.critic_micro_batch_size, lengths, widths, length, width, by_length)
                  for rows in minibatches) if separate else ()
-  return Layout(score, actor, critic)
+  return Layout(score, actor, critic, prefix)

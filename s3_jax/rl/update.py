@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from s3_jax import sharding as sharding_lib
 from s3_jax import tracing
 from s3_jax.models.config import DecoderConfig
-from s3_jax.models.decoder import default_positions, forward, lm_logits, nest_params, param_specs
+from s3_jax.models.decoder import default_positions, forward, lm_logits, nest_params, param_specs, prefix_kv
 from s3_jax.rl import layout as layout_lib
 from s3_jax.rl import ppo as ppo_lib
 
@@ -72,6 +72,7 @@ class PPOSettings:
   grad_clip: float = 1.0
   separate_critic: bool = True
   micro_batch_padding: str = "own"
+  shared_prefix: bool = False
 
   @classmethod
   def from_config(cls, config: Any) -> PPOSettings:
@@ -88,7 +89,7 @@ class PPOSettings:
         actor_warmup_steps=int(p.actor_warmup_ratio * p.schedule_steps),
         critic_warmup_steps=int(p.critic_warmup_ratio * p.schedule_steps),
         weight_decay=p.weight_decay, grad_clip=p.grad_clip, separate_critic=config.critic.separate_model,
-        micro_batch_padding=p.micro_batch_padding)
+        micro_batch_padding=p.micro_batch_padding, shared_prefix=p.shared_prefix)
 
   @property
   def uses_critic(self) -> bool:
@@ -105,6 +106,9 @@ class PPOSettings:
                        f"{', '.join(ppo_lib.ADVANTAGE_ESTIMATORS)}")
     if self.micro_batch_padding not in ("own", "batch"):
       raise ValueError(f"ppo.micro_batch_padding={self.micro_batch_padding!r} must be own or batch")
+    if self.shared_prefix and self.micro_batch_padding != "own":
+      raise ValueError("ppo.shared_prefix=True needs ppo.micro_batch_padding=own (the prefix is computed "
+                       "once per micro-batch layout); set ppo.shared_prefix=False for batch padding")
     if self.loss_agg not in ("token_mean", "micro_token_mean"):
       raise ValueError(f"ppo.loss_agg={self.loss_agg!r} must be token_mean or micro_token_mean")
     if self.batch_size % self.mini_batch_size:
@@ -143,10 +147,15 @@ def full_index(batch: int, length: int) -> jax.Array:
 
 
 def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype, remat=False,
-            unroll=False, constrain=None):
+            unroll=False, constrain=None, prefix=None):
+  """Final hidden states of right-padded rows `[b, t]`, or with `prefix` (`prefix_kv` of the p tokens every
+  row begins with) of their continuations `tokens [b, t]` at positions p, p + 1, ..."""
   mask = attention_mask.astype(bool)
-  hidden, _ = forward(config, params, tokens, default_positions(mask), attention_mask=mask,
-                      compute_dtype=compute_dtype, remat=remat, unroll=unroll, constrain=constrain)
+  positions = default_positions(mask)
+  if prefix is not None:
+    positions = positions + prefix[0].shape[3]
+  hidden, _ = forward(config, params, tokens, positions, attention_mask=mask, compute_dtype=compute_dtype,
+                      remat=remat, unroll=unroll, constrain=constrain, prefix=prefix)
   return hidden
 
 
@@ -192,21 +201,23 @@ def _values_from_hidden(head: Params, hidden, index):
 
 def token_logprobs(config: DecoderConfig, params: Params, tokens, attention_mask, index=None,
                    compute_dtype=jnp.float32, with_entropy: bool = False, unroll: bool = False,
-                   constrain=None):
+                   constrain=None, prefix=None):
   """`logπ(token_i | tokens_<i)` for each position i of `index [b, w]` (default: every position but the
   first), and optionally the entropy of the distribution that produced it. The vocabulary projection runs
   on the window only: the prompt, most of a sequence, needs no logits."""
   index = full_index(*tokens.shape) if index is None else index
-  hidden = _hidden(config, params, tokens, attention_mask, compute_dtype, unroll=unroll, constrain=constrain)
+  hidden = _hidden(config, params, tokens, attention_mask, compute_dtype, unroll=unroll, constrain=constrain,
+                   prefix=prefix)
   return _logprobs_from_hidden(params, hidden, tokens, index, with_entropy)
 
 
 def token_values(config: DecoderConfig, critic: Params, tokens, attention_mask, index=None,
-                 compute_dtype=jnp.float32, remat: bool = False, unroll: bool = False, constrain=None):
+                 compute_dtype=jnp.float32, remat: bool = False, unroll: bool = False, constrain=None,
+                 prefix=None):
   """`V` for each position i of `index`: the head on the hidden state of token i-1 (s3's `[:, -L-1:-1]`)."""
   index = full_index(*tokens.shape) if index is None else index
   hidden = _hidden(config, critic["backbone"], tokens, attention_mask, compute_dtype, remat, unroll,
-                   constrain)
+                   constrain, prefix)
   return _values_from_hidden(critic["head"], hidden, index)
 
 
@@ -395,23 +406,53 @@ class PPOLearner:
       self._score = jax.jit(self._score_fn)
     return self._score(state, ref, batch)
 
-  def _score_rows(self, state, ref, mb):
-    """Scores of one micro-batch `{tokens, attention_mask, index}`."""
+  def _score_rows(self, state, ref, mb, prefixes=None):
+    """Scores of one micro-batch `{tokens, attention_mask, index}`; with `prefixes` (`_score_prefixes`) the
+    rows are the continuations of a shared prefix."""
     cdt = self.compute_dtype
+    pre = prefixes or {}
     actor = state["actor"]["params"]
     tokens, mask, index = mb["tokens"], mb["attention_mask"], mb["index"]
     hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt, unroll=self.unroll,
-                     constrain=self._rows)
+                     constrain=self._rows, prefix=pre.get("actor"))
     out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False)[0]}
     if ref is not None:
       out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.unroll,
-                                       constrain=self._rows)[0]
+                                       constrain=self._rows, prefix=pre.get("ref"))[0]
     if self.shared_head:
       out["values"] = _values_from_hidden(actor["value_head"], hidden, index)
     elif self.separate_critic:
       out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, index, cdt,
-                                   unroll=self.unroll, constrain=self._rows)
+                                   unroll=self.unroll, constrain=self._rows, prefix=pre.get("critic"))
     return out
+
+  # -- a prefix shared by every row (ppo.shared_prefix, with a layout) -----------------------------------
+
+  def _backbone(self, name: str, params: Params) -> Params:
+    return policy_params(params) if name in ("actor", "ref") else params["backbone"]
+
+  def _prefix(self, name: str, params: Params, tokens) -> tuple[jax.Array, jax.Array]:
+    """The keys/values of the shared prefix `tokens [1, p]` under learner `name`'s parameters, in float32:
+    the continuations cast them to the compute dtype, so their gradient (summed over micro-batches) stays
+    float32."""
+    kv = prefix_kv(self.config, self._backbone(name, params), tokens, compute_dtype=self.compute_dtype,
+                   unroll=self.unroll)
+    return jax.tree.map(lambda x: x.astype(jnp.float32), kv)
+
+  def _score_prefixes(self, state, ref, tokens):
+    out = {"actor": self._prefix("actor", state["actor"]["params"], tokens)}
+    if ref is not None:
+      out["ref"] = self._prefix("ref", ref, tokens)
+    if self.separate_critic:
+      out["critic"] = self._prefix("critic", state["critic"]["params"], tokens)
+    return out
+
+  def _prefix_tokens(self, batch, layout):
+    """`[1, layout.prefix]`: the tokens every row begins with (row 0's), or None without a shared prefix."""
+    if not layout.prefix:
+      return None
+    return self._jit("prefix_tokens", lambda tokens, *, n: tokens[:1, :n], static_argnames=("n",))(
+        batch["tokens"], n=layout.prefix)
 
   @staticmethod
   def _score_defaults(out, ref, zeros):
@@ -465,15 +506,15 @@ class PPOLearner:
       metrics["critic/explained_variance"] = ppo_lib.explained_variance(batch["values"], returns, response)
     return advantages, returns, metrics
 
-  def _actor_terms(self, params, mb, norm):
+  def _actor_terms(self, params, mb, norm, prefix=None):
     """The loss of one micro-batch (sums divided by `norm`'s token counts, which make the configured token
-    mean) and its summed metric terms."""
+    mean) and its summed metric terms; with `prefix` (`_prefix`) the rows continue a shared prefix."""
     s = self.settings
     cdt = self.compute_dtype
     tokens, attn = mb["tokens"], mb["attention_mask"]
     policy = mb["policy_mask"].astype(jnp.float32)
     hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt, self.remat, self.unroll,
-                     self._rows)
+                     self._rows, prefix)
     logp, entropy = _logprobs_from_hidden(params, hidden, tokens, mb["index"], True)
     pg, diag = ppo_lib.policy_loss(logp, mb["old_logp"], mb["advantages"], policy, s.clip_ratio, s.dual_clip)
     sums = {"pg_loss": jnp.sum(pg), "entropy": jnp.sum(entropy * policy),
@@ -492,11 +533,11 @@ class PPOLearner:
       loss = loss + s.vf_coef * sums["vf_loss"] / norm["response"]
     return loss, sums
 
-  def _critic_terms(self, params, mb, norm):
+  def _critic_terms(self, params, mb, norm, prefix=None):
     s = self.settings
     response = mb["response_mask"].astype(jnp.float32)
     values = token_values(self.config, params, mb["tokens"], mb["attention_mask"], mb["index"],
-                          self.compute_dtype, self.remat, self.unroll, self._rows)
+                          self.compute_dtype, self.remat, self.unroll, self._rows, prefix)
     vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
     sums = {"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)}
     return sums["vf_loss"] / norm["response"], sums
@@ -577,8 +618,16 @@ class PPOLearner:
     if self.settings.micro_batch_padding == "batch":
       return None
     lengths, widths = (sharding_lib.host_gather(x) for x in layout_lib.row_extents(batch))
+    prefix = 0
+    if self.settings.shared_prefix:
+      prefix = layout_lib.shared_prefix_length(batch, multiple=1)
+      if jax.process_count() > 1:  # the prefix every process's rows share (hosts' batches differ in length)
+        prefix = int(sharding_lib.host_gather(np.asarray([prefix])).min())
+        firsts = sharding_lib.host_gather(np.asarray(batch["tokens"])[:1, :prefix])
+        prefix = layout_lib.common_prefix_length(firsts)
+      prefix = prefix // layout_lib.PREFIX_MULTIPLE * layout_lib.PREFIX_MULTIPLE
     return layout_lib.plan(lengths, widths, self.settings, length=np.shape(batch["tokens"])[1],
-                           width=np.shape(batch["index"])[1])
+                           width=np.shape(batch["index"])[1], prefix=prefix)
 
   def _jit(self, name: str, fn, **kwargs):
     """`fn` jitted once per learner (and recorded in `traces` at each trace, with its static arguments)."""
@@ -598,28 +647,33 @@ class PPOLearner:
       return jnp.asarray(ids)
     return jax.device_put(ids, self._replicated())
 
-  def _gather(self, data, rows, length: int, width: int):
-    """The micro-batch of `rows`: sequences cut to `length`, window arrays to `width` (slots past a row's
-    end point at its last position, as in the whole batch)."""
+  def _gather(self, data, rows, length: int, width: int, start: int = 0):
+    """The micro-batch of `rows`: sequences cut to positions `start ... length - 1` (`start`: a shared
+    prefix's length), window arrays to `width` (slots past a row's end point at its last position, as in
+    the whole batch), `index` counted from `start`."""
     out = {}
     for k, x in data.items():
       x = jnp.take(x, rows, axis=0)
-      out[k] = self._rows(x[:, :length] if k in ("tokens", "attention_mask") else x[:, :width])
-    out["index"] = jnp.minimum(out["index"], length - 1)
+      out[k] = self._rows(x[:, start:length] if k in ("tokens", "attention_mask") else x[:, :width])
+    out["index"] = jnp.minimum(out["index"], length - 1) - start
     return out
 
   def _score_in_layout(self, state, ref, batch, layout):
-    score = self._jit("score", lambda st, r, data, rows, *, length, width:
-                      self._score_rows(st, r, self._gather(data, rows, length, width)),
-                      static_argnames=("length", "width"))
+    score = self._jit("score", lambda st, r, data, rows, pre, *, length, width, start:
+                      self._score_rows(st, r, self._gather(data, rows, length, width, start), pre),
+                      static_argnames=("length", "width", "start"))
     put = self._jit("score_put", lambda full, part, rows: jax.tree.map(
         lambda f, p: f.at[rows, :p.shape[1]].set(p), full, part), donate_argnums=0)
     zeros = self._jit("score_zeros", lambda index, *, keys: {k: (index * 0).astype(jnp.float32)
                                                               for k in keys}, static_argnames=("keys",))
+    prefix_tokens = self._prefix_tokens(batch, layout)
+    prefixes = None
+    if prefix_tokens is not None:  # each model's keys/values of the shared prefix, once for the whole batch
+      prefixes = self._jit("score_prefix", self._score_prefixes)(state, ref, prefix_tokens)
     full = None
     for mb in layout.score:
       rows = self._row_ids(mb.rows)
-      part = score(state, ref, batch, rows, length=mb.length, width=mb.width)
+      part = score(state, ref, batch, rows, prefixes, length=mb.length, width=mb.width, start=layout.prefix)
       full = put(zeros(batch["index"], keys=tuple(sorted(part))) if full is None else full, part, rows)
     return self._score_defaults(full, ref, zeros(batch["index"], keys=("zeros",))["zeros"])
 
@@ -632,6 +686,7 @@ class PPOLearner:
     learners = [("actor", self._actor_terms, self.actor_opt, layout.actor)]
     if self.separate_critic:
       learners.append(("critic", self._critic_terms, self.critic_opt, layout.critic))
+    prefix_tokens = self._prefix_tokens(batch, layout)
     per_step = []
     for _ in range(s.epochs):
       for m in range(s.batch_size // s.mini_batch_size):
@@ -639,7 +694,7 @@ class PPOLearner:
         out = {}
         for name, terms, opt, micro_batches in learners:
           state = {**state, name: self._learn_in_layout(name, terms, opt, state[name], data, micro_batches[m],
-                                                        whole, out)}
+                                                        whole, out, prefix_tokens)}
         per_step.append(out)
     finish = self._jit("update_finish", lambda st, met, steps: self._step_metrics(
         st, met, {k: jnp.stack([o[k] for o in steps]) for k in steps[0]}))
@@ -653,27 +708,38 @@ class PPOLearner:
             "advantages": advantages, "returns": returns}
     return data, metrics
 
-  def _learn_in_layout(self, name, terms, opt, learner, data, micro_batches, whole, out):
+  def _learn_in_layout(self, name, terms, opt, learner, data, micro_batches, whole, out, prefix_tokens=None):
     """One minibatch step of one learner: a gradient per micro-batch (each its own shape), summed, clipped,
-    applied; the minibatch's metrics go into `out`."""
+    applied; the minibatch's metrics go into `out`.
+
+    With a shared prefix (`prefix_tokens [1, p]`) its keys/values are computed once for the minibatch; each
+    micro-batch's gradient also has a part for them, summed over the micro-batches and pulled back through
+    the prefix's forward pass once at the end (one vjp at batch 1): the same gradient as running every row
+    whole, without recomputing the prefix for every row."""
     n_micro = len(micro_batches)
     token_mean = self.settings.loss_agg == "token_mean"
     shardings = None if self.state_shardings is None else self.state_shardings[name]
+    start = 0 if prefix_tokens is None else prefix_tokens.shape[1]
 
-    def grad(params, data, rows, whole, *, length, width):
-      mb = self._gather(data, rows, length, width)
+    def grad(params, prefix, data, rows, whole, *, length, width):
+      mb = self._gather(data, rows, length, width, start)
       if token_mean:
         norm = {k: jnp.maximum(v, 1.0) for k, v in whole.items()}
       else:
         norm = {k: jnp.maximum(v, 1.0) * n_micro for k, v in _token_counts(mb).items()}
-      (_, sums), g = jax.value_and_grad(terms, has_aux=True)(params, mb, norm)
+      (_, sums), (g, g_prefix) = jax.value_and_grad(terms, argnums=(0, 3), has_aux=True)(
+          params, mb, norm, prefix)
       if shardings is not None:
         g = jax.lax.with_sharding_constraint(g, shardings["params"])
-      return g, sums
+      return {"params": g, "prefix": g_prefix}, sums
 
-    def apply(learner, grads, sums, whole):
-      grad_norm = optax.tree.norm(grads)
-      updates, opt_state = opt.update(grads, learner["opt"], learner["params"])
+    def apply(learner, grads, sums, whole, prefix_tokens):
+      g = grads["params"]
+      if prefix_tokens is not None:  # the prefix's part of the gradient, through its forward pass
+        _, pull = jax.vjp(lambda p: self._prefix(name, p, prefix_tokens), learner["params"])
+        g = jax.tree.map(jnp.add, g, pull(grads["prefix"])[0])
+      grad_norm = optax.tree.norm(g)
+      updates, opt_state = opt.update(g, learner["opt"], learner["params"])
       new = {"params": optax.apply_updates(learner["params"], updates), "opt": opt_state}
       return new, _minibatch_metrics(name, sums, grad_norm, whole)
 
@@ -683,11 +749,16 @@ class PPOLearner:
     add = self._jit("update_add", lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
     apply_fn = self._jit(f"update_{name}_apply", apply, donate_argnums=0,
                          out_shardings=None if shardings is None else (shardings, self._replicated()))
+    prefix = None
+    if prefix_tokens is not None:
+      prefix = self._jit(f"update_{name}_prefix", self._prefix, static_argnames=("name",))(
+          name=name, params=learner["params"], tokens=prefix_tokens)
     total = None
     for mb in micro_batches:
-      g = grad_fn(learner["params"], data, self._row_ids(mb.rows), whole, length=mb.length, width=mb.width)
+      g = grad_fn(learner["params"], prefix, data, self._row_ids(mb.rows), whole, length=mb.length,
+                  width=mb.width)
       total = g if total is None else add(total, g)
-    new, metrics = apply_fn(learner, total[0], total[1], whole)
+    new, metrics = apply_fn(learner, total[0], total[1], whole, prefix_tokens)
     out.update(metrics)
     return new
 
