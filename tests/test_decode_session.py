@@ -159,5 +159,5 @@ def test_new_conversations_with_a_common_start_prefill_it_once(tiny):
   assert session.generate(keys, contexts, SamplingParams(max_new_tokens=4)).tokens == \
       sampler.generate(contexts, SamplingParams(max_new_tokens=4)).tokens
   other = sampler.session()
-  other.generate([0, 1], [template[:40] + [3], template[:40] + [4]], SamplingParams(max_new_tokens=2))
+  other.generate([0, 1], [[*template[:40], 3], [*template[:40], 4]], SamplingParams(max_new_tokens=2))
   assert other.shared_prefix_tokens == 0  # 40 common tokens: under SHARED_PREFIX_MULTIPLE

@@ -393,6 +393,13 @@ def test_layout_groups_rows_by_length_and_pads_each_micro_batch_to_its_own():
                                                                   for i in (0, 4, 8, 12)]
   assert layout_lib.plan(lengths, widths, dataclasses.replace(SETTINGS, separate_critic=False), length=24,
                          width=21).critic == ()
+  assert all(mb.policy_width == 0 for mb in layout.score)  # no counts given: log-probs over the window
+  counts = layout_lib.policy_counts(batch)
+  np.testing.assert_array_equal(counts, batch["policy_mask"].sum(1))
+  by_policy = layout_lib.plan(lengths, widths, SETTINGS, length=24, width=21, policy=counts)
+  for mb in [*by_policy.score, *[m for mini in by_policy.actor for m in mini]]:
+    assert counts[list(mb.rows)].max() <= mb.policy_width <= mb.width
+  assert all(mb.policy_width == 0 for mini in by_policy.critic for mb in mini)  # values need every slot
   with pytest.raises(ValueError, match="do not fit"):
     layout_lib.plan(lengths, widths, SETTINGS, length=16, width=21)
   with pytest.raises(ValueError, match="8 rows"):
@@ -451,10 +458,12 @@ def test_micro_batches_padded_to_their_own_length_give_the_whole_batchs_update(s
   state_a, steps_a = _run_in_layouts(whole, False, s3_micro_batches=loss_agg == "micro_token_mean")
   state_b, steps_b = _run_in_layouts(own, True)
   for (host, scored_a, metrics_a), (_, scored_b, metrics_b) in zip(steps_a, steps_b, strict=True):
-    response = host["response_mask"]  # slots past a row's response are not scored in a layout (and unused)
-    for k in ("old_logp", "ref_logp", "values"):
-      np.testing.assert_allclose(scored_b[k][response], scored_a[k][response], rtol=1e-5, atol=2e-6,
-                                 err_msg=k)
+    # A layout scores values over each row's response and log-probs at its policy tokens only: no loss reads
+    # the others (slots past a row's response, or an observation's), which hold 0.
+    response, policy = host["response_mask"], host["policy_mask"]
+    for k, where in (("old_logp", policy), ("ref_logp", policy), ("values", response)):
+      np.testing.assert_allclose(scored_b[k][where], scored_a[k][where], rtol=1e-5, atol=2e-6, err_msg=k)
+    assert (response & ~policy).any() and not scored_b["old_logp"][response & ~policy].any()
     assert metrics_a.keys() == metrics_b.keys()
     for k in metrics_a:
       np.testing.assert_allclose(metrics_b[k], metrics_a[k], rtol=2e-5, atol=2e-6, err_msg=k)
@@ -515,7 +524,7 @@ def test_a_shared_prefix_computed_once_gives_the_same_scores_and_update(separate
   state_a, steps_a = _run_in_layouts(whole, True, **batch)
   state_b, steps_b = _run_in_layouts(shared, True, **batch)
   for (host, scored_a, metrics_a), (_, scored_b, metrics_b) in zip(steps_a, steps_b, strict=True):
-    response = host["response_mask"]
+    response = host["response_mask"]  # both paths are layouts: log-probs at policy slots, 0 elsewhere
     for k in ("old_logp", "ref_logp", "values"):
       np.testing.assert_allclose(scored_b[k][response], scored_a[k][response], rtol=1e-5, atol=2e-6,
                                  err_msg=k)
