@@ -156,13 +156,14 @@ def train(decoder_config: Any, params: Any, traces: Sequence[Trace], *, epochs: 
           seed: int, compute_dtype: Any = None, log: Callable[[str], None] = print
           ) -> tuple[Any, list[float]]:
   """AdamW on the token-mean NLL of each micro-batch's trained tokens; returns the params and the losses.
-  Rows are padded to a multiple of 128 tokens and the trained window to a multiple of 64, so a run
-  compiles a few shapes only."""
+  Rows are padded to `train_length`'s buckets (4 per power of two) and the trained tokens — only those get
+  logits — to a multiple of 64, so a run compiles a few shapes only (each SmolLM2 shape compiles for ~20 s)."""
   import jax
   import jax.numpy as jnp
   import optax
 
   from s3_jax.rl.update import _hidden, _logprobs_from_hidden
+  from s3_jax.search.batch import train_length
 
   compute_dtype = compute_dtype or jnp.float32
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
@@ -185,20 +186,18 @@ def train(decoder_config: Any, params: Any, traces: Sequence[Trace], *, epochs: 
     order = rng.permutation(len(traces))
     for start in range(0, len(order), micro):
       rows = [traces[i] for i in order[start:start + micro]]
-      length = _bucket(max(len(r.tokens) for r in rows), 128)
-      firsts = [r.loss_mask.index(True) for r in rows]
-      width = _bucket(max(len(r.tokens) - f for r, f in zip(rows, firsts, strict=True)), 64)
+      length = train_length(max(len(r.tokens) for r in rows))
+      trained = [np.flatnonzero(np.asarray(r.loss_mask, bool)) for r in rows]
+      width = _bucket(max(len(t) for t in trained), 64)
       tokens = np.zeros((micro, length), np.int32)
       mask = np.zeros((micro, length), bool)
-      index = np.ones((micro, width), np.int32)
+      index = np.ones((micro, width), np.int32)  # the trained positions (padding: position 1, weight 0)
       weight = np.zeros((micro, width), np.float32)
-      for i, (r, f) in enumerate(zip(rows, firsts, strict=True)):
+      for i, (r, where) in enumerate(zip(rows, trained, strict=True)):
         n = len(r.tokens)
         tokens[i, :n], mask[i, :n] = r.tokens, True
-        positions = np.arange(f, f + width)
-        index[i] = np.minimum(positions, length - 1)
-        valid = positions < n
-        weight[i, valid] = np.asarray(r.loss_mask, np.float32)[positions[valid]]
+        index[i, :len(where)] = where
+        weight[i, :len(where)] = 1.0
       start_time = time.perf_counter()
       params, opt_state, loss = step(params, opt_state, tokens, mask, index, weight)
       losses.append(float(loss))
