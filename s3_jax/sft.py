@@ -157,7 +157,7 @@ def train(decoder_config: Any, params: Any, traces: Sequence[Trace], *, epochs: 
           ) -> tuple[Any, list[float]]:
   """AdamW on the token-mean NLL of each micro-batch's trained tokens; returns the params and the losses.
   Rows are padded to `train_length`'s buckets (4 per power of two) and the trained tokens — only those get
-  logits — to a multiple of 64, so a run compiles a few shapes only (each SmolLM2 shape compiles for ~20 s)."""
+  logits — to a multiple of 64, so a run compiles a few shapes only (a SmolLM2 shape compiles in ~20 s)."""
   import jax
   import jax.numpy as jnp
   import optax
