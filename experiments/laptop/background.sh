@@ -33,14 +33,15 @@ mkdir -p $E/probe
 [ -f $E/probe/warm_start.json ] || run probe_warm_start $PY -m s3_jax.probe --config $C $P --questions 32 \
   --skip 64 --init $E/sft --out $E/probe/warm_start.json
 EV="--config.evaluate.sample=100"
-run eval_closed_book $PY -m s3_jax.evaluate --config $C $P $EV --method none --out $E/eval/closed_book
-run eval_rag $PY -m s3_jax.evaluate --config $C $P $EV --method rag --out $E/eval/rag
-run eval_untrained $PY -m s3_jax.evaluate --config $C $P $EV --method s3 --out $E/eval/untrained
-run eval_warm_start $PY -m s3_jax.evaluate --config $C $P $EV --method s3 --checkpoint $E/sft \
-  --out $E/eval/warm_start
+# The seeds first (their checkpoints live only as long as this machine), then the rows that need no training.
 for S in "$@"; do
   run train_seed$S $PY -m s3_jax.train --config $C $P --config.seed=$S --config.searcher.init_from=$E/sft \
     --workdir $E/train/seed$S
   run eval_trained_seed$S $PY -m s3_jax.evaluate --config $C $P $EV --method s3 --checkpoint $E/train/seed$S \
     --out $E/eval/trained/seed$S
 done
+run eval_closed_book $PY -m s3_jax.evaluate --config $C $P $EV --method none --out $E/eval/closed_book
+run eval_rag $PY -m s3_jax.evaluate --config $C $P $EV --method rag --out $E/eval/rag
+run eval_untrained $PY -m s3_jax.evaluate --config $C $P $EV --method s3 --out $E/eval/untrained
+run eval_warm_start $PY -m s3_jax.evaluate --config $C $P $EV --method s3 --checkpoint $E/sft \
+  --out $E/eval/warm_start
