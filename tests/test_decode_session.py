@@ -29,6 +29,17 @@ def _hf_greedy(reference, prompt, steps, eos):
   return ids[len(prompt):]
 
 
+def _assert_same_as_re_prefill_and_transformers(sampler, reference, contexts, cached, steps):
+  """`cached` (a session's output) equals the re-prefill path on `contexts` and transformers' greedy ids."""
+  fresh = sampler.generate(contexts, SamplingParams(max_new_tokens=steps))
+  assert cached.tokens == fresh.tokens
+  for got, want in zip(cached.logprobs, fresh.logprobs, strict=True):
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+  eos = set(sampler.eos_token_ids.tolist())
+  for context, ids in zip(contexts, cached.tokens, strict=True):
+    assert ids == _hf_greedy(reference, context, steps, eos)
+
+
 def _turns(sampler, rng, turns=3, n=5, steps=10):
   """Multi-turn conversations as a rollout runs them: each turn continues every live context, keeps the
   sampled ids (the last one cut from some, as a stop-string cut does), and appends an 'observation' of a
@@ -81,13 +92,7 @@ def test_rows_of_very_different_new_lengths_extend_in_groups_with_the_same_resul
               for k, c, ids in zip(keys, contexts, first.tokens, strict=True)]
   cached = session.generate(keys, contexts, SamplingParams(max_new_tokens=6))
   assert sampler.trace_counts["merge"] == 1  # two groups were extended and merged
-  fresh = sampler.generate(contexts, SamplingParams(max_new_tokens=6))
-  assert cached.tokens == fresh.tokens
-  for got, want in zip(cached.logprobs, fresh.logprobs, strict=True):
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-  eos = set(sampler.eos_token_ids.tolist())
-  for context, ids in zip(contexts, cached.tokens, strict=True):
-    assert ids == _hf_greedy(reference, context, 6, eos)
+  _assert_same_as_re_prefill_and_transformers(sampler, reference, contexts, cached, 6)
   # and the next turn continues from the merged cache
   contexts = [c + ids + [5] for c, ids in zip(contexts, cached.tokens, strict=True)]
   assert session.generate(keys, contexts, SamplingParams(max_new_tokens=4)).tokens == \
@@ -148,13 +153,7 @@ def test_new_conversations_with_a_common_start_prefill_it_once(tiny):
   cached = session.generate(keys, contexts, SamplingParams(max_new_tokens=6))
   assert session.shared_prefix_tokens == 64
   assert session.prefilled_tokens == 64 + sum(len(c) - 64 for c in contexts)
-  fresh = sampler.generate(contexts, SamplingParams(max_new_tokens=6))
-  assert cached.tokens == fresh.tokens
-  for got, want in zip(cached.logprobs, fresh.logprobs, strict=True):
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-  eos = set(sampler.eos_token_ids.tolist())
-  for context, ids in zip(contexts, cached.tokens, strict=True):
-    assert ids == _hf_greedy(reference, context, 6, eos)
+  _assert_same_as_re_prefill_and_transformers(sampler, reference, contexts, cached, 6)
   contexts = [c + ids + [5, 6] for c, ids in zip(contexts, cached.tokens, strict=True)]
   assert session.generate(keys, contexts, SamplingParams(max_new_tokens=4)).tokens == \
       sampler.generate(contexts, SamplingParams(max_new_tokens=4)).tokens
