@@ -57,9 +57,10 @@ def get_config(arg=None):
     c.rollout.max_turns = 1
     c.rollout.max_response_length = 64
   if arg.learn:  # the laptop learning experiment: 3-3-3, 16 questions a step, a checkpoint every step
-    # ~12 min a step on the 2-core VM (compute-bound: ~2k-token episodes through a 135M model), so 16 steps
-    # are ~3 h a seed; 448 questions keep ~300 after s3's filter, so no question is seen twice.
-    c.total_steps = 16
+    # ~8.5 min a step on the 2-core VM (benchmarks/README.md, whole step 519 s), so 12 steps (192 questions)
+    # are ~1.8 h a seed: one seed with its evaluation fits a 3-hour session (checkpoints do not outlive the
+    # machine). 448 questions keep 259 after s3's filter, so no question is seen twice.
+    c.total_steps = 12
     c.data.train_limit = 448
     c.rollout.topk = 3
     c.rollout.max_select = 3
