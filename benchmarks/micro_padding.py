@@ -8,8 +8,6 @@ to the whole batch's shape (`ppo.micro_batch_padding=batch`) vs each to its own,
       [--repeats 1]
 
 `--prefix N`: every row begins with the same N tokens (s3's instruction template is 651 SmolLM2 tokens).
-`prefix-window`: `prefix` with log-probs over whole response windows instead of the policy tokens only (the
-layout's `policy_width` set to 0, as before 2026-12-06).
 
 Rows hold `--shortest` ... `--longest` tokens, evenly spread (a 3-3-3 SmolLM2 episode: a ~1,000-token prompt,
 then up to three turns of 64 policy tokens and ~300-700 observation tokens); each trains on everything after
@@ -46,15 +44,6 @@ def make_batch(rows: int, shortest: int, longest: int, prompt: int, vocab: int, 
   return batch, lengths
 
 
-def window_logits(layout):
-  """`layout` with log-probs over the whole response window in every micro-batch (`policy_width` 0)."""
-  import dataclasses
-
-  def strip(mbs):
-    return tuple(dataclasses.replace(mb, policy_width=0) for mb in mbs)
-  return dataclasses.replace(layout, score=strip(layout.score), actor=tuple(strip(m) for m in layout.actor))
-
-
 def run(path: str, batch: dict, micro: int, mini: int, score_micro: int, remat: str, repeats: int) -> dict:
   import dataclasses
 
@@ -72,7 +61,7 @@ def run(path: str, batch: dict, micro: int, mini: int, score_micro: int, remat: 
                                     critic_micro_batch_size=micro, score_micro_batch_size=score_micro,
                                     separate_critic=False,
                                     micro_batch_padding="batch" if path == "batch" else "own",
-                                    shared_prefix=path.startswith("prefix"))
+                                    shared_prefix=path == "prefix")
   learner = update_lib.PPOLearner(dataclasses.replace(settings), config, remat=remat)
   actor = Decoder(config, rngs=nnx.Rngs(0)).arrays()
   ref = learner.place_ref(actor)
@@ -80,8 +69,6 @@ def run(path: str, batch: dict, micro: int, mini: int, score_micro: int, remat: 
   times = []
   for _ in range(1 + repeats):  # the first call compiles
     layout = learner.layout(batch)
-    if path == "prefix-window":
-      layout = window_logits(layout)
     placed = learner.place_batch(batch)
     start = time.perf_counter()
     scored = jax.block_until_ready(learner.score(state, ref, placed, layout))
@@ -114,10 +101,10 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=1, help="timed calls after the compiling one (median)")
   parser.add_argument("--paths", default="batch,own")
   args = parser.parse_args()
-  unknown = set(args.paths.split(",")) - {"batch", "own", "prefix", "prefix-window"}
+  unknown = set(args.paths.split(",")) - {"batch", "own", "prefix"}
   if unknown:
-    parser.error(f"--paths: unknown {sorted(unknown)} (batch, own, prefix, prefix-window)")
-  if any(p.startswith("prefix") for p in args.paths.split(",")) and args.prefix < 64:
+    parser.error(f"--paths: unknown {sorted(unknown)} (batch, own, prefix)")
+  if "prefix" in args.paths.split(",") and args.prefix < 64:
     parser.error("--paths prefix needs --prefix of at least 64 shared tokens (layout.PREFIX_MULTIPLE)")
   batch, lengths = make_batch(args.rows, args.shortest, args.longest, args.prompt, 49152, args.prefix)
   mini, score_micro = args.mini or args.rows // 2, args.score_micro or args.micro
@@ -134,8 +121,8 @@ def main() -> None:
           f"{r['first_score']:.1f} + "
           f"{r['first_update']:.1f} s | pg_loss {r['pg_loss']:.6f}, grad_norm {r['grad_norm']:.6f}")
     if r["layout"] is not None:
-      print("        score micro-batches (length, width, policy width): "
-            + ", ".join(f"{mb.length}x{mb.width}x{mb.policy_width}" for mb in r["layout"].score)
+      print("        score micro-batches (length, width): "
+            + ", ".join(f"{mb.length}x{mb.width}" for mb in r["layout"].score)
             + f"; shared prefix {r['layout'].prefix}")
 
 

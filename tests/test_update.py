@@ -393,13 +393,6 @@ def test_layout_groups_rows_by_length_and_pads_each_micro_batch_to_its_own():
                                                                   for i in (0, 4, 8, 12)]
   assert layout_lib.plan(lengths, widths, dataclasses.replace(SETTINGS, separate_critic=False), length=24,
                          width=21).critic == ()
-  assert all(mb.policy_width == 0 for mb in layout.score)  # no counts given: log-probs over the window
-  counts = layout_lib.policy_counts(batch)
-  np.testing.assert_array_equal(counts, batch["policy_mask"].sum(1))
-  by_policy = layout_lib.plan(lengths, widths, SETTINGS, length=24, width=21, policy=counts)
-  for mb in [*by_policy.score, *[m for mini in by_policy.actor for m in mini]]:
-    assert counts[list(mb.rows)].max() <= mb.policy_width <= mb.width
-  assert all(mb.policy_width == 0 for mini in by_policy.critic for mb in mini)  # values need every slot
   with pytest.raises(ValueError, match="do not fit"):
     layout_lib.plan(lengths, widths, SETTINGS, length=16, width=21)
   with pytest.raises(ValueError, match="8 rows"):
@@ -442,13 +435,14 @@ def _run_in_layouts(learner, use_layout, steps=2, s3_micro_batches=False, **batc
   return jax.device_get(state), out
 
 
-def _assert_same_steps(steps_a, steps_b, state_a, state_b, logp_where):
-  """Two runs' scores (log-probs where `logp_where(host)` says, values over the response), metrics of every
-  step and final states agree (fp32: only the order of float sums differs)."""
+def _assert_same_steps(steps_a, steps_b, state_a, state_b):
+  """Two runs' scores over each row's response (slots past it are not scored in a layout, and unused),
+  metrics of every step and final states agree (fp32: only the order of float sums differs)."""
   for (host, scored_a, metrics_a), (_, scored_b, metrics_b) in zip(steps_a, steps_b, strict=True):
-    where = logp_where(host)
-    for k, at in (("old_logp", where), ("ref_logp", where), ("values", host["response_mask"])):
-      np.testing.assert_allclose(scored_b[k][at], scored_a[k][at], rtol=1e-5, atol=2e-6, err_msg=k)
+    response = host["response_mask"]
+    for k in ("old_logp", "ref_logp", "values"):
+      np.testing.assert_allclose(scored_b[k][response], scored_a[k][response], rtol=1e-5, atol=2e-6,
+                                 err_msg=k)
     assert metrics_a.keys() == metrics_b.keys()
     for k in metrics_a:
       np.testing.assert_allclose(metrics_b[k], metrics_a[k], rtol=2e-5, atol=2e-6, err_msg=k)
@@ -472,12 +466,7 @@ def test_micro_batches_padded_to_their_own_length_give_the_whole_batchs_update(s
   own = update_lib.PPOLearner(settings, CONFIG, **kwargs)
   state_a, steps_a = _run_in_layouts(whole, False, s3_micro_batches=loss_agg == "micro_token_mean")
   state_b, steps_b = _run_in_layouts(own, True)
-  # A layout scores values over each row's response and log-probs at its policy tokens only: no loss reads
-  # the others (slots past a row's response, or an observation's), which hold 0.
-  _assert_same_steps(steps_a, steps_b, state_a, state_b, lambda host: host["policy_mask"])
-  for (host, _, _), (_, scored_b, _) in zip(steps_a, steps_b, strict=True):
-    other = host["response_mask"] & ~host["policy_mask"]
-    assert other.any() and not scored_b["old_logp"][other].any()
+  _assert_same_steps(steps_a, steps_b, state_a, state_b)
   assert whole.trace_counts == {"score": 1, "update": 1}
   assert own.trace_counts["score"] >= 2  # micro-batches of different lengths were scored
   assert len(set(own.traces)) == len(own.traces)  # nothing traced twice for one signature
@@ -531,8 +520,7 @@ def test_a_shared_prefix_computed_once_gives_the_same_scores_and_update(separate
   batch = {"t": 40, "width": 26, "prompt_lengths": (14, 18), "prefix": 11}
   state_a, steps_a = _run_in_layouts(whole, True, **batch)
   state_b, steps_b = _run_in_layouts(shared, True, **batch)
-  # both paths are layouts: log-probs at policy slots and 0 elsewhere, so they agree over the whole response
-  _assert_same_steps(steps_a, steps_b, state_a, state_b, lambda host: host["response_mask"])
+  _assert_same_steps(steps_a, steps_b, state_a, state_b)
   assert any(name == "score_prefix" for name, _ in shared.traces)  # the shared path did run
   assert not any(name == "score_prefix" for name, _ in whole.traces)
   assert len(set(shared.traces)) == len(shared.traces)

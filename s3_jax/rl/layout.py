@@ -42,7 +42,6 @@ class MicroBatch:
   rows: tuple[int, ...]  # rows of the (global) batch, in the order they are stacked
   length: int  # the padded sequence length of these rows
   width: int  # the padded response-window width
-  policy_width: int = 0  # the padded count of policy tokens a row has (0: log-probs over the whole window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +82,8 @@ def row_extents(batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
   return lengths.astype(np.int64), widths.astype(np.int64)
 
 
-def policy_counts(batch: dict[str, Any]) -> np.ndarray:
-  """Per row of a host batch: how many window slots hold policy tokens (the only ones log-probs are needed
-  for)."""
-  return np.asarray(batch["policy_mask"]).astype(bool).sum(axis=1).astype(np.int64)
-
-
 def _group(rows: Sequence[int], size: int, lengths, widths, length: int, width: int,
-           by_length: bool, policy=None) -> tuple[MicroBatch, ...]:
+           by_length: bool) -> tuple[MicroBatch, ...]:
   rows = list(rows)
   if by_length:  # longest first, stable: equal lengths keep their order
     rows.sort(key=lambda r: -int(lengths[r]))
@@ -99,22 +92,16 @@ def _group(rows: Sequence[int], size: int, lengths, widths, length: int, width: 
     chunk = tuple(rows[i:i + size])
     longest = max(int(lengths[r]) for r in chunk)
     widest = max(int(widths[r]) for r in chunk)
-    mb_width = min(train_length(max(widest, 1), minimum=MINIMUM), width)
-    policy_width = 0
-    if policy is not None:
-      most = max(int(policy[r]) for r in chunk)
-      policy_width = min(train_length(max(most, 1), minimum=MINIMUM), mb_width)
-    out.append(MicroBatch(chunk, min(train_length(max(longest, 2), minimum=MINIMUM), length), mb_width,
-                          policy_width))
+    out.append(MicroBatch(chunk, min(train_length(max(longest, 2), minimum=MINIMUM), length),
+                          min(train_length(max(widest, 1), minimum=MINIMUM), width)))
   return tuple(out)
 
 
 def plan(lengths: np.ndarray, widths: np.ndarray, settings: Any, *, length: int, width: int,
-         prefix: int = 0, policy: np.ndarray | None = None) -> Layout:
+         prefix: int = 0) -> Layout:
   """The layout for a batch whose rows hold `lengths` tokens and train on `widths` window slots, padded to
   `[b, length]` with windows `[b, width]`, the first `prefix` tokens shared by every row; `settings` is the
-  learner's `PPOSettings`. With `policy` (each row's count of policy tokens) the score and actor micro-batches
-  get log-probs at those slots only (`MicroBatch.policy_width`)."""
+  learner's `PPOSettings`."""
   s = settings
   b = len(lengths)
   if b != s.batch_size or len(widths) != b:
@@ -126,9 +113,9 @@ def plan(lengths: np.ndarray, widths: np.ndarray, settings: Any, *, length: int,
     raise ValueError(f"layout: a shared prefix of {prefix} tokens must be shorter than every row "
                      f"(the shortest holds {int(np.min(lengths))})")
   by_length = s.loss_agg == "token_mean"
-  score = _group(range(b), s.score_micro_batch_size, lengths, widths, length, width, True, policy)
+  score = _group(range(b), s.score_micro_batch_size, lengths, widths, length, width, True)
   minibatches = [range(m, m + s.mini_batch_size) for m in range(0, b, s.mini_batch_size)]
-  actor = tuple(_group(rows, s.actor_micro_batch_size, lengths, widths, length, width, by_length, policy)
+  actor = tuple(_group(rows, s.actor_micro_batch_size, lengths, widths, length, width, by_length)
                 for rows in minibatches)
   separate = s.separate_critic and s.uses_critic
   critic = tuple(_group(rows, s.critic_micro_batch_size, lengths, widths, length, width, by_length)

@@ -194,23 +194,6 @@ def _logprobs_from_hidden(params: Params, hidden, tokens, index, with_entropy: b
   return logp, (jnp.concatenate([e for _, e in parts], axis=1) if with_entropy else None)
 
 
-def _logit_positions(mb):
-  """The positions whose log-probs a micro-batch needs, and how to put them back into its window slots: only
-  the policy's tokens when the micro-batch lists them (`policy_slots [b, p]`, `policy_valid`: a layout's
-  micro-batches), else the whole window. An episode's window is mostly observation tokens (3-3-3 SmolLM2:
-  ~160 policy tokens of ~750), which no loss reads log-probs of, so the vocabulary projection skips them;
-  their slots hold 0."""
-  index = mb["index"]
-  if "policy_slots" not in mb:
-    return index, lambda x: x
-  slots, valid = mb["policy_slots"], mb["policy_valid"]
-  rows = jnp.arange(index.shape[0])[:, None]
-
-  def back(x):
-    return jnp.zeros(index.shape, x.dtype).at[rows, slots].add(jnp.where(valid, x, 0))
-  return jnp.take_along_axis(index, slots, axis=1), back
-
-
 def _values_from_hidden(head: Params, hidden, index):
   return jnp.einsum("bwd,d->bw", _before(hidden, index), head["kernel"].astype(hidden.dtype),
                     preferred_element_type=jnp.float32) + head["bias"].astype(jnp.float32)
@@ -416,8 +399,7 @@ class PPOLearner:
     """Old log-probs (the current actor), reference log-probs (`ref`, None = no KL) and values, each
     `[b, w]`, in micro-batches of `ppo.score_micro_batch_size`: each padded to its own length when a `layout`
     (`self.layout`) is given, else the whole batch's shape in one program."""
-    keys = ("tokens", "attention_mask", "index") + (("policy_mask",) if layout is not None else ())
-    batch = {k: batch[k] for k in keys}
+    batch = {k: batch[k] for k in ("tokens", "attention_mask", "index")}
     if layout is not None:
       return self._score_in_layout(state, ref, batch, layout)
     if self._score is None:
@@ -433,11 +415,10 @@ class PPOLearner:
     tokens, mask, index = mb["tokens"], mb["attention_mask"], mb["index"]
     hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt, unroll=self.unroll,
                      constrain=self._rows, prefix=pre.get("actor"))
-    at, back = _logit_positions(mb)
-    out = {"old_logp": back(_logprobs_from_hidden(actor, hidden, tokens, at, False)[0])}
+    out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False)[0]}
     if ref is not None:
-      out["ref_logp"] = back(token_logprobs(self.config, ref, tokens, mask, at, cdt, unroll=self.unroll,
-                                            constrain=self._rows, prefix=pre.get("ref"))[0])
+      out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.unroll,
+                                       constrain=self._rows, prefix=pre.get("ref"))[0]
     if self.shared_head:
       out["values"] = _values_from_hidden(actor["value_head"], hidden, index)
     elif self.separate_critic:
@@ -534,8 +515,7 @@ class PPOLearner:
     policy = mb["policy_mask"].astype(jnp.float32)
     hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt, self.remat, self.unroll,
                      self._rows, prefix)
-    at, back = _logit_positions(mb)
-    logp, entropy = (back(x) for x in _logprobs_from_hidden(params, hidden, tokens, at, True))
+    logp, entropy = _logprobs_from_hidden(params, hidden, tokens, mb["index"], True)
     pg, diag = ppo_lib.policy_loss(logp, mb["old_logp"], mb["advantages"], policy, s.clip_ratio, s.dual_clip)
     sums = {"pg_loss": jnp.sum(pg), "entropy": jnp.sum(entropy * policy),
             "pg_clipfrac": jnp.sum(diag["clipped"] * policy),
@@ -638,7 +618,6 @@ class PPOLearner:
     if self.settings.micro_batch_padding == "batch":
       return None
     lengths, widths = (sharding_lib.host_gather(x) for x in layout_lib.row_extents(batch))
-    policy = sharding_lib.host_gather(layout_lib.policy_counts(batch))
     prefix = 0
     if self.settings.shared_prefix:
       prefix = layout_lib.shared_prefix_length(batch, multiple=1)
@@ -648,7 +627,7 @@ class PPOLearner:
         prefix = layout_lib.common_prefix_length(firsts)
       prefix = prefix // layout_lib.PREFIX_MULTIPLE * layout_lib.PREFIX_MULTIPLE
     return layout_lib.plan(lengths, widths, self.settings, length=np.shape(batch["tokens"])[1],
-                           width=np.shape(batch["index"])[1], prefix=prefix, policy=policy)
+                           width=np.shape(batch["index"])[1], prefix=prefix)
 
   def _jit(self, name: str, fn, **kwargs):
     """`fn` jitted once per learner (and recorded in `traces` at each trace, with its static arguments)."""
@@ -668,28 +647,21 @@ class PPOLearner:
       return jnp.asarray(ids)
     return jax.device_put(ids, self._replicated())
 
-  def _gather(self, data, rows, length: int, width: int, start: int = 0, policy_width: int = 0):
+  def _gather(self, data, rows, length: int, width: int, start: int = 0):
     """The micro-batch of `rows`: sequences cut to positions `start ... length - 1` (`start`: a shared
     prefix's length), window arrays to `width` (slots past a row's end point at its last position, as in
-    the whole batch), `index` counted from `start`; with `policy_width`, each row's policy slots in order
-    (`policy_slots`, padded to that width; `policy_valid` says which are real) for `_logit_positions`."""
+    the whole batch), `index` counted from `start`."""
     out = {}
     for k, x in data.items():
       x = jnp.take(x, rows, axis=0)
       out[k] = self._rows(x[:, start:length] if k in ("tokens", "attention_mask") else x[:, :width])
     out["index"] = jnp.minimum(out["index"], length - 1) - start
-    if policy_width:
-      policy = out["policy_mask"].astype(bool)
-      slots = jnp.argsort(~policy, axis=1, stable=True)[:, :policy_width].astype(jnp.int32)
-      out["policy_slots"] = slots
-      out["policy_valid"] = jnp.take_along_axis(policy, slots, axis=1)
     return out
 
   def _score_in_layout(self, state, ref, batch, layout):
-    score = self._jit("score", lambda st, r, data, rows, pre, *, length, width, start, policy_width:
-                      self._score_rows(st, r, self._gather(data, rows, length, width, start, policy_width),
-                                       pre),
-                      static_argnames=("length", "width", "start", "policy_width"))
+    score = self._jit("score", lambda st, r, data, rows, pre, *, length, width, start:
+                      self._score_rows(st, r, self._gather(data, rows, length, width, start), pre),
+                      static_argnames=("length", "width", "start"))
     put = self._jit("score_put", lambda full, part, rows: jax.tree.map(
         lambda f, p: f.at[rows, :p.shape[1]].set(p), full, part), donate_argnums=0)
     zeros = self._jit("score_zeros", lambda index, *, keys: {k: (index * 0).astype(jnp.float32)
@@ -701,8 +673,7 @@ class PPOLearner:
     full = None
     for mb in layout.score:
       rows = self._row_ids(mb.rows)
-      part = score(state, ref, batch, rows, prefixes, length=mb.length, width=mb.width, start=layout.prefix,
-                   policy_width=mb.policy_width)
+      part = score(state, ref, batch, rows, prefixes, length=mb.length, width=mb.width, start=layout.prefix)
       full = put(zeros(batch["index"], keys=tuple(sorted(part))) if full is None else full, part, rows)
     return self._score_defaults(full, ref, zeros(batch["index"], keys=("zeros",))["zeros"])
 
@@ -750,8 +721,8 @@ class PPOLearner:
     shardings = None if self.state_shardings is None else self.state_shardings[name]
     start = 0 if prefix_tokens is None else prefix_tokens.shape[1]
 
-    def grad(params, prefix, data, rows, whole, *, length, width, policy_width):
-      mb = self._gather(data, rows, length, width, start, policy_width)
+    def grad(params, prefix, data, rows, whole, *, length, width):
+      mb = self._gather(data, rows, length, width, start)
       if token_mean:
         norm = {k: jnp.maximum(v, 1.0) for k, v in whole.items()}
       else:
@@ -774,7 +745,7 @@ class PPOLearner:
 
     # The model's programs are "score" and "update" (the actor's gradient) as in the whole-batch path.
     grad_fn = self._jit("update" if name == "actor" else f"update_{name}", grad,
-                        static_argnames=("length", "width", "policy_width"))
+                        static_argnames=("length", "width"))
     add = self._jit("update_add", lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
     apply_fn = self._jit(f"update_{name}_apply", apply, donate_argnums=0,
                          out_shardings=None if shardings is None else (shardings, self._replicated()))
@@ -785,7 +756,7 @@ class PPOLearner:
     total = None
     for mb in micro_batches:
       g = grad_fn(learner["params"], prefix, data, self._row_ids(mb.rows), whole, length=mb.length,
-                  width=mb.width, policy_width=mb.policy_width if name == "actor" else 0)
+                  width=mb.width)
       total = g if total is None else add(total, g)
     new, metrics = apply_fn(learner, total[0], total[1], whole, prefix_tokens)
     out.update(metrics)
