@@ -11,7 +11,7 @@ Writes, in `precompute.dir` (default `$S3_JAX_CACHE/precompute/<hash of the sett
   retrieval_<split>.jsonl one row per question: data_source, question, the top-12 docs with scores
   train_filtered.jsonl    the training questions s3 keeps: no yes/no/true/false gold answer, and naive RAG
                           does not already answer them
-  stats.json              counts before and after filtering
+  stats.json              counts before and after filtering; the generator's work, per run and summed
   answers.sqlite          the scored-answer cache (shared with the training reward)
   settings.json           what the results depend on (`settings`): a folder made under other settings (another
                           context format, generator, judge or prompt version) is stale, and is recomputed
@@ -136,6 +136,18 @@ def _read_retrieval(path: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
   return done
 
 
+def _reward_totals(path: Path, this_run: dict[str, Any]) -> dict[str, Any]:
+  """The generator's work recorded in `stats.json`: `reward_runs`, one entry per finished run (a resumed run
+  adds its own; one that finds everything done adds zeros), and `reward`, their sums. So rerunning a finished
+  precompute keeps the record of the run that did the work instead of overwriting it with zeros."""
+  before = json.loads(path.read_text()) if path.exists() else {}
+  # a record written before `reward_runs` existed holds one run's work in `reward`
+  runs = [*before.get("reward_runs", [before["reward"]] if "reward" in before else []), this_run]
+  total = {k: sum(run.get(k, 0) for run in runs) for k in this_run if k != "cache_hit_rate"}
+  total["cache_hit_rate"] = total["cache_hits"] / total["items"] if total.get("items") else 0.0
+  return {"reward": total, "reward_runs": runs}
+
+
 def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, retriever: Any = None,
                    generator: Any = None, show_progress: bool = True, log=print) -> dict[str, Any]:
   """Runs (or resumes) the precompute; returns the stats it also writes to `stats.json`.
@@ -219,7 +231,7 @@ def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, r
           any(a in YES_NO for a in ex.golden_answers) for ex in examples), "dropped_rag_correct": answered})
       log(f"train: {len(examples)} questions -> {len(kept)} kept for training "
           f"(naive RAG already answers {answered}; yes/no-type {stats['train']['dropped_yes_no']})")
-  stats["reward"] = scorer.stats.take()  # this process's share
+  stats.update(_reward_totals(out / "stats.json", scorer.stats.take()))  # this process's share
   if writes:
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
   sharding_lib.host_barrier("precompute-written")

@@ -75,9 +75,14 @@ def test_precompute_resumes_and_filters(config):
   on_disk = json.loads((out / "stats.json").read_text())
   assert on_disk["train"] == stats["train"]
 
+  assert on_disk["reward"]["items"] == 3 and on_disk["reward"]["generator_calls"] == len(resumed.questions)
+
   again = CountingGenerator(generator)
   run_precompute(config, generator=again, show_progress=False, log=lambda *_: None)
   assert again.questions == []  # everything done: nothing is generated again
+  # ... and the record of the generator's work is kept, not overwritten by this run's zeros
+  on_disk = json.loads((out / "stats.json").read_text())
+  assert [run["items"] for run in on_disk["reward_runs"]] == [3, 0] and on_disk["reward"]["items"] == 3
 
 
 @pytest.mark.entry
