@@ -11,6 +11,8 @@ EXPERIMENT holds what the experiment's commands wrote:
                         closed_book, rag, untrained, warm_start, trained, best_dev (any may be missing but
                         `trained`)
   probe/<name>.json     optional: `python -m s3_jax.probe --out` records, one column each of a signal table
+  machine.txt           optional: the machine the experiment ran on, one line (the evaluations' wall times
+                        come from their `timing.json`)
   commands.sh           optional: the exact commands, copied into the page verbatim
 
 Every row must cover the same questions (data source and id): the page refuses to compare rows over different
@@ -247,6 +249,24 @@ def plot_curves(experiment: Path, out: Path) -> Path:
   return out
 
 
+def wall_times(experiment: Path, rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """The machine (`machine.txt`, written by the experiment's script) and each evaluation's wall time
+  (`timing.json` of `python -m s3_jax.evaluate`), as page lines."""
+  import json
+
+  machine = experiment / "machine.txt"
+  lines = [f"- machine: {machine.read_text(encoding='utf-8').strip()}" if machine.is_file()
+           else "- machine: not recorded (no machine.txt)"]
+  for row in rows:
+    for label, path in _seed_folders(experiment / "eval" / row).items():
+      timing = path / "timing.json"
+      if timing.is_file():
+        t = json.loads(timing.read_text(encoding="utf-8"))
+        lines.append(f"- evaluation {row}{' ' + label if label else ''}: {t['questions']} questions in "
+                     f"{t['seconds'] / 60:.1f} min")
+  return lines
+
+
 def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4) -> str:
   rows = load_rows(experiment)
   plot_curves(experiment, curves)
@@ -259,6 +279,7 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
           "experiment's outputs; every row covers the same held-out questions.", "", table(rows), "",
           verdict(rows), "",
           f"![training curves]({_relative(curves, out.parent)})", "", "## Training", "", *train_lines]
+  page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
   signal = probes(experiment)
   if signal:
     page += ["", "## What PPO sees at step 1 (`python -m s3_jax.probe`)", "", signal]

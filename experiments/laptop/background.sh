@@ -16,6 +16,10 @@ P=--config.precompute.dir=$E/precompute
 PY=${PY:-.venv/bin/python}
 L=$E/logs
 mkdir -p "$L"
+# the machine, one line, for the results page (s3_jax/results.py reads machine.txt)
+echo "$(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB," \
+  "$(uname -sr), $($PY -c 'import jax, sys; print(f"Python {sys.version.split()[0]}, jax {jax.__version__}")')" \
+  > $E/machine.txt
 stamp() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 run() {  # name, command...: logs the command, its output and its wall time
   local name=$1; shift
