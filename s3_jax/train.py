@@ -29,7 +29,7 @@ from flax import nnx
 from s3_jax import assets, compile_cache, config_lib, host_memory
 from s3_jax import metrics as metrics_lib
 from s3_jax import sharding as sharding_lib
-from s3_jax.checkpoint import Checkpointer
+from s3_jax.checkpoint import Checkpointer, CheckpointError
 from s3_jax.data.training import TrainingData, load_training_data
 from s3_jax.models import precision
 from s3_jax.models.config import DecoderConfig
@@ -58,6 +58,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
   workdir.mkdir(parents=True, exist_ok=True)
   _record_config(config, workdir, log if is_main else None)
   compile_cache.enable(config.compile_cache, log if is_main else None)
+  # Before anything slow: an unwritable checkpoint folder fails here, with its path.
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, log=log)
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s); "
       f"workdir {workdir}")
@@ -91,11 +93,10 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     log(f"reward {config.reward.kind}: answers by {scorer.generator_id}, judged by {scorer.judge_id}")
 
     # Resume from the latest checkpoint, or start at step 0.
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep)
     rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))  # host data: saved by any process
-    step = checkpointer.latest_step() or 0
-    if step:
-      restored, meta = checkpointer.restore({"learner": state, "rng": rng}, step)
+    step = 0
+    if checkpointer.latest_step():  # the newest intact one: a corrupt step is reported and the previous used
+      restored, meta, step = checkpointer.restore({"learner": state, "rng": rng})
       # The key comes back committed to one device; as host data it goes wherever the sampler runs.
       state, rng = restored["learner"], jax.device_get(restored["rng"])
       if meta["data_position"] != data.position(step):
@@ -282,7 +283,10 @@ def cli(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:
       sys.exit(f"error: {e}")
     workdir = workdir_flag.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    main(config, workdir)
+    try:
+      main(config, workdir)
+    except CheckpointError as e:
+      sys.exit(f"error: {e}")
 
   app.run(run, argv=argv)
 

@@ -152,3 +152,36 @@ def test_killed_run_resumes_to_the_same_metrics_and_parameters(tmp_path, asset):
   assert a.keys() == b.keys()
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.entry
+@pytest.mark.late
+def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, asset):
+  """64 bytes changed in the newest checkpoint's largest data file (orbax alone restored it silently and the
+  next step went NaN): the rerun names the file, moves the step aside, resumes from the step before and ends
+  with the metrics of the run that was never damaged."""
+  for name in ("smollm2-135m-instruct", "wiki-vital", "qa-fanout"):
+    asset(name)
+  from s3_jax.checkpoint import MANIFEST
+
+  first = _cli(tmp_path / "run", 2, None, "checkpoint.every=1", "checkpoint.hf_export_every=0")
+  assert first.returncode == 0, first.stderr[-3000:]
+  rows = _rows(tmp_path / "run")
+  step2 = tmp_path / "run" / "checkpoints" / "2"
+  data = max((p for p in step2.rglob("*") if p.is_file() and p.name != MANIFEST),
+             key=lambda p: p.stat().st_size)
+  raw = bytearray(data.read_bytes())
+  middle = len(raw) // 2
+  raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+  data.write_bytes(bytes(raw))
+  again = _cli(tmp_path / "run", 2, None, "checkpoint.every=1", "checkpoint.hf_export_every=0")
+  assert again.returncode == 0, again.stderr[-3000:]
+  said = again.stdout + again.stderr
+  assert f"{data} differs from what was written" in said
+  assert "resumed from" in said and "at step 1" in said
+  # step 2 redone from step 1: the same metrics, except that its answers now come from the answer cache
+  cache = ("reward/generator_calls", "reward/cache_hit_rate")
+  redone = [{k: v for k, v in r.items() if k not in cache} for r in _rows(tmp_path / "run")]
+  assert redone == [{k: v for k, v in r.items() if k not in cache} for r in rows]
+  assert _rows(tmp_path / "run")[1]["reward/cache_hit_rate"] == 1.0
