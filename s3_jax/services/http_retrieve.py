@@ -15,20 +15,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 from s3_jax.data.corpus import Doc, doc_from_row
-from s3_jax.services.http_json import JsonHandler, start_http
+from s3_jax.services.http_json import BoundedHTTPServer, JsonHandler, start_http
 from s3_jax.services.retriever_client import ServiceUnavailableError
 from s3_jax.services.retriever_server import Limits
 
 
-def _parse(body: bytes, default_k: int, limits: Limits) -> tuple[list[str], int, bool]:
-  try:
-    request = json.loads(body.decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"body is not UTF-8 JSON ({e})") from None
+def _parse(request: Any, default_k: int, limits: Limits) -> tuple[list[str], int, bool]:
   if not isinstance(request, dict) or not isinstance(request.get("queries"), list):
     raise ValueError('expected {"queries": [...], "topk": k, "return_scores": true}')
   queries = request["queries"]
@@ -40,30 +35,34 @@ def _parse(body: bytes, default_k: int, limits: Limits) -> tuple[list[str], int,
   k = request.get("topk") or default_k  # s3: a null/0 topk means the server default
   if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limits.max_k:
     raise ValueError(f"topk={k!r} must be an integer in [1, {limits.max_k}]")
-  return queries, k, bool(request.get("return_scores", False))
+  scores = request.get("return_scores", False)
+  if not isinstance(scores, bool):
+    raise ValueError(f"return_scores={scores!r} must be true or false")
+  return queries, k, scores
 
 
 def serve_http(retriever: Any, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-               default_k: int = 3, limits: Limits | None = None) -> tuple[ThreadingHTTPServer, int]:
-  """Serves `POST /retrieve` in a background thread; returns the server and its port."""
+               default_k: int = 3, limits: Limits | None = None) -> tuple[BoundedHTTPServer, int]:
+  """Serves `POST /retrieve` in a background thread (http_json.py's limits); returns the server and its
+  port."""
   limits = limits or Limits()
 
   class Handler(JsonHandler):
-    def do_POST(self):  # http.server's method name
-      if self.path.rstrip("/") != "/retrieve":
-        return self.reply(404, {"error": f"no endpoint {self.path}; use POST /retrieve"})
+    def post(self, path: str) -> tuple[int, Any]:
+      if path.rstrip("/") != "/retrieve":
+        return 404, {"error": f"no endpoint {path}; use POST /retrieve"}
       if not self.authorized():
-        return self.reply(401, {"error": "missing or wrong bearer token"})
+        return 401, {"error": "missing or wrong bearer token"}
       try:
-        queries, k, with_scores = _parse(self.body(), default_k, limits)
+        queries, k, with_scores = _parse(self.json_body(), default_k, limits)
       except ValueError as e:
-        return self.reply(400, {"error": str(e)})
+        return 400, {"error": str(e)}
       results = retriever.search(queries, k)
       if with_scores:
         payload = [[{"document": d.to_row(), "score": d.score} for d in docs] for docs in results]
       else:
         payload = [[d.to_row() for d in docs] for docs in results]
-      return self.reply(200, {"result": payload})
+      return 200, {"result": payload}
 
   Handler.token = token
   return start_http(Handler, host, port)
