@@ -510,6 +510,29 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl's flag parsing for the CLIs (`app.run(..., flags_parser=config_lib.parse_flags)`): a `--config.KEY`
+  override that names no key or carries a value of the wrong type ends the program with one line naming the
+  flag, instead of a trace from inside ml_collections."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    inner = e.args[0] if e.args else e
+    while isinstance(inner, KeyError) and inner.args:  # ml_collections wraps the KeyError's text
+      inner = inner.args[0]
+    name, _, hint = str(inner).partition("\n")
+    name = name.strip("'\"")
+    culprit = next((a for a in argv[1:] if a.startswith("--config.") and f".{name}" in a.partition("=")[0]),
+                   None)
+    if culprit is None:
+      sys.exit(f"error: a --config override: {' '.join(str(inner).split())}")
+    sys.exit(f"error: {culprit}: no config key {name!r}" + (f" ({hint.strip()})" if hint else ""))
+
+
 def _cli() -> None:
   from absl import app, flags
   from ml_collections import config_flags
@@ -526,7 +549,7 @@ def _cli() -> None:
       sys.exit(f"error: {e}")
     print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   workdir_flag = flags.DEFINE_string("workdir", "runs/demo", "the demo's folder (rerunning resumes)")
 
   def run_cli(argv: Sequence[str]) -> None:
-    from s3_jax import config_lib
 
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -74,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                      f"\npage: {Path(workdir_flag.value) / 'results.md'}, curves: "
                      f"{Path(workdir_flag.value) / 'curves.png'}"]))
 
-  app.run(run_cli, argv=argv)
+  from s3_jax import config_lib
+
+  app.run(run_cli, argv=argv, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

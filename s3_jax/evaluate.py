@@ -325,7 +325,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
     if jax.process_index() == 0:
       print((Path(out_flag.value) / "table.md").read_text())
 
-  app.run(run, argv=argv)
+  app.run(run, argv=argv, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

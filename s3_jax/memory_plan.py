@@ -208,7 +208,6 @@ def cli(argv: Sequence[str] | None = None) -> None:
   flags.mark_flag_as_required("config")
 
   def run(argv: Sequence[str]) -> None:
-    from s3_jax import config_lib
 
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -223,7 +222,9 @@ def cli(argv: Sequence[str] | None = None) -> None:
       sys.exit(f"error: {e}")
     print(render(result, hbm_flag.value))
 
-  app.run(run, argv=argv)
+  from s3_jax import config_lib
+
+  app.run(run, argv=argv, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -296,7 +296,7 @@ def main() -> None:
     if jax.process_index() == 0:
       print(json.dumps(stats, indent=2))
 
-  app.run(run)
+  app.run(run, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

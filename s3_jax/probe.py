@@ -157,7 +157,6 @@ def main() -> None:
   def run_cli(argv: Sequence[str]) -> None:
     from absl import logging
 
-    from s3_jax import config_lib
 
     logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
@@ -174,7 +173,9 @@ def main() -> None:
       Path(out_flag.value).write_text(json.dumps(record, indent=1) + "\n")
       print(f"wrote {out_flag.value}")
 
-  app.run(run_cli)
+  from s3_jax import config_lib
+
+  app.run(run_cli, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -265,7 +265,6 @@ def main() -> None:
   def run_cli(argv: Sequence[str]) -> None:
     from absl import logging
 
-    from s3_jax import config_lib
 
     logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
@@ -277,7 +276,9 @@ def main() -> None:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
       sys.exit(f"error: {e}")
 
-  app.run(run_cli)
+  from s3_jax import config_lib
+
+  app.run(run_cli, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -288,7 +288,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
     except CheckpointError as e:
       sys.exit(f"error: {e}")
 
-  app.run(run, argv=argv)
+  app.run(run, argv=argv, flags_parser=config_lib.parse_flags)
 
 
 def _default_workdir(config_spec: str) -> str:

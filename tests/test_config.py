@@ -125,7 +125,15 @@ def test_cli_resolves_arg_and_overrides_with_absl_flags():
   assert (resolved["rollout"]["topk"], resolved["rollout"]["max_turns"]) == (3, 4)
   assert (resolved["seed"], resolved["ppo"]["clip_ratio"]) == (5, 0.25)
   typo = run("--config", "configs/tiny.py", "--config.ppo.clip_ratoi=0.3")
-  assert typo.returncode != 0 and "clip_ratoi" in typo.stderr
+  # one line naming the flag, ml_collections' suggestion kept; no trace
+  assert typo.returncode == 1 and typo.stderr.strip() == (
+      "error: --config.ppo.clip_ratoi=0.3: no config key 'clip_ratoi' (Did you mean \"clip_ratio\" instead of "
+      "\"clip_ratoi\"?)")
+  missing = run("--config", "configs/tiny.py", "--config.nosection.key=1")
+  assert missing.stderr.strip() == "error: --config.nosection.key=1: no config key 'nosection'"
+  wrong_type = run("--config", "configs/tiny.py", "--config.ppo.batch_size=eight")
+  assert wrong_type.returncode == 1 and len(wrong_type.stderr.strip().splitlines()) == 1
+  assert "--config.ppo.batch_size=eight" in wrong_type.stderr
   invalid = run("--config", "configs/tiny.py", "--config.ppo.mini_batch_size=3")
   assert invalid.returncode == 1
   assert "config.ppo.mini_batch_size=3: must divide ppo.batch_size=8" in invalid.stderr
