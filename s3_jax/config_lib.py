@@ -236,6 +236,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.retriever.passage_prefix = ""  # E5: "passage: "
   c.retriever.faiss = "flat"  # flat | ivf | hnsw
 
+  # How long the retriever and generator clients keep retrying a service that does not answer (a restart),
+  # each retry logged; past it the job stops with the service's address. 120 s covers `python -m s3_jax.serve`
+  # coming back on wiki-vital (benchmarks/README.md). The configured services are also asked for their
+  # Health at start-up, within the same budget.
+  c.services = ml_collections.ConfigDict({"retry_seconds": 120.0})
+
   c.generator = ml_collections.ConfigDict()
   c.generator.backend = "jax"  # jax | vllm | openai
   c.generator.model = "asset:smollm2-135m-instruct"
@@ -394,7 +400,7 @@ _UNIT_INTERVAL = ("rollout.top_p", "ppo.gamma", "ppo.lam", "ppo.actor_warmup_rat
                   "ppo.critic_warmup_ratio")
 _NON_NEGATIVE_FLOATS = ("rollout.temperature", "ppo.clip_ratio", "ppo.value_clip", "ppo.entropy_coef",
                         "ppo.kl_coef", "ppo.actor_lr", "ppo.critic_lr", "ppo.weight_decay",
-                        "ppo.grad_clip", "ppo.vf_coef")
+                        "ppo.grad_clip", "ppo.vf_coef", "services.retry_seconds")
 _MESH_AXES = ("data", "fsdp", "tensor")
 _DATA_PATH = re.compile(r"^asset:[a-z0-9-]+/.+$")
 

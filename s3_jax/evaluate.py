@@ -208,7 +208,8 @@ def _make_agent(config: ml_collections.ConfigDict, checkpoint: str | None, servi
     from s3_jax.services.replicas import connect_generator
 
     address = config.evaluate.agent_address
-    return AgentLM(connect_generator(address), f"the LLM at {address}", timings)
+    return AgentLM(connect_generator(address, retry_seconds=config.services.retry_seconds),
+                   f"the LLM at {address}", timings)
   if checkpoint:
     from s3_jax.search.searcher import resolve_checkpoint
     from s3_jax.services.generator_backends import InProcessGenerator, make_backend

@@ -101,7 +101,7 @@ def make_retriever(config: ml_collections.ConfigDict, show_progress: bool = True
   if config.retriever.address:
     from s3_jax.services.replicas import connect_retriever
 
-    return connect_retriever(config.retriever.address)
+    return connect_retriever(config.retriever.address, retry_seconds=config.services.retry_seconds)
   from s3_jax.retrieval.index_dir import ensure_config_index, load_retriever
 
   return load_retriever(ensure_config_index(config, show_progress))
@@ -112,7 +112,7 @@ def make_generator(config: ml_collections.ConfigDict) -> Any:
   if config.generator.address:
     from s3_jax.services.replicas import connect_generator
 
-    return connect_generator(config.generator.address)
+    return connect_generator(config.generator.address, retry_seconds=config.services.retry_seconds)
   from s3_jax.services.generator_backends import InProcessGenerator, backend_from_config
 
   return InProcessGenerator(backend_from_config(config.generator))

@@ -114,7 +114,7 @@ def wait_for(retrievers: list[str], generators: list[str], timeout: float, auth_
     waiting = []
     for kind, address in pending:
       client_type = RetrieverClient if kind == "retriever" else GeneratorClient
-      client = client_type(address, timeout=5.0, retries=0, auth_token=token)
+      client = client_type(address, timeout=5.0, retry_seconds=0.0, auth_token=token)
       try:
         health = client.health()
       except ServiceUnavailableError:

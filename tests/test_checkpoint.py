@@ -11,6 +11,8 @@ import pytest
 
 from s3_jax.checkpoint import MANIFEST, Checkpointer, CheckpointError, check_manifest
 
+pytestmark = pytest.mark.faults
+
 
 def _state(step):
   rng = np.random.default_rng(step)

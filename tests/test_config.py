@@ -113,6 +113,7 @@ def test_config_without_get_config_is_rejected(tmp_path):
     config_lib.load(str(tmp_path / "missing.py"))
 
 
+@pytest.mark.faults
 @pytest.mark.entry
 def test_cli_resolves_arg_and_overrides_with_absl_flags():
   def run(*flags):
@@ -127,8 +128,8 @@ def test_cli_resolves_arg_and_overrides_with_absl_flags():
   typo = run("--config", "configs/tiny.py", "--config.ppo.clip_ratoi=0.3")
   # one line naming the flag, ml_collections' suggestion kept; no trace
   assert typo.returncode == 1 and typo.stderr.strip() == (
-      "error: --config.ppo.clip_ratoi=0.3: no config key 'clip_ratoi' (Did you mean \"clip_ratio\" instead of "
-      "\"clip_ratoi\"?)")
+      "error: --config.ppo.clip_ratoi=0.3: no config key 'clip_ratoi' (Did you mean \"clip_ratio\" "
+      "instead of \"clip_ratoi\"?)")
   missing = run("--config", "configs/tiny.py", "--config.nosection.key=1")
   assert missing.stderr.strip() == "error: --config.nosection.key=1: no config key 'nosection'"
   wrong_type = run("--config", "configs/tiny.py", "--config.ppo.batch_size=eight")

@@ -43,6 +43,7 @@ def config(asset, tmp_path_factory):
       f"precompute.dir={tmp_path_factory.mktemp('precompute')}"])
 
 
+@pytest.mark.faults
 def test_precompute_resumes_and_filters(config):
   out = Path(config.precompute.dir)
   questions = read_qa(assets.resolve(config.data.train))[:6]

@@ -154,6 +154,7 @@ def test_killed_run_resumes_to_the_same_metrics_and_parameters(tmp_path, asset):
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.entry
 @pytest.mark.late

@@ -55,17 +55,43 @@ def open_services(config: ml_collections.ConfigDict, *, show_progress: bool = Tr
   from s3_jax.services.replicas import connect_generator, connect_retriever
 
   with contextlib.ExitStack() as stack:
-    retriever_address = config.retriever.address
-    if not retriever_address:
-      retriever_address = _start_retriever(config, stack, show_progress)
-      log(f"embedded retriever ({config.retriever.kind}) serving on {retriever_address}")
-    generator_address = config.generator.address
-    if not generator_address:
-      generator_address = _start_generator(config, stack)
+    budget = config.services.retry_seconds
+    # The configured services first: a wrong address fails before anything is loaded.
+    clients = {}
+    for key, connect in (("retriever", connect_retriever), ("generator", connect_generator)):
+      address = config[key].address
+      if address:
+        clients[key] = _connected(connect, f"{key}.address", address, budget)
+        stack.callback(clients[key].close)
+        log(f"{key} at {address} answers")
+    addresses = {"retriever": config.retriever.address, "generator": config.generator.address}
+    if not addresses["retriever"]:
+      addresses["retriever"] = _start_retriever(config, stack, show_progress)
+      log(f"embedded retriever ({config.retriever.kind}) serving on {addresses['retriever']}")
+    if not addresses["generator"]:
+      addresses["generator"] = _start_generator(config, stack)
       log(f"embedded generator ({config.generator.backend}, {config.generator.model}) serving on "
-          f"{generator_address}")
-    retriever = connect_retriever(retriever_address)
-    stack.callback(retriever.close)
-    generator = connect_generator(generator_address)
-    stack.callback(generator.close)
-    yield Services(retriever, generator, retriever_address, generator_address)
+          f"{addresses['generator']}")
+    for key, connect in (("retriever", connect_retriever), ("generator", connect_generator)):
+      if key not in clients:
+        clients[key] = connect(addresses[key], retry_seconds=budget)
+        stack.callback(clients[key].close)
+    yield Services(clients["retriever"], clients["generator"], addresses["retriever"], addresses["generator"])
+
+
+def _connected(connect: Callable[..., Any], key: str, address: str, budget: float) -> Any:
+  """A client of `address` whose service answered `Health` (within the retry budget); the config key and the
+  address in the error otherwise. A job that would only call a service late (the tiny searcher never
+  searches) still finds out at start-up that its address is wrong."""
+  from s3_jax.services.retriever_client import ServiceUnavailableError
+
+  try:
+    client = connect(address, retry_seconds=budget)
+  except ValueError as e:
+    raise ValueError(f"config.{key}={address!r}: {e}") from None
+  try:
+    client.health()
+  except ServiceUnavailableError as e:
+    client.close()
+    raise ServiceUnavailableError(f"config.{key}={address!r}: no answer at start-up: {e}") from None
+  return client

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -10,7 +10,12 @@ import grpc
 from s3_jax.services import auth
 from s3_jax.services.generator_backends import Completion
 from s3_jax.services.protos import generation_pb2, generation_pb2_grpc
-from s3_jax.services.retriever_client import ServiceUnavailableError, call_with_retries
+from s3_jax.services.retriever_client import (
+  RETRY_SECONDS,
+  ServiceUnavailableError,
+  call_with_retries,
+  log_to_stderr,
+)
 
 Messages = list[dict[str, str]]
 
@@ -20,13 +25,16 @@ class GeneratorClient:
   -> list[str]`.
 
   A batch is sent in chunks of `max_batch` chats, `concurrency` chunks in flight (servers with a batching
-  engine such as vLLM overlap them). Each call has a `timeout` deadline and is retried `retries` times with
-  exponential backoff when the server is unavailable; bad requests raise `ValueError` with the reason.
+  engine such as vLLM overlap them). Each call has a `timeout` deadline and is retried for up to
+  `retry_seconds` with exponential backoff (each retry passed to `log`) when the server is unavailable; bad
+  requests raise `ValueError` with the reason.
   """
 
-  def __init__(self, address: str, *, timeout: float = 600.0, retries: int = 5, backoff: float = 0.5,
-               max_batch: int = 64, concurrency: int = 4, auth_token: str | None = None):
-    self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
+  def __init__(self, address: str, *, timeout: float = 600.0, retry_seconds: float = RETRY_SECONDS,
+               backoff: float = 0.2, max_batch: int = 64, concurrency: int = 4, auth_token: str | None = None,
+               log: Callable[[str], None] = log_to_stderr):
+    self.address, self.timeout, self.retry_seconds, self.backoff = address, timeout, retry_seconds, backoff
+    self.log = log
     self.max_batch, self.concurrency = max_batch, concurrency
     self._metadata = auth.metadata(auth_token)
     self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20),
@@ -35,7 +43,8 @@ class GeneratorClient:
 
   def _call(self, method, request):
     return call_with_retries(method, request, what=f"generator at {self.address}", timeout=self.timeout,
-                             retries=self.retries, backoff=self.backoff, metadata=self._metadata)
+                             retry_seconds=self.retry_seconds, backoff=self.backoff, metadata=self._metadata,
+                             log=self.log)
 
   def complete(self, chats: Sequence[Messages], *, temperature: float = 0.0, top_p: float = 1.0,
                max_tokens: int | None = None, stop: Sequence[str] = (), seed: int = 0) -> list[Completion]:

@@ -25,6 +25,12 @@ def parse_addresses(spec: str | Sequence[str]) -> list[str]:
   addresses = [a.strip() for a in items if a and a.strip()]
   if not addresses:
     raise ValueError(f"no service address in {spec!r}")
+  for a in addresses:  # host:port (gRPC's own schemes, unix: and dns:///..., pass as they are)
+    if ":" in a and a.split(":", 1)[0] in ("unix", "unix-abstract", "dns", "ipv4", "ipv6"):
+      continue
+    host, _, port = a.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f"service address {a!r} is not host:port with a port in 1..65535")
   if len(set(addresses)) != len(addresses):
     raise ValueError(f"service address list {spec!r} names an address twice")
   return addresses
@@ -140,11 +146,11 @@ class ReplicatedGenerator:
 
 def connect_retriever(spec: str | Sequence[str], **client_options: Any) -> Any:
   """A `RetrieverClient` for one address, a `ReplicatedRetriever` for several (comma-separated or a list).
-  Replicas default to 1 retry each, so a dead one is dropped within about a second."""
+  Replicas default to a retry budget of 1 s each, so a dead one is dropped within about a second."""
   addresses = parse_addresses(spec)
   if len(addresses) == 1:
     return RetrieverClient(addresses[0], **client_options)
-  return ReplicatedRetriever(addresses, **{"retries": 1, **client_options})
+  return ReplicatedRetriever(addresses, **{"retry_seconds": 1.0, **client_options})
 
 
 def connect_generator(spec: str | Sequence[str], **client_options: Any) -> Any:
@@ -152,4 +158,4 @@ def connect_generator(spec: str | Sequence[str], **client_options: Any) -> Any:
   addresses = parse_addresses(spec)
   if len(addresses) == 1:
     return GeneratorClient(addresses[0], **client_options)
-  return ReplicatedGenerator(addresses, **{"retries": 1, **client_options})
+  return ReplicatedGenerator(addresses, **{"retry_seconds": 1.0, **client_options})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import collections
 import json
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -36,12 +37,25 @@ class ServiceUnavailableError(ConnectionError):
   """The service did not answer after every retry; the message names the address."""
 
 
-def call_with_retries(method, request, *, what: str, timeout: float, retries: int, backoff: float,
-                      metadata) -> object:
-  """One unary call with a deadline, retried with exponential backoff while the service is unavailable or
-  slow. INVALID_ARGUMENT -> ValueError, UNAUTHENTICATED -> PermissionError, at once; `what` names the
-  service and its address in every error."""
-  for attempt in range(retries + 1):
+# How long a client keeps retrying a service that does not answer, by default (services.retry_seconds): long
+# enough for `python -m s3_jax.serve` to come back after a restart (benchmarks/README.md).
+RETRY_SECONDS = 120.0
+MAX_BACKOFF = 10.0  # seconds between two tries at most
+
+
+def log_to_stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def call_with_retries(method, request, *, what: str, timeout: float, retry_seconds: float, backoff: float,
+                      metadata, log: Callable[[str], None] = log_to_stderr) -> object:
+  """One unary call with a deadline, retried while the service is unavailable or slow — with exponential
+  backoff from `backoff` seconds (at most MAX_BACKOFF), each retry logged — until `retry_seconds` have passed
+  since the first try. INVALID_ARGUMENT -> ValueError, UNAUTHENTICATED -> PermissionError, at once; `what`
+  names the service and its address in every error."""
+  start, delay, attempt = time.monotonic(), backoff, 0
+  while True:
+    attempt += 1
     try:
       return method(request, timeout=timeout, metadata=metadata, wait_for_ready=False)
     except grpc.RpcError as e:
@@ -50,11 +64,15 @@ def call_with_retries(method, request, *, what: str, timeout: float, retries: in
         raise ValueError(f"{what} rejected the request: {e.details()}") from None
       if code == grpc.StatusCode.UNAUTHENTICATED:
         raise PermissionError(f"{what}: {e.details()}") from None
-      if code not in _RETRYABLE or attempt == retries:
-        raise ServiceUnavailableError(f"{what} did not answer after {attempt + 1} attempt(s): "
-                                      f"{code.name}: {e.details()}") from None
-      time.sleep(backoff * 2**attempt)
-  raise AssertionError("unreachable")
+      elapsed = time.monotonic() - start
+      if code not in _RETRYABLE or elapsed + delay > retry_seconds:
+        raise ServiceUnavailableError(
+            f"{what} did not answer after {attempt} attempt(s) in {elapsed:.1f} s (retry budget "
+            f"{retry_seconds:g} s): {code.name}: {e.details()}") from None
+      log(f"{what}: {code.name} ({e.details()}); retry {attempt} in {delay:.1f} s "
+          f"({elapsed:.0f} of {retry_seconds:g} s used)")
+      time.sleep(delay)
+      delay = min(delay * 2, MAX_BACKOFF)
 
 
 class RetrieverClient:
@@ -63,8 +81,9 @@ class RetrieverClient:
   Batches larger than `max_batch` queries are split into several calls (by default 40 for a BM25 server,
   whose cost is mostly decoding documents, which then overlaps with the server's search; 256 for a dense
   server, whose cost is encoding the queries, which larger batches do faster); each call has a `timeout`
-  deadline and is retried up to `retries` times (exponential backoff from `backoff` seconds) when the
-  server is unavailable or slow. Bad requests raise `ValueError` with the server's reason, at once.
+  deadline and is retried for up to `retry_seconds` (exponential backoff from `backoff` seconds, each retry
+  passed to `log`) when the server is unavailable or slow. Bad requests raise `ValueError` with the server's
+  reason, at once.
 
   `local_index`: a copy of the server's index folder (same host or a shared filesystem). The server then
   sends only row numbers and scores, and the documents are read here; the first search checks that the
@@ -72,10 +91,12 @@ class RetrieverClient:
   server reports when it exists here with the same corpus, and documents over the wire otherwise.
   """
 
-  def __init__(self, address: str, *, timeout: float = 60.0, retries: int = 5, backoff: float = 0.2,
-               max_batch: int | None = None, concurrency: int = 2, auth_token: str | None = None,
-               local_index: str | Path | None = "auto"):
-    self.address, self.timeout, self.retries, self.backoff = address, timeout, retries, backoff
+  def __init__(self, address: str, *, timeout: float = 60.0, retry_seconds: float = RETRY_SECONDS,
+               backoff: float = 0.2, max_batch: int | None = None, concurrency: int = 2,
+               auth_token: str | None = None, local_index: str | Path | None = "auto",
+               log: Callable[[str], None] = log_to_stderr):
+    self.address, self.timeout, self.retry_seconds, self.backoff = address, timeout, retry_seconds, backoff
+    self.log = log
     self.max_batch, self.concurrency = max_batch, concurrency
     self._metadata = auth.metadata(auth_token)
     self._channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20)])
@@ -118,7 +139,8 @@ class RetrieverClient:
 
   def _call(self, method, request):
     return call_with_retries(method, request, what=f"retriever at {self.address}", timeout=self.timeout,
-                             retries=self.retries, backoff=self.backoff, metadata=self._metadata)
+                             retry_seconds=self.retry_seconds, backoff=self.backoff, metadata=self._metadata,
+                             log=self.log)
 
   def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
     """Sends the batch in chunks of at most `max_batch` queries with up to `concurrency` calls in flight,
