@@ -181,6 +181,13 @@ def test_settings_reject_sizes_that_do_not_divide():
     dataclasses.replace(SETTINGS, mini_batch_size=5).check()
   with pytest.raises(ValueError, match="batch shards"):
     dataclasses.replace(SETTINGS, actor_micro_batch_size=2).check(batch_shards=4)
+  # configs/tiny.py's sizes (micro-batches 2, 2, 4) on 8 devices: the message names the override that fits
+  tiny = dataclasses.replace(SETTINGS, batch_size=8, mini_batch_size=4, actor_micro_batch_size=2,
+                             critic_micro_batch_size=2, score_micro_batch_size=4)
+  with pytest.raises(ValueError, match=r"data × fsdp = 8\): on these devices pass --config.mesh.data=1 "
+                     r"--config.mesh.fsdp=2 \(a mesh over the first 2 device"):
+    tiny.check(batch_shards=8)
+  tiny.check(batch_shards=2)  # the override's mesh is accepted
 
 
 # -- the sanity task --------------------------------------------------------------------------------------

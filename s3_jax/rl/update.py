@@ -121,10 +121,16 @@ class PPOSettings:
     if self.batch_size % self.score_micro_batch_size:
       raise ValueError(f"ppo.score_micro_batch_size={self.score_micro_batch_size} must divide the batch of "
                        f"{self.batch_size} episodes")
-    for name in ("actor_micro_batch_size", "critic_micro_batch_size", "score_micro_batch_size"):
+    names = ("actor_micro_batch_size", "critic_micro_batch_size", "score_micro_batch_size")
+    for name in names:
       if getattr(self, name) % batch_shards:
+        # the largest batch sharding every micro-batch size allows: what to pass on this host instead
+        fits = max(d for d in range(1, batch_shards + 1)
+                   if batch_shards % d == 0 and all(getattr(self, n) % d == 0 for n in names))
         raise ValueError(f"ppo.{name}={getattr(self, name)} must be a multiple of the mesh's batch shards "
-                         f"(data × fsdp = {batch_shards})")
+                         f"(data × fsdp = {batch_shards}): on these devices pass --config.mesh.data=1 "
+                         f"--config.mesh.fsdp={fits} (a mesh over the first {fits} device(s)), or "
+                         f"micro-batch sizes that are multiples of {batch_shards}")
 
 
 # -- model functions over plain parameter trees -----------------------------------------------------------
