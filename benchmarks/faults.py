@@ -28,6 +28,7 @@ PROBES = {
     "test_config": "misspelt and mistyped --config overrides",
     "test_precompute": "precompute reruns keep their record",
     "test_retriever_service": "a retriever restart longer than the old retry count",
+    "test_launch": "launch-script flags (after the verb, unknown, --help) and which errors are retried",
 }
 
 

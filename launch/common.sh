@@ -2,17 +2,33 @@
 # retries, remote environment.
 # shellcheck shell=bash
 
-# parse_args "$@": DRY_RUN (1 after a leading --dry-run, else 0), VERB (the next word) and ARGS (the rest).
+# parse_args "$@": DRY_RUN (1 when --dry-run is given, before or after the verb), VERB (the first word that
+# is not an option) and ARGS (the other words; after `--`, everything as given, `--` included). -h/--help
+# prints the script's header comment and exits 0; any other option before `--` is a usage error (exit 2), so
+# a mistyped flag never reaches gcloud.
 # shellcheck disable=SC2034  # VERB and ARGS are read by the sourcing script
 parse_args() {
   DRY_RUN=0
-  if [[ "${1:-}" == "--dry-run" ]]; then
-    DRY_RUN=1
+  VERB=""
+  ARGS=()
+  while (($#)); do
+    case "$1" in
+      --dry-run) DRY_RUN=1 ;;
+      -h | --help)
+        sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p;}' "$0"
+        exit 0
+        ;;
+      --)
+        ARGS+=("$@")
+        break
+        ;;
+      -*) usage_error "unknown option $1 (see $0 --help)" ;;
+      *)
+        if [[ -z "$VERB" ]]; then VERB="$1"; else ARGS+=("$1"); fi
+        ;;
+    esac
     shift
-  fi
-  VERB="${1:-}"
-  if (($#)); then shift; fi
-  ARGS=("$@")
+  done
 }
 
 # Runs a command, or with DRY_RUN=1 prints it (one line, shell-quoted) instead.
@@ -25,18 +41,35 @@ run() {
   fi
 }
 
+# Errors worth retrying: no capacity, quota, or a transient service error (gcloud's wording). Anything else
+# (a bad flag, a permission, a name already taken) fails at once.
+RETRYABLE='RESOURCE_EXHAUSTED|resource pool exhausted|does not have enough resources|[Qq]uota|UNAVAILABLE|INTERNAL|[Ii]nternal error|[Tt]ry again|timed out|DEADLINE_EXCEEDED|503|429'
+
 # retry ATTEMPTS SECONDS WHAT COMMAND...: runs COMMAND until it succeeds, at most ATTEMPTS times, SECONDS
-# apart; fails naming WHAT.
+# apart, while its error output says the failure can pass (RETRYABLE); fails naming WHAT.
 retry() {
-  local attempts="$1" seconds="$2" what="$3" attempt
+  local attempts="$1" seconds="$2" what="$3" attempt errors status
   shift 3
+  errors="$(mktemp)"
   for ((attempt = 1; attempt <= attempts; attempt++)); do
-    if "$@"; then
+    status=0
+    "$@" 2> "$errors" || status=$?
+    cat "$errors" >&2
+    if ((status == 0)); then
+      rm -f "$errors"
       return 0
     fi
-    echo "$what failed (attempt $attempt of $attempts); retrying in $seconds s" >&2
-    sleep "$seconds"
+    if ! grep -Eq "$RETRYABLE" "$errors"; then
+      rm -f "$errors"
+      echo "could not $what: the error is not one that passes with time (capacity, quota, transient); not retried" >&2
+      return "$status"
+    fi
+    if ((attempt < attempts)); then
+      echo "$what failed (attempt $attempt of $attempts, can pass); retrying in $seconds s" >&2
+      sleep "$seconds"
+    fi
   done
+  rm -f "$errors"
   echo "could not $what after $attempts attempts" >&2
   return 1
 }

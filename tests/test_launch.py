@@ -87,6 +87,62 @@ def test_bad_use_fails_with_usage(script):
   assert unset.returncode != 0 and ("TPU_NAME" in unset.stderr or "GPU_HOSTS" in unset.stderr)
 
 
+def _stand_in_gcloud(tmp_path, stderr="", status=0):
+  """A `gcloud` on PATH that records each call's arguments (one line each) and fails with `stderr` when
+  `status` is nonzero."""
+  bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+  bin_dir.mkdir()
+  script = bin_dir / "gcloud"
+  script.write_text(f"#!/bin/bash\necho \"$*\" >> {shlex.quote(str(calls))}\n"
+                    f"echo {shlex.quote(stderr)} >&2\nexit {status}\n")
+  script.chmod(0o755)
+  return {"PATH": f"{bin_dir}:/usr/bin:/bin"}, calls
+
+
+def _calls(calls):
+  return calls.read_text().splitlines() if calls.exists() else []
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("script, env", [("tpu_vm.sh", TPU_ENV), ("gpu_vm.sh", GPU_ENV),
+                                         ("services.sh", {"RETRIEVER_HOST": "vm-r", "ZONE": "z"})])
+def test_flags_anywhere_and_unknown_flags_never_reach_gcloud(tmp_path, script, env):
+  """`create --dry-run` (the flag after the verb) used to run the real gcloud with the flag passed on."""
+  path, calls = _stand_in_gcloud(tmp_path)
+  verb = "stop" if script == "services.sh" else "create"
+
+  def run(*args):
+    return subprocess.run(["bash", str(REPO / "launch" / script), *args], capture_output=True, text=True,
+                          env={**path, **env}, cwd=REPO, timeout=30)
+
+  after = run(verb, "--dry-run")
+  assert after.returncode == 0, after.stderr
+  assert after.stdout.startswith("gcloud compute") and _calls(calls) == []
+  bogus = run(verb, "--bogus")
+  assert bogus.returncode == 2 and "unknown option --bogus" in bogus.stderr and _calls(calls) == []
+  usage = run("--help")
+  assert usage.returncode == 0 and "--dry-run" in usage.stdout and _calls(calls) == []
+  header = Path(REPO / "launch" / script).read_text().splitlines()[1]  # line 1 is the shebang
+  assert usage.stdout.splitlines()[0] == header.removeprefix("# ")
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("stderr, calls_expected, can_pass", [
+    ("ERROR: (gcloud.compute.tpus.tpu-vm.create) unrecognized arguments: --bogus", 1, False),
+    ("ERROR: (gcloud.compute.tpus.tpu-vm.create) PERMISSION_DENIED: caller lacks tpu.nodes.create", 1, False),
+    ("ERROR: (gcloud.compute.tpus.tpu-vm.create) RESOURCE_EXHAUSTED: no more capacity in the zone", 3, True),
+    ("ERROR: (gcloud.compute.tpus.tpu-vm.create) Quota 'TPUV5E' exceeded", 3, True)])
+def test_create_retries_only_errors_that_can_pass(tmp_path, stderr, calls_expected, can_pass):
+  path, calls = _stand_in_gcloud(tmp_path, stderr=stderr, status=1)
+  done = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm.sh"), "create"], capture_output=True,
+                        text=True, env={**path, **TPU_ENV, "CREATE_RETRIES": "3", "RETRY_SECONDS": "0"},
+                        cwd=REPO, timeout=30)
+  assert done.returncode != 0 and stderr in done.stderr
+  assert len(_calls(calls)) == calls_expected
+  assert ("after 3 attempts" in done.stderr) == can_pass
+  assert ("not retried" in done.stderr) == (not can_pass)
+
+
 def test_scripts_pass_shellcheck():
   shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
   scripts = [*sorted(str(p) for p in (REPO / "launch").glob("*.sh")), str(REPO / ".ci" / "run")]
