@@ -173,7 +173,7 @@ def test_bare_string_gold_answers_are_one_answer(tmp_path):
     ('{"id": "x", "question": "q", "golden_answers": [], "data_source": "d"}', "is empty"),
     ('{"id": "x", "question": "q", "golden_answers": [["a"]], "data_source": "d"}',
      "a gold answer must be a string or a number"),
-    ('{"id": "x", "question": "q", "golden_answers": ["a"]}', "'data_source'"),
+    ('{"id": "x", "question": "q", "golden_answers": ["a"], "data_source": ""}', "'data_source'"),
     ('{"id": "x", "question": " ", "golden_answers": ["a"], "data_source": "d"}', "question is empty"),
 ])
 def test_bad_qa_row_is_reported_with_line(tmp_path, bad_row, reason):
@@ -181,6 +181,16 @@ def test_bad_qa_row_is_reported_with_line(tmp_path, bad_row, reason):
   path = _write(tmp_path / "qa.jsonl", [good, good, bad_row])
   with pytest.raises(DataFormatError, match=rf"^{path}:3: .*{reason}"):
     read_qa(path)
+
+
+def test_rows_without_a_data_source_take_the_files_name(tmp_path):
+  row = '{"id": "x", "question": "q", "golden_answers": ["a"]}'
+  assert read_qa(_write(tmp_path / "my_questions.jsonl", [row]))[0].data_source == "my_questions"
+  (tmp_path / "nq").mkdir()
+  assert read_qa(_write(tmp_path / "nq" / "test.jsonl", [row]))[0].data_source == "nq"  # a split: the folder
+  assert read_qa(_write(tmp_path / "given.jsonl", [row]), default_source="mine")[0].data_source == "mine"
+  tagged = '{"id": "x", "question": "q", "golden_answers": ["a"], "data_source": "hotpotqa"}'
+  assert read_qa(_write(tmp_path / "tagged.jsonl", [tagged]))[0].data_source == "hotpotqa"  # a row's own wins
 
 
 def test_bad_parquet_row_is_reported_with_row_number(tmp_path):

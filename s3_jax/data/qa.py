@@ -96,13 +96,24 @@ def example_from_row(row: dict[str, Any], default_source: str | None = None) -> 
                    data_source=data_source, metadata=metadata)
 
 
+SPLIT_NAMES = ("train", "test", "dev", "val", "valid", "validation")
+
+
+def source_from_path(path: str | os.PathLike) -> str:
+  """The `data_source` of rows that have none: the file's name without its suffix (`my_questions.jsonl` ->
+  `my_questions`), or its folder's when the name is a split (`nq/test.jsonl` -> `nq`)."""
+  path = Path(path)
+  return path.parent.name if path.stem.lower() in SPLIT_NAMES and path.parent.name else path.stem
+
+
 def iter_qa(path: str | os.PathLike, default_source: str | None = None) -> Iterator[QAExample]:
   """Streams QA examples from a `.jsonl` or `.parquet` file.
 
-  `default_source` fills `data_source` for rows without one. Malformed rows raise `DataFormatError`
-  naming the file and line (JSONL) or row (parquet).
+  `default_source` fills `data_source` for rows without one (default: `source_from_path(path)`). Malformed
+  rows raise `DataFormatError` naming the file and line (JSONL) or row (parquet).
   """
   path = Path(path)
+  default_source = default_source or source_from_path(path)
   if path.suffix == ".parquet":
     if not path.is_file():
       raise FileNotFoundError(f"data file not found: {path}")
