@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROBES = {
     "test_checkpoint": "checkpoint corruption (bytes changed, cut short, record cut, manifest or file missing)",
     "test_faults_http": "HTTP abuse (size, Content-Length, chunked, nested JSON, types, slow-loris, OpenAI fields)",
+    "test_faults_data": "a user's corpus with bad rows (blank lines, invalid UTF-8, duplicates) and failed builds",
     "test_faults_services": "service addresses at start-up (malformed, nothing answering)",
     "test_train": "a corrupt newest checkpoint in a real training run",
     "test_config": "misspelt and mistyped --config overrides",

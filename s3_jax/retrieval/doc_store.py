@@ -15,6 +15,21 @@ from s3_jax.data.corpus import Doc, doc_from_row
 from s3_jax.data.jsonl import DataFormatError
 
 
+def check_row(raw: bytes, corpus: str | Path, line_no: int, ids: dict[str, int]) -> None:
+  """Checks one non-blank corpus line (JSON, a valid row, a new id; `ids` maps the ids seen to their row);
+  raises `DataFormatError` naming `corpus` and `line_no`."""
+  try:
+    doc = doc_from_row(json.loads(raw.decode("utf-8")))
+  except UnicodeDecodeError as e:
+    raise DataFormatError(corpus, line_no,
+                          f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from e
+  except ValueError as e:
+    raise DataFormatError(corpus, line_no, str(e)) from e
+  if doc.id in ids:
+    raise DataFormatError(corpus, line_no, f"duplicate doc id {doc.id!r} (first at row {ids[doc.id]})")
+  ids[doc.id] = len(ids)
+
+
 def build_offsets(corpus: str | Path, out: str | Path) -> int:
   """Writes the start offset of every non-blank line of `corpus` to `out` (.npy); validates each row.
   Returns the number of rows."""
@@ -24,13 +39,7 @@ def build_offsets(corpus: str | Path, out: str | Path) -> int:
     position = 0
     for line_no, raw in enumerate(f, start=1):
       if raw.strip():
-        try:
-          doc = doc_from_row(json.loads(raw))
-        except (ValueError, UnicodeDecodeError) as e:
-          raise DataFormatError(corpus, line_no, str(e)) from e
-        if doc.id in ids:
-          raise DataFormatError(corpus, line_no, f"duplicate doc id {doc.id!r} (first at row {ids[doc.id]})")
-        ids[doc.id] = len(offsets)
+        check_row(raw, corpus, line_no, ids)
         offsets.append(position)
       position += len(raw)
   np.save(out, np.asarray(offsets, np.uint64))

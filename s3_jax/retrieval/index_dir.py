@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import fcntl
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from s3_jax.assets import sha256_file
 from s3_jax.data.corpus import iter_corpus
-from s3_jax.retrieval.doc_store import DocStore, build_offsets
+from s3_jax.data.jsonl import DataFormatError
+from s3_jax.retrieval.doc_store import DocStore, build_offsets, check_row
 
 MANIFEST = "manifest.json"
 
@@ -131,8 +133,20 @@ def ensure_index(corpus: str | Path, kind: str, *, corpus_limit: int = 0, encode
   with open(out.parent / f"{out.name}.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (out / MANIFEST).is_file():
-      _build_subset_index(corpus, out, kind, corpus_limit, encoder, faiss_kind, query_prefix, passage_prefix,
-                          show_progress)
+      # Built in OUT.partial and renamed when complete, so a failed build never leaves a folder that looks
+      # like an index (a dense build interrupted there resumes from its vector chunks; bad data removes it).
+      partial = out.with_name(out.name + ".partial")
+      try:
+        _build_subset_index(corpus, partial, kind, corpus_limit, encoder, faiss_kind, query_prefix,
+                            passage_prefix, show_progress)
+      except DataFormatError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+      manifest = json.loads((partial / MANIFEST).read_text())
+      if corpus_limit > 0:  # the subset's corpus file moves with the folder
+        manifest["corpus"]["path"] = str(out / "corpus.jsonl")
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+      partial.rename(out)
   return out
 
 
@@ -142,13 +156,13 @@ def _build_subset_index(corpus: Path, out: Path, kind: str, corpus_limit: int, e
   source = corpus
   if corpus_limit > 0:  # the first rows, as a corpus file of their own next to the index
     source = out / "corpus.jsonl"
-    with open(corpus, encoding="utf-8") as f, open(source, "w", encoding="utf-8") as subset:
-      kept = 0
-      for line in f:
-        if line.strip():
-          subset.write(line if line.endswith("\n") else line + "\n")
-          kept += 1
-          if kept == corpus_limit:
+    ids: dict[str, int] = {}
+    with open(corpus, "rb") as f, open(source, "wb") as subset:
+      for line_no, raw in enumerate(f, start=1):
+        if raw.strip():
+          check_row(raw, corpus, line_no, ids)  # errors name the user's file and line, not this copy
+          subset.write(raw if raw.endswith(b"\n") else raw + b"\n")
+          if len(ids) == corpus_limit:
             break
   build_index(source, out, kind, encoder=encoder, faiss_kind=faiss_kind, query_prefix=query_prefix,
               passage_prefix=passage_prefix, show_progress=show_progress)
