@@ -1,6 +1,6 @@
-"""The fault suite's table (issue 20): runs the tests marked `faults` (each reproduces a failure found by probing
-s3_jax as an adversarial user, then checks the fix) and prints, per probe, how many cases ran, were handled
-(the test passed) and failed.
+"""The fault suite's table (issue 20): runs the tests marked `faults` (each reproduces a failure found by
+probing s3_jax as an adversarial user, then checks the fix) and prints, per probe, how many cases ran, were
+handled (the test passed) and failed.
 
   python benchmarks/faults.py [--markdown] [-- extra pytest args]
 
@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # What each file probes, in the table's words.
 PROBES = {
-    "test_checkpoint": "checkpoint corruption (bytes changed, cut short, record cut, manifest or file missing)",
-    "test_faults_http": "HTTP abuse (size, Content-Length, chunked, nested JSON, types, slow-loris, OpenAI fields)",
-    "test_faults_data": "a user's corpus with bad rows (blank lines, invalid UTF-8, duplicates) and failed builds",
+    "test_checkpoint": "checkpoint corruption (bytes changed, cut short, record cut, manifest/file missing)",
+    "test_faults_http": "HTTP abuse (size, Content-Length, chunked, nested JSON, types, slow-loris, OpenAI)",
+    "test_faults_data": "a corpus with bad rows (blank lines, invalid UTF-8, duplicates), failed builds",
     "test_faults_services": "service addresses at start-up (malformed, nothing answering)",
     "test_train": "a corrupt newest checkpoint in a real training run",
     "test_config": "misspelt and mistyped --config overrides",
