@@ -24,6 +24,7 @@ PROBES = {
     "test_checkpoint": "checkpoint corruption (bytes changed, cut short, record cut, manifest/file missing)",
     "test_faults_http": "HTTP abuse (size, Content-Length, chunked, nested JSON, types, slow-loris, OpenAI)",
     "test_faults_data": "a corpus with bad rows (blank lines, invalid UTF-8, duplicates), failed builds",
+    "test_faults_restart": "retriever and generator killed and restarted during a training step",
     "test_faults_services": "service addresses at start-up (malformed, nothing answering)",
     "test_train": "a corrupt newest checkpoint in a real training run",
     "test_config": "misspelt and mistyped --config overrides",
