@@ -243,6 +243,14 @@ def _done(predictions: Path) -> set[tuple[str, str, int]]:
 _FREE_KEYS = ("evaluate.datasets", "evaluate.runs", "evaluate.batch_size", "evaluate.flashrag_dir",
               "evaluate.mirage_file", "retriever.address", "generator.address", "evaluate.agent_address",
               "evaluate.judge.address", "reward.judge.address")
+# Keys an evaluation never reads (training's, and how long clients retry): a resumed evaluation may differ in
+# them, e.g. after a learning-rate change of the config between sessions.
+_FREE_PREFIXES = ("ppo.", "checkpoint.", "wandb.", "services.", "critic.", "total_steps", "log_every",
+                  "compile_cache")
+
+
+def _free(key: str) -> bool:
+  return key in _FREE_KEYS or key.startswith(_FREE_PREFIXES)
 
 
 def _check_record(out: Path, method: str, checkpoint: str | None,
@@ -258,7 +266,7 @@ def _check_record(out: Path, method: str, checkpoint: str | None,
       raise ValueError(f"{out} holds an evaluation of --method {before['method']} "
                        f"--checkpoint {before['checkpoint'] or '(none)'}; use another --out")
     old, new = config_lib.flatten(before["config"]), config_lib.flatten(record["config"])
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in _FREE_KEYS)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not _free(k))
     if changed:
       raise ValueError(f"{out} was evaluated with a different config ("
                        + ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed)

@@ -138,6 +138,11 @@ def test_runs_resume_and_guards(services, tmp_path, monkeypatch):
   rows, summary = _check_reports(out, runs=2)
   assert len(rows) == 4 and summary["nq"]["genacc_std"] == 0.0  # greedy answers: both runs agree
 
+  # keys an evaluation never reads (training's, the retry budget) may change between resumed runs
+  logs = []
+  evaluate(_config("evaluate.batch_size=1", "ppo.actor_lr=3e-6", "services.retry_seconds=5"), "rag", out,
+           datasets="nq", runs=2, services=services, show_progress=False, log=logs.append)
+  assert "4 of 4 predictions already done" in logs[0]
   with pytest.raises(ValueError, match=r"different config.*evaluate\.rag_topk: 3 -> 5"):
     evaluate(_config("evaluate.rag_topk=5"), "rag", out, datasets="nq", services=services,
              show_progress=False, log=lambda *_: None)
