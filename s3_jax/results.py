@@ -11,6 +11,7 @@ EXPERIMENT holds what the experiment's commands wrote:
                         closed_book, rag, untrained, warm_start, trained, best_dev (any may be missing but
                         `trained`)
   probe/<name>.json     optional: `python -m s3_jax.probe --out` records, one column each of a signal table
+  tries/<name>/<seed>/  optional: metrics.jsonl of a setting tried and stopped, shown as a step table
   machine.txt           optional: the machine the experiment ran on, one line (the evaluations' wall times
                         come from their `timing.json`)
   commands.sh           optional: the exact commands, copied into the page verbatim
@@ -249,6 +250,29 @@ def plot_curves(experiment: Path, out: Path) -> Path:
   return out
 
 
+# (column, metric key) of the earlier tries' step tables
+TRY_COLUMNS = (("reward", "reward/mean"), ("searches / episode", "rollout/searches"),
+               ("docs selected", "rollout/docs_selected"), ("turns", "rollout/turns"),
+               ("entropy", "actor/entropy"), ("KL", "reward/kl"))
+
+
+def tries(experiment: Path) -> str:
+  """Each `tries/<name>/<seed>/metrics.jsonl` (a setting tried and stopped, e.g. a learning rate that
+  collapsed the policy) as a step table, so the page shows what was tried before the configuration of the
+  table; "" when there are none."""
+  blocks = []
+  for run in sorted(p for p in (experiment / "tries").glob("*/*") if (p / "metrics.jsonl").is_file()):
+    rows = metrics_lib.read_metrics(run)
+    lines = [f"`tries/{run.parent.name}/{run.name}`: {len(rows)} step(s)", "",
+             "| step | " + " | ".join(c for c, _ in TRY_COLUMNS) + " |", "|---|" + "---|" * len(TRY_COLUMNS)]
+    for row in rows:
+      cells = [_value(row, k) for _, k in TRY_COLUMNS]
+      lines.append(f"| {row['step']} | " + " | ".join(f"{v:.3f}" if math.isfinite(v) else "–" for v in cells)
+                   + " |")
+    blocks.append("\n".join(lines))
+  return "\n\n".join(blocks)
+
+
 def wall_times(experiment: Path, rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
   """The machine (`machine.txt`, written by the experiment's script) and each evaluation's wall time
   (`timing.json` of `python -m s3_jax.evaluate`), as page lines."""
@@ -280,6 +304,9 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
           verdict(rows), "",
           f"![training curves]({_relative(curves, out.parent)})", "", "## Training", "", *train_lines]
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
+  earlier = tries(experiment)
+  if earlier:
+    page += ["", "## Earlier tries (stopped, recorded; not in the table)", "", earlier]
   signal = probes(experiment)
   if signal:
     page += ["", "## What PPO sees at step 1 (`python -m s3_jax.probe`)", "", signal]

@@ -54,6 +54,7 @@ def _experiment(tmp_path):
             "rollout/ended_by_completion": 0.5, "probe/answer_in_top12": 12, "probe/oracle_genacc": 0.2}}))
   (exp / "commands.sh").write_text("python -m s3_jax.train --config configs/smollm2_wiki.py:learn\n")
   (exp / "machine.txt").write_text("2 cores, 23 GiB\n")
+  _metrics(exp / "tries" / "lr_high" / "seed0", 2, 0.5)
   (exp / "eval" / "rag" / "timing.json").write_text(json.dumps({"questions": 10, "seconds": 150.0}))
   return exp
 
@@ -86,6 +87,8 @@ def test_page_numbers_verdict_curves_and_episodes(tmp_path):
   assert "32 filtered training questions of `asset:qa-trivia/train.jsonl` (the first 64" in page
   assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "- seed0: 3 steps, 0.50 h of steps" in page
+  assert "`tries/lr_high/seed0`: 2 step(s)" in page
+  assert "| 2 | 1.000 | – | – | – | – | 0.020 |" in page  # reward 0.5 x step 2, KL 0.01 x step 2
   assert "- machine: 2 cores, 23 GiB" in page and "- evaluation rag: 10 questions in 2.5 min" in page
 
 
