@@ -10,9 +10,11 @@ after each save process 0 writes `STEP/s3_jax_manifest.json`: the size and SHA-2
 `restore` checks the newest step against it and, when a file is missing, cut short or changed (or the
 manifest itself is missing: the save did not finish), says which file of which step, moves that step aside
 to `WORKDIR/checkpoints_corrupt/` and tries the previous one; with no good step left it raises
-`CheckpointError`, one sentence. Checkpoints written before manifests existed (no step has one) restore
-unchecked, and the log says so. The manifest is hashed from one process's view of the directory, so on a
-multi-host run it covers a shared filesystem (GCS, NFS), not per-host local disks.
+`CheckpointError`, one sentence. Steps written before manifests existed (older than the newest step with
+one) restore unchecked, and the log says so. Every process checks, and all act on one verdict; failures
+on process 0 (an unwritable folder, a manifest that cannot be written) are raised on every process. An
+orbax error on an intact step is raised as it is. The manifest is hashed from one process's view of the
+directory, so on a multi-host run it covers a shared filesystem (GCS, NFS), not per-host local disks.
 """
 
 from __future__ import annotations
@@ -68,9 +70,11 @@ def check_manifest(folder: Path) -> str | None:
     return f"{path} is missing (the save did not finish)"
   try:
     expected = json.loads(path.read_text())["files"]
+    actual = _files(folder)
   except (ValueError, KeyError, TypeError) as e:
     return f"{path} is unreadable ({type(e).__name__}: {e})"
-  actual = _files(folder)
+  except OSError as e:
+    return f"{folder} could not be read ({e})"
   problems = []
   for name, want in expected.items():
     got = actual.get(name)
@@ -98,14 +102,32 @@ def _check_writable(directory: Path) -> None:
     raise CheckpointError(f"cannot write checkpoints to {directory}: {e.strerror or e}") from e
 
 
+def _on_process_0(what: Callable[[], None]) -> None:
+  """Runs `what` on process 0; a `CheckpointError` it raises is raised on every process (the others would
+  otherwise wait for process 0 at the next collective)."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      what()
+    except CheckpointError as e:
+      error = str(e)
+  errors = [e for e in sharding_lib.host_gather_objects(error) if e]
+  if errors:
+    raise CheckpointError(errors[0])
+
+
+def check_writable(directory: str | Path) -> None:
+  """Raises `CheckpointError` (path and OS error) on every process when process 0 cannot write `directory`:
+  what the trainer checks before anything slow."""
+  _on_process_0(lambda: _check_writable(Path(directory).absolute()))
+
+
 class Checkpointer:
   def __init__(self, directory: str | Path, *, keep: int = 3, log: Callable[[str], None] = _stderr):
     self.directory = Path(directory).absolute()
     self.log = log
     self.keep = keep
-    if jax.process_index() == 0:
-      _check_writable(self.directory)
-    sharding_lib.host_barrier("checkpoint-directory")
+    check_writable(self.directory)
     self.manager = self._manager()
 
   def _manager(self) -> ocp.CheckpointManager:
@@ -119,24 +141,29 @@ class Checkpointer:
     """Saves, waits until the checkpoint is complete on disk (a kill right after returns loses nothing), then
     writes its manifest. A failed save raises `CheckpointError` with the path and the OS error."""
     folder = self.directory / str(step)
-    if jax.process_index() == 0:
-      _check_writable(self.directory)
+    check_writable(self.directory)
     try:
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
       self.manager.wait_until_finished()
-      sharding_lib.host_barrier(f"checkpoint-saved-{step}")
-      if jax.process_index() == 0:
-        write_manifest(folder)
     except OSError as e:
       raise CheckpointError(f"saving the checkpoint of step {step} to {folder} failed: "
                             f"{e.strerror or e}") from e
-    sharding_lib.host_barrier(f"checkpoint-manifest-{step}")
+    sharding_lib.host_barrier(f"checkpoint-saved-{step}")
+
+    def manifest() -> None:
+      try:
+        write_manifest(folder)
+      except OSError as e:
+        raise CheckpointError(f"writing the manifest of {folder} failed: {e.strerror or e}") from e
+    _on_process_0(manifest)
 
   def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any], int]:
-    """`(state, meta, step)` of `step`, or by default of the newest intact step (older ones are tried when
-    the newest fails its manifest or orbax cannot read it; each such step is reported and moved aside), laid
-    out like `template`. Raises `CheckpointError` when none is intact, FileNotFoundError when none exists."""
+    """`(state, meta, step)` of `step`, or by default of the newest intact step, laid out like `template`.
+    A step that fails its manifest (every process checks; one process's verdict counts for all) is reported,
+    moved aside, and the previous one tried; `CheckpointError` when none is intact, FileNotFoundError when
+    none exists. An error of orbax's on an intact step (a template that no longer matches the saved state,
+    say) is raised as it is: the checkpoint is fine, the request is not."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
@@ -144,26 +171,27 @@ class Checkpointer:
       if step not in steps:
         raise FileNotFoundError(f"{self.directory}: no checkpoint of step {step} (have {sorted(steps)})")
       steps = [step]
-    unchecked = not any((self.directory / str(s) / MANIFEST).exists() for s in steps)
-    if unchecked:
-      self.log(f"checkpoints in {self.directory} have no manifests (written before s3_jax checked them): "
-               "restoring unchecked")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    # Steps older than the newest one with a manifest were written before manifests existed: unchecked.
+    with_manifest = [s for s in steps if (self.directory / str(s) / MANIFEST).exists()]
+    newest_checked = max(with_manifest, default=None)
     bad = []
     for s in steps:
-      problem = None if unchecked else check_manifest(self.directory / str(s))
-      if problem is None:
-        try:
-          restored = self.manager.restore(s, args=ocp.args.Composite(
-              state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        except Exception as e:  # reported, the step moved aside, and the previous one tried
-          problem = f"orbax could not read it ({type(e).__name__}: {str(e).splitlines()[0][:300]})"
-        else:
-          if bad:
-            self.log(f"restored the checkpoint of step {s} instead (the previous intact one)")
-          return restored["state"], dict(restored["meta"]), s
+      if newest_checked is None or (s < newest_checked and s not in with_manifest):
+        self.log(f"checkpoint of step {s} in {self.directory} has no manifest (written before s3_jax checked "
+                 "them): restoring it unchecked")
+        problem = None
+      else:
+        problem = check_manifest(self.directory / str(s))
+      problems = [p for p in sharding_lib.host_gather_objects(problem) if p]
+      if not problems:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = self.manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        if bad:
+          self.log(f"restored the checkpoint of step {s} instead (the previous intact one)")
+        return restored["state"], dict(restored["meta"]), s
       bad.append(s)
-      self.log(f"checkpoint of step {s} is corrupt or incomplete: {problem}")
+      self.log(f"checkpoint of step {s} is corrupt or incomplete: {problems[0]}")
       self._set_aside(s)
     raise CheckpointError(f"no intact checkpoint in {self.directory} (steps {', '.join(map(str, bad))} are "
                           f"corrupt or incomplete, moved to {self._aside_dir()}): delete the workdir's "
@@ -174,6 +202,7 @@ class Checkpointer:
 
   def _set_aside(self, step: int) -> None:
     """Moves a bad step out of orbax's directory (the run can save that step again), kept for a look."""
+    sharding_lib.host_barrier(f"checkpoint-checked-{step}")  # every process has finished reading it
     if jax.process_index() == 0:
       target = self._aside_dir() / f"{step}.{time.strftime('%Y%m%dT%H%M%S')}"
       target.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from flax import nnx
 from s3_jax import assets, compile_cache, config_lib, host_memory
 from s3_jax import metrics as metrics_lib
 from s3_jax import sharding as sharding_lib
-from s3_jax.checkpoint import Checkpointer, CheckpointError
+from s3_jax.checkpoint import Checkpointer, CheckpointError, check_writable
 from s3_jax.data.training import TrainingData, load_training_data
 from s3_jax.models import precision
 from s3_jax.models.config import DecoderConfig
@@ -58,8 +58,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
   workdir.mkdir(parents=True, exist_ok=True)
   _record_config(config, workdir, log if is_main else None)
   compile_cache.enable(config.compile_cache, log if is_main else None)
-  # Before anything slow: an unwritable checkpoint folder fails here, with its path.
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, log=log)
+  check_writable(workdir / "checkpoints")  # before anything slow: an unwritable folder fails here, by path
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   log(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s); "
       f"workdir {workdir}")
@@ -93,6 +92,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     log(f"reward {config.reward.kind}: answers by {scorer.generator_id}, judged by {scorer.judge_id}")
 
     # Resume from the latest checkpoint, or start at step 0.
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, log=log)
     rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))  # host data: saved by any process
     step = 0
     if checkpointer.latest_step():  # the newest intact one: a corrupt step is reported and the previous used
@@ -136,7 +136,11 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
                 group_offset=jax.process_index() * len(examples))
           except Exception as e:  # the state is untouched: save it, so a rerun resumes right here
             if step and saved_step != step:
-              _save(checkpointer, step, state, rng, data, config)
+              try:
+                _save(checkpointer, step, state, rng, data, config)
+              except CheckpointError as save_error:
+                raise RuntimeError(f"step {step + 1} failed during rollout/reward: {e}; saving the state "
+                                   f"after step {step} failed too: {save_error}") from e
             raise RuntimeError(f"step {step + 1} failed during rollout/reward: {e}. The state after step "
                                f"{step} is saved in {workdir / 'checkpoints'}; fix the cause and rerun the "
                                f"same command to resume.") from e

@@ -117,7 +117,35 @@ def test_checkpoints_without_manifests_restore_unchecked_and_say_so(tmp_path):
   for s in (1, 2):
     (tmp_path / "checkpoints" / str(s) / MANIFEST).unlink()
   _assert_restored(ckpt, 2)
-  assert "have no manifests" in logs[0]
+  assert "checkpoint of step 2" in logs[0] and "has no manifest (written before s3_jax checked" in logs[0]
+  ckpt.close()
+
+
+def test_steps_older_than_the_first_manifest_are_kept_as_unchecked(tmp_path):
+  """A run resumed across the version that added manifests: 1 and 2 have none, 3 has one and is damaged:
+  step 2 is restored (unchecked, said so), not moved aside as an unfinished save."""
+  ckpt, logs = _saved(tmp_path, steps=(1, 2, 3))
+  for s in (1, 2):
+    (tmp_path / "checkpoints" / str(s) / MANIFEST).unlink()
+  _overwrite(_largest_file(tmp_path / "checkpoints" / "3"))
+  _assert_restored(ckpt, 2)
+  said = "\n".join(logs)
+  assert "checkpoint of step 3 is corrupt" in said
+  assert "step 2 in" in said and "restoring it unchecked" in said
+  assert (tmp_path / "checkpoints" / "2").is_dir()
+  ckpt.close()
+
+
+def test_an_orbax_error_on_an_intact_step_is_raised_and_the_step_kept(tmp_path):
+  """A template that no longer matches the saved state (the config changed) is the caller's problem, not the
+  checkpoint's: orbax's error comes through and nothing is moved aside."""
+  ckpt, logs = _saved(tmp_path)
+  assert logs == []
+  with pytest.raises(Exception) as raised:
+    ckpt.restore({"w": np.zeros((64, 32), np.float32), "b": np.zeros((32,), np.float32),
+                  "extra": np.zeros((3,), np.float32)})
+  assert not isinstance(raised.value, CheckpointError)
+  assert (tmp_path / "checkpoints" / "2").is_dir() and not (tmp_path / "checkpoints_corrupt").exists()
   ckpt.close()
 
 
