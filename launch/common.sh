@@ -43,7 +43,7 @@ run() {
 
 # Errors worth retrying: no capacity, quota, or a transient service error (gcloud's wording). Anything else
 # (a bad flag, a permission, a name already taken) fails at once.
-RETRYABLE='RESOURCE_EXHAUSTED|resource pool exhausted|does not have enough resources|[Qq]uota|UNAVAILABLE|INTERNAL|[Ii]nternal error|[Tt]ry again|timed out|DEADLINE_EXCEEDED|503|429'
+RETRYABLE='RESOURCE_EXHAUSTED|RESOURCE_POOL_EXHAUSTED|resource pool exhausted|[Nn]o more capacity|capacity|stockout|does not have enough resources|currently unavailable|[Qq]uota|UNAVAILABLE|INTERNAL|[Ii]nternal error|[Tt]ry again|timed out|DEADLINE_EXCEEDED|503|429'
 
 # retry ATTEMPTS SECONDS WHAT COMMAND...: runs COMMAND until it succeeds, at most ATTEMPTS times, SECONDS
 # apart, while its error output says the failure can pass (RETRYABLE); fails naming WHAT.
@@ -51,16 +51,16 @@ retry() {
   local attempts="$1" seconds="$2" what="$3" attempt errors status
   shift 3
   errors="$(mktemp)"
+  # shellcheck disable=SC2064  # the file's name now, on any way out of this function
+  trap "rm -f '$errors'; trap - RETURN" RETURN
   for ((attempt = 1; attempt <= attempts; attempt++)); do
     status=0
     "$@" 2> "$errors" || status=$?
     cat "$errors" >&2
     if ((status == 0)); then
-      rm -f "$errors"
       return 0
     fi
     if ! grep -Eq "$RETRYABLE" "$errors"; then
-      rm -f "$errors"
       echo "could not $what: the error is not one that passes with time (capacity, quota, transient); not retried" >&2
       return "$status"
     fi
@@ -69,7 +69,6 @@ retry() {
       sleep "$seconds"
     fi
   done
-  rm -f "$errors"
   echo "could not $what after $attempts attempts" >&2
   return 1
 }

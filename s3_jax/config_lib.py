@@ -532,10 +532,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       inner = inner.args[0]
     name, _, hint = str(inner).partition("\n")
     name = name.strip("'\"")
-    culprit = next((a for a in argv[1:] if a.startswith("--config.") and f".{name}" in a.partition("=")[0]),
-                   None)
-    if culprit is None:
-      sys.exit(f"error: a --config override: {' '.join(str(inner).split())}")
+    culprit = next((a for a in argv[1:] if a.startswith("--config.")
+                    and name in a.partition("=")[0][len("--config."):].split(".")), None)
+    if culprit is None:  # not an override's fault (a config file's own error, say): its trace is the clue
+      raise
     sys.exit(f"error: {culprit}: no config key {name!r}" + (f" ({hint.strip()})" if hint else ""))
 
 

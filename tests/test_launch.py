@@ -131,7 +131,9 @@ def test_flags_anywhere_and_unknown_flags_never_reach_gcloud(tmp_path, script, e
     ("ERROR: (gcloud.compute.tpus.tpu-vm.create) unrecognized arguments: --bogus", 1, False),
     ("ERROR: (gcloud.compute.tpus.tpu-vm.create) PERMISSION_DENIED: caller lacks tpu.nodes.create", 1, False),
     ("ERROR: (gcloud.compute.tpus.tpu-vm.create) RESOURCE_EXHAUSTED: no more capacity in the zone", 3, True),
-    ("ERROR: (gcloud.compute.tpus.tpu-vm.create) Quota 'TPUV5E' exceeded", 3, True)])
+    ("ERROR: (gcloud.compute.tpus.tpu-vm.create) Quota 'TPUV5E' exceeded", 3, True),
+    ("ERROR: (gcloud.compute.tpus.tpu-vm.create) There is no more capacity in the zone \"us-west4-a\"; you "
+     "can try in another zone where Cloud TPU Nodes are offered", 3, True)])
 def test_create_retries_only_errors_that_can_pass(tmp_path, stderr, calls_expected, can_pass):
   path, calls = _stand_in_gcloud(tmp_path, stderr=stderr, status=1)
   done = subprocess.run(["bash", str(REPO / "launch" / "tpu_vm.sh"), "create"], capture_output=True,

@@ -19,7 +19,10 @@ def check_row(raw: bytes, corpus: str | Path, line_no: int, ids: dict[str, int])
   """Checks one non-blank corpus line (JSON, a valid row, a new id; `ids` maps the ids seen to their row);
   raises `DataFormatError` naming `corpus` and `line_no`."""
   try:
-    doc = doc_from_row(json.loads(raw.decode("utf-8")))
+    row = json.loads(raw.decode("utf-8"))
+    if not isinstance(row, dict):
+      raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    doc = doc_from_row(row)
   except UnicodeDecodeError as e:
     raise DataFormatError(corpus, line_no,
                           f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from e

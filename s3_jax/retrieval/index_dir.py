@@ -146,6 +146,8 @@ def ensure_index(corpus: str | Path, kind: str, *, corpus_limit: int = 0, encode
       if corpus_limit > 0:  # the subset's corpus file moves with the folder
         manifest["corpus"]["path"] = str(out / "corpus.jsonl")
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+      if out.exists():  # no manifest: a build interrupted before builds went through OUT.partial
+        shutil.rmtree(out)
       partial.rename(out)
   return out
 

@@ -94,4 +94,7 @@ def _connected(connect: Callable[..., Any], key: str, address: str, budget: floa
   except ServiceUnavailableError as e:
     client.close()
     raise ServiceUnavailableError(f"config.{key}={address!r}: no answer at start-up: {e}") from None
+  except BaseException:  # a wrong token (PermissionError) or an interrupt: the channel closed all the same
+    client.close()
+    raise
   return client

@@ -19,7 +19,10 @@ from s3_jax.services.protos import generation_pb2
 # Fields this endpoint reads; any other field set to something other than null / false / 0 / "" is refused
 # with 400 (`model` and `user` are accepted and not used: one model is served).
 FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop",
-          "stream", "n", "user"}
+          "stream", "n", "user",
+          # vLLM's chat extras, which this project's `openai` backend sends to continue an assistant message:
+          # the backends here continue a chat that ends with an assistant message already
+          "continue_final_message", "add_generation_prompt"}
 MAX_N = 16
 
 

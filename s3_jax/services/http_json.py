@@ -24,6 +24,7 @@ import json
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -67,6 +68,8 @@ class JsonHandler(BaseHTTPRequestHandler):
   def setup(self):
     super().setup()
     self._answered = False
+    self._unread = False  # an answer went out before the body was read
+    self._body_read = False
     self._lock = threading.Lock()
     self._watchdog = threading.Timer(self.request_deadline, self._expire)
     self._watchdog.daemon = True
@@ -76,17 +79,37 @@ class JsonHandler(BaseHTTPRequestHandler):
     self._watchdog.cancel()
     try:
       super().finish()
+      if self._unread:
+        self._linger()
     except OSError:  # the client went away (or the watchdog closed the socket): nothing left to tell it
       pass
 
-  def _expire(self) -> None:
-    """The whole request did not arrive in time: 408, then the socket closed under the reading thread."""
-    if self._claim():
+  def _linger(self) -> None:
+    """After an early answer (413, 400, ...) with the body unread: closing at once would reset the
+    connection and could drop the answer before the client reads it; so stop writing, then read and discard
+    what the client still sends, for a second and 4 MB at most."""
+    self.connection.shutdown(socket.SHUT_WR)
+    self.connection.settimeout(1.0)
+    deadline, drained = time.monotonic() + 1.0, 0
+    while time.monotonic() < deadline and drained < 4 << 20:
       try:
-        self.connection.sendall(_json_response(408, "Request Timeout", self.error_payload(
-            f"the request did not arrive within {self.request_deadline:g} s")))
-      except OSError:
-        pass  # the client is gone: nobody to answer
+        chunk = self.connection.recv(1 << 16)
+      except (TimeoutError, OSError):
+        return
+      if not chunk:
+        return
+      drained += len(chunk)
+
+  def _expire(self) -> None:
+    """The whole request did not arrive in time: 408, then the socket closed under the reading thread (not
+    when the handler already answers: its reply is not cut off)."""
+    if not self._claim():
+      return
+    try:
+      self.connection.sendall(_json_response(408, "Request Timeout", self.error_payload(
+          f"the request did not arrive within {self.request_deadline:g} s")))
+    except OSError:
+      pass  # the client is gone: nobody to answer
     try:
       self.connection.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -104,6 +127,7 @@ class JsonHandler(BaseHTTPRequestHandler):
     if not self._claim():
       return
     self._watchdog.cancel()
+    self._unread = not self._body_read and self._announces_body()
     data = json.dumps(payload).encode()
     try:
       self.send_response(status)
@@ -113,6 +137,13 @@ class JsonHandler(BaseHTTPRequestHandler):
       self.wfile.write(data)
     except OSError:
       self.close_connection = True  # the client went away before the answer: nothing to tell it
+
+  def _announces_body(self) -> bool:
+    headers = getattr(self, "headers", None)  # none when the request line itself was bad
+    if headers is None:
+      return False
+    length = headers.get("Content-Length", "").strip()
+    return (length.isdigit() and int(length) > 0) or "chunked" in headers.get("Transfer-Encoding", "").lower()
 
   def fail(self, status: int, message: str) -> None:
     self.close_connection = True  # the body may be unread: this connection is done
@@ -176,6 +207,7 @@ class JsonHandler(BaseHTTPRequestHandler):
       chunks.append(chunk)
       left -= len(chunk)
     self._watchdog.cancel()  # all of it arrived: the handler's own work is not under the request deadline
+    self._body_read = True
     return b"".join(chunks)
 
   def json_body(self) -> Any:

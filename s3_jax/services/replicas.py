@@ -18,6 +18,8 @@ from typing import Any
 from s3_jax.services.generator_client import GeneratorClient
 from s3_jax.services.retriever_client import RetrieverClient, ServiceUnavailableError
 
+REPLICA_RETRY_SECONDS = 1.0
+
 
 def parse_addresses(spec: str | Sequence[str]) -> list[str]:
   """`"a:1,b:2"` or `["a:1", "b:2"]` -> the addresses (blank entries and surrounding space dropped)."""
@@ -100,6 +102,15 @@ class ReplicaSet:
       raise ServiceUnavailableError(f"every {self.what} replica is down: {sorted(self.down)}")
     return clients[0]
 
+  def health(self) -> Any:
+    """The first replica's `Health` that answers; a replica that does not is dropped (as in `map`)."""
+    while True:
+      client = self.first_healthy()
+      try:
+        return client.health()
+      except ServiceUnavailableError as e:
+        self._drop(client.address, str(e))
+
   def close(self) -> None:
     for client in self.clients:
       client.close()
@@ -116,7 +127,7 @@ class ReplicatedRetriever:
     return self.replicas.map(queries, lambda client, share, offset: client.search(share, k))
 
   def health(self) -> Any:
-    return self.replicas.first_healthy().health()
+    return self.replicas.health()
 
   def close(self) -> None:
     self.replicas.close()
@@ -138,7 +149,7 @@ class ReplicatedGenerator:
     return [c.text for c in self.complete(chats, **kwargs)]
 
   def health(self) -> Any:
-    return self.replicas.first_healthy().health()
+    return self.replicas.health()
 
   def close(self) -> None:
     self.replicas.close()
@@ -146,11 +157,12 @@ class ReplicatedGenerator:
 
 def connect_retriever(spec: str | Sequence[str], **client_options: Any) -> Any:
   """A `RetrieverClient` for one address, a `ReplicatedRetriever` for several (comma-separated or a list).
-  Replicas default to a retry budget of 1 s each, so a dead one is dropped within about a second."""
+  Replicas retry for REPLICA_RETRY_SECONDS each (whatever `retry_seconds` says: that budget is for a lone
+  service), so a dead one is dropped within about a second and its share goes to the others."""
   addresses = parse_addresses(spec)
   if len(addresses) == 1:
     return RetrieverClient(addresses[0], **client_options)
-  return ReplicatedRetriever(addresses, **{"retry_seconds": 1.0, **client_options})
+  return ReplicatedRetriever(addresses, **{**client_options, "retry_seconds": REPLICA_RETRY_SECONDS})
 
 
 def connect_generator(spec: str | Sequence[str], **client_options: Any) -> Any:
@@ -158,4 +170,4 @@ def connect_generator(spec: str | Sequence[str], **client_options: Any) -> Any:
   addresses = parse_addresses(spec)
   if len(addresses) == 1:
     return GeneratorClient(addresses[0], **client_options)
-  return ReplicatedGenerator(addresses, **{"retry_seconds": 1.0, **client_options})
+  return ReplicatedGenerator(addresses, **{**client_options, "retry_seconds": REPLICA_RETRY_SECONDS})

@@ -51,8 +51,9 @@ def call_with_retries(method, request, *, what: str, timeout: float, retry_secon
                       metadata, log: Callable[[str], None] = log_to_stderr) -> object:
   """One unary call with a deadline, retried while the service is unavailable or slow — with exponential
   backoff from `backoff` seconds (at most MAX_BACKOFF), each retry logged — until `retry_seconds` have passed
-  since the first try. INVALID_ARGUMENT -> ValueError, UNAUTHENTICATED -> PermissionError, at once; `what`
-  names the service and its address in every error."""
+  since the first try (one retry at least when the budget is positive: a call that hit its deadline may have
+  used all of it). A message too large for the server is not retried. INVALID_ARGUMENT -> ValueError,
+  UNAUTHENTICATED -> PermissionError, at once; `what` names the service and its address in every error."""
   start, delay, attempt = time.monotonic(), backoff, 0
   while True:
     attempt += 1
@@ -65,7 +66,11 @@ def call_with_retries(method, request, *, what: str, timeout: float, retry_secon
       if code == grpc.StatusCode.UNAUTHENTICATED:
         raise PermissionError(f"{what}: {e.details()}") from None
       elapsed = time.monotonic() - start
-      if code not in _RETRYABLE or elapsed + delay > retry_seconds:
+      if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in (e.details() or ""):
+        raise ValueError(f"{what} rejected the request: {e.details()}") from None  # too big: never passes
+      # Past the budget no retry, except a first one (a call that timed out may have used the whole budget)
+      out_of_budget = elapsed + delay > retry_seconds and (attempt > 1 or retry_seconds <= 0)
+      if code not in _RETRYABLE or out_of_budget:
         raise ServiceUnavailableError(
             f"{what} did not answer after {attempt} attempt(s) in {elapsed:.1f} s (retry budget "
             f"{retry_seconds:g} s): {code.name}: {e.details()}") from None
