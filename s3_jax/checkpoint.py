@@ -1,7 +1,7 @@
 """Training checkpoints: orbax `CheckpointManager` over `WORKDIR/checkpoints`, each step with a manifest.
 
 Each checkpoint holds the state pytree (actor and critic parameters, optimizer states, the base RNG key) and
-a JSON record (PPO step, data-iterator position, config hash). Saves are collective (every process calls
+a JSON record (PPO step, data-iterator position, total steps). Saves are collective (every process calls
 `save`; orbax writes each host's shards). Restoring reads into the shapes, dtypes and shardings of a
 template state, so a resumed run continues on the same mesh layout.
 
