@@ -111,6 +111,18 @@ def test_rows_over_different_questions_are_refused(tmp_path):
     results.load_rows(exp)
 
 
+def test_an_evaluation_under_way_is_left_out_and_named(tmp_path):
+  exp = _experiment(tmp_path)
+  partial = exp / "eval" / "untrained" / "seed1" / "predictions.jsonl"
+  partial.write_text("".join(partial.read_text().splitlines(keepends=True)[:5]))  # 5 of 10 questions so far
+  with pytest.raises(ValueError, match="seed1: 5 of the questions evaluated: an evaluation under way"):
+    results.load_rows(exp)
+  page = results.write_page(exp, exp / "results.md", exp / "curves.png", episode_count=0)
+  assert "Not in the table yet (evaluations under way): untrained seed1 (5 questions so far)." in page
+  untrained = statistics.fmean([0.2, 0.3])  # seeds 0 and 2 only
+  assert f"| {results.ROWS['untrained']} | 10 | 2 | {100 * untrained:.1f} ± " in page
+
+
 def test_cli_errors_name_what_is_missing(tmp_path, capsys):
   exp = tmp_path / "learn"
   _predictions(exp / "eval" / "rag", {0})
