@@ -69,6 +69,9 @@ def get_config(arg=None):
     c.ppo.actor_micro_batch_size = 2
     c.ppo.critic_micro_batch_size = 2
     c.critic.separate_model = False
+    # The head learns at ppo.critic_lr (s3's critic rate, 1e-5) from values of 0: seed 0's first run (head at
+    # the actor's 1e-6, random kernel) never fitted the returns (explained variance < 0 at every step).
+    c.critic.head_init = "zeros"
     c.searcher.remat = "full"
     # s3's 1e-6 (ppo.actor_lr's default). Tried 1e-5 first (2026-12-06, seed 0, experiments/laptop/tries/):
     # one update took the warm start from 0.81 searches per episode to 0 and its entropy from 0.35 to 0.13.

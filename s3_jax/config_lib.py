@@ -225,6 +225,9 @@ def default_config() -> ml_collections.ConfigDict:
       "vocab_size": 49152, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
       "head_dim": 16, "mlp_size": 128, "rope_theta": 10000.0, "tie_embeddings": True})
   c.critic = ml_collections.ConfigDict({"separate_model": True})  # s3: a separate critic network
+  # With separate_model=False, a value head on the actor's trunk: learns at ppo.critic_lr (the trunk at
+  # ppo.actor_lr); its kernel starts as HF initialises a `score` head (normal) or at zero (values start at 0).
+  c.critic.head_init = "normal"  # normal | zeros
 
   c.retriever = ml_collections.ConfigDict()
   c.retriever.kind = "bm25"  # bm25 | dense
@@ -374,6 +377,7 @@ _CHOICES = {
     "searcher.compute_dtype": ("auto", "float32", "bfloat16"),
     "rollout.param_dtype": ("", "float32", "bfloat16"),
     "searcher.remat": ("full", "dots", "none"),
+    "critic.head_init": ("normal", "zeros"),
     "evaluate.agent_backend": ("jax", "vllm"),
     "reward.rag_context_format": ("s3", "d_s3"),
     "reward.judge.backend": ("same", "jax", "vllm", "openai"),

@@ -11,7 +11,8 @@ EXPERIMENT holds what the experiment's commands wrote:
                         closed_book, rag, untrained, warm_start, trained, best_dev (any may be missing but
                         `trained`)
   probe/<name>.json     optional: `python -m s3_jax.probe --out` records, one column each of a signal table
-  tries/<name>/<seed>/  optional: metrics.jsonl of a setting tried and stopped, shown as a step table
+  tries/<name>/<seed>/  optional: metrics.jsonl of a setting tried and replaced, shown as a step table, with
+                        its note.md (why it was replaced) and its eval/ (an evaluation's outputs) if present
   machine.txt           optional: the machine the experiment ran on, one line (the evaluations' wall times
                         come from their `timing.json`)
   commands.sh           optional: the exact commands, copied into the page verbatim
@@ -80,10 +81,12 @@ def _question_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   return {m: statistics.fmean(float(r["scores"][m]) for r in rows) for m in ("genacc", "em")}
 
 
-def load_rows(experiment: Path, unfinished: list[str] | None = None) -> dict[str, dict[str, Any]]:
+def load_rows(experiment: Path, unfinished: list[str] | None = None, *,
+              require_trained: bool = True) -> dict[str, dict[str, Any]]:
   """`{row: {"seeds": {label: {"genacc", "em"}}, "questions": n, "predictions": {label: rows}}}`; raises
-  when rows cover different questions or `trained` is missing. An evaluation still under way (a row or seed
-  whose questions are a strict part of the others') is left out and named in `unfinished`."""
+  when rows cover different questions or (`require_trained`) `trained` is missing. An evaluation still under
+  way (a row or seed whose questions are a strict part of the others') is left out and named in
+  `unfinished`."""
   out: dict[str, dict[str, Any]] = {}
   reference: tuple[str, set[tuple[str, str]]] | None = None
   for row in ROWS:
@@ -108,7 +111,7 @@ def load_rows(experiment: Path, unfinished: list[str] | None = None) -> dict[str
       seeds[label], predictions[label] = _question_means(rows), rows
     if seeds:
       out[row] = {"seeds": seeds, "questions": len(reference[1]), "predictions": predictions}
-  if "trained" not in out:
+  if require_trained and "trained" not in out:
     raise FileNotFoundError(f"{experiment / 'eval' / 'trained'}: the trained searcher's evaluation is "
                             "missing")
   return out
@@ -125,6 +128,8 @@ def _cell(mean: float, std: float | None) -> str:
 
 def verdict(rows: Mapping[str, Mapping[str, Any]]) -> str:
   """The bar, in one sentence, from the table's numbers."""
+  if "trained" not in rows:
+    return "No trained searcher evaluated yet: the bar cannot be judged."
   trained, trained_std = _stat(rows["trained"]["seeds"], "genacc")
   parts = []
   if "rag" in rows:
@@ -223,15 +228,18 @@ def probes(experiment: Path) -> str:
                     f"sampling seed {seed}, no update{note}:", "", *lines])
 
 
-def plot_curves(experiment: Path, out: Path) -> Path:
-  """One panel per `CURVES` entry, a line per training seed."""
+def plot_curves(experiment: Path, out: Path, runs: Mapping[str, Sequence[Mapping[str, Any]]] | None = None
+                ) -> Path:
+  """One panel per `CURVES` entry, a line per training seed (`runs`: `{label: metrics rows}`, default every
+  seed's metrics.jsonl under `train/`)."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  runs = {label: metrics_lib.read_metrics(path)
-          for label, path in _seed_folders(experiment / "train").items()}
+  if runs is None:
+    runs = {label: metrics_lib.read_metrics(path)
+            for label, path in _seed_folders(experiment / "train").items()}
   empty = [label for label, rows in runs.items() if not rows]
   if empty:
     raise FileNotFoundError(f"{experiment / 'train'}: no metrics.jsonl rows for "
@@ -259,18 +267,26 @@ def plot_curves(experiment: Path, out: Path) -> Path:
 # (column, metric key) of the earlier tries' step tables
 TRY_COLUMNS = (("reward", "reward/mean"), ("searches / episode", "rollout/searches"),
                ("docs selected", "rollout/docs_selected"), ("turns", "rollout/turns"),
-               ("entropy", "actor/entropy"), ("KL", "reward/kl"))
+               ("entropy", "actor/entropy"), ("KL", "reward/kl"),
+               ("value expl. var.", "critic/explained_variance"))
 
 
 def tries(experiment: Path) -> str:
-  """Each `tries/<name>/<seed>/metrics.jsonl` (a setting tried and stopped, e.g. a learning rate that
-  collapsed the policy) as a step table, so the page shows what was tried before the configuration of the
-  table; "" when there are none."""
+  """Each `tries/<name>/<seed>/metrics.jsonl` (a setting tried and replaced, e.g. a learning rate that
+  collapsed the policy) as a step table, with its `note.md` and its held-out evaluation (`eval/`) when there
+  is one, so the page shows what was tried before the configuration of the table; "" when there are none."""
   blocks = []
   for run in sorted(p for p in (experiment / "tries").glob("*/*") if (p / "metrics.jsonl").is_file()):
     rows = metrics_lib.read_metrics(run)
-    lines = [f"`tries/{run.parent.name}/{run.name}`: {len(rows)} step(s)", "",
-             "| step | " + " | ".join(c for c, _ in TRY_COLUMNS) + " |", "|---|" + "---|" * len(TRY_COLUMNS)]
+    lines = [f"`tries/{run.parent.name}/{run.name}`: {len(rows)} step(s)", ""]
+    if (run / "note.md").is_file():
+      lines += [(run / "note.md").read_text(encoding="utf-8").strip(), ""]
+    if (run / "eval" / "predictions.jsonl").is_file():
+      evaluated = report.read_predictions(run / "eval" / "predictions.jsonl")
+      means = _question_means(evaluated)
+      lines += [f"Held-out evaluation of its last step: GenAcc {100 * means['genacc']:.1f}, "
+                f"EM {100 * means['em']:.1f} on {len(evaluated)} questions.", ""]
+    lines += ["| step | " + " | ".join(c for c, _ in TRY_COLUMNS) + " |", "|---|" + "---|" * len(TRY_COLUMNS)]
     for row in rows:
       cells = [_value(row, k) for _, k in TRY_COLUMNS]
       lines.append(f"| {row['step']} | " + " | ".join(f"{v:.3f}" if math.isfinite(v) else "–" for v in cells)
@@ -299,23 +315,28 @@ def wall_times(experiment: Path, rows: Mapping[str, Mapping[str, Any]]) -> list[
 
 def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4) -> str:
   unfinished: list[str] = []
-  rows = load_rows(experiment, unfinished)
-  plot_curves(experiment, curves)
-  steps = {label: metrics_lib.read_metrics(path)
-           for label, path in _seed_folders(experiment / "train").items()}
+  rows = load_rows(experiment, unfinished, require_trained=False)
+  # Training runs; one that has begun but finished no step yet is named, not plotted.
+  train = experiment / "train"
+  steps = ({label: metrics_lib.read_metrics(path) for label, path in _seed_folders(train).items()}
+           if train.is_dir() and any(train.iterdir()) else {})
+  trained = any(steps.values())
+  if trained:
+    plot_curves(experiment, curves, {label: rows for label, rows in steps.items() if rows})
   train_lines = [f"- {label or 'run'}: {len(r)} steps, "
-                 f"{sum(x.get('time/step', 0.0) for x in r) / 3600:.2f} h of steps"
-                 for label, r in steps.items()]
+                 f"{sum(x.get('time/step', 0.0) for x in r) / 3600:.2f} h of steps" if r else
+                 f"- {label or 'run'}: under way, no step finished yet" for label, r in steps.items()]
   page = [f"# Results: {experiment.name}", "", "Generated by `python -m s3_jax.results` from the "
           "experiment's outputs; every row covers the same held-out questions.", "", table(rows), "",
           *([f"Not in the table yet (evaluations under way): {', '.join(unfinished)}.", ""] if unfinished
             else []),
           verdict(rows), "",
-          f"![training curves]({_relative(curves, out.parent)})", "", "## Training", "", *train_lines]
+          *([f"![training curves]({_relative(curves, out.parent)})", ""] if trained else []),
+          "## Training", "", *(train_lines or ["No training run yet."])]
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
   earlier = tries(experiment)
   if earlier:
-    page += ["", "## Earlier tries (stopped, recorded; not in the table)", "", earlier]
+    page += ["", "## Earlier tries (settings replaced, recorded; not in the table)", "", earlier]
   signal = probes(experiment)
   if signal:
     page += ["", "## What PPO sees at step 1 (`python -m s3_jax.probe`)", "", signal]

@@ -79,7 +79,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     actor = actor_model.arrays()
     ref = learner.place_ref(actor) if settings.kl_coef > 0 else None  # frozen initial actor (KL)
     if learner.shared_head:
-      actor["value_head"] = update_lib.init_value_head(actor_model.config, jax.random.key(config.seed + 2))
+      actor["value_head"] = update_lib.init_value_head(actor_model.config, jax.random.key(config.seed + 2),
+                                                       kernel=config.critic.head_init)
     state = learner.init_state(actor, critic if learner.separate_critic else None)
     del actor, critic
     # Rollouts run on every host over its own questions, so each samples on its own devices.

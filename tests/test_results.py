@@ -55,6 +55,9 @@ def _experiment(tmp_path):
   (exp / "commands.sh").write_text("python -m s3_jax.train --config configs/smollm2_wiki.py:learn\n")
   (exp / "machine.txt").write_text("2 cores, 23 GiB\n")
   _metrics(exp / "tries" / "lr_high" / "seed0", 2, 0.5)
+  _metrics(exp / "tries" / "slow_head" / "seed0", 3, 0.1)
+  (exp / "tries" / "slow_head" / "seed0" / "note.md").write_text("Replaced: the head never learned.\n")
+  _predictions(exp / "tries" / "slow_head" / "seed0" / "eval", {0, 1, 2, 3})
   (exp / "eval" / "rag" / "timing.json").write_text(json.dumps({"questions": 10, "seconds": 150.0}))
   return exp
 
@@ -88,7 +91,10 @@ def test_page_numbers_verdict_curves_and_episodes(tmp_path):
   assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "- seed0: 3 steps, 0.50 h of steps" in page
   assert "`tries/lr_high/seed0`: 2 step(s)" in page
-  assert "| 2 | 1.000 | – | – | – | – | 0.020 |" in page  # reward 0.5 x step 2, KL 0.01 x step 2
+  assert "| 2 | 1.000 | – | – | – | – | 0.020 | – |" in page  # reward 0.5 x step 2, KL 0.01 x step 2
+  assert "`tries/slow_head/seed0`: 3 step(s)\n\nReplaced: the head never learned." in page
+  # 4 of 10 right; EM on the even ones among them (0, 2)
+  assert "Held-out evaluation of its last step: GenAcc 40.0, EM 20.0 on 10 questions." in page
   assert "- machine: 2 cores, 23 GiB" in page and "- evaluation rag: 10 questions in 2.5 min" in page
 
 
@@ -123,11 +129,25 @@ def test_an_evaluation_under_way_is_left_out_and_named(tmp_path):
   assert f"| {results.ROWS['untrained']} | 10 | 2 | {100 * untrained:.1f} ± " in page
 
 
-def test_cli_errors_name_what_is_missing(tmp_path, capsys):
+def test_a_page_before_any_training_says_so_and_errors_name_what_is_missing(tmp_path, capsys):
   exp = tmp_path / "learn"
   _predictions(exp / "eval" / "rag", {0})
-  assert results.main([str(exp)]) == 1
-  assert "eval/trained: the trained searcher's evaluation is missing" in capsys.readouterr().err
-  _predictions(exp / "eval" / "trained", {0, 1})
+  assert results.main([str(exp)]) == 0  # an experiment under way: the rows so far, no verdict
+  page = capsys.readouterr().out
+  assert f"| {results.ROWS['rag']} | 10 | 1 | 10.0 |" in page
+  assert "No trained searcher evaluated yet: the bar cannot be judged." in page
+  assert "No training run yet." in page and "curves.png" not in page
+  (exp / "train" / "seed0").mkdir(parents=True)  # a run that has begun, no step done: named, not plotted
+  _metrics(exp / "train" / "seed1", 2, 0.1)
+  assert results.main([str(exp)]) == 0
+  page = capsys.readouterr().out
+  assert "- seed0: under way, no step finished yet" in page and "- seed1: 2 steps" in page
+  assert (exp / "curves.png").is_file()
+  with pytest.raises(FileNotFoundError, match="eval/trained: the trained searcher's evaluation is missing"):
+    results.load_rows(exp)
+  (exp / "train" / "seed0").rmdir()
+  (exp / "train" / "seed1" / "metrics.jsonl").unlink()
+  (exp / "train" / "seed1" / "x").write_text("")
+  (exp / "train" / "seed1").rename(exp / "train" / "other")
   assert results.main([str(exp)]) == 1
   assert "train: neither outputs" in capsys.readouterr().err

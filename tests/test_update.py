@@ -107,6 +107,43 @@ def test_sharded_update_matches_unsharded_and_does_not_retrace(separate, compute
     np.testing.assert_allclose([m["critic/lr"] for m in metrics_a], [0.0, 5e-4, 1e-3], rtol=1e-6)
 
 
+@pytest.mark.parametrize("actor_lr, critic_lr", [(0.0, 1e-3), (1e-3, 0.0)])
+def test_a_value_head_on_the_actor_learns_at_the_critic_rate(actor_lr, critic_lr):
+  """critic.separate_model=False: the value head takes ppo.critic_lr and the trunk ppo.actor_lr. AdamW's first
+  step moves a weight with gradient g by -lr·(g / (|g| + ε) + wd·w): by lr·sign(g), plus decay. A zero kernel
+  (critic.head_init=zeros) gives values of exactly 0 before the update."""
+  settings = dataclasses.replace(SETTINGS, separate_critic=False, batch_size=16, mini_batch_size=16,
+                                 actor_micro_batch_size=8, epochs=1, actor_lr=actor_lr, critic_lr=critic_lr,
+                                 critic_warmup_steps=0)
+  learner = update_lib.PPOLearner(settings, CONFIG)
+  actor, _ = _models()
+  ref = learner.place_ref(actor)
+  actor["value_head"] = update_lib.init_value_head(CONFIG, jax.random.key(5), kernel="zeros")
+  before = jax.device_get(actor)
+  state = learner.init_state(actor)
+  batch = learner.place_batch(_random_batch(np.random.default_rng(1)))
+  scored = learner.score(state, ref, batch)
+  np.testing.assert_array_equal(jax.device_get(scored["values"]), 0.0)
+  state, metrics = learner.update(state, {**batch, **scored})
+  after = jax.device_get(state["actor"]["params"])
+  assert metrics["actor/lr"] == np.float32(actor_lr) and metrics["critic/lr"] == np.float32(critic_lr)
+  wd = settings.weight_decay
+  for part, lr in (("value_head", critic_lr), ("trunk", actor_lr)):
+    keys = ["value_head"] if part == "value_head" else [k for k in before if k != "value_head"]
+    for k in keys:
+      for (path, w0), w1 in zip(jax.tree_util.tree_leaves_with_path(before[k]), jax.tree.leaves(after[k]),
+                                strict=True):
+        w0, w1 = np.asarray(w0, np.float64), np.asarray(w1, np.float64)
+        step = np.abs(w1 - w0 * (1 - lr * wd))  # lr·|g| / (|g| + ε), up to float32 rounding of w1
+        ulp = 2 * np.finfo(np.float32).eps * np.maximum(np.abs(w0), np.abs(w1))
+        name = f"{k}{jax.tree_util.keystr(path)}"
+        assert np.all(step <= lr + ulp), name
+        if lr:
+          assert np.median(step) > 0.99 * lr, name  # every weight with a gradient moved by lr
+        else:
+          np.testing.assert_array_equal(w1, w0, err_msg=name)
+
+
 def test_score_matches_a_direct_forward_pass():
   """Old log-probs at window slot j are log_softmax(logits[index_j - 1])[token at index_j]; values are the
   head on the hidden state before it."""

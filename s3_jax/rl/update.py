@@ -9,7 +9,8 @@
 
 Learners: the actor (policy loss + entropy bonus [+ KL loss]) and, with a critic, either a separate critic
 network (s3's choice: backbone + scalar head, its own optimizer) or a value head on the actor's backbone
-(`critic.separate_model=False`: one optimizer, loss + ppo.vf_coef · value loss).
+(`critic.separate_model=False`: loss + ppo.vf_coef · value loss, one gradient clip; the head learns at
+ppo.critic_lr, the trunk at ppo.actor_lr).
 
 A batch holds whole sequences (`tokens`, `attention_mask`: `[b, t]`) and a per-row window of the positions
 that are trained on (`index [b, w]`, the response after the prompt); every per-token quantity (masks, scores,
@@ -246,8 +247,15 @@ def critic_logical_axes(config: DecoderConfig) -> Params:
           "head": {"kernel": ("embed",), "bias": ()}}
 
 
-def init_value_head(config: DecoderConfig, rng: jax.Array, dtype=jnp.float32) -> Params:
-  """A fresh scalar head: normal(initializer_range) kernel, zero bias (as HF initialises `score`)."""
+def init_value_head(config: DecoderConfig, rng: jax.Array, dtype=jnp.float32, *,
+                    kernel: str = "normal") -> Params:
+  """A fresh scalar head with a zero bias and a normal(initializer_range) kernel (as HF initialises `score`)
+  or, `kernel="zeros"`, a zero kernel: every value starts at 0 instead of a random projection of the hidden
+  state (whose spread, ~0.02·|h|, is larger than a 0/1 reward's when the head learns slowly)."""
+  if kernel == "zeros":
+    return {"kernel": jnp.zeros((config.hidden_size,), dtype), "bias": jnp.zeros((), dtype)}
+  if kernel != "normal":
+    raise ValueError(f"value head kernel init {kernel!r} must be normal or zeros")
   return {"kernel": (jax.random.normal(rng, (config.hidden_size,)) * config.initializer_range).astype(dtype),
           "bias": jnp.zeros((), dtype)}
 
@@ -269,10 +277,44 @@ def lr_schedule(lr: float, warmup_steps: int, updates_per_step: int):
   return schedule
 
 
-def make_optimizer(schedule, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (β = 0.9, 0.999; ε = 1e-8; decoupled weight decay, as torch)."""
-  return optax.chain(optax.clip_by_global_norm(grad_clip),
-                     optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+def make_optimizer(schedule, weight_decay: float, grad_clip: float,
+                   head_schedule=None) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW (β = 0.9, 0.999; ε = 1e-8; decoupled weight decay, as torch).
+
+  With `head_schedule` (a value head on the actor) the `value_head` subtree steps at that rate and the rest at
+  `schedule`, after the one clip over the whole gradient: AdamW is elementwise, so this is two AdamWs, the
+  critic's rate for the critic's parameters as with a separate critic (at the actor's 1e-6 a fresh head
+  barely moves in a laptop run)."""
+  if head_schedule is None:
+    return optax.chain(optax.clip_by_global_norm(grad_clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
+                     optax.add_decayed_weights(weight_decay), _scale_by_rates(schedule, head_schedule))
+
+
+def _scale_by_rates(schedule, head_schedule) -> optax.GradientTransformation:
+  """`optax.scale_by_learning_rate` with a second schedule for the `value_head` subtree."""
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    rates = {"trunk": schedule(state.count), "head": head_schedule(state.count)}
+    scaled = {k: jax.tree.map(lambda u, r=rates["head" if k == "value_head" else "trunk"]: -r * u, v)
+              for k, v in updates.items()}
+    return scaled, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
+def update_count(opt_state) -> jax.Array:
+  """How many updates an optimizer state of `make_optimizer` has applied (Adam's step counter; with a value
+  head the rates' counter counts the same updates)."""
+  counts = [c for _, c in optax.tree_utils.tree_get_all_with_path(opt_state, "count")]
+  if not counts:
+    raise ValueError("optimizer state has no AdamW step counter")
+  return counts[0]
 
 
 # -- the learner ----------------------------------------------------------------------------------------
@@ -303,7 +345,8 @@ class PPOLearner:
     steps = settings.updates_per_step
     self.actor_lr = lr_schedule(settings.actor_lr, settings.actor_warmup_steps, steps)
     self.critic_lr = lr_schedule(settings.critic_lr, settings.critic_warmup_steps, steps)
-    self.actor_opt = make_optimizer(self.actor_lr, settings.weight_decay, settings.grad_clip)
+    self.actor_opt = make_optimizer(self.actor_lr, settings.weight_decay, settings.grad_clip,
+                                    head_schedule=self.critic_lr if self.shared_head else None)
     self.critic_opt = make_optimizer(self.critic_lr, settings.weight_decay, settings.grad_clip)
     self.state_shardings = None  # set by init_state on a mesh
     self.trace_counts = {"score": 0, "update": 0}
@@ -610,9 +653,9 @@ class PPOLearner:
     """The step's metrics: the batch's, the minibatch steps' means (`per_step`: arrays over steps) and the
     learning rates that were used."""
     metrics = {**metrics, **{k: jnp.mean(v) for k, v in per_step.items()}}
-    count = state["actor"]["opt"][1][0].count  # adamw's step counter after this update
+    count = update_count(state["actor"]["opt"])  # after this update
     metrics["actor/lr"] = self.actor_lr(count - 1)
-    if self.separate_critic:
+    if self.with_critic:
       metrics["critic/lr"] = self.critic_lr(count - 1)
     return metrics
 
