@@ -2,8 +2,8 @@
 and generator, BM25 over the 10,033 Wikipedia summaries, FanOutQA test questions): questions per second of
 `python -m s3_jax.evaluate` for `rag` and `s3`, where the time goes (searcher sampling, retrieval, generation,
 judge), and, side by side, `rag` scored the way s3's `context.py` does it: one retrieval request, one answer
-request and (when the span check fails) one judge request per question, in a serial loop (spec §9; s3 runs
-10 such loops in a process pool, which on a 2-core machine cannot beat one batched engine).
+request and (when the span check fails) one judge request per question, in a serial loop (s3_protocol.md §9;
+s3 runs 10 such loops in a process pool, which on a 2-core machine cannot beat one batched engine).
 
   python benchmarks/evaluate.py [--n 16] [--methods rag,s3] [--config configs/smollm2_wiki.py]
 

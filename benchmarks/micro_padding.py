@@ -51,7 +51,7 @@ def run(path: str, batch: dict, micro: int, mini: int, score_micro: int, remat: 
   from flax import nnx
 
   from s3_jax import assets
-  from s3_jax.models.decoder import Decoder
+  from s3_jax.models.decoder import Decoder, init_value_head
   from s3_jax.models.hf import read_config
   from s3_jax.rl import update as update_lib
 
@@ -65,7 +65,7 @@ def run(path: str, batch: dict, micro: int, mini: int, score_micro: int, remat: 
   learner = update_lib.PPOLearner(dataclasses.replace(settings), config, remat=remat)
   actor = Decoder(config, rngs=nnx.Rngs(0)).arrays()
   ref = learner.place_ref(actor)
-  state = learner.init_state({**actor, "value_head": update_lib.init_value_head(config, jax.random.key(1))})
+  state = learner.init_state({**actor, "value_head": init_value_head(config, jax.random.key(1))})
   times = []
   for _ in range(1 + repeats):  # the first call compiles
     layout = learner.layout(batch)

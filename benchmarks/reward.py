@@ -3,7 +3,7 @@ documents as D_s3), scored by the same generator service (`python -m s3_jax.serv
 SmolLM2-135M-Instruct, fp32, in its own process on 127.0.0.1):
 
 1. s3-style: a serial loop, one answer request per trajectory, then one judge request when the span check
-   fails (spec §3.1: what s3's `compute_score_rag` does);
+   fails (s3_protocol.md §3.1: what s3's `compute_score_rag` does);
 2. this project's `RewardScorer`: one batched answer call, one batched judge call;
 3. the same batch again, answered from the content-addressed cache.
 

@@ -1,4 +1,4 @@
-"""The paper's setup (spec §1, §6) for a TPU pod or a GPU cluster.
+"""The paper's setup (s3_protocol.md §1, §6) for a TPU pod or a GPU cluster.
 
 Searcher Qwen2.5-7B-Instruct, dense E5-base-v2 over wiki-18 (FAISS, `query: `/`passage: ` prefixes),
 Qwen2.5-14B-Instruct generator on vLLM, 120 questions per PPO step, 20 steps. The retriever and

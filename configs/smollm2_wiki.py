@@ -35,7 +35,6 @@ def get_config(arg=None):
   # 8-3-3 as in the paper; contexts sized for a 135M model.
   c.rollout.max_prompt_length = 4096
   c.rollout.max_response_length = 200
-  c.rollout.max_start_length = 2000
   c.rollout.max_obs_length = 700
 
   c.ppo.batch_size = 16

@@ -30,7 +30,6 @@ def get_config(arg=None):
   c.rollout.max_turns = 1
   c.rollout.max_prompt_length = 2048  # the s3 prompt with 3 initial docs is ~1,000 tokens
   c.rollout.max_response_length = 48
-  c.rollout.max_start_length = 512
   c.rollout.max_obs_length = 256
 
   c.ppo.batch_size = 8

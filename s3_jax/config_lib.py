@@ -182,14 +182,13 @@ def use_s3_faithful(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every key the project reads, with s3's values (spec §6) where s3 has one.
+  """Every key the project reads, with s3's values (s3_protocol.md §6) where s3 has one.
 
   Config files start from this and change what their experiment changes.
   """
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 20  # s3 reports its step-20 checkpoint
-  c.log_every = 1
   # JAX's persistent compilation cache (s3_jax/compile_cache.py): "auto" = $S3_JAX_CACHE/xla, "" = off, or a
   # folder. A rerun, a resumed run or the next seed loads its compiled programs instead of compiling again.
   c.compile_cache = "auto"
@@ -256,16 +255,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.generator.base_url = ""  # openai backend: the endpoint, e.g. http://127.0.0.1:8000/v1
   c.generator.key_env = "OPENAI_API_KEY"  # openai backend: the environment variable holding the API key
 
-  # The s3 protocol and rollout (spec §1.1, §2): X-Y-Z = topk-max_select-max_turns.
+  # The s3 protocol and rollout (s3_protocol.md §1.1, §2): X-Y-Z = topk-max_select-max_turns.
   c.rollout = ml_collections.ConfigDict()
   c.rollout.topk = 8
   c.rollout.max_select = 3
   c.rollout.max_turns = 3
   c.rollout.turn_semantics = "s3"  # s3 (max_turns + 1 search rounds) | exact
-  c.rollout.doc_extraction = "safe"  # safe | faithful (spec §2.6, §12 item 6)
+  c.rollout.doc_extraction = "safe"  # safe | faithful (s3_protocol.md §2.6, §12 item 6)
   # Ablations (paper Table 6): the initial naive-RAG block in the prompt ("begin with search") and how many of
-  # its docs (3 as the paper says, 12 as s3's released training data has, spec §12 item 1); "w/o selection"
-  # hands the generator every retrieved doc instead of the selected ones.
+  # its docs (3 as the paper says, 12 as s3's released training data has, s3_protocol.md §12 item 1); "w/o
+  # selection" hands the generator every retrieved doc instead of the selected ones.
   c.rollout.begin_with_search = True
   c.rollout.initial_docs = 3
   c.rollout.selection = True
@@ -275,7 +274,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.rollout.top_k = -1  # -1 = off
   c.rollout.max_prompt_length = 8000
   c.rollout.max_response_length = 500
-  c.rollout.max_start_length = 2000
   c.rollout.max_obs_length = 1400
   # The sampler's copy of the policy: "" = searcher.param_dtype; bfloat16 halves its memory and decode traffic
   # (s3/verl sample with vLLM in bf16); the update keeps the master weights' dtype.
@@ -287,16 +285,17 @@ def default_config() -> ml_collections.ConfigDict:
   # cache: the scored-answer SQLite file; "" = WORKDIR/answers.sqlite (per run, so metrics never depend on
   # what earlier runs cached).
   c.reward = ml_collections.ConfigDict({"kind": "paper", "use_judge": True, "cache": ""})
-  # The naive-RAG baseline's generator context (precompute, method rag; spec §3.3): "s3" = the one-line format
-  # s3's RAG cache was answered from, `Doc {i} (Title: "{title}") {text}\n`; "d_s3" = the D_s3 context format.
+  # The naive-RAG baseline's generator context (precompute, method rag; s3_protocol.md §3.3): "s3" = the
+  # one-line format s3's RAG cache was answered from, `Doc {i} (Title: "{title}") {text}\n`; "d_s3" = the D_s3
+  # context format.
   c.reward.rag_context_format = "s3"
   # The LLM judge of training and the precompute: "same" = the answer generator (s3's training); or its own
   # generator (backend jax | vllm | openai, at `address` or in process). retry: an unclear verdict is asked
   # again of the answer "generator" (s3: its default Qwen, whatever judged first) or of the "judge".
   c.reward.judge = _judge_section()
 
-  # Naive-RAG precompute (python -m s3_jax.precompute; spec §3.3). dir "" = a cache folder named by a hash
-  # of the settings the results depend on.
+  # Naive-RAG precompute (python -m s3_jax.precompute; s3_protocol.md §3.3). dir "" = a cache folder named by
+  # a hash of the settings the results depend on.
   c.precompute = ml_collections.ConfigDict({"dir": "", "retrieval_topk": 12, "context_docs": 3,
                                             "chunk_size": 64, "splits": "train,test"})
 
@@ -336,13 +335,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.ppo.shared_prefix = True
   c.ppo.schedule_steps = 1500  # the step count warm-up ratios refer to (s3: total_training_steps=1500)
 
-  # python -m s3_jax.evaluate (spec §8-9). datasets: comma-separated names or files ("" = data.test);
-  # sample: at most this many questions per data source (s3 evaluates <= 3000, seed 42; 0 = all); runs: how
-  # often each question is run (the paper averages 3); rag_topk: naive RAG's docs (paper: 3); the multi-turn
-  # baselines search at most max_searches times for search_topk docs (spec §8: 4 and 3). The baselines' LLM
-  # ("agent"): --checkpoint loaded with agent_backend (jax | vllm), or the generator service at agent_address,
-  # or (neither) the configured generator itself; agent_temperature < 0 / agent_max_tokens 0 = the method's
-  # own default (spec §8).
+  # python -m s3_jax.evaluate (s3_protocol.md §8-9). datasets: comma-separated names or files ("" =
+  # data.test); sample: at most this many questions per data source (s3 evaluates <= 3000, seed 42; 0 = all);
+  # runs: how often each question is run (the paper averages 3); rag_topk: naive RAG's docs (paper: 3); the
+  # multi-turn baselines search at most max_searches times for search_topk docs (s3_protocol.md §8: 4 and 3).
+  # The baselines' LLM ("agent"): --checkpoint loaded with agent_backend (jax | vllm), or the generator
+  # service at agent_address, or (neither) the configured generator itself; agent_temperature < 0 /
+  # agent_max_tokens 0 = the method's own default (s3_protocol.md §8).
   c.evaluate = ml_collections.ConfigDict({
       "datasets": "", "flashrag_dir": "", "mirage_file": "", "sample": 0, "sample_seed": 42, "runs": 1,
       "batch_size": 16, "seed": 0, "rag_topk": 3, "max_searches": 4, "search_topk": 3,
@@ -363,15 +362,9 @@ def default_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "retriever.kind": ("bm25", "dense"),
     "retriever.faiss": ("flat", "ivf", "hnsw"),
-    "generator.backend": ("jax", "vllm", "openai"),
     "generator.compute_dtype": ("auto", "float32", "bfloat16"),
     "rollout.turn_semantics": ("s3", "exact"),
     "rollout.doc_extraction": ("safe", "faithful"),
-    "reward.kind": ("paper", "code", "genacc", "em", "f1"),
-    "ppo.kl_estimator": ("k1", "k2", "k3"),
-    "ppo.kl_mode": ("reward", "loss"),
-    "ppo.adv_estimator": ("gae", "grpo", "reinforce_pp"),
-    "ppo.loss_agg": ("token_mean", "micro_token_mean"),
     "ppo.micro_batch_padding": ("own", "batch"),
     "searcher.param_dtype": ("float32", "bfloat16"),
     "searcher.compute_dtype": ("auto", "float32", "bfloat16"),
@@ -387,8 +380,8 @@ _CHOICES = {
     "evaluate.search_r1_prompt": ("code", "paper"),
 }
 _POSITIVE_INTS = (
-    "total_steps", "log_every", "rollout.topk", "rollout.max_select", "rollout.max_turns",
-    "rollout.max_prompt_length", "rollout.max_response_length", "rollout.max_start_length",
+    "total_steps", "rollout.topk", "rollout.max_select", "rollout.max_turns",
+    "rollout.max_prompt_length", "rollout.max_response_length",
     "rollout.max_obs_length", "generator.max_tokens", "ppo.batch_size", "ppo.mini_batch_size",
     "ppo.actor_micro_batch_size", "ppo.critic_micro_batch_size", "ppo.epochs", "checkpoint.every",
     "checkpoint.keep", "searcher.model.vocab_size", "searcher.model.hidden_size",
@@ -424,7 +417,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       raise ValueError(f"config.{key} is missing (start config files from "
                        f"config_lib.default_config())") from None
 
-  for key, choices in _CHOICES.items():
+  # Choices owned by a registry are read from it (imported here: loading a config file needs no JAX).
+  from s3_jax.reward.gbr import REWARD_KINDS
+  from s3_jax.rl import ppo
+  from s3_jax.services.generator_backends import BACKENDS
+
+  choices_of = {**_CHOICES, "ppo.kl_estimator": ppo.KL_ESTIMATORS, "ppo.kl_mode": ppo.KL_MODES,
+                "ppo.adv_estimator": tuple(ppo.ADVANTAGE_ESTIMATORS), "ppo.loss_agg": ppo.LOSS_AGGREGATIONS,
+                "reward.kind": REWARD_KINDS, "generator.backend": BACKENDS}
+  for key, choices in choices_of.items():
     if get(key) not in choices:
       raise _bad(key, get(key), f"must be one of {', '.join(choices)}")
   for key in _POSITIVE_INTS:
@@ -475,9 +476,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if rollout["max_select"] > rollout["topk"]:
     raise _bad("rollout.max_select", rollout["max_select"],
                f"cannot exceed rollout.topk={rollout['topk']}")
-  if rollout["max_start_length"] > rollout["max_prompt_length"]:
-    raise _bad("rollout.max_start_length", rollout["max_start_length"],
-               f"cannot exceed rollout.max_prompt_length={rollout['max_prompt_length']}")
   if ppo["batch_size"] % ppo["mini_batch_size"]:
     raise _bad("ppo.mini_batch_size", ppo["mini_batch_size"],
                f"must divide ppo.batch_size={ppo['batch_size']}")

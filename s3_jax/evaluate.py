@@ -1,4 +1,4 @@
-"""Evaluate s3 or a baseline over QA sets: one command, one pass, resumable (spec §8-9).
+"""Evaluate s3 or a baseline over QA sets: one command, one pass, resumable (s3_protocol.md §8-9).
 
   python -m s3_jax.evaluate --config configs/NAME.py[:arg] --method METHOD [--checkpoint DIR]
       [--datasets a,b] [--runs N] --out DIR [--config.key=value ...]
@@ -245,8 +245,7 @@ _FREE_KEYS = ("evaluate.datasets", "evaluate.runs", "evaluate.batch_size", "eval
               "evaluate.judge.address", "reward.judge.address")
 # Keys an evaluation never reads (training's, and how long clients retry): a resumed evaluation may differ in
 # them, e.g. after a learning-rate change of the config between sessions.
-_FREE_PREFIXES = ("ppo.", "checkpoint.", "wandb.", "services.", "critic.", "total_steps", "log_every",
-                  "compile_cache")
+_FREE_PREFIXES = ("ppo.", "checkpoint.", "wandb.", "services.", "critic.", "total_steps", "compile_cache")
 
 
 def _free(key: str) -> bool:
@@ -266,7 +265,8 @@ def _check_record(out: Path, method: str, checkpoint: str | None,
       raise ValueError(f"{out} holds an evaluation of --method {before['method']} "
                        f"--checkpoint {before['checkpoint'] or '(none)'}; use another --out")
     old, new = config_lib.flatten(before["config"]), config_lib.flatten(record["config"])
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not _free(k))
+    # A key only the old record has is one the config no longer defines (retired; nothing reads it).
+    changed = sorted(k for k in new if old.get(k) != new[k] and not _free(k))
     if changed:
       raise ValueError(f"{out} was evaluated with a different config ("
                        + ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in changed)

@@ -1,4 +1,4 @@
-"""Naive-RAG precompute (spec §3.3): the baseline every Gain-Beyond-RAG reward compares against.
+"""Naive-RAG precompute (s3_protocol.md §3.3): the baseline every Gain-Beyond-RAG reward compares against.
 
   python -m s3_jax.precompute --config configs/NAME.py[:arg] [--config.key=value ...] [--out DIR]
 

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-PLACEHOLDER = "[search query]"  # the s3 template's example query (spec §2.1): copying it is not a search
+# The s3 template's example query (s3_protocol.md §2.1): copying it is not a search.
+PLACEHOLDER = "[search query]"
 
 
 def probe(config: Any, *, init: str | None, questions: int, skip: int, seed: int,

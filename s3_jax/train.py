@@ -1,4 +1,4 @@
-"""Train an s3 searcher with PPO (spec §6): the product's main job.
+"""Train an s3 searcher with PPO (s3_protocol.md §6): the product's main job.
 
   python -m s3_jax.train --config configs/NAME.py[:arg] [--config.key=value ...] [--workdir DIR]
 
@@ -33,7 +33,7 @@ from s3_jax.checkpoint import Checkpointer, CheckpointError, check_writable
 from s3_jax.data.training import TrainingData, load_training_data
 from s3_jax.models import precision
 from s3_jax.models.config import DecoderConfig
-from s3_jax.models.decoder import Decoder, ValueModel
+from s3_jax.models.decoder import Decoder, ValueModel, init_value_head
 from s3_jax.models.sampler import Sampler
 from s3_jax.models.tokenizer import load_tokenizer
 from s3_jax.precompute import precompute_dir, run_precompute
@@ -75,11 +75,11 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     learner = update_lib.PPOLearner(settings, actor_model.config, mesh=mesh,
                                     compute_dtype=precision.dtype(config.searcher.compute_dtype),
                                     rules=[tuple(r) for r in config.sharding_rules],
-                                    remat=False if config.searcher.remat == "none" else config.searcher.remat)
+                                    remat=config.searcher.remat)
     actor = actor_model.arrays()
     ref = learner.place_ref(actor) if settings.kl_coef > 0 else None  # frozen initial actor (KL)
     if learner.shared_head:
-      actor["value_head"] = update_lib.init_value_head(actor_model.config, jax.random.key(config.seed + 2),
+      actor["value_head"] = init_value_head(actor_model.config, jax.random.key(config.seed + 2),
                                                        kernel=config.critic.head_init)
     state = learner.init_state(actor, critic if learner.separate_critic else None)
     del actor, critic
@@ -122,19 +122,19 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
         examples, initial = data.batch(step)
         with watch("step"):
           try:
-            policy = update_lib.cast_floats(update_lib.policy_params(state["actor"]["params"]),
-                                            _DTYPES.get(config.rollout.param_dtype))
-            sampler.set_params(policy if jax.process_count() == 1 else sharding_lib.host_fetch(policy))
-            policy = SamplerPolicy(sampler, temperature=config.rollout.temperature,
-                                   top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-                                   rng=jax.random.fold_in(jax.random.wrap_key_data(rng), step),
-                                   keep_cache=config.rollout.keep_cache)
-            exp = experience.collect(
-                policy, tokenizer, services.retriever, scorer, examples,
-                [docs[:config.rollout.initial_docs] if config.rollout.begin_with_search else []
-                 for docs in initial], episode_config, config.rollout, pad_id=pad_id, watch=watch,
-                max_length=config.rollout.max_prompt_length,
-                group_offset=jax.process_index() * len(examples))
+            policy = _sampling_policy(sampler, state, rng, step, config)
+            episodes = experience.rollout(
+                policy, tokenizer, services.retriever, examples, _initial_blocks(initial, config),
+                episode_config, samples_per_question=config.rollout.samples_per_question, watch=watch)
+            with watch("reward"):
+              items, results = experience.reward(scorer, episodes, tokenizer, config.rollout,
+                                                 episode_config.max_select)
+            host_batch = experience.training_batch(
+                episodes, [r.reward for r in results], pad_id=pad_id,
+                samples_per_question=config.rollout.samples_per_question,
+                max_length=config.rollout.max_prompt_length, group_offset=jax.process_index() * len(examples))
+            rollout_metrics = experience.rollout_metrics(episodes, items, results, scorer)
+            del episodes, items, results
           except Exception as e:  # the state is untouched: save it, so a rerun resumes right here
             if step and saved_step != step:
               try:
@@ -147,8 +147,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
                                f"same command to resume.") from e
           host_memory.release()  # each stage's freed buffers go back to the OS before the next one's peak
           with watch("score"):
-            layout = learner.layout(exp.batch)  # micro-batches padded to their own length (None: the batch's)
-            batch = learner.place_batch(exp.batch)
+            layout = learner.layout(host_batch)  # micro-batches padded to their own length (None: batch's)
+            batch = learner.place_batch(host_batch)
             scored = jax.block_until_ready(learner.score(state, ref, batch, layout))
           host_memory.release()
           with watch("update"):
@@ -156,7 +156,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
             step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           host_memory.release()
         step += 1
-        row = {**exp.metrics, **step_metrics, **_times(watch.take()), **{
+        row = {**rollout_metrics, **step_metrics, **_times(watch.take()), **{
             f"data/{k}": float(v) for k, v in data.position(step - 1).items()}}
         metrics_lib.check_finite(row, step, saved_step)
         writer.write(step, row)
@@ -234,6 +234,23 @@ def _init_models(config, settings, tokenizer) -> tuple[Decoder, dict | None]:
     critic = ValueModel(decoder_config, rngs=nnx.Rngs(config.seed + 1)) if (
         settings.uses_critic and settings.separate_critic) else None
   return actor, None if critic is None else update_lib.critic_params(critic)
+
+
+def _sampling_policy(sampler: Sampler, state, rng, step: int, config) -> SamplerPolicy:
+  """The sampler loaded with the actor's current weights (cast to `rollout.param_dtype`), as this step's
+  rollout policy with its own key."""
+  params = update_lib.cast_floats(update_lib.policy_params(state["actor"]["params"]),
+                                  _DTYPES.get(config.rollout.param_dtype))
+  sampler.set_params(params if jax.process_count() == 1 else sharding_lib.host_fetch(params))
+  return SamplerPolicy(sampler, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+                       top_k=config.rollout.top_k, keep_cache=config.rollout.keep_cache,
+                       rng=jax.random.fold_in(jax.random.wrap_key_data(rng), step))
+
+
+def _initial_blocks(initial, config) -> list[list]:
+  """Each question's first information block: its naive-RAG top `rollout.initial_docs` with begin-with-search
+  (s3's default), none without."""
+  return [docs[:config.rollout.initial_docs] if config.rollout.begin_with_search else [] for docs in initial]
 
 
 def _times(seconds: dict[str, float]) -> dict[str, float]:

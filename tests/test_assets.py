@@ -18,7 +18,7 @@ _PUNCT = set(string.punctuation)
 
 
 def _squad_normalize(text):
-  """Reference normaliser written from spec §3.2, independent of s3_jax.reward."""
+  """Reference normaliser written from s3_protocol.md §3.2, independent of s3_jax.reward."""
   text = text.lower()
   text = "".join(ch for ch in text if ch not in _PUNCT)
   text = re.sub(r"\b(a|an|the)\b", " ", text)

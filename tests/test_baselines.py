@@ -70,7 +70,7 @@ def test_static_methods():
   retriever = Retriever()
   medical = [QAExample("m", "Which one?\nOptions:\nA: x\nB: y\n?", ("A: x",), "medqa")]
   [out] = NaiveRAG(_config(rag_topk=3), retriever).run(medical)
-  # s3's format (the default) cuts its top-12 one-line string before "Doc 4" (spec §3.3).
+  # s3's format (the default) cuts its top-12 one-line string before "Doc 4" (s3_protocol.md §3.3).
   assert retriever.calls == [(["Which one?"], 12)]  # the options are not searched for
   assert [d.id for d in out.docs] == ["Which one?-0", "Which one?-1", "Which one?-2"]
   assert out.context == ''.join(f'Doc {j + 1} (Title: "T Which one? {j}") text about Which one? {j}\n'
@@ -243,7 +243,8 @@ def test_duplicate_ids_rejected(tmp_path):
 def test_mirage_formatting():
   examples = read_mirage(FIXTURES / "mirage" / "benchmark.json", "medqa")
   first = examples[0]
-  # spec §2.1: options in the question, gold "{key}: {text}"; the question is normalised (strip, "?")
+  # s3_protocol.md §2.1: options in the question, gold "{key}: {text}"; the question is normalised (strip,
+  # "?")
   assert first.question == ("Which vitamin deficiency causes scurvy\nOptions:\nA: Vitamin A\nB: Vitamin B12\n"
                             "C: Vitamin C\nD: Vitamin D?")
   assert first.golden_answers == ("C: Vitamin C",)

@@ -32,7 +32,7 @@ def test_every_config_loads_and_validates(spec):
 
 
 def test_paper_config_has_the_spec_hyper_parameters():
-  """Values from spec §6's hyper-parameter table and §1.1's X-Y-Z naming."""
+  """Values from s3_protocol.md §6's hyper-parameter table and §1.1's X-Y-Z naming."""
   c = config_lib.load(str(REPO / "configs/s3_qwen7b.py"))
   assert (c.rollout.topk, c.rollout.max_select, c.rollout.max_turns) == (8, 3, 3)
   assert (c.ppo.batch_size, c.ppo.mini_batch_size) == (120, 30)
@@ -44,7 +44,7 @@ def test_paper_config_has_the_spec_hyper_parameters():
   assert (c.ppo.epochs, c.ppo.grad_clip, c.ppo.weight_decay) == (1, 1.0, 0.01)
   assert (c.rollout.temperature, c.rollout.top_p, c.rollout.top_k) == (0.6, 0.95, -1)
   assert (c.rollout.max_prompt_length, c.rollout.max_response_length) == (8000, 500)
-  assert (c.rollout.max_start_length, c.rollout.max_obs_length) == (2000, 1400)
+  assert c.rollout.max_obs_length == 1400
   assert c.data.shuffle_seed == 42 and c.total_steps == 20
   assert (c.retriever.query_prefix, c.retriever.passage_prefix) == ("query: ", "passage: ")
   variant = config_lib.load(str(REPO / "configs/s3_qwen7b.py:5-3-4"))

@@ -40,7 +40,7 @@ def test_contents_round_trip_keeps_wiki18_form():
   row = json.loads(line)
   (doc,) = read_corpus(FIXTURES / "corpus_contents.jsonl", limit=1)
   assert doc.to_row() == row
-  # s3 keeps the quotes when it takes the title from the first line of `contents` (spec §5).
+  # s3 keeps the quotes when it takes the title from the first line of `contents` (s3_protocol.md §5).
   assert doc.contents.split("\n", 1)[0] == '"Carmen"'
 
 
@@ -138,7 +138,7 @@ def test_read_qa_parquet_matches_jsonl(tmp_path):
 
 
 def test_read_qa_s3_verl_parquet(tmp_path):
-  # s3's processed files (spec §7): answers under reward_model.ground_truth.target, no id column.
+  # s3's processed files (s3_protocol.md §7): answers under reward_model.ground_truth.target, no id column.
   rows = [{"question": "who wrote hamlet", "data_source": "nq",
            "reward_model": {"style": "rule", "ground_truth": {"question": "who wrote hamlet?",
                                                                "target": ["Shakespeare"]}},
@@ -210,7 +210,7 @@ def test_unsupported_qa_file_type(tmp_path):
 
 
 @pytest.mark.parametrize("text, normalized", [
-    # Spec §3.2 order: lowercase, drop string.punctuation, drop articles as words, collapse spaces.
+    # s3_protocol.md §3.2 order: lowercase, drop string.punctuation, drop articles as words, collapse spaces.
     ("The  Barack Obama!", "barack obama"),
     ("An apple a day", "apple day"),
     ("Théâtre", "théâtre"),

@@ -192,8 +192,8 @@ def test_value_model_backbone_matches_and_exports_as_token_classification(tmp_pa
   ids = _ids(2, 10, seed=5)
   with torch.no_grad():
     hidden = reference.model(torch.tensor(ids)).last_hidden_state.numpy()
-  kernel = np.asarray(critic.value_kernel.get_value())
-  expected = hidden @ kernel + float(critic.value_bias.get_value())
+  kernel = np.asarray(critic.value_head.kernel.get_value())
+  expected = hidden @ kernel + float(critic.value_head.bias.get_value())
   values = np.asarray(critic(jnp.asarray(ids, jnp.int32)))
   assert values.shape == (2, 10)
   np.testing.assert_allclose(values, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
@@ -315,8 +315,8 @@ def test_dense_bfloat16_and_its_gradient_match_numpy(equation, x_shape, w_shape)
       np.asarray(jnp.einsum(equation, jnp.asarray(x), jnp.asarray(w), preferred_element_type=jnp.float32)))
 
 
-@pytest.mark.parametrize("dtype, remat", [(jnp.float32, False), (jnp.float32, "dots"), (jnp.bfloat16, "full"),
-                                          (jnp.bfloat16, "dots")])
+@pytest.mark.parametrize("dtype, remat", [
+    (jnp.float32, "none"), (jnp.float32, "dots"), (jnp.bfloat16, "full"), (jnp.bfloat16, "dots")])
 def test_unrolled_layers_equal_the_scan_and_so_do_their_gradients(tmp_path, remat, dtype):
   """`unroll=True` (CPU meshes) against the rolled `lax.scan` over stacked layers, with the bf16 weight
   matmuls' custom backward (`dense`) inside remat: hidden states and every weight's gradient."""

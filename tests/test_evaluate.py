@@ -85,8 +85,8 @@ def _check_reports(out, runs=1):
 
 
 def _s3_rag_context(docs, k=3):
-  """s3's naive-RAG context (spec §3.3): e5_retrieval's one line per doc, `Doc {i} (Title: {first line of
-  contents}) {rest}\\n` (the title keeps the corpus' quotes), cut before "Doc {k+1}"."""
+  """s3's naive-RAG context (s3_protocol.md §3.3): e5_retrieval's one line per doc, `Doc {i} (Title: {first
+  line of contents}) {rest}\\n` (the title keeps the corpus' quotes), cut before "Doc {k+1}"."""
   return "".join(f'Doc {i} (Title: "{d.title}") {d.text}\n' for i, d in enumerate(docs, start=1)
                  ).split(f"Doc {k + 1}")[0]
 
@@ -142,6 +142,13 @@ def test_runs_resume_and_guards(services, tmp_path, monkeypatch):
   logs = []
   evaluate(_config("evaluate.batch_size=1", "ppo.actor_lr=3e-6", "services.retry_seconds=5"), "rag", out,
            datasets="nq", runs=2, services=services, show_progress=False, log=logs.append)
+  assert "4 of 4 predictions already done" in logs[0]
+  # a key the config no longer defines (retired since the record was written) is not a difference
+  record = json.loads((out / "run.json").read_text())
+  record["config"]["rollout"]["max_start_length"] = 2000
+  (out / "run.json").write_text(json.dumps(record))
+  logs = []
+  evaluate(config, "rag", out, datasets="nq", runs=2, services=services, show_progress=False, log=logs.append)
   assert "4 of 4 predictions already done" in logs[0]
   with pytest.raises(ValueError, match=r"different config.*evaluate\.rag_topk: 3 -> 5"):
     evaluate(_config("evaluate.rag_topk=5"), "rag", out, datasets="nq", services=services,

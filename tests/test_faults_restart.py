@@ -69,9 +69,9 @@ def test_services_killed_and_restarted_mid_step(tmp_path, asset, monkeypatch, ca
   # Before step 2's rollout: both services killed; the retriever restarted 3 s later, the generator 20 s
   # after that (then ~15 s to load), while the step goes on: its searches wait for the one, its rewards for
   # the other.
-  original_collect, calls, restarted = experience.collect, [], []
+  original_rollout, calls, restarted = experience.rollout, [], []
 
-  def collect(*args, **kwargs):
+  def rollout(*args, **kwargs):
     calls.append(time.monotonic())
     if len(calls) == 2:
       for process in running.values():
@@ -86,9 +86,9 @@ def test_services_killed_and_restarted_mid_step(tmp_path, asset, monkeypatch, ca
         restarted.append(time.monotonic())
 
       threading.Thread(target=restart, daemon=True).start()
-    return original_collect(*args, **kwargs)
+    return original_rollout(*args, **kwargs)
 
-  monkeypatch.setattr(experience, "collect", collect)
+  monkeypatch.setattr(experience, "rollout", rollout)
   try:
     rows = train.main(config, tmp_path / "run", show_progress=False, log=lambda *_: None)
   finally:

@@ -1,6 +1,5 @@
-"""PPO math against plain NumPy loops written from the formulas (spec §6), on random inputs with masks."""
-
-import types
+"""PPO math against plain NumPy loops written from the formulas (s3_protocol.md §6), on random inputs with
+masks."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -156,7 +155,7 @@ def test_grpo_normalises_within_groups():
   groups = np.array([0, 0, 0, 1, 1, 1])
   adv, _ = ppo.advantages_and_returns("grpo", jnp.asarray(scores), jnp.zeros_like(scores),
                                       jnp.asarray(response), jnp.asarray(policy), jnp.asarray(groups),
-                                      types.SimpleNamespace())
+                                      gamma=1.0, lam=1.0)
   expected = np.zeros(6)
   for g in (0, 1):
     idx = groups == g
@@ -168,9 +167,8 @@ def test_reinforce_pp_whitened_reward_to_go():
   rng = np.random.default_rng(8)
   response, policy = _masks(rng)
   r = rng.normal(size=response.shape).astype(np.float32) * response
-  cfg = types.SimpleNamespace(gamma=0.9)
   adv, ret = ppo.advantages_and_returns("reinforce_pp", jnp.asarray(r), None, jnp.asarray(response),
-                                        jnp.asarray(policy), None, cfg)
+                                        jnp.asarray(policy), None, gamma=0.9, lam=1.0)
   g = np.zeros_like(r)
   for i in range(r.shape[0]):
     running = 0.0
@@ -197,3 +195,69 @@ def test_explained_variance():
   constant = np.zeros_like(ret)
   undefined = ppo.explained_variance(jnp.asarray(noisy), jnp.asarray(constant), jnp.asarray(response))
   assert np.isnan(float(undefined))
+
+
+@pytest.mark.parametrize("kl_mode, kl_coef", [("reward", 0.1), ("loss", 0.1), ("reward", 0.0)])
+def test_token_rewards_subtract_the_kl_on_policy_tokens_in_reward_mode(kl_mode, kl_coef):
+  rng = np.random.default_rng(10)
+  response, policy = _masks(rng)
+  scores = np.zeros_like(response)
+  scores[:, -1] = rng.random(response.shape[0])
+  old = rng.normal(-2, 0.5, size=response.shape).astype(np.float32)
+  ref = old + rng.normal(0, 0.3, size=response.shape).astype(np.float32)
+  rewards, kl = ppo.token_rewards(*map(jnp.asarray, (scores, old, ref, policy)),
+                                  kl_coef=kl_coef, kl_estimator="k1", kl_mode=kl_mode)
+  np.testing.assert_allclose(kl, (old - ref) * policy, rtol=1e-6, atol=1e-7)
+  expected = scores - kl_coef * (old - ref) * policy if kl_mode == "reward" else scores
+  np.testing.assert_allclose(rewards, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_loss_norm_is_the_minibatch_or_the_micro_batch_token_count():
+  micro = {"policy": jnp.asarray(3.0), "response": jnp.asarray(0.0)}
+  whole = {"policy": jnp.asarray(10.0), "response": jnp.asarray(20.0)}
+  norm = ppo.loss_norm(micro, whole, loss_agg="token_mean", n_micro=4)
+  assert (float(norm["policy"]), float(norm["response"])) == (10.0, 20.0)
+  norm = ppo.loss_norm(micro, whole, loss_agg="micro_token_mean", n_micro=4)
+  assert (float(norm["policy"]), float(norm["response"])) == (12.0, 4.0)  # an empty mask counts as 1 token
+  with pytest.raises(ValueError, match=r"ppo\.loss_agg='seq_mean' must be token_mean or micro_token_mean"):
+    ppo.loss_norm(micro, whole, loss_agg="seq_mean", n_micro=4)
+
+
+@pytest.mark.parametrize("kl_mode", ["reward", "loss"])
+def test_actor_and_critic_losses_are_the_formulas_token_means(kl_mode):
+  """L_pi = (Σ ℓ·m - c_ent Σ H·m [+ β Σ KL·m]) / n, L_V = Σ ½max(...)·m / n, from NumPy sums."""
+  rng = np.random.default_rng(11)
+  response, policy = _masks(rng)
+  logp = rng.normal(-2, 0.5, size=policy.shape).astype(np.float32)
+  old = logp + rng.normal(0, 0.3, size=policy.shape).astype(np.float32)
+  ref = logp + rng.normal(0, 0.3, size=policy.shape).astype(np.float32)
+  adv = rng.normal(size=policy.shape).astype(np.float32)
+  entropy = rng.random(policy.shape).astype(np.float32)
+  norm = {"policy": jnp.asarray(7.0), "response": jnp.asarray(9.0)}
+  loss, sums = ppo.actor_loss(*map(jnp.asarray, (logp, entropy, old, ref, adv, policy)), norm, clip_ratio=0.2,
+                              dual_clip=0.0, entropy_coef=0.01, kl_coef=0.5, kl_estimator="k1",
+                              kl_mode=kl_mode)
+  ratio = np.exp(logp - old)
+  pg = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2)) * policy
+  expected = pg.sum() - 0.01 * (entropy * policy).sum()
+  if kl_mode == "loss":
+    expected += 0.5 * ((logp - ref) * policy).sum()
+    np.testing.assert_allclose(sums["kl_loss"], ((logp - ref) * policy).sum(), rtol=1e-5)
+  else:
+    assert "kl_loss" not in sums
+  np.testing.assert_allclose(loss, expected / 7.0, rtol=1e-5)
+  np.testing.assert_allclose(sums["entropy"], (entropy * policy).sum(), rtol=1e-5)
+  values = rng.normal(size=policy.shape).astype(np.float32)
+  old_values = values + rng.normal(0, 1.0, size=policy.shape).astype(np.float32)
+  returns = rng.normal(size=policy.shape).astype(np.float32)
+  vloss, vsums = ppo.critic_loss(*map(jnp.asarray, (values, old_values, returns, response)), norm,
+                                 value_clip=0.5)
+  clipped = old_values + np.clip(values - old_values, -0.5, 0.5)
+  vf = 0.5 * np.maximum((values - returns) ** 2, (clipped - returns) ** 2) * response
+  np.testing.assert_allclose(vloss, vf.sum() / 9.0, rtol=1e-5)
+  np.testing.assert_allclose(vsums["vf_loss"], vf.sum(), rtol=1e-5)
+
+
+def test_estimators_say_whether_they_need_a_critic():
+  assert {k: e.uses_critic for k, e in ppo.ADVANTAGE_ESTIMATORS.items()} == {
+      "gae": True, "grpo": False, "reinforce_pp": False}

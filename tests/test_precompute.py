@@ -119,9 +119,9 @@ class RecordingGenerator:
 
 
 def test_precompute_keys_its_results_by_the_rag_context_format(config, tmp_path):
-  """s3's RAG cache was answered from e5_retrieval's one-line context (spec §3.3): the default format. A
-  folder made under another format (or before the format was recorded) is stale: said so, and recomputed; the
-  same settings reuse it."""
+  """s3's RAG cache was answered from e5_retrieval's one-line context (s3_protocol.md §3.3): the default
+  format. A folder made under another format (or before the format was recorded) is stale: said so, and
+  recomputed; the same settings reuse it."""
   from s3_jax.precompute import precompute_dir
 
   base = ["data.train_limit=3", "precompute.splits=train", f"precompute.dir={tmp_path}"]

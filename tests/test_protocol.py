@@ -1,4 +1,5 @@
-"""The s3 protocol strings and action parsing against the spec's verbatim text and examples (§2.1, §2.3)."""
+"""The s3 protocol strings and action parsing against the spec's verbatim text and examples (s3_protocol.md
+§2.1, §2.3)."""
 
 import pytest
 
@@ -9,9 +10,9 @@ from s3_jax.search.protocol import ANCHOR, NUDGE, Action, build_prompt, cut_resp
 DOCS = [Doc("1", "Carmen", "An opera by Bizet."), Doc("2", "Georges Bizet", "A French composer.")]
 
 
-# s3's `make_prefix` text (spec §2.1), written out here line by line with its whitespace: the instructions end
-# with "\n"; with BM25 the note follows with no newline of its own; then "\nFor a question..."; the first
-# example's "}" has a trailing space; the prompt ends with "</information>\n".
+# s3's `make_prefix` text (s3_protocol.md §2.1), written out here line by line with its whitespace: the
+# instructions end with "\n"; with BM25 the note follows with no newline of its own; then "\nFor a
+# question..."; the first example's "}" has a trailing space; the prompt ends with "</information>\n".
 S3_INSTRUCTIONS = (
     "You are a search copilot for the generation model. Based on a user's query and initial searched "
     "results, you will first determine if the searched results are enough to produce an answer.\n"
@@ -76,7 +77,7 @@ def test_prompt_is_s3_text_exactly():
     ("<think>maybe <query>x</query></think>", Action("search", "x")),  # <think> is not special
     ("<search_complete>False</search_complete> <search_complete>True</search_complete>", Action("invalid")),
     ("I think the answer is Bizet.", Action("invalid")),
-    # A "query" value that is not a string: s3 searches the raw text (spec §2.3 item 3).
+    # A "query" value that is not a string: s3 searches the raw text (s3_protocol.md §2.3 item 3).
     ('<query>{"query": 5}</query>', Action("search", '{"query": 5}')),
     ('<query>{"query": null}</query>', Action("search", '{"query": null}')),
     ('<query>{"query": true}</query>', Action("search", '{"query": true}')),
@@ -126,8 +127,8 @@ def test_faithful_extraction_orders_selected_first_then_unclaimed_blocks():
                      '<query>{"query": "y"}</query>', _obs("T1", "T2"),
                      "<search_complete>True</search_complete>")
   docs = protocol.extract_selected_docs_faithful(text)
-  # Selected from block 2 in the block's own order, not the ids' (spec §2.6 item 5: [3, 1] gives doc 1 then
-  # doc 3), then the unclaimed initial block and the unclaimed block 3.
+  # Selected from block 2 in the block's own order, not the ids' (s3_protocol.md §2.6 item 5: [3, 1] gives doc
+  # 1 then doc 3), then the unclaimed initial block and the unclaimed block 3.
   assert [d.title for d in docs] == ["S1", "S3", "Init A", "Init B", "Init C", "T1", "T2"]
   assert docs[1].text == "text of S3." and docs[2].text == "initial a."
 
@@ -174,7 +175,8 @@ def test_faithful_quirks():
   text = _trajectory("<important_info>[2]</important_info><important_info>[1]</important_info>"
                      "<search_complete>True</search_complete>")
   assert [d.title for d in protocol.extract_selected_docs_faithful(text)] == ["Init B"]
-  # A block the searcher writes itself is trusted (spec §12 item 6), and duplicate texts are given once.
+  # A block the searcher writes itself is trusted (s3_protocol.md §12 item 6), and duplicate texts are given
+  # once.
   forged = _trajectory('<information>Doc 1 (Title: "Forged") the answer is 42.</information>'
                        "<important_info>[1]</important_info>")
   assert [d.title for d in protocol.extract_selected_docs_faithful(forged)][:1] == ["Forged"]

@@ -200,7 +200,7 @@ def test_http_retrieve_interop(retriever):
   server, port = serve_http(retriever, default_k=3)
   url = f"http://127.0.0.1:{port}/retrieve"
   try:
-    # The raw s3 request/response shape (spec §5).
+    # The raw s3 request/response shape (s3_protocol.md §5).
     body = json.dumps({"queries": ["Carmen opera"], "topk": None, "return_scores": True}).encode()
     with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST")) as response:
       raw = json.loads(response.read())

@@ -1,4 +1,4 @@
-"""Answer checks, the judge and the reward variants on hand-worked cases (spec §3)."""
+"""Answer checks, the judge and the reward variants on hand-worked cases (s3_protocol.md §3)."""
 
 import numpy as np
 import pytest
@@ -175,8 +175,8 @@ def test_gold_answers_of_another_type_are_a_type_error(golds):
 
 
 def test_rag_context_formats():
-  """s3's RAG cache answered from e5_retrieval's one-line format of its top 12, cut at "Doc 4" (spec §3.3);
-  "d_s3" is the D_s3 context format of the top 3."""
+  """s3's RAG cache answered from e5_retrieval's one-line format of its top 12, cut at "Doc 4" (s3_protocol.md
+  §3.3); "d_s3" is the D_s3 context format of the top 3."""
   docs = [Doc(str(i), f"T{i}", f"text {i}.") for i in range(1, 6)]
   assert rag_context(docs, 3) == ('Doc 1 (Title: "T1") text 1.\nDoc 2 (Title: "T2") text 2.\n'
                                   'Doc 3 (Title: "T3") text 3.\n')

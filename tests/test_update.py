@@ -12,7 +12,7 @@ from flax import nnx
 
 from s3_jax import sharding as sharding_lib
 from s3_jax.models.config import DecoderConfig
-from s3_jax.models.decoder import Decoder, ValueModel
+from s3_jax.models.decoder import Decoder, ValueModel, init_value_head
 from s3_jax.models.sampler import Sampler, SamplingParams
 from s3_jax.rl import ppo as ppo_lib
 from s3_jax.rl import update as update_lib
@@ -62,7 +62,7 @@ def _run(learner, steps, seed=0):
   actor, critic = _models()
   ref = learner.place_ref(actor)
   if learner.shared_head:
-    actor["value_head"] = update_lib.init_value_head(CONFIG, jax.random.key(5))
+    actor["value_head"] = init_value_head(CONFIG, jax.random.key(5))
   state = learner.init_state(actor, critic if learner.separate_critic else None)
   rng = np.random.default_rng(seed)
   all_metrics = []
@@ -118,7 +118,7 @@ def test_a_value_head_on_the_actor_learns_at_the_critic_rate(actor_lr, critic_lr
   learner = update_lib.PPOLearner(settings, CONFIG)
   actor, _ = _models()
   ref = learner.place_ref(actor)
-  actor["value_head"] = update_lib.init_value_head(CONFIG, jax.random.key(5), kernel="zeros")
+  actor["value_head"] = init_value_head(CONFIG, jax.random.key(5), kernel="zeros")
   before = jax.device_get(actor)
   state = learner.init_state(actor)
   batch = learner.place_batch(_random_batch(np.random.default_rng(1)))
@@ -144,10 +144,11 @@ def test_a_value_head_on_the_actor_learns_at_the_critic_rate(actor_lr, critic_lr
           np.testing.assert_array_equal(w1, w0, err_msg=name)
 
 
-def test_score_matches_a_direct_forward_pass():
-  """Old log-probs at window slot j are log_softmax(logits[index_j - 1])[token at index_j]; values are the
-  head on the hidden state before it."""
-  learner = update_lib.PPOLearner(SETTINGS, CONFIG)
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_score_matches_a_direct_forward_pass(temperature):
+  """Old log-probs at window slot j are log_softmax(logits[index_j - 1] / T)[token at index_j], T the
+  rollout's temperature (s3/verl); values are the head on the hidden state before it."""
+  learner = update_lib.PPOLearner(dataclasses.replace(SETTINGS, temperature=temperature), CONFIG)
   actor, critic = _models()
   state = learner.init_state(actor, critic)
   batch = learner.place_batch(_random_batch(np.random.default_rng(3)))
@@ -157,7 +158,7 @@ def test_score_matches_a_direct_forward_pass():
   index, response = np.asarray(batch["index"]), np.asarray(batch["response_mask"])
   for i in range(3):
     n = int(mask[i].sum())
-    logits = np.asarray(model(jnp.asarray(tokens[i:i + 1, :n])), np.float64)[0]
+    logits = np.asarray(model(jnp.asarray(tokens[i:i + 1, :n])), np.float64)[0] / temperature
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     slots = np.flatnonzero(response[i])
@@ -168,16 +169,18 @@ def test_score_matches_a_direct_forward_pass():
     np.testing.assert_allclose(scored["values"][i, slots], values[index[i, slots] - 1], rtol=1e-4, atol=1e-5)
 
 
-def test_window_in_logit_chunks_matches_numpy_and_the_whole_windows_gradient(monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_window_in_logit_chunks_matches_numpy_and_the_whole_windows_gradient(monkeypatch, temperature):
   """The vocabulary projection over the window in chunks (5, 5, 5, 5, 1 of 21 slots, each rematerialised):
-  log-probs and entropies as NumPy computes them from the model's logits, gradients as the whole window's."""
+  log-probs and entropies as NumPy computes them from the model's logits (divided by the temperature),
+  gradients as the whole window's."""
   actor, _ = _models()
   batch = _random_batch(np.random.default_rng(4), b=3)
   tokens, mask, index = (jnp.asarray(batch[k]) for k in ("tokens", "attention_mask", "index"))
 
   def logprobs(params):
     hidden = update_lib._hidden(CONFIG, params, tokens, mask, jnp.float32)
-    return update_lib._logprobs_from_hidden(params, hidden, tokens, index, True)
+    return update_lib._logprobs_from_hidden(params, hidden, tokens, index, True, temperature)
 
   def loss(params):
     logp, entropy = logprobs(params)
@@ -186,7 +189,7 @@ def test_window_in_logit_chunks_matches_numpy_and_the_whole_windows_gradient(mon
   whole_grad = jax.grad(loss)(actor)
   monkeypatch.setattr(update_lib, "LOGITS_CHUNK", 5)
   logp, entropy = (np.asarray(x) for x in logprobs(actor))
-  logits = np.asarray(Decoder(CONFIG, rngs=nnx.Rngs(0))(tokens, mask), np.float64)
+  logits = np.asarray(Decoder(CONFIG, rngs=nnx.Rngs(0))(tokens, mask), np.float64) / temperature
   log_softmax = logits - logits.max(-1, keepdims=True)
   log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
   before = np.asarray(index) - 1
@@ -211,6 +214,15 @@ def test_micro_batch_size_does_not_change_a_token_mean_update():
     results[name] = state["actor"]["params"]["layers"]["q"]
   np.testing.assert_allclose(results["a"], results["b"], rtol=1e-5, atol=1e-7)
   assert not np.allclose(results["a"], results["c"], rtol=1e-5, atol=1e-7)
+
+
+def test_settings_take_the_rollout_temperature_for_log_probs():
+  from s3_jax import config_lib
+
+  config = config_lib.default_config()
+  assert update_lib.PPOSettings.from_config(config).temperature == 0.6  # s3's rollout temperature
+  config.rollout.temperature = 0.0  # greedy rollouts: the model's own distribution
+  assert update_lib.PPOSettings.from_config(config).temperature == 1.0
 
 
 def test_settings_reject_sizes_that_do_not_divide():
@@ -460,7 +472,7 @@ def _run_in_layouts(learner, use_layout, steps=2, s3_micro_batches=False, **batc
   actor, critic = _models()
   ref = learner.place_ref(actor)
   if learner.shared_head:
-    actor["value_head"] = update_lib.init_value_head(CONFIG, jax.random.key(5))
+    actor["value_head"] = init_value_head(CONFIG, jax.random.key(5))
   state = learner.init_state(actor, critic if learner.separate_critic else None)
   rng = np.random.default_rng(0)
   out = []

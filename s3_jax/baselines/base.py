@@ -86,7 +86,7 @@ class AgentLM:
 
 
 def agent_sampling(config: Any, temperature: float, top_p: float, max_tokens: int) -> AgentSampling:
-  """A method's own sampling defaults (spec §8), with `evaluate.agent_temperature` (>= 0) and
+  """A method's own sampling defaults (s3_protocol.md §8), with `evaluate.agent_temperature` (>= 0) and
   `evaluate.agent_max_tokens` (> 0) overriding them."""
   ev = config.evaluate
   return AgentSampling(temperature=ev.agent_temperature if ev.agent_temperature >= 0 else temperature,

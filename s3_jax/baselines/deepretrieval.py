@@ -1,9 +1,9 @@
 """`deepretrieval`: a query-rewriting model (DeepRetrieval, Jiang et al. 2025, trained with RL to write BM25
 queries) turns the question into one search query; its top documents go to the generator.
 
-As s3 runs it (spec §8: `generator_llms/query_rewrite.py`, `bm25_retrieval.py --rewriter nq`): the model is
-asked, as a query-rewriting expert for a BM25 engine, to reason in `<think>` and give the query as JSON
-`{"query": ...}` inside `<answer>`; temperature 0.7, at most 512 tokens; the query goes to the retriever
+As s3 runs it (s3_protocol.md §8: `generator_llms/query_rewrite.py`, `bm25_retrieval.py --rewriter nq`): the
+model is asked, as a query-rewriting expert for a BM25 engine, to reason in `<think>` and give the query as
+JSON `{"query": ...}` inside `<answer>`; temperature 0.7, at most 512 tokens; the query goes to the retriever
 (BM25 in the paper) for the top `evaluate.search_topk` (3) documents. A reply without a usable query falls
 back to the question itself, and the trace says so. The released model is
 `DeepRetrieval/DeepRetrieval-NQ-BM25-3B` (`--checkpoint` it; without one the configured generator rewrites).

@@ -1,5 +1,5 @@
-"""`ircot`: interleaving retrieval with chain-of-thought (Trivedi et al. 2023), as the s3 paper runs it (spec
-§8, `scripts/baselines/ircot.py`).
+"""`ircot`: interleaving retrieval with chain-of-thought (Trivedi et al. 2023), as the s3 paper runs it
+(s3_protocol.md §8, `scripts/baselines/ircot.py`).
 
 The question's top `evaluate.search_topk` (3) documents start the context. Then, for at most
 `evaluate.max_searches` (4) steps, the model sees the question, every document retrieved so far and its

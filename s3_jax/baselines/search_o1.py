@@ -1,5 +1,5 @@
 """`search_o1`: agentic search with Reason-in-Documents (Search-o1, Li et al. 2025), as the s3 paper runs it
-(spec §8, `scripts/baselines/search_o1.py`).
+(s3_protocol.md §8, `scripts/baselines/search_o1.py`).
 
 The model reasons and searches by writing `<|begin_search_query|> query <|end_search_query|>` (generation
 stops there); the top `evaluate.search_topk` (3) documents go through a separate Reason-in-Documents call

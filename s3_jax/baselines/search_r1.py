@@ -2,13 +2,13 @@
 every document it retrieved ("Search-R1 (Ret)" in the s3 paper; its own answer is kept in the trace, the
 "(self)" rows).
 
-As s3 runs it (spec §8, `scripts/baselines/search_r1.sh`): Search-R1's prompt (by default its released code's
-template, `evaluate.search_r1_prompt=paper` its paper's; one user message under the chat template), reasoning
-in `<think>`, searches as `<search> query </search>` answered with `<information>` blocks of the top
-`evaluate.search_topk` (3) documents, the answer in `<answer>`; at most `evaluate.max_searches` (4) search
-rounds and then one final turn without search; temperature 1. Each turn stops at `</search>` or `</answer>`; a
-turn with neither gets Search-R1's "invalid action" reminder. The generator sees all retrieved documents,
-de-duplicated, in retrieval order (s3's `extract.py::output_sequence`). Released policies:
+As s3 runs it (s3_protocol.md §8, `scripts/baselines/search_r1.sh`): Search-R1's prompt (by default its
+released code's template, `evaluate.search_r1_prompt=paper` its paper's; one user message under the chat
+template), reasoning in `<think>`, searches as `<search> query </search>` answered with `<information>` blocks
+of the top `evaluate.search_topk` (3) documents, the answer in `<answer>`; at most `evaluate.max_searches` (4)
+search rounds and then one final turn without search; temperature 1. Each turn stops at `</search>` or
+`</answer>`; a turn with neither gets Search-R1's "invalid action" reminder. The generator sees all retrieved
+documents, de-duplicated, in retrieval order (s3's `extract.py::output_sequence`). Released policies:
 `PeterJinGo/SearchR1-nq_hotpotqa_train-qwen2.5-{3b,7b}-em-ppo` (`--checkpoint`); without one the configured
 generator plays the policy.
 """

@@ -6,7 +6,7 @@
   `dev`, else `train`, as s3's `test_ug.py` picks it.
 * MIRAGE medical QA (`Teddy-XiongGZ/MIRAGE`'s `benchmark.json`, `{set: {id: {"question", "options",
   "answer"}}}`): `medqa`, `medmcqa`, `pubmedqa`, `bioasq`, `mmlu`, read from `evaluate.mirage_file`. As s3's
-  `process_mirage.py` builds them (spec §2.1): the options are written into the question,
+  `process_mirage.py` builds them (s3_protocol.md §2.1): the options are written into the question,
   `"{question}\\nOptions:\\nA: ...\\nB: ...\\n"`, and the gold answer is `"{key}: {option text}"`. They are
   scored by the MIRAGE judge alone, and retrieval sees only the text before `\\nOptions:`.
 * the embedded sets: `fanout`, `trivia` (test splits of the offline assets).
@@ -45,12 +45,13 @@ class EvalSet:
 
 
 def is_medical(example: QAExample) -> bool:
-  """MIRAGE questions are judged by the MIRAGE evaluator alone (spec §3.2)."""
+  """MIRAGE questions are judged by the MIRAGE evaluator alone (s3_protocol.md §3.2)."""
   return example.data_source in MIRAGE_SETS
 
 
 def retrieval_query(question: str) -> str:
-  """What static retrieval searches for: the question without its multiple-choice options (spec §7)."""
+  """What static retrieval searches for: the question without its multiple-choice options (s3_protocol.md
+  §7)."""
   return question.split(OPTIONS_MARK, 1)[0].strip()
 
 

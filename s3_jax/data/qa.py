@@ -1,8 +1,8 @@
 """QA examples in the FlashRAG row format, question normalisation, and the QA reader.
 
 Rows: `{"id", "question", "golden_answers": [...], "data_source"}` plus an optional `metadata` object.
-s3's verl parquet files (spec §7) are read too: when `golden_answers` is absent the answers come from
-`reward_model.ground_truth.target`, and when `id` is absent it is `{data_source}_{extra_info.index}`.
+s3's verl parquet files (s3_protocol.md §7) are read too: when `golden_answers` is absent the answers come
+from `reward_model.ground_truth.target`, and when `id` is absent it is `{data_source}_{extra_info.index}`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from s3_jax.data.jsonl import DataFormatError, iter_jsonl
 
 
 def normalize_question(question: str) -> str:
-  """The one question normaliser (spec §2.1): strip, then append `?` if it does not end with one.
+  """The one question normaliser (s3_protocol.md §2.1): strip, then append `?` if it does not end with one.
 
   Every cache is keyed by this string.
   """

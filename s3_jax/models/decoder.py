@@ -281,11 +281,12 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached, prefi
 
 # Gradient checkpointing policies: "full" keeps only each layer's input; "dots" also keeps the outputs of the
 # weight matmuls (projections, MLP), so the backward pass recomputes only attention and elementwise work.
-REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+# searcher.remat: what each layer keeps for the backward pass (none: everything, no recomputation).
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat=False,
+def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat="none",
                 unroll=False, constrain=None, prefix=None):
   """The final-norm hidden states and each layer's fresh keys/values `[b, k, t, e]` (stacked `[layers, ...]`
   from a scan over stacked layers; a list from a loop over `unstack_layers`' per-layer buffers). `prefix`:
@@ -320,9 +321,10 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
     x, kv = _layer(config, carry, p, positions, inv_freq, mask, None, pre)
     return constrain(x), kv
 
-  if remat:  # gradient checkpointing: keep each layer's input, recompute its inside during the backward pass
-    policy = REMAT_POLICIES[remat if isinstance(remat, str) else "full"]
-    body = jax.checkpoint(body, prevent_cse=False, policy=policy)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r} must be one of {', '.join(REMAT_POLICIES)}")
+  if remat != "none":  # gradient checkpointing: keep each layer's input, recompute its inside in the backward
+    body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICIES[remat])
   # A Python loop over per-layer slices was tried for bf16 on CPU (2026-12-04): no faster than the scan
   # (45.5 vs 43.9 s, a SmolLM2 update) and XLA:CPU then held every layer's activations despite the remat
   # (7.2 GB of temporaries against 0.34 GB), so the layers stay in a scan.
@@ -366,7 +368,7 @@ def prefix_kv(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, 
 
 def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, positions: jax.Array, *,
             attention_mask: jax.Array | None = None, cache: KVCache | None = None,
-            compute_dtype: Any = jnp.float32, remat: bool = False, unroll: bool = False,
+            compute_dtype: Any = jnp.float32, remat: str = "none", unroll: bool = False,
             constrain: Callable[[jax.Array], jax.Array] | None = None,
             prefix: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
@@ -378,7 +380,8 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
   `cache.index ... + t` (the same for every row: prompts are left-padded); the updated cache is returned.
   Each layer writes its new keys/values into its cache before attending over it, so XLA updates the cache
   in place inside a decode loop (a write after the read copied the whole cache every step).
-  `remat=True` recomputes each layer in the backward pass instead of storing its activations (training).
+  `remat` ("full", "dots": `REMAT_POLICIES`) recomputes each layer in the backward pass instead of storing
+  its activations (training); "none" stores them.
   `unroll=True` unrolls the scan over layers (`sharding.unroll_loops`: a CPU mesh of several devices).
   `constrain` is applied to the residual stream after the embedding and after each layer (the learner keeps
   it sharded on its rows, so fsdp all-gathers weights instead of all-reducing activations).
@@ -506,6 +509,33 @@ class Decoder(nnx.Module):
     return lm_logits(self.arrays(), self.hidden_states(input_ids, attention_mask, positions))
 
 
+# -- the value head: a scalar per position, `{"kernel": [d], "bias": []}` wherever it lives (a separate
+# critic's `value_head`, the actor's `value_head` with critic.separate_model=False, `value_head.*` in exports)
+# ---------
+
+VALUE_HEAD_AXES = {"kernel": ("embed",), "bias": ()}
+
+
+def init_value_head(config: DecoderConfig, rng: jax.Array, dtype: Any = jnp.float32, *,
+                    kernel: str = "normal") -> dict[str, jax.Array]:
+  """A fresh head with a zero bias and a normal(initializer_range) kernel (as HF initialises `score`) or,
+  `kernel="zeros"`, a zero kernel: every value starts at 0 instead of a random projection of the hidden
+  state (whose spread, ~0.02·|h|, is larger than a 0/1 reward's when the head learns slowly)."""
+  if kernel == "zeros":
+    return {"kernel": jnp.zeros((config.hidden_size,), dtype), "bias": jnp.zeros((), dtype)}
+  if kernel != "normal":
+    raise ValueError(f"value head kernel init {kernel!r} must be normal or zeros")
+  return {"kernel": (jax.random.normal(rng, (config.hidden_size,)) * config.initializer_range).astype(dtype),
+          "bias": jnp.zeros((), dtype)}
+
+
+def apply_value_head(head: dict[str, jax.Array], hidden: jax.Array) -> jax.Array:
+  """Values `[..., ]` (float32) of hidden states `[..., d]`: `hidden · kernel + bias`, accumulated in
+  float32."""
+  return jnp.einsum("...d,d->...", hidden, head["kernel"].astype(hidden.dtype),
+                    preferred_element_type=jnp.float32) + head["bias"].astype(jnp.float32)
+
+
 class ValueModel(nnx.Module):
   """PPO critic: the decoder backbone plus a scalar head per token, `model(input_ids) -> values [b, t]`."""
 
@@ -513,21 +543,23 @@ class ValueModel(nnx.Module):
                compute_dtype: Any = jnp.float32):
     self.backbone = Decoder(config, rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype,
                             lm_head=False)
-    init = jax.nn.initializers.normal(config.initializer_range)
-    self.value_kernel = nnx.Param(init(rngs.params(), (config.hidden_size,), param_dtype),
-                                  logical_axes=("embed",))
-    self.value_bias = nnx.Param(jnp.zeros((), param_dtype), logical_axes=())
+    self.value_head = _Params()
+    for name, value in init_value_head(config, rngs.params(), param_dtype).items():
+      setattr(self.value_head, name, nnx.Param(value, logical_axes=VALUE_HEAD_AXES[name]))
 
   @property
   def config(self) -> DecoderConfig:
     return self.backbone.config
 
   def named_params(self) -> dict[str, nnx.Param]:
-    return {**self.backbone.named_params(), "value_kernel": self.value_kernel, "value_bias": self.value_bias}
+    """The backbone's, then `value_head.kernel` and `value_head.bias`."""
+    return {**self.backbone.named_params(),
+            **{f"value_head.{name}": getattr(self.value_head, name) for name in VALUE_HEAD_AXES}}
+
+  def head_arrays(self) -> dict[str, jax.Array]:
+    return {name: getattr(self.value_head, name)[...] for name in VALUE_HEAD_AXES}
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
-    hidden = self.backbone.hidden_states(input_ids, attention_mask, positions)
-    values = jnp.einsum("btd,d->bt", hidden, self.value_kernel[...].astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
-    return values + self.value_bias[...].astype(jnp.float32)
+    return apply_value_head(self.head_arrays(), self.backbone.hidden_states(input_ids, attention_mask,
+                                                                            positions))

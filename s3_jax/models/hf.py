@@ -43,7 +43,8 @@ _LAYER_NAMES = {
     "down": ("mlp.down_proj.weight", "transpose"),
 }
 _TOP_NAMES = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-              "lm_head": "lm_head.weight", "value_kernel": "score.weight", "value_bias": "score.bias"}
+              "lm_head": "lm_head.weight", "value_head.kernel": "score.weight",
+              "value_head.bias": "score.bias"}
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -117,8 +118,8 @@ def _hf_names(name: str, config: DecoderConfig) -> Iterator[tuple[str, str]]:
       yield f"model.layers.{i}.{hf_name}", kind
   elif name == "lm_head":
     yield _TOP_NAMES[name], "transpose"
-  elif name in ("value_kernel", "value_bias"):
-    yield _TOP_NAMES[name], "score_weight" if name == "value_kernel" else "score_bias"
+  elif name in ("value_head.kernel", "value_head.bias"):
+    yield _TOP_NAMES[name], "score_weight" if name == "value_head.kernel" else "score_bias"
   else:
     yield _TOP_NAMES[name], "copy"
 
@@ -175,9 +176,9 @@ def load_hf(path: str | Path, dtype: Any = jnp.float32, mesh: Mesh | None = None
   fresh = jax.random.split(jax.random.key(seed), 2)
   for name, param in model.named_params().items():
     shape = tuple(param.get_value().shape)
-    if name.startswith("value_") and not is_value_checkpoint:
+    if name.startswith("value_head.") and not is_value_checkpoint:
       # A new critic head: normal(initializer_range) kernel, zero bias, as HF initialises `score`.
-      if name == "value_kernel":
+      if name == "value_head.kernel":
         array = np.asarray(jax.random.normal(fresh[0], shape) * config.initializer_range, np_dtype)
       else:
         array = np.zeros(shape, np_dtype)

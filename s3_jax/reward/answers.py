@@ -1,4 +1,4 @@
-"""Answer checks (spec §3.2): normalisation, span match, exact match, token F1.
+"""Answer checks (s3_protocol.md §3.2): normalisation, span match, exact match, token F1.
 
 All take the generator's answer and the gold answers — a list or tuple of strings, a numpy array of them (as
 parquet gives), or one bare string, which counts as one answer (s3 wraps it in a list) — and try each gold

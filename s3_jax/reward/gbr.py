@@ -1,4 +1,4 @@
-"""Gain Beyond RAG and its variants (spec §3.1, Table 5), and the RAG cache they compare against.
+"""Gain Beyond RAG and its variants (s3_protocol.md §3.1, Table 5), and the RAG cache they compare against.
 
     paper   acc_s3 - acc_rag                  (paper Eq. 1; acc = GenAcc)
     code    (acc_s3 - acc_rag) + acc_s3       (s3's released training reward; 2 acc_s3 on its filtered set)
@@ -57,7 +57,7 @@ class RagCache:
   `{data_source: {normalised question: {"answer", "score" (GenAcc 0/1), "em_score"}}}`.
 
   A question or data source that is missing is an error naming both and the file (s3 silently falls back
-  to a closed-book answer, spec §3.1; here the precompute must cover the training set)."""
+  to a closed-book answer, s3_protocol.md §3.1; here the precompute must cover the training set)."""
 
   def __init__(self, entries: dict[str, dict[str, dict[str, Any]]] | None = None,
                path: str | os.PathLike | None = None):

@@ -1,4 +1,5 @@
-"""The LLM judge (spec §3.2): s3's yes/no check for general QA and the MIRAGE evaluator for medical QA.
+"""The LLM judge (s3_protocol.md §3.2): s3's yes/no check for general QA and the MIRAGE evaluator for medical
+QA.
 
 Both take any generator with `generate(list_of_message_lists, temperature=, top_p=, max_tokens=) ->
 list[str]` (the gRPC `GeneratorClient` or an in-process backend) and judge a whole batch in one call, then

@@ -1,4 +1,4 @@
-"""The generator's answer prompts (spec §4)."""
+"""The generator's answer prompts (s3_protocol.md §4)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Scoring a whole rollout batch: one batched generator call for every answer that is not cached, span / EM /
 F1 checks, one batched judge call for the answers whose span check failed, then the reward against the RAG
-cache. s3 does this as a serial loop of blocking HTTP calls per trajectory (spec §3.1); here each stage is
-one concurrent batch, and a content-addressed cache answers repeated contexts without any call.
+cache. s3 does this as a serial loop of blocking HTTP calls per trajectory (s3_protocol.md §3.1); here each
+stage is one concurrent batch, and a content-addressed cache answers repeated contexts without any call.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ class RewardItem:
   `golden_answers`: a tuple, list or numpy array of strings, or one bare string (`answers.gold_list`); kept as
   a tuple. `prompt`: "context" (s3's answer prompt with the documents) or "closed_book" (s3's zero-shot
   prompt, no documents). `scoring`: "genacc" (span check, else the judge) or "mirage" (medical multiple
-  choice: the MIRAGE evaluator judge alone decides, spec §3.2). `context`: the generator's context string as
-  is (the naive-RAG formats, `formats.rag_context`); None formats `docs` as D_s3 (`generator_context`)."""
+  choice: the MIRAGE evaluator judge alone decides, s3_protocol.md §3.2). `context`: the generator's context
+  string as is (the naive-RAG formats, `formats.rag_context`); None formats `docs` as D_s3
+  (`generator_context`)."""
 
   data_source: str
   question: str

@@ -1,12 +1,13 @@
 """The host side of a PPO step: rollouts → rewards → the padded training batch, with its metrics.
 
-    episodes = run_episodes(policy, retriever, questions)      (sampling + retrieval, per turn)
-    D_s3     = each episode's documents for the generator      (rollout.doc_extraction, selection)
-    rewards  = RewardScorer.score(D_s3)                        (generator answers, span/judge, GBR)
-    batch    = tokens and masks [b, t], the reward on each episode's last policy token
+    episodes       = rollout(policy, retriever, questions)       (sampling + retrieval, per turn)
+    items, results = reward(scorer, episodes)                    (D_s3 → generator answers, span/judge, GBR)
+    batch          = training_batch(episodes, rewards)           (tokens and masks [b, t], reward on the
+                                                                  episode's last policy token)
+    metrics        = rollout_metrics(episodes, items, results)
 
 `response_mask` (policy ∪ observation tokens) is what GAE, whitening and the critic use; `policy_mask` what
-the policy loss, entropy and KL use (spec §2.4).
+the policy loss, entropy and KL use (s3_protocol.md §2.4).
 """
 
 from __future__ import annotations
@@ -34,14 +35,12 @@ class Experience:
   rewards: list[float]
 
 
-def collect(policy: Any, tokenizer: Any, retriever: Any, scorer: RewardScorer, examples: Sequence[QAExample],
-            initial_docs: Sequence[Sequence[Doc]], episode_config: EpisodeConfig, rollout: Any, *,
-            pad_id: int, watch: Stopwatch, max_length: int | None = None,
-            group_offset: int = 0) -> Experience:
-  """One batch of experience. Each question is rolled out `rollout.samples_per_question` times (its samples
-  share a `group` id, for GRPO; ids start at `group_offset`, distinct per host). `max_length` caps the padded
-  length (the context cap)."""
-  n = rollout.samples_per_question
+def rollout(policy: Any, tokenizer: Any, retriever: Any, examples: Sequence[QAExample],
+            initial_docs: Sequence[Sequence[Doc]], episode_config: EpisodeConfig, *,
+            samples_per_question: int, watch: Stopwatch) -> list[Episode]:
+  """Each question rolled out `samples_per_question` times, in order (a question's samples are adjacent);
+  the time goes to `watch` as "rollout", with its "sample" and "retrieve" parts."""
+  n = samples_per_question
   examples = [ex for ex in examples for _ in range(n)]
   initial_docs = [docs for docs in initial_docs for _ in range(n)]
   timings: dict[str, float] = {}
@@ -49,28 +48,64 @@ def collect(policy: Any, tokenizer: Any, retriever: Any, scorer: RewardScorer, e
     episodes = run_episodes(policy, tokenizer, retriever, examples, initial_docs, episode_config, timings)
   for name, seconds in timings.items():
     watch.add(name, seconds)
-  with watch("reward"):
-    items = [RewardItem(e.example.data_source, e.example.question, e.example.golden_answers,
-                        tuple(e.generator_docs(rollout.doc_extraction, episode_config.max_select,
-                                               rollout.selection, tokenizer)))
-             for e in episodes]
-    results = scorer.score(items)
-  rewards = [r.reward for r in results]
-  # Every host pads to the same shapes (the longest episode of any host): the batch is one global array.
+  return episodes
+
+
+def reward(scorer: RewardScorer, episodes: Sequence[Episode], tokenizer: Any, rollout_config: Any,
+           max_select: int) -> tuple[list[RewardItem], list[Any]]:
+  """Each episode's D_s3 (`rollout.doc_extraction`, selection) scored by `scorer`: the generator's answer,
+  GenAcc and the reward. Returns the items scored and their results, in episode order."""
+  items = [RewardItem(e.example.data_source, e.example.question, e.example.golden_answers,
+                      tuple(e.generator_docs(rollout_config.doc_extraction, max_select,
+                                             rollout_config.selection, tokenizer)))
+           for e in episodes]
+  return items, scorer.score(items)
+
+
+def training_batch(episodes: Sequence[Episode], rewards: Sequence[float], *, pad_id: int,
+                   samples_per_question: int, max_length: int | None = None,
+                   group_offset: int = 0) -> dict[str, np.ndarray]:
+  """The padded `[b, t]` batch the learner trains on (`update.BATCH_KEYS`), each episode's reward on its last
+  policy token. Every host pads to the same shapes (the longest episode of any host): the batch is one global
+  array. `max_length` caps the padded length (the context cap); samples of a question share a `group` id
+  (GRPO), counted from `group_offset` (distinct per host)."""
   longest = host_max(max(len(e.prompt_ids) + len(e.ids) for e in episodes))
   length = train_length(longest)
   if max_length is not None:
     length = min(length, max(train_length(max_length), longest))
   rb = make_batch(episodes, rewards, pad_id, length=length, allow_empty=True)
-  batch = {"tokens": rb.tokens, "attention_mask": rb.attention_mask,
-           **response_window(rb, [len(e.prompt_ids) for e in episodes],
-                             train_length(host_max(max(len(e.ids) for e in episodes)), minimum=64)),
-           "group": group_offset + np.repeat(np.arange(len(examples) // n, dtype=np.int32), n)}
+  questions = len(episodes) // samples_per_question
+  return {"tokens": rb.tokens, "attention_mask": rb.attention_mask,
+          **response_window(rb, [len(e.prompt_ids) for e in episodes],
+                            train_length(host_max(max(len(e.ids) for e in episodes)), minimum=64)),
+          "group": group_offset + np.repeat(np.arange(questions, dtype=np.int32), samples_per_question)}
+
+
+def rollout_metrics(episodes: Sequence[Episode], items: Sequence[RewardItem], results: Sequence[Any],
+                    scorer: RewardScorer) -> dict[str, float]:
+  """The `reward/*` and `rollout/*` metrics of the step, over every host's episodes (takes the scorer's
+  counters)."""
   table = {k: host_gather(v) for k, v in episode_table(episodes, items, results).items()}
   counts = scorer.stats.take()
   totals = host_gather(np.array([[counts[k] for k in _COUNTS]], np.float64)).sum(axis=0)
-  metrics = _metrics(table, dict(zip(_COUNTS, totals.tolist(), strict=True)))
-  return Experience(batch, metrics, episodes, rewards)
+  return _metrics(table, dict(zip(_COUNTS, totals.tolist(), strict=True)))
+
+
+def collect(policy: Any, tokenizer: Any, retriever: Any, scorer: RewardScorer, examples: Sequence[QAExample],
+            initial_docs: Sequence[Sequence[Doc]], episode_config: EpisodeConfig, rollout_config: Any, *,
+            pad_id: int, watch: Stopwatch, max_length: int | None = None,
+            group_offset: int = 0) -> Experience:
+  """`rollout`, `reward`, `training_batch` and `rollout_metrics` in a row (the trainer's loop spells them
+  out; `python -m s3_jax.probe` uses this)."""
+  n = rollout_config.samples_per_question
+  episodes = rollout(policy, tokenizer, retriever, examples, initial_docs, episode_config,
+                     samples_per_question=n, watch=watch)
+  with watch("reward"):
+    items, results = reward(scorer, episodes, tokenizer, rollout_config, episode_config.max_select)
+  rewards = [r.reward for r in results]
+  batch = training_batch(episodes, rewards, pad_id=pad_id, samples_per_question=n, max_length=max_length,
+                         group_offset=group_offset)
+  return Experience(batch, rollout_metrics(episodes, items, results, scorer), episodes, rewards)
 
 
 def response_window(rb: Any, prompt_lengths: Sequence[int], width: int) -> dict[str, np.ndarray]:

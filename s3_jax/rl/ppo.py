@@ -1,23 +1,34 @@
-"""PPO math as small pure functions over `[batch, time]` arrays (spec §6).
+"""PPO math as small pure functions over `[batch, time]` arrays (s3_protocol.md §6).
 
 Conventions: every per-token array is aligned with the token ids, so position `t` holds the quantity of token
 `t` (its log-prob under the model given tokens `< t`, the value of the state before it, its reward). Masks are
 0/1 (or bool) arrays of the same shape; masked-out positions never contribute to a mean.
 
-s3's recipe (verl v0.1) in these terms:
+s3's recipe (verl v0.1) in these terms, each line one function here:
 
-    r_t = score_t - β · KL_t · policy_mask_t                 (kl_mode="reward", β = 0.001, KL = k1)
-    A, R = gae(r, V, response_mask, γ=1, λ=1);  A <- whiten(A, response_mask)
+    r_t = score_t - β · KL_t · policy_mask_t                 `token_rewards` (kl_mode="reward", β = 0.001, k1)
+    A, R = gae(r, V, response_mask, γ=1, λ=1);  A <- whiten(A, response_mask)   `advantages_and_returns`
     L_pi = token-mean_policy_mask[ max(-A·ρ, -A·clip(ρ, 1-ε, 1+ε)) ] - c_ent · token-mean_policy_mask[H]
-    L_V  = 0.5 · token-mean_response_mask[ max((V-R)², (clip(V, V_old ± ε_V) - R)²) ]
+           (+ β · token-mean_policy_mask[KL] with kl_mode="loss")                `actor_loss`
+    L_V  = 0.5 · token-mean_response_mask[ max((V-R)², (clip(V, V_old ± ε_V) - R)²) ]   `critic_loss`
+
+A value head on the actor's trunk (critic.separate_model=False) minimises L_pi + vf_coef · L_V. The token
+means are over the minibatch (`token_mean`) or per micro-batch, averaged (`micro_token_mean`, s3's): the
+learner sums each micro-batch's terms and divides by `loss_norm`'s counts. An advantage estimator is one entry
+of `ADVANTAGE_ESTIMATORS` (with whether it needs a critic): adding one is a function and a line there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+KL_ESTIMATORS = ("k1", "k2", "k3")  # `kl_penalty`
+KL_MODES = ("reward", "loss")  # the KL penalty in the token rewards (s3) or in the actor's loss
+LOSS_AGGREGATIONS = ("token_mean", "micro_token_mean")  # `loss_norm`
 
 
 def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
@@ -151,21 +162,84 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
   return jnp.where(var > 1e-8, 1.0 - masked_var(returns - values, mask) / jnp.maximum(var, 1e-8), jnp.nan)
 
 
-# -- advantage estimators -------------------------------------------------------------------------------
-# Each maps (token rewards [b, t], values [b, t], response mask [b, t], policy mask [b, t], group ids [b], ppo
-# config) to (advantages, returns); advantages are final (whitened where the estimator whitens).
+# -- the recipe's steps ----------------------------------------------------------------------------------
 
-def _gae_estimator(rewards, values, response_mask, policy_mask, groups, ppo):
+def token_rewards(scores: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, policy_mask: jax.Array, *,
+                  kl_coef: float, kl_estimator: str, kl_mode: str) -> tuple[jax.Array, jax.Array]:
+  """`(r, KL)`: the token rewards `r_t = score_t - β·KL_t` (`kl_mode="reward"`; the scores alone with
+  `kl_mode="loss"` or β = 0) and the per-token KL estimate of the sampling policy against the reference,
+  0 off the policy's tokens."""
+  policy = policy_mask.astype(jnp.float32)
+  kl = kl_penalty(old_logp, ref_logp, kl_estimator) * policy
+  if kl_mode == "reward" and kl_coef:
+    return scores - kl_coef * kl, kl
+  return scores, kl
+
+
+def token_counts(policy_mask: jax.Array, response_mask: jax.Array) -> dict[str, jax.Array]:
+  """How many policy and response tokens the arrays hold: the denominators of the token means."""
+  return {"policy": jnp.sum(policy_mask.astype(jnp.float32)),
+          "response": jnp.sum(response_mask.astype(jnp.float32))}
+
+
+def loss_norm(micro: dict[str, jax.Array], whole: dict[str, jax.Array], *, loss_agg: str,
+              n_micro: int) -> dict[str, jax.Array]:
+  """What one micro-batch's summed loss terms are divided by (`token_counts` of the micro-batch and of its
+  minibatch), so that the micro-batches' losses add up to the configured mean:
+
+      token_mean        Σ over the minibatch / its token count (one token mean per minibatch)
+      micro_token_mean  each micro-batch's token mean / n_micro (s3 / verl v0.1)
+  """
+  if loss_agg == "token_mean":
+    return {k: jnp.maximum(v, 1.0) for k, v in whole.items()}
+  if loss_agg == "micro_token_mean":
+    return {k: jnp.maximum(v, 1.0) * n_micro for k, v in micro.items()}
+  raise ValueError(f"ppo.loss_agg={loss_agg!r} must be token_mean or micro_token_mean")
+
+
+def actor_loss(logp: jax.Array, entropy: jax.Array, old_logp: jax.Array, ref_logp: jax.Array,
+               advantages: jax.Array, policy_mask: jax.Array, norm: dict[str, jax.Array], *,
+               clip_ratio: float, dual_clip: float, entropy_coef: float, kl_coef: float, kl_estimator: str,
+               kl_mode: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L_pi of one micro-batch, `(Σ ℓ - c_ent·Σ H [+ β·Σ KL, kl_mode="loss"]) / norm["policy"]` over its
+  policy tokens, and the summed terms behind the metrics (`pg_loss`, `entropy`, `pg_clipfrac`, `approx_kl`,
+  `kl_loss`)."""
+  policy = policy_mask.astype(jnp.float32)
+  pg, diag = policy_loss(logp, old_logp, advantages, policy, clip_ratio, dual_clip)
+  sums = {"pg_loss": jnp.sum(pg), "entropy": jnp.sum(entropy * policy),
+          "pg_clipfrac": jnp.sum(diag["clipped"] * policy), "approx_kl": jnp.sum(diag["approx_kl"] * policy)}
+  loss = sums["pg_loss"] - entropy_coef * sums["entropy"]
+  if kl_mode == "loss" and kl_coef:
+    sums["kl_loss"] = jnp.sum(kl_penalty(logp, ref_logp, kl_estimator) * policy)
+    loss = loss + kl_coef * sums["kl_loss"]
+  return loss / norm["policy"], sums
+
+
+def critic_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, response_mask: jax.Array,
+                norm: dict[str, jax.Array], *, value_clip: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """L_V of one micro-batch, `Σ value_loss / norm["response"]` over its response tokens, and the summed
+  terms behind the metrics (`vf_loss`, `vf_clipfrac`)."""
+  response = response_mask.astype(jnp.float32)
+  vf, clipped = value_loss(values, old_values, returns, response, value_clip)
+  sums = {"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(clipped * response)}
+  return sums["vf_loss"] / norm["response"], sums
+
+
+# -- advantage estimators -------------------------------------------------------------------------------
+# Each maps (token rewards [b, t], values [b, t] or None, response mask [b, t], policy mask [b, t], group ids
+# [b]; gamma, lam) to (advantages, returns); advantages are final (whitened where the estimator whitens).
+
+def _gae_estimator(rewards, values, response_mask, policy_mask, groups, *, gamma, lam):
   del policy_mask, groups
-  advantages, returns = gae(rewards, values, response_mask, ppo.gamma, ppo.lam)
+  advantages, returns = gae(rewards, values, response_mask, gamma, lam)
   return masked_whiten(advantages, response_mask), returns
 
 
-def _grpo_estimator(rewards, values, response_mask, policy_mask, groups, ppo, eps: float = 1e-6):
+def _grpo_estimator(rewards, values, response_mask, policy_mask, groups, *, gamma, lam, eps: float = 1e-6):
   """GRPO (outcome supervision): each episode's total reward, normalised within its group of samples of the
   same question, `(R_i - mean_g) / (std_g + ε)`, on every policy token. Needs `rollout.samples_per_question`
   ≥ 2 (a group of one has zero advantage)."""
-  del values
+  del values, gamma, lam
   score = jnp.sum(rewards * response_mask, axis=1)
   same = (groups[:, None] == groups[None, :]).astype(jnp.float32)
   count = jnp.sum(same, axis=1)
@@ -177,23 +251,30 @@ def _grpo_estimator(rewards, values, response_mask, policy_mask, groups, ppo, ep
   return advantages, advantages
 
 
-def _reinforce_pp_estimator(rewards, values, response_mask, policy_mask, groups, ppo):
+def _reinforce_pp_estimator(rewards, values, response_mask, policy_mask, groups, *, gamma, lam):
   """REINFORCE++: the discounted reward-to-go (KL penalty included in the rewards), whitened over the batch;
   no critic."""
-  del values, groups
-  returns = discounted_returns(rewards, response_mask, ppo.gamma)
+  del values, groups, lam
+  returns = discounted_returns(rewards, response_mask, gamma)
   return masked_whiten(returns, policy_mask) * policy_mask, returns
 
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable] = {
-    "gae": _gae_estimator,
-    "grpo": _grpo_estimator,
-    "reinforce_pp": _reinforce_pp_estimator,
+@dataclasses.dataclass(frozen=True)
+class AdvantageEstimator:
+  fn: Callable[..., tuple[jax.Array, jax.Array]]
+  uses_critic: bool  # reads the critic's values (so the learner keeps a critic)
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    "gae": AdvantageEstimator(_gae_estimator, uses_critic=True),
+    "grpo": AdvantageEstimator(_grpo_estimator, uses_critic=False),
+    "reinforce_pp": AdvantageEstimator(_reinforce_pp_estimator, uses_critic=False),
 }
-USES_CRITIC = {"gae": True, "grpo": False, "reinforce_pp": False}
 
 
-def advantages_and_returns(estimator: str, rewards, values, response_mask, policy_mask, groups, ppo):
+def advantages_and_returns(estimator: str, rewards, values, response_mask, policy_mask, groups, *,
+                           gamma: float, lam: float) -> tuple[jax.Array, jax.Array]:
   if estimator not in ADVANTAGE_ESTIMATORS:
     raise ValueError(f"ppo.adv_estimator={estimator!r} must be one of {', '.join(ADVANTAGE_ESTIMATORS)}")
-  return ADVANTAGE_ESTIMATORS[estimator](rewards, values, response_mask, policy_mask, groups, ppo)
+  return ADVANTAGE_ESTIMATORS[estimator].fn(rewards, values, response_mask, policy_mask, groups,
+                                            gamma=gamma, lam=lam)

@@ -35,7 +35,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from s3_jax import sharding as sharding_lib
 from s3_jax import tracing
 from s3_jax.models.config import DecoderConfig
-from s3_jax.models.decoder import default_positions, forward, lm_logits, nest_params, param_specs, prefix_kv
+from s3_jax.models.decoder import (
+  VALUE_HEAD_AXES,
+  apply_value_head,
+  default_positions,
+  forward,
+  lm_logits,
+  nest_params,
+  param_specs,
+  prefix_kv,
+)
 from s3_jax.rl import layout as layout_lib
 from s3_jax.rl import ppo as ppo_lib
 
@@ -74,6 +83,10 @@ class PPOSettings:
   separate_critic: bool = True
   micro_batch_padding: str = "own"
   shared_prefix: bool = False
+  # The rollout's sampling temperature: old, reference and new log-probs and the entropy are those of
+  # softmax(logits / temperature), the distribution the tokens were sampled from (s3/verl divide the logits by
+  # it; s3_protocol.md §2.2). 1.0 for greedy rollouts (temperature 0).
+  temperature: float = 1.0
 
   @classmethod
   def from_config(cls, config: Any) -> PPOSettings:
@@ -90,11 +103,12 @@ class PPOSettings:
         actor_warmup_steps=int(p.actor_warmup_ratio * p.schedule_steps),
         critic_warmup_steps=int(p.critic_warmup_ratio * p.schedule_steps),
         weight_decay=p.weight_decay, grad_clip=p.grad_clip, separate_critic=config.critic.separate_model,
-        micro_batch_padding=p.micro_batch_padding, shared_prefix=p.shared_prefix)
+        micro_batch_padding=p.micro_batch_padding, shared_prefix=p.shared_prefix,
+        temperature=config.rollout.temperature or 1.0)
 
   @property
   def uses_critic(self) -> bool:
-    return ppo_lib.USES_CRITIC[self.adv_estimator]
+    return ppo_lib.ADVANTAGE_ESTIMATORS[self.adv_estimator].uses_critic
 
   @property
   def updates_per_step(self) -> int:
@@ -148,12 +162,7 @@ def cast_floats(params: Params, dtype: Any) -> Params:
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
-def full_index(batch: int, length: int) -> jax.Array:
-  """The window of every position but the first, `[b, t-1]` (what `index` means for whole sequences)."""
-  return jnp.broadcast_to(jnp.arange(1, length, dtype=jnp.int32), (batch, length - 1))
-
-
-def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype, remat=False,
+def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype, remat="none",
             unroll=False, constrain=None, prefix=None):
   """Final hidden states of right-padded rows `[b, t]`, or with `prefix` (`prefix_kv` of the p tokens every
   row begins with) of their continuations `tokens [b, t]` at positions p, p + 1, ..."""
@@ -175,15 +184,19 @@ def _before(hidden, index):
 LOGITS_CHUNK = 512
 
 
-def _window_logprobs(head: Params, before, targets, with_entropy: bool):
+def _window_logprobs(head: Params, before, targets, with_entropy: bool, temperature: float = 1.0):
   logits = lm_logits(head, before)
+  if temperature != 1.0:
+    logits = logits / temperature
   log_norm = jax.nn.logsumexp(logits, axis=-1)
   logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_norm
   return logp, (ppo_lib.entropy_from_logits(logits) if with_entropy else None)
 
 
-def _logprobs_from_hidden(params: Params, hidden, tokens, index, with_entropy: bool):
-  """Log-probs (and entropies) of `tokens` at `index [b, w]` from the final hidden states `[b, t, d]`.
+def _logprobs_from_hidden(params: Params, hidden, tokens, index, with_entropy: bool,
+                          temperature: float = 1.0):
+  """Log-probs (and entropies) of `tokens` at `index [b, w]` from the final hidden states `[b, t, d]`, under
+  the distribution `softmax(logits / temperature)` (PPO: the rollout's temperature, as s3/verl).
 
   Over more than `LOGITS_CHUNK` positions the window goes in chunks, each rematerialised in the backward
   pass: the float32 logits `[b, w, vocab]` (SmolLM2, 2 rows x 2,560 positions: 1 GB, and the softmax and
@@ -193,8 +206,9 @@ def _logprobs_from_hidden(params: Params, hidden, tokens, index, with_entropy: b
   head = {k: params[k] for k in ("embed", "lm_head") if k in params}
   w = index.shape[1]
   if w <= LOGITS_CHUNK:
-    return _window_logprobs(head, before, targets, with_entropy)
-  chunk = jax.checkpoint(functools.partial(_window_logprobs, with_entropy=with_entropy))
+    return _window_logprobs(head, before, targets, with_entropy, temperature)
+  chunk = jax.checkpoint(functools.partial(_window_logprobs, with_entropy=with_entropy,
+                                           temperature=temperature))
   parts = [chunk(head, before[:, i:i + LOGITS_CHUNK], targets[:, i:i + LOGITS_CHUNK])
            for i in range(0, w, LOGITS_CHUNK)]
   logp = jnp.concatenate([lp for lp, _ in parts], axis=1)
@@ -202,62 +216,43 @@ def _logprobs_from_hidden(params: Params, hidden, tokens, index, with_entropy: b
 
 
 def _values_from_hidden(head: Params, hidden, index):
-  return jnp.einsum("bwd,d->bw", _before(hidden, index), head["kernel"].astype(hidden.dtype),
-                    preferred_element_type=jnp.float32) + head["bias"].astype(jnp.float32)
+  return apply_value_head(head, _before(hidden, index))
 
 
-def token_logprobs(config: DecoderConfig, params: Params, tokens, attention_mask, index=None,
-                   compute_dtype=jnp.float32, with_entropy: bool = False, unroll: bool = False,
-                   constrain=None, prefix=None):
-  """`logπ(token_i | tokens_<i)` for each position i of `index [b, w]` (default: every position but the
-  first), and optionally the entropy of the distribution that produced it. The vocabulary projection runs
-  on the window only: the prompt, most of a sequence, needs no logits."""
-  index = full_index(*tokens.shape) if index is None else index
+def token_logprobs(config: DecoderConfig, params: Params, tokens, attention_mask, index,
+                   compute_dtype=jnp.float32, unroll: bool = False, constrain=None, prefix=None,
+                   temperature: float = 1.0) -> jax.Array:
+  """`logπ(token_i | tokens_<i)` for each position i of `index [b, w]` (π at `temperature`). The vocabulary
+  projection runs on the window only: the prompt, most of a sequence, needs no logits."""
   hidden = _hidden(config, params, tokens, attention_mask, compute_dtype, unroll=unroll, constrain=constrain,
                    prefix=prefix)
-  return _logprobs_from_hidden(params, hidden, tokens, index, with_entropy)
+  return _logprobs_from_hidden(params, hidden, tokens, index, False, temperature)[0]
 
 
-def token_values(config: DecoderConfig, critic: Params, tokens, attention_mask, index=None,
-                 compute_dtype=jnp.float32, remat: bool = False, unroll: bool = False, constrain=None,
+def token_values(config: DecoderConfig, critic: Params, tokens, attention_mask, index,
+                 compute_dtype=jnp.float32, remat: str = "none", unroll: bool = False, constrain=None,
                  prefix=None):
   """`V` for each position i of `index`: the head on the hidden state of token i-1 (s3's `[:, -L-1:-1]`)."""
-  index = full_index(*tokens.shape) if index is None else index
   hidden = _hidden(config, critic["backbone"], tokens, attention_mask, compute_dtype, remat, unroll,
                    constrain, prefix)
-  return _values_from_hidden(critic["head"], hidden, index)
+  return _values_from_hidden(critic["value_head"], hidden, index)
 
 
 def critic_params(model: Any) -> Params:
-  """`{"backbone", "head"}` arrays of a `ValueModel` (a separate critic)."""
-  return {"backbone": model.backbone.arrays(),
-          "head": {"kernel": model.value_kernel[...], "bias": model.value_bias[...]}}
+  """`{"backbone", "value_head"}` arrays of a `ValueModel` (a separate critic)."""
+  return {"backbone": model.backbone.arrays(), "value_head": model.head_arrays()}
 
 
 def actor_logical_axes(config: DecoderConfig, shared_head: bool) -> Params:
   axes = nest_params({name: spec[1] for name, spec in param_specs(config).items()})
   if shared_head:
-    axes["value_head"] = {"kernel": ("embed",), "bias": ()}
+    axes["value_head"] = dict(VALUE_HEAD_AXES)
   return axes
 
 
 def critic_logical_axes(config: DecoderConfig) -> Params:
   backbone = {name: spec[1] for name, spec in param_specs(config, lm_head=False).items()}
-  return {"backbone": nest_params(backbone),
-          "head": {"kernel": ("embed",), "bias": ()}}
-
-
-def init_value_head(config: DecoderConfig, rng: jax.Array, dtype=jnp.float32, *,
-                    kernel: str = "normal") -> Params:
-  """A fresh scalar head with a zero bias and a normal(initializer_range) kernel (as HF initialises `score`)
-  or, `kernel="zeros"`, a zero kernel: every value starts at 0 instead of a random projection of the hidden
-  state (whose spread, ~0.02·|h|, is larger than a 0/1 reward's when the head learns slowly)."""
-  if kernel == "zeros":
-    return {"kernel": jnp.zeros((config.hidden_size,), dtype), "bias": jnp.zeros((), dtype)}
-  if kernel != "normal":
-    raise ValueError(f"value head kernel init {kernel!r} must be normal or zeros")
-  return {"kernel": (jax.random.normal(rng, (config.hidden_size,)) * config.initializer_range).astype(dtype),
-          "bias": jnp.zeros((), dtype)}
+  return {"backbone": nest_params(backbone), "value_head": dict(VALUE_HEAD_AXES)}
 
 
 def _is_axes(x) -> bool:
@@ -330,10 +325,10 @@ class PPOLearner:
 
   def __init__(self, settings: PPOSettings, config: DecoderConfig, *, compute_dtype: Any = jnp.float32,
                mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
-               remat: bool = True):
+               remat: str = "full"):
     self.settings, self.config, self.compute_dtype, self.mesh, self.rules = (
         settings, config, compute_dtype, mesh, rules)
-    self.remat = remat  # gradient checkpointing per layer in the update (s3: on for actor and critic)
+    self.remat = remat  # searcher.remat: per-layer gradient checkpointing in the update (s3: on for both)
     self.unroll = sharding_lib.unroll_loops(mesh)  # every scan unrolled on a CPU mesh (collective order)
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh is not None and mesh.shape[a] > 1)
     self.batch_shards = math.prod(mesh.shape[a] for a in batch_axes) if mesh is not None else 1
@@ -382,10 +377,10 @@ class PPOLearner:
 
   def init_state(self, actor: Params, critic: Params | None = None) -> dict[str, Any]:
     """Places the parameters with their shardings and creates the optimizer states (sharded like them).
-    `actor` must carry a `value_head` when the critic is a shared head; `critic` is `{"backbone", "head"}`
-    for a separate critic."""
+    `actor` must carry a `value_head` when the critic is a shared head; `critic` is `{"backbone",
+    "value_head"}` for a separate critic."""
     if self.shared_head and "value_head" not in actor:
-      raise ValueError("critic.separate_model=False needs actor['value_head'] (init_value_head)")
+      raise ValueError("critic.separate_model=False needs actor['value_head'] (decoder.init_value_head)")
     if self.separate_critic and critic is None:
       raise ValueError("a separate critic (critic.separate_model=True) needs critic parameters")
     state = {"actor": self._learner_state(actor, self.actor_axes(), self.actor_opt)}
@@ -464,10 +459,12 @@ class PPOLearner:
     tokens, mask, index = mb["tokens"], mb["attention_mask"], mb["index"]
     hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt, unroll=self.unroll,
                      constrain=self._rows, prefix=pre.get("actor"))
-    out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False)[0]}
+    out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False,
+                                             self.settings.temperature)[0]}
     if ref is not None:
       out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.unroll,
-                                       constrain=self._rows, prefix=pre.get("ref"))[0]
+                                       constrain=self._rows, prefix=pre.get("ref"),
+                                       temperature=self.settings.temperature)
     if self.shared_head:
       out["values"] = _values_from_hidden(actor["value_head"], hidden, index)
     elif self.separate_critic:
@@ -540,12 +537,10 @@ class PPOLearner:
     s = self.settings
     policy = batch["policy_mask"].astype(jnp.float32)
     response = batch["response_mask"].astype(jnp.float32)
-    kl = ppo_lib.kl_penalty(batch["old_logp"], batch["ref_logp"], s.kl_estimator) * policy
-    rewards = batch["scores"]
-    if s.kl_mode == "reward" and s.kl_coef:
-      rewards = rewards - s.kl_coef * kl
+    rewards, kl = ppo_lib.token_rewards(batch["scores"], batch["old_logp"], batch["ref_logp"], policy,
+                                        kl_coef=s.kl_coef, kl_estimator=s.kl_estimator, kl_mode=s.kl_mode)
     advantages, returns = ppo_lib.advantages_and_returns(
-        s.adv_estimator, rewards, batch["values"], response, policy, batch["group"], s)
+        s.adv_estimator, rewards, batch["values"], response, policy, batch["group"], gamma=s.gamma, lam=s.lam)
     metrics = {"reward/kl": ppo_lib.masked_mean(kl, policy),
                "reward/token_reward_sum": jnp.mean(jnp.sum(rewards * response, axis=1)),
                "ppo/advantage_mean": ppo_lib.masked_mean(advantages, policy),
@@ -559,55 +554,36 @@ class PPOLearner:
     """The loss of one micro-batch (sums divided by `norm`'s token counts, which make the configured token
     mean) and its summed metric terms; with `prefix` (`_prefix`) the rows continue a shared prefix."""
     s = self.settings
-    cdt = self.compute_dtype
-    tokens, attn = mb["tokens"], mb["attention_mask"]
-    policy = mb["policy_mask"].astype(jnp.float32)
-    hidden = _hidden(self.config, policy_params(params), tokens, attn, cdt, self.remat, self.unroll,
-                     self._rows, prefix)
-    logp, entropy = _logprobs_from_hidden(params, hidden, tokens, mb["index"], True)
-    pg, diag = ppo_lib.policy_loss(logp, mb["old_logp"], mb["advantages"], policy, s.clip_ratio, s.dual_clip)
-    sums = {"pg_loss": jnp.sum(pg), "entropy": jnp.sum(entropy * policy),
-            "pg_clipfrac": jnp.sum(diag["clipped"] * policy),
-            "approx_kl": jnp.sum(diag["approx_kl"] * policy)}
-    loss = sums["pg_loss"] - s.entropy_coef * sums["entropy"]
-    if s.kl_mode == "loss" and s.kl_coef:
-      sums["kl_loss"] = jnp.sum(ppo_lib.kl_penalty(logp, mb["ref_logp"], s.kl_estimator) * policy)
-      loss = loss + s.kl_coef * sums["kl_loss"]
-    loss = loss / norm["policy"]
-    if self.shared_head:
-      response = mb["response_mask"].astype(jnp.float32)
+    tokens = mb["tokens"]
+    hidden = _hidden(self.config, policy_params(params), tokens, mb["attention_mask"], self.compute_dtype,
+                     self.remat, self.unroll, self._rows, prefix)
+    logp, entropy = _logprobs_from_hidden(params, hidden, tokens, mb["index"], True, s.temperature)
+    loss, sums = ppo_lib.actor_loss(
+        logp, entropy, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["policy_mask"], norm,
+        clip_ratio=s.clip_ratio, dual_clip=s.dual_clip, entropy_coef=s.entropy_coef, kl_coef=s.kl_coef,
+        kl_estimator=s.kl_estimator, kl_mode=s.kl_mode)
+    if self.shared_head:  # L_pi + vf_coef · L_V through the one trunk
       values = _values_from_hidden(params["value_head"], hidden, mb["index"])
-      vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
-      sums.update({"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)})
-      loss = loss + s.vf_coef * sums["vf_loss"] / norm["response"]
+      value_loss, value_sums = ppo_lib.critic_loss(values, mb["values"], mb["returns"], mb["response_mask"],
+                                                   norm, value_clip=s.value_clip)
+      loss, sums = loss + s.vf_coef * value_loss, {**sums, **value_sums}
     return loss, sums
 
   def _critic_terms(self, params, mb, norm, prefix=None):
-    s = self.settings
-    response = mb["response_mask"].astype(jnp.float32)
     values = token_values(self.config, params, mb["tokens"], mb["attention_mask"], mb["index"],
                           self.compute_dtype, self.remat, self.unroll, self._rows, prefix)
-    vf, vclip = ppo_lib.value_loss(values, mb["values"], mb["returns"], response, s.value_clip)
-    sums = {"vf_loss": jnp.sum(vf), "vf_clipfrac": jnp.sum(vclip * response)}
-    return sums["vf_loss"] / norm["response"], sums
+    return ppo_lib.critic_loss(values, mb["values"], mb["returns"], mb["response_mask"], norm,
+                               value_clip=self.settings.value_clip)
 
   def _learn(self, learner, terms, opt, micro, minibatch):
     """Accumulates gradients over the minibatch's micro-batches, clips, applies; returns the new learner
     state, the minibatch's metric sums and the gradient norm before clipping."""
     n_micro = self.settings.mini_batch_size // micro
-
-    def tokens(mb):
-      return {"policy": jnp.sum(mb["policy_mask"].astype(jnp.float32)),
-              "response": jnp.sum(mb["response_mask"].astype(jnp.float32))}
-
-    whole = tokens(minibatch)
+    whole = _token_counts(minibatch)
     params = learner["params"]
 
     def body(grads, mb):
-      if self.settings.loss_agg == "token_mean":  # one token mean over the whole minibatch
-        norm = {k: jnp.maximum(v, 1.0) for k, v in whole.items()}
-      else:  # s3 / verl v0.1: a token mean per micro-batch, averaged over the micro-batches
-        norm = {k: jnp.maximum(v, 1.0) * n_micro for k, v in tokens(mb).items()}
+      norm = ppo_lib.loss_norm(_token_counts(mb), whole, loss_agg=self.settings.loss_agg, n_micro=n_micro)
       (_, sums), g = jax.value_and_grad(terms, has_aux=True)(params, mb, norm)
       return jax.tree.map(jnp.add, grads, g), sums
 
@@ -766,16 +742,12 @@ class PPOLearner:
     the prefix's forward pass once at the end (one vjp at batch 1): the same gradient as running every row
     whole, without recomputing the prefix for every row."""
     n_micro = len(micro_batches)
-    token_mean = self.settings.loss_agg == "token_mean"
     shardings = None if self.state_shardings is None else self.state_shardings[name]
     start = 0 if prefix_tokens is None else prefix_tokens.shape[1]
 
     def grad(params, prefix, data, rows, whole, *, length, width):
       mb = self._gather(data, rows, length, width, start)
-      if token_mean:
-        norm = {k: jnp.maximum(v, 1.0) for k, v in whole.items()}
-      else:
-        norm = {k: jnp.maximum(v, 1.0) * n_micro for k, v in _token_counts(mb).items()}
+      norm = ppo_lib.loss_norm(_token_counts(mb), whole, loss_agg=self.settings.loss_agg, n_micro=n_micro)
       (_, sums), (g, g_prefix) = jax.value_and_grad(terms, argnums=(0, 3), has_aux=True)(
           params, mb, norm, prefix)
       if shardings is not None:
@@ -813,8 +785,7 @@ class PPOLearner:
 
 
 def _token_counts(mb):
-  return {"policy": jnp.sum(mb["policy_mask"].astype(jnp.float32)),
-          "response": jnp.sum(mb["response_mask"].astype(jnp.float32))}
+  return ppo_lib.token_counts(mb["policy_mask"], mb["response_mask"])
 
 
 def _minibatch_metrics(name: str, sums, grad_norm, counts):

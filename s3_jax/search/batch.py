@@ -1,4 +1,4 @@
-"""Episodes -> a `RolloutBatch` of padded arrays for the trainer (spec §2.4 masks).
+"""Episodes -> a `RolloutBatch` of padded arrays for the trainer (s3_protocol.md §2.4 masks).
 
 Each row is the prompt followed by the trajectory, right-padded to a bucketed length (multiples of
 `length_multiple`) so the jitted score/update steps see few shapes. Masks say what each position is:

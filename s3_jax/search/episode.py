@@ -1,6 +1,6 @@
-"""The batched multi-turn rollout (spec §2.3): every active episode samples one turn, the searching ones share
-one `Retriever.search` call, observations are appended, and episodes end on `<search_complete>`, after the
-last turn, or at the context cap.
+"""The batched multi-turn rollout (s3_protocol.md §2.3): every active episode samples one turn, the searching
+ones share one `Retriever.search` call, observations are appended, and episodes end on `<search_complete>`,
+after the last turn, or at the context cap.
 
 Unlike s3, which decodes each turn, cuts it after `</query>` and re-tokenizes the text, an episode keeps the
 token ids the policy actually sampled (cut at the token that completes `</query>`; EOS dropped, as s3's

@@ -1,6 +1,6 @@
-"""The three document formats of s3 (spec §2.5), in one place. Titles in the prompt and in observations are
-the quoted first line of wiki-18 `contents` (`"Carmen"`), as s3 prints them; the generator's context has
-them unquoted, as s3's D_s3 parser leaves them."""
+"""The three document formats of s3 (s3_protocol.md §2.5), in one place. Titles in the prompt and in
+observations are the quoted first line of wiki-18 `contents` (`"Carmen"`), as s3 prints them; the generator's
+context has them unquoted, as s3's D_s3 parser leaves them."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ RAG_CONTEXT_FORMATS = ("s3", "d_s3")
 
 def rag_context(retrieved: Sequence[Doc], k: int, context_format: str = "s3") -> str:
   """The naive-RAG baseline's generator context from a question's ranked retrieval
-  (`reward.rag_context_format`, spec §3.3). "s3": what s3's RAG cache answered from — e5_retrieval's one
-  line per doc, `Doc {i} (Title: "{title}") {text}\\n`, over the whole retrieval, cut before the first
+  (`reward.rag_context_format`, s3_protocol.md §3.3). "s3": what s3's RAG cache answered from — e5_retrieval's
+  one line per doc, `Doc {i} (Title: "{title}") {text}\\n`, over the whole retrieval, cut before the first
   `Doc {k+1}` (as `context.py` splits it); "d_s3": the top `k` in the D_s3 context format
   (`generator_context`)."""
   if context_format == "s3":

@@ -1,5 +1,5 @@
-"""The s3 search protocol (spec §2.1, §2.3, §2.6): the searcher's prompt, action parsing, the environment's
-strings, and the documents D_s3 handed to the generator.
+"""The s3 search protocol (s3_protocol.md §2.1, §2.3, §2.6): the searcher's prompt, action parsing, the
+environment's strings, and the documents D_s3 handed to the generator.
 
 Trained s3 checkpoints only work when these strings match s3 exactly; tests check them against the spec.
 """
@@ -23,8 +23,8 @@ BM25_NOTE = ("Note: The search query should use Boolean operators (AND, OR) and 
 NUDGE = ("\n\nThe information is not enough to answer the question. Let me dive deeper by generating a brand "
          "new search query between <query> and </query> tags in JSON format:\n<query>\n")
 
-# The verbatim template (spec §2.1), kept in a text file so that no line wrapping or editor touches it (it
-# carries a trailing space after the first example's "}", as s3's does).
+# The verbatim template (s3_protocol.md §2.1), kept in a text file so that no line wrapping or editor touches
+# it (it carries a trailing space after the first example's "}", as s3's does).
 _TEMPLATE = (Path(__file__).parent / "s3_prompt.txt").read_text(encoding="utf-8")
 
 
@@ -115,10 +115,10 @@ def _unique_texts(docs: Sequence[Doc]) -> list[Doc]:
 
 
 def parse_docs(block: str) -> list[tuple[int, Doc]]:
-  """The `(number, Doc)` pairs of an information block in any of the three formats of spec §2.5, by s3's
-  pattern: a title containing `"` or `)` is cut there (the rest leaks into the text), a number that occurs
-  twice gives two docs, and a doc whose number `int()` cannot convert (over 4,300 digits) is dropped, as s3
-  drops it."""
+  """The `(number, Doc)` pairs of an information block in any of the three formats of s3_protocol.md §2.5, by
+  s3's pattern: a title containing `"` or `)` is cut there (the rest leaks into the text), a number that
+  occurs twice gives two docs, and a doc whose number `int()` cannot convert (over 4,300 digits) is dropped,
+  as s3 drops it."""
   docs = []
   for match in _DOC.finditer(block):
     try:
@@ -161,8 +161,8 @@ def selected_ids_in(text: str, block_size: int) -> list[int] | None:
 
 def extract_selected_docs_faithful(trajectory_text: str) -> list[Doc]:
   """D_s3 exactly as s3 builds it from the decoded prompt + responses: `extract_titles_and_texts` on
-  `trajectory_text.split(ANCHOR)[1]` (spec §2.6, quirks included; the same documents in the same order for
-  every input that holds the anchor).
+  `trajectory_text.split(ANCHOR)[1]` (s3_protocol.md §2.6, quirks included; the same documents in the same
+  order for every input that holds the anchor).
 
   Only the text between the first and a second anchor sentence counts. Every `<information>` block in it
   counts, including ones the searcher wrote itself. Each `<important_info>` claims the block that starts last
@@ -193,8 +193,8 @@ def extract_selected_docs_faithful(trajectory_text: str) -> list[Doc]:
 
 def extract_selected_docs_safe(blocks: Sequence[Sequence[Doc]], turns: Sequence[tuple[int, str]],
                                max_select: int) -> list[Doc]:
-  """D_s3 from what the environment itself showed (a deliberate fix of spec §12 item 6): `blocks[b]` is the
-  b-th block of documents the environment inserted (0 = the initial naive-RAG block) and each turn is
+  """D_s3 from what the environment itself showed (a deliberate fix of s3_protocol.md §12 item 6): `blocks[b]`
+  is the b-th block of documents the environment inserted (0 = the initial naive-RAG block) and each turn is
   `(b, text)`, the searcher's text and the block it followed. The first `<important_info>` among the turns
   that followed a block selects from it, ids are bounded by the block's size, at most `max_select` are kept;
   text the searcher writes (including `<information>` blocks of its own) never becomes a document. Blocks

@@ -3,9 +3,10 @@ released `pat-jj/s3-8-3-3-20steps`, or the config's own initial searcher), roll 
 over the evaluation questions, and hand D_s3 to the generator.
 
 Rollouts sample as in training, at `rollout.temperature` / `rollout.top_p` (0.6 / 0.95): s3's evaluation is
-not greedy either (its `do_sample=False` never reaches vLLM, spec §2.2 and §12 item 7), which is why the paper
-averages 3 runs (`--runs 3`). The initial block is the question's top `evaluate.initial_docs` (3, as s3's test
-prompts) naive-retrieval documents; turns, top-k and selection follow `rollout.*` (8-3-3 by default).
+not greedy either (its `do_sample=False` never reaches vLLM, s3_protocol.md §2.2 and §12 item 7), which is why
+the paper averages 3 runs (`--runs 3`). The initial block is the question's top `evaluate.initial_docs` (3, as
+s3's test prompts) naive-retrieval documents; turns, top-k and selection follow `rollout.*` (8-3-3 by
+default).
 """
 
 from __future__ import annotations

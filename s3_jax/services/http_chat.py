@@ -1,6 +1,6 @@
 """An OpenAI-compatible `POST /v1/chat/completions` in front of any generator backend, so s3's own scripts
-(which post to a vLLM server on port 8000, spec §4) can use this project's generator, and this project's
-`openai` backend can be tested against a real HTTP endpoint.
+(which post to a vLLM server on port 8000, s3_protocol.md §4) can use this project's generator, and this
+project's `openai` backend can be tested against a real HTTP endpoint.
 
 One chat per request, as the OpenAI API has it (`n` choices of it); requests are validated by the gRPC
 service's rules, and what the endpoint cannot honour (`stream`, unknown fields, bad types, a prompt over the

@@ -1,5 +1,5 @@
-"""s3 / Search-R1 compatible HTTP retrieval (spec §5), both ways, so either side can be swapped into the
-other's pipeline:
+"""s3 / Search-R1 compatible HTTP retrieval (s3_protocol.md §5), both ways, so either side can be swapped into
+the other's pipeline:
 
   POST /retrieve  {"queries": [...], "topk": k | null, "return_scores": true}
                -> {"result": [[{"document": {"id", "contents"}, "score": s}, ...], ...]}
