@@ -1,1 +1,1 @@
-"""The s3 search protocol: document formats (and, with issue 6, prompt, action parsing, D_s3, episodes)."""
+"""The s3 search protocol: prompt, action parsing, document formats, D_s3, batched episodes, training rows."""
