@@ -41,6 +41,7 @@ def probe(config: Any, *, init: str | None, questions: int, skip: int, seed: int
   from s3_jax.data.qa import read_qa
   from s3_jax.metrics import Stopwatch
   from s3_jax.models import precision
+  from s3_jax.models import tokenizer as tokenizer_lib
   from s3_jax.models.hf import load_hf
   from s3_jax.models.sampler import Sampler
   from s3_jax.models.tokenizer import load_tokenizer
@@ -73,7 +74,7 @@ def probe(config: Any, *, init: str | None, questions: int, skip: int, seed: int
     initial = [data.retrieved[(e.data_source, e.question)][:config.rollout.initial_docs]
                if config.rollout.begin_with_search else [] for e in examples]
     tokenizer = load_tokenizer(assets.resolve(config.searcher.tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = tokenizer_lib.pad_id(tokenizer)
     if policy_for is not None:
       policy = policy_for(examples, tokenizer)
     else:

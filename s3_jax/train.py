@@ -32,6 +32,7 @@ from s3_jax import sharding as sharding_lib
 from s3_jax.checkpoint import Checkpointer, CheckpointError, check_writable
 from s3_jax.data.training import TrainingData, load_training_data
 from s3_jax.models import precision
+from s3_jax.models import tokenizer as tokenizer_lib
 from s3_jax.models.config import DecoderConfig
 from s3_jax.models.decoder import Decoder, ValueModel, init_value_head
 from s3_jax.models.sampler import Sampler
@@ -44,8 +45,6 @@ from s3_jax.rl import update as update_lib
 from s3_jax.search.episode import EpisodeConfig, SamplerPolicy
 from s3_jax.search.searcher import decoder_config as searcher_decoder_config
 from s3_jax.services.embedded import open_services
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progress: bool = True,
@@ -69,7 +68,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
 
     # Models: the searcher (actor), its critic, the frozen reference, the sampler.
     tokenizer = load_tokenizer(assets.resolve(config.searcher.tokenizer))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = tokenizer_lib.pad_id(tokenizer)
     settings = update_lib.PPOSettings.from_config(config)
     actor_model, critic = _init_models(config, settings, tokenizer)
     learner = update_lib.PPOLearner(settings, actor_model.config, mesh=mesh,
@@ -220,7 +219,7 @@ def _init_models(config, settings, tokenizer) -> tuple[Decoder, dict | None]:
   `searcher.init_from` (the critic's backbone too, with a fresh head, as s3 does), or random."""
   from s3_jax.models.hf import load_hf
 
-  param_dtype = _DTYPES[config.searcher.param_dtype]
+  param_dtype = precision.DTYPES[config.searcher.param_dtype]
   compute_dtype = precision.dtype(config.searcher.compute_dtype)
   if config.searcher.init_from:
     folder = assets.resolve(config.searcher.init_from)
@@ -240,7 +239,7 @@ def _sampling_policy(sampler: Sampler, state, rng, step: int, config) -> Sampler
   """The sampler loaded with the actor's current weights (cast to `rollout.param_dtype`), as this step's
   rollout policy with its own key."""
   params = update_lib.cast_floats(update_lib.policy_params(state["actor"]["params"]),
-                                  _DTYPES.get(config.rollout.param_dtype))
+                                  precision.DTYPES.get(config.rollout.param_dtype))
   sampler.set_params(params if jax.process_count() == 1 else sharding_lib.host_fetch(params))
   return SamplerPolicy(sampler, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                        top_k=config.rollout.top_k, keep_cache=config.rollout.keep_cache,

@@ -16,6 +16,11 @@ def load_tokenizer(path: str | Path) -> Any:
   return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def pad_id(tokenizer: Any) -> int:
+  """The id rows are padded with: the tokenizer's pad token, else 0 (padding is masked out either way)."""
+  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
   """Token ids of a chat (`[{"role", "content"}, ...]`) with the generation prompt appended, by the
   tokenizer's chat template.

@@ -62,15 +62,14 @@ def resolve_checkpoint(checkpoint: str) -> tuple[Path, str]:
 def load_searcher(config: ml_collections.ConfigDict, checkpoint: str | None) -> tuple[Any, Any, str]:
   """`(decoder, tokenizer, description)`: `checkpoint`, else `searcher.init_from`, else a random searcher
   (`searcher.model`, seeded by `seed`)."""
-  import jax.numpy as jnp
   from flax import nnx
 
   from s3_jax.models.decoder import Decoder
   from s3_jax.models.hf import load_hf
   from s3_jax.models.tokenizer import load_tokenizer
 
-  dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  dtype, compute = dtypes[config.searcher.param_dtype], precision.dtype(config.searcher.compute_dtype)
+  dtype = precision.DTYPES[config.searcher.param_dtype]
+  compute = precision.dtype(config.searcher.compute_dtype)
   source = checkpoint or config.searcher.init_from
   if source:
     folder, description = resolve_checkpoint(source)
@@ -90,12 +89,13 @@ class S3Searcher:
 
   def __init__(self, config: ml_collections.ConfigDict, retriever: Any, agent: Any = None, *,
                checkpoint: str | None = None, timings: Timings | None = None, mesh: Any = None):
+    from s3_jax.models import tokenizer as tokenizer_lib
     from s3_jax.models.sampler import Sampler
 
     self.config, self.retriever = config, retriever
     self.timings = timings if timings is not None else Timings()
     model, self.tokenizer, self.source = load_searcher(config, checkpoint)
-    self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+    self.pad_id = tokenizer_lib.pad_id(self.tokenizer)
     self.sampler = Sampler(model, tokenizer=self.tokenizer, pad_token_id=self.pad_id, mesh=mesh,
                            rules=[tuple(r) for r in config.sampling_sharding_rules])
     self.episode_config = EpisodeConfig.from_config(config)
