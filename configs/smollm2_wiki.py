@@ -5,10 +5,11 @@ dense retrieval over the 10,033 Wikipedia summaries, FanOutQA or trivia question
 
   --config configs/smollm2_wiki.py[:bm25|dense][,qa=fanout|trivia][,runlocal][,learn[,demo]][,faithful]
 
-`learn` is the laptop learning experiment (issue 19; docs/results_laptop.md): trivia questions, 3-3-3,
+`learn` is the laptop learning experiment (issue 19; experiments/laptop/results.md): trivia questions, 3-3-3,
 16 questions a step, a value head on the actor's trunk (half the update of s3's separate critic on this CPU:
-benchmarks/README.md) and whole-layer remat. `learn,demo` is `make demo`'s short run of it (s3_jax/demo.py):
-2 steps of 8 questions, one search round, 8 held-out questions evaluated.
+benchmarks/README.md; it steps at s3's critic rate from values of 0) and whole-layer remat. `learn,demo` is
+`make demo`'s short run of it (s3_jax/demo.py): 2 steps of 8 questions, one search round, 8 held-out
+questions evaluated.
 """
 
 from s3_jax import config_lib
