@@ -164,7 +164,7 @@ def table(rows: Mapping[str, Mapping[str, Any]]) -> str:
 def episodes(rows: Mapping[str, Mapping[str, Any]], count: int) -> str:
   """The first `count` questions by (data source, id) — never chosen by score — as the untrained and the
   trained searcher (their first seed) handled them, with naive RAG's verdict for the same question."""
-  if count <= 0 or "untrained" not in rows:
+  if count <= 0 or "untrained" not in rows or "trained" not in rows:
     return ""
   def first_seed(row):
     label = sorted(rows[row]["predictions"])[0]

@@ -132,6 +132,7 @@ def test_an_evaluation_under_way_is_left_out_and_named(tmp_path):
 def test_a_page_before_any_training_says_so_and_errors_name_what_is_missing(tmp_path, capsys):
   exp = tmp_path / "learn"
   _predictions(exp / "eval" / "rag", {0})
+  _predictions(exp / "eval" / "untrained", {0, 1})
   assert results.main([str(exp)]) == 0  # an experiment under way: the rows so far, no verdict
   page = capsys.readouterr().out
   assert f"| {results.ROWS['rag']} | 10 | 1 | 10.0 |" in page
