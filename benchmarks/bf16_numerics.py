@@ -68,14 +68,16 @@ def main() -> None:
 
   from s3_jax import assets, config_lib
   from s3_jax.data.qa import read_qa
+  from s3_jax.models import heads
   from s3_jax.models.hf import load_hf
   from s3_jax.models.sampler import Sampler
   from s3_jax.models.tokenizer import load_tokenizer
   from s3_jax.retrieval import load_retriever
   from s3_jax.retrieval.index_dir import ensure_index
-  from s3_jax.rl import update as update_lib
+  from s3_jax.rl import learner as learner_lib
+  from s3_jax.rl.batch import make_batch, train_length
   from s3_jax.rl.experience import response_window
-  from s3_jax.search.batch import make_batch, train_length
+  from s3_jax.rl.settings import PPOSettings
   from s3_jax.search.episode import EpisodeConfig, SamplerPolicy, run_episodes
 
   config = config_lib.load(f"{CONFIGS / 'smollm2_wiki.py'}:runlocal")
@@ -113,13 +115,13 @@ def main() -> None:
       sampled[i, start:end] = lp[:end - start]
 
   n = len(episodes)  # the PPO batch is these episodes, two minibatches (runlocal's micro-batch sizes)
-  settings = dataclasses.replace(update_lib.PPOSettings.from_config(config), batch_size=n,
+  settings = dataclasses.replace(PPOSettings.from_config(config), batch_size=n,
                                  mini_batch_size=n // 2)
   actor = model.arrays()
   out = {}
   for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-    learner = update_lib.PPOLearner(settings, model.config, compute_dtype=dtype, remat="dots")
-    state = learner.init_state(actor, update_lib.critic_params(
+    learner = learner_lib.PPOLearner(settings, model.config, compute_dtype=dtype, remat="dots")
+    state = learner.init_state(actor, heads.critic_params(
         load_hf(folder, dtype=jnp.float32, value_head=True, seed=1)) if learner.separate_critic else None)
     ref = learner.place_ref(actor)
     placed = learner.place_batch(batch)
@@ -132,8 +134,8 @@ def main() -> None:
 
       @jax.jit
       def update_logp(params, tokens, mask, index):
-        hidden = update_lib._hidden(model.config, params, tokens, mask, jnp.bfloat16, "dots")
-        return update_lib._logprobs_from_hidden(params, hidden, tokens, index, False)[0]
+        hidden = heads.hidden_states(model.config, params, tokens, mask, jnp.bfloat16, "dots")
+        return heads.logprobs_from_hidden(params, hidden, tokens, index, False)[0]
 
       first = jax.device_get(update_logp(actor, batch["tokens"][:rows], batch["attention_mask"][:rows],
                                          batch["index"][:rows]))

@@ -34,7 +34,7 @@ def main() -> None:
   from s3_jax.reward.judge import judge
   from s3_jax.reward.prompts import answer_messages
   from s3_jax.search.formats import generator_context
-  from s3_jax.services.embedded import open_services
+  from s3_jax.services.connect import open_services
 
   config = config_lib.load(args.config, [f"evaluate.sample={args.n}", "evaluate.datasets=fanout"])
   quiet = {"show_progress": False, "log": lambda *_: None}

@@ -23,7 +23,7 @@ import numpy as np
 
 
 def make_batch(rows: int, shortest: int, longest: int, prompt: int, vocab: int, prefix: int = 0) -> dict:
-  from s3_jax.search.batch import train_length
+  from s3_jax.rl.batch import train_length
 
   lengths = np.linspace(shortest, longest, rows).round().astype(int)
   np.random.default_rng(0).shuffle(lengths)
@@ -53,16 +53,17 @@ def run(path: str, batch: dict, micro: int, mini: int, score_micro: int, remat: 
   from s3_jax import assets
   from s3_jax.models.decoder import Decoder, init_value_head
   from s3_jax.models.hf import read_config
-  from s3_jax.rl import update as update_lib
+  from s3_jax.rl import learner as learner_lib
+  from s3_jax.rl.settings import PPOSettings
 
   config, _ = read_config(assets.path("smollm2-135m-instruct"))
   rows = len(batch["tokens"])
-  settings = update_lib.PPOSettings(batch_size=rows, mini_batch_size=mini, actor_micro_batch_size=micro,
+  settings = PPOSettings(batch_size=rows, mini_batch_size=mini, actor_micro_batch_size=micro,
                                     critic_micro_batch_size=micro, score_micro_batch_size=score_micro,
                                     separate_critic=False,
                                     micro_batch_padding="batch" if path == "batch" else "own",
                                     shared_prefix=path == "prefix")
-  learner = update_lib.PPOLearner(dataclasses.replace(settings), config, remat=remat)
+  learner = learner_lib.PPOLearner(dataclasses.replace(settings), config, remat=remat)
   actor = Decoder(config, rngs=nnx.Rngs(0)).arrays()
   ref = learner.place_ref(actor)
   state = learner.init_state({**actor, "value_head": init_value_head(config, jax.random.key(1))})

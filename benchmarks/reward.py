@@ -46,7 +46,7 @@ def main() -> None:
   from s3_jax.reward.answers import span_match
   from s3_jax.reward.judge import judge
   from s3_jax.reward.prompts import answer_messages
-  from s3_jax.reward.service import RewardItem, RewardScorer
+  from s3_jax.reward.scorer import RewardItem, RewardScorer
   from s3_jax.search.formats import generator_context
   from s3_jax.services import GeneratorClient
 

@@ -124,12 +124,7 @@ def main() -> None:
       for label, path in runs:
         if name == "tiny":  # the CI pulse's random searcher: its samples are noise, so mostly invalid turns
           tiny = config_lib.load(str(CONFIGS / "tiny.py"))
-          m = tiny.searcher.model
-          model = Decoder(DecoderConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
-                                        intermediate_size=m.mlp_size, num_layers=m.num_layers,
-                                        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                                        head_dim=m.head_dim, rope_theta=m.rope_theta,
-                                        tie_embeddings=m.tie_embeddings, eos_token_id=tokenizer.eos_token_id),
+          model = Decoder(DecoderConfig.from_fields(tiny.searcher.model, eos_token_id=tokenizer.eos_token_id),
                           rngs=nnx.Rngs(0))
           config = EpisodeConfig.from_config(tiny)
         elif path.startswith("vllm"):

@@ -56,14 +56,16 @@ def main() -> None:
   from flax import nnx
 
   from s3_jax import sharding as sharding_lib
+  from s3_jax.models import heads
   from s3_jax.models.config import DecoderConfig
   from s3_jax.models.decoder import Decoder, ValueModel
-  from s3_jax.rl import update as update_lib
+  from s3_jax.rl import learner as learner_lib
+  from s3_jax.rl.settings import PPOSettings
 
   config = DecoderConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=16, tie_embeddings=True, max_position_embeddings=8192)
   b, t, w = args.batch, args.length, args.window
-  settings = update_lib.PPOSettings(batch_size=b, mini_batch_size=b, actor_micro_batch_size=b,
+  settings = PPOSettings(batch_size=b, mini_batch_size=b, actor_micro_batch_size=b,
                                     critic_micro_batch_size=b, score_micro_batch_size=b, kl_coef=0.001)
   mesh = sharding_lib.make_mesh(_mesh_shape(args.mesh))
   rng = np.random.default_rng(0)
@@ -73,11 +75,11 @@ def main() -> None:
           "scores": rng.normal(size=(b, w)).astype(np.float32), "group": np.arange(b, dtype=np.int32)}
 
   def measure(constrained: bool) -> tuple[float, float, str]:
-    learner = update_lib.PPOLearner(dataclasses.replace(settings), config, mesh=mesh)
+    learner = learner_lib.PPOLearner(dataclasses.replace(settings), config, mesh=mesh)
     if not constrained:
       learner._rows = lambda x: x  # the partitioner's own choice
     actor = Decoder(config, rngs=nnx.Rngs(0)).arrays()
-    critic = update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(1)))
+    critic = heads.critic_params(ValueModel(config, rngs=nnx.Rngs(1)))
     ref = learner.place_ref(actor)
     state = learner.init_state(actor, critic)
     batch = learner.place_batch(host)

@@ -65,19 +65,21 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
   from flax import nnx
 
   from s3_jax import assets
+  from s3_jax.models import heads
   from s3_jax.models.decoder import Decoder, ValueModel, init_value_head
   from s3_jax.models.hf import read_config
-  from s3_jax.rl import update as update_lib
+  from s3_jax.rl import learner as learner_lib
+  from s3_jax.rl.settings import PPOSettings
 
   config, _ = read_config(assets.path("smollm2-135m-instruct"))
-  settings = update_lib.PPOSettings(batch_size=batch, mini_batch_size=batch, actor_micro_batch_size=micro,
+  settings = PPOSettings(batch_size=batch, mini_batch_size=batch, actor_micro_batch_size=micro,
                                     critic_micro_batch_size=micro, score_micro_batch_size=micro,
                                     actor_lr=1e-6, critic_lr=1e-5, separate_critic=critic == "separate")
-  learner = update_lib.PPOLearner(settings, config, remat=remat,
+  learner = learner_lib.PPOLearner(settings, config, remat=remat,
                                   compute_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
   actor = Decoder(config, rngs=nnx.Rngs(0)).arrays()
   if critic == "separate":  # s3: a second SmolLM2 with a value head
-    state = learner.init_state(actor, update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(1))))
+    state = learner.init_state(actor, heads.critic_params(ValueModel(config, rngs=nnx.Rngs(1))))
   else:  # a value head on the actor's trunk (critic.separate_model=False)
     value_head = init_value_head(config, jax.random.key(1))
     state = learner.init_state({**actor, "value_head": value_head}, None)

@@ -11,8 +11,12 @@ X-Y-Z = docs retrieved per query - docs selected per turn - turns (paper Table 3
 """
 
 import re
+from pathlib import Path
 
 from s3_jax import config_lib
+
+# the paper's ablations (Tables 3, 5, 6 and GRPO), shared with the other configs
+ABLATIONS = config_lib.load_module(Path(__file__).parent / "sweeps/paper_ablations.py")
 
 
 def get_config(arg=None):
@@ -53,4 +57,4 @@ def get_config(arg=None):
 def sweep(add):
   """The paper's ablations as runs of this config (launch: python -m launch.sweep, issue 9)."""
   # GRPO: 120 episodes per step, as PPO's 120 questions.
-  config_lib.paper_ablations(add, grpo_batch_size=30, grpo_mini_batch_size=15)
+  ABLATIONS.add_runs(add, grpo_batch_size=30, grpo_mini_batch_size=15)

@@ -12,7 +12,12 @@ benchmarks/README.md; it steps at s3's critic rate from values of 0) and whole-l
 questions evaluated.
 """
 
+from pathlib import Path
+
 from s3_jax import config_lib
+
+# the paper's ablations (Tables 3, 5, 6 and GRPO), shared with the other configs
+ABLATIONS = config_lib.load_module(Path(__file__).parent / "sweeps/paper_ablations.py")
 
 
 def get_config(arg=None):
@@ -97,4 +102,4 @@ def get_config(arg=None):
 def sweep(add):
   """The paper's ablations as runs of this config (launch: python -m launch.sweep, issue 9)."""
   # GRPO: 16 episodes per step, as PPO's 16 questions.
-  config_lib.paper_ablations(add, grpo_batch_size=4, grpo_mini_batch_size=2)
+  ABLATIONS.add_runs(add, grpo_batch_size=4, grpo_mini_batch_size=2)

@@ -71,19 +71,19 @@ def _build_minilm(source: Path, out: Path) -> dict[str, Any]:
 
 
 def _build_wiki_vital(source: Path, out: Path) -> dict[str, Any]:
-  from s3_jax.data.embedded import build_wiki_vital
+  from s3_jax.data.builders import build_wiki_vital
 
   return build_wiki_vital(source, out)
 
 
 def _build_qa_fanout(source: Path, out: Path) -> dict[str, Any]:
-  from s3_jax.data.embedded import build_qa_fanout
+  from s3_jax.data.builders import build_qa_fanout
 
   return build_qa_fanout(source, path("wiki-vital") / "corpus.jsonl", out)
 
 
 def _build_qa_trivia(source: Path, out: Path) -> dict[str, Any]:
-  from s3_jax.data.embedded import build_qa_trivia
+  from s3_jax.data.builders import build_qa_trivia
 
   return build_qa_trivia(source, path("wiki-vital") / "corpus.jsonl", out)
 

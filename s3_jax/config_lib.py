@@ -72,7 +72,7 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   the type of the existing key, and an unknown key raises.
   """
   path, _, arg = spec.partition(":")
-  module = _module(path)
+  module = load_module(path)
   if not hasattr(module, "get_config"):
     raise ValueError(f"{path}: a config file must define get_config(arg=None)")
   config = module.get_config(arg or None)
@@ -91,7 +91,8 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   return config
 
 
-def _module(path: str) -> Any:
+def load_module(path: str | Path) -> Any:
+  """A config file (or a sweep fragment under configs/sweeps/) as a module, run from its path."""
   file = Path(path)
   if not file.is_file():
     raise FileNotFoundError(f"config file not found: {file}")
@@ -106,7 +107,7 @@ def sweep_runs(spec: str) -> list[tuple[str, list[str]]]:
   `load`. `add(name=None, **{"dotted.key": value})` adds one run; the name defaults to its overrides joined.
   Every run is loaded and validated here, so a bad sweep fails before anything is launched."""
   path, _, _ = spec.partition(":")
-  module = _module(path)
+  module = load_module(path)
   if not hasattr(module, "sweep"):
     raise ValueError(f"{path}: no sweep(add) function")
   runs: list[tuple[str, list[str]]] = []
@@ -127,22 +128,15 @@ def sweep_runs(spec: str) -> list[tuple[str, list[str]]]:
   return runs
 
 
-def paper_ablations(add: Any, *, grpo_batch_size: int, grpo_mini_batch_size: int) -> None:
-  """The paper's ablations as sweep runs, for a config file's `sweep(add)`: Table 5, the reward used for
-  training; Table 6, w/o selection and w/o begin-with-search; Table 3, the retrieval / turns grid (top-k ×
-  turns; 8-3-3 is the base); and GRPO (4 samples per question, in batches of `grpo_batch_size` questions)
-  instead of PPO."""
-  add(name="base")
-  for kind in ("code", "genacc", "em"):
-    add(**{"reward.kind": kind})
-  add(**{"rollout.selection": False})
-  add(**{"rollout.begin_with_search": False})
-  for topk in (3, 5, 8):
-    for turns in (3, 4):
-      if (topk, turns) != (8, 3):
-        add(**{"rollout.topk": topk, "rollout.max_turns": turns})
-  add(name="grpo", **{"ppo.adv_estimator": "grpo", "rollout.samples_per_question": 4,
-                      "ppo.batch_size": grpo_batch_size, "ppo.mini_batch_size": grpo_mini_batch_size})
+# Keys renamed since a run could have recorded them (old name -> new), so a resumed run or evaluation reads an
+# old record's value under its new name.
+RENAMED_KEYS = {"searcher.model.mlp_size": "searcher.model.intermediate_size"}
+
+
+def flatten_record(tree: dict[str, Any]) -> dict[str, str]:
+  """`flatten` of a recorded config (a run's config.json or run.json), with renamed keys under their new
+  names."""
+  return {RENAMED_KEYS.get(k, k): v for k, v in flatten(tree).items()}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -222,7 +216,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.searcher.remat = "dots"
   c.searcher.model = ml_collections.ConfigDict({
       "vocab_size": 49152, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-      "head_dim": 16, "mlp_size": 128, "rope_theta": 10000.0, "tie_embeddings": True})
+      "head_dim": 16, "intermediate_size": 128, "rope_theta": 10000.0, "tie_embeddings": True})
   c.critic = ml_collections.ConfigDict({"separate_model": True})  # s3: a separate critic network
   # With separate_model=False, a value head on the actor's trunk: learns at ppo.critic_lr (the trunk at
   # ppo.actor_lr); its kernel starts as HF initialises a `score` head (normal) or at zero (values start at 0).
@@ -386,7 +380,7 @@ _POSITIVE_INTS = (
     "ppo.actor_micro_batch_size", "ppo.critic_micro_batch_size", "ppo.epochs", "checkpoint.every",
     "checkpoint.keep", "searcher.model.vocab_size", "searcher.model.hidden_size",
     "searcher.model.num_layers", "searcher.model.num_heads", "searcher.model.num_kv_heads",
-    "searcher.model.head_dim", "searcher.model.mlp_size", "precompute.retrieval_topk",
+    "searcher.model.head_dim", "searcher.model.intermediate_size", "precompute.retrieval_topk",
     "precompute.context_docs", "precompute.chunk_size", "rollout.initial_docs",
     "rollout.samples_per_question", "ppo.score_micro_batch_size", "ppo.schedule_steps", "evaluate.runs",
     "evaluate.batch_size", "evaluate.rag_topk", "evaluate.max_searches", "evaluate.search_topk",

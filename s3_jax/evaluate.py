@@ -4,9 +4,9 @@
       [--datasets a,b] [--runs N] --out DIR [--config.key=value ...]
   python -m s3_jax.evaluate --compare DIR1,DIR2,... --out DIR      # one table and chart over finished runs
 
-METHOD: none | rag | s3 | ircot | search_o1 | search_r1 | deepretrieval (s3_jax/baselines, s3_jax/search/
-searcher.py). Each method produces the documents for every question; the frozen generator (the config's
-`generator.*`: jax, vllm or openai, a service address or embedded) answers from them with s3's prompt, and
+METHOD: none | rag | s3 | ircot | search_o1 | search_r1 | deepretrieval (s3_jax/methods/). Each method
+produces the documents for every question; the frozen generator (the config's `generator.*`: jax, vllm or
+openai, a service address or embedded) answers from them with s3's prompt, and
 every answer is scored the same way: span, EM, F1, the LLM judge where the span check fails (GenAcc =
 span ∨ judge), MIRAGE sets by the MIRAGE judge alone. `--checkpoint` is the method's own model: the
 searcher for `s3` (an HF folder or a training run's newest HF export; default `searcher.init_from`), the
@@ -32,11 +32,11 @@ from typing import Any
 import ml_collections
 
 from s3_jax import assets, config_lib, report
-from s3_jax.baselines.base import AgentLM, MethodOutput, TimedRetriever, Timings
 from s3_jax.data.eval_sets import EvalSet, is_medical, load_sets
 from s3_jax.data.qa import QAExample
+from s3_jax.methods.base import AgentLM, MethodOutput, TimedRetriever, Timings
 from s3_jax.reward.cache import AnswerCache
-from s3_jax.reward.service import RewardItem, RewardScorer, scorer_from_config
+from s3_jax.reward.scorer import RewardItem, RewardScorer, scorer_from_config
 
 METHODS = ("none", "rag", "s3", "ircot", "search_o1", "search_r1", "deepretrieval")
 AGENT_METHODS = ("ircot", "search_o1", "search_r1", "deepretrieval")
@@ -61,7 +61,7 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
 
   from s3_jax import compile_cache
   from s3_jax import sharding as sharding_lib
-  from s3_jax.services.embedded import open_services
+  from s3_jax.services.connect import open_services
 
   if method not in METHODS:
     raise ValueError(f"--method {method!r} must be one of {', '.join(METHODS)}")
@@ -178,15 +178,15 @@ def _evaluate_chunk(model: Any, scorer: RewardScorer, examples: Sequence[QAExamp
 
 def _make_method(method: str, config: ml_collections.ConfigDict, retriever: TimedRetriever, services: Any,
                  checkpoint: str | None, timings: Timings, log: Callable[[str], None]) -> Any:
-  from s3_jax.baselines.deepretrieval import DeepRetrieval
-  from s3_jax.baselines.ircot import IRCoT
-  from s3_jax.baselines.search_o1 import SearchO1
-  from s3_jax.baselines.search_r1 import SearchR1
-  from s3_jax.baselines.static import ClosedBook, NaiveRAG
+  from s3_jax.methods.deepretrieval import DeepRetrieval
+  from s3_jax.methods.ircot import IRCoT
+  from s3_jax.methods.search_o1 import SearchO1
+  from s3_jax.methods.search_r1 import SearchR1
+  from s3_jax.methods.static import ClosedBook, NaiveRAG
 
   if method == "s3":
     from s3_jax import sharding as sharding_lib
-    from s3_jax.search.searcher import S3Searcher
+    from s3_jax.methods.s3 import S3Searcher
 
     model = S3Searcher(config, retriever, checkpoint=checkpoint, timings=timings,
                        mesh=sharding_lib.rollout_mesh(dict(config.mesh)))
@@ -211,7 +211,7 @@ def _make_agent(config: ml_collections.ConfigDict, checkpoint: str | None, servi
     return AgentLM(connect_generator(address, retry_seconds=config.services.retry_seconds),
                    f"the LLM at {address}", timings)
   if checkpoint:
-    from s3_jax.search.searcher import resolve_checkpoint
+    from s3_jax.models.searcher import resolve_checkpoint
     from s3_jax.services.generator_backends import InProcessGenerator, make_backend
 
     folder, description = resolve_checkpoint(checkpoint)
@@ -264,7 +264,7 @@ def _check_record(out: Path, method: str, checkpoint: str | None,
     if (before["method"], before["checkpoint"]) != (method, record["checkpoint"]):
       raise ValueError(f"{out} holds an evaluation of --method {before['method']} "
                        f"--checkpoint {before['checkpoint'] or '(none)'}; use another --out")
-    old, new = config_lib.flatten(before["config"]), config_lib.flatten(record["config"])
+    old, new = config_lib.flatten_record(before["config"]), config_lib.flatten(record["config"])
     # A key only the old record has is one the config no longer defines (retired; nothing reads it).
     changed = sorted(k for k in new if old.get(k) != new[k] and not _free(k))
     if changed:

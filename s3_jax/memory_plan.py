@@ -113,7 +113,7 @@ def plan(config: ml_collections.ConfigDict, model: DecoderConfig, devices: int,
   param_bytes = _BYTES[config.searcher.param_dtype]
   compute_bytes = _BYTES[precision.resolve(config.searcher.compute_dtype)]
   sample_bytes = _BYTES[config.rollout.param_dtype or config.searcher.param_dtype]
-  from s3_jax.rl.update import PPOSettings
+  from s3_jax.rl.settings import PPOSettings
 
   settings = PPOSettings.from_config(config)
   settings.check(batch_shards=mesh["data"] * mesh["fsdp"])  # the sizes the trainer would refuse
@@ -188,10 +188,7 @@ def searcher_shape(config: ml_collections.ConfigDict, preset: str | None) -> Dec
       raise ValueError(f"searcher.init_from {folder} has no config.json here; pass --model "
                        f"({', '.join(PRESETS)})")
     return read_config(folder)[0]
-  m = config.searcher.model
-  return DecoderConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.mlp_size,
-                       num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-                       head_dim=m.head_dim, tie_embeddings=m.tie_embeddings)
+  return DecoderConfig.from_fields(config.searcher.model)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

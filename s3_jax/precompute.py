@@ -37,7 +37,7 @@ from s3_jax.data.qa import QAExample, read_qa
 from s3_jax.reward.cache import AnswerCache
 from s3_jax.reward.gbr import RagCache
 from s3_jax.reward.prompts import PROMPT_VERSION
-from s3_jax.reward.service import RewardItem, scorer_from_config
+from s3_jax.reward.scorer import RewardItem, scorer_from_config
 from s3_jax.search.formats import rag_context
 from s3_jax.services.generator_backends import LazyGenerator
 

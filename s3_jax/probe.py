@@ -47,10 +47,10 @@ def probe(config: Any, *, init: str | None, questions: int, skip: int, seed: int
   from s3_jax.models.tokenizer import load_tokenizer
   from s3_jax.precompute import precompute_dir, run_precompute
   from s3_jax.reward.cache import AnswerCache
-  from s3_jax.reward.service import scorer_from_config
+  from s3_jax.reward.scorer import scorer_from_config
   from s3_jax.rl import experience
   from s3_jax.search.episode import EpisodeConfig, SamplerPolicy
-  from s3_jax.services.embedded import open_services
+  from s3_jax.services.connect import open_services
   from s3_jax.train import _with_splits
 
   if questions < 1 or skip < 0:
@@ -117,7 +117,7 @@ def _ceiling(scorer: Any, examples: Sequence[Any], retrieved: dict, k: int) -> l
   none of them can still be answered after a reformulated query; one whose oracle documents do not get a right
   answer is beyond this generator whatever the searcher does."""
   from s3_jax.reward.answers import span_match
-  from s3_jax.reward.service import RewardItem
+  from s3_jax.reward.scorer import RewardItem
 
   chosen = [[d for d in retrieved[(e.data_source, e.question)]
              if span_match(f"{d.title} {d.text}", e.golden_answers)][:k] for e in examples]

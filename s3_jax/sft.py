@@ -162,16 +162,16 @@ def train(decoder_config: Any, params: Any, traces: Sequence[Trace], *, epochs: 
   import jax.numpy as jnp
   import optax
 
-  from s3_jax.rl.update import _hidden, _logprobs_from_hidden
-  from s3_jax.search.batch import train_length
+  from s3_jax.models import heads
+  from s3_jax.rl.batch import train_length
 
   compute_dtype = compute_dtype or jnp.float32
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=0.0))
   opt_state = optimizer.init(params)
 
   def loss_fn(p, tokens, mask, index, weight):
-    hidden = _hidden(decoder_config, p, tokens, mask, compute_dtype, remat="full")
-    logp, _ = _logprobs_from_hidden(p, hidden, tokens, index, False)
+    hidden = heads.hidden_states(decoder_config, p, tokens, mask, compute_dtype, remat="full")
+    logp, _ = heads.logprobs_from_hidden(p, hidden, tokens, index, False)
     return -jnp.sum(logp * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
   @jax.jit
@@ -216,9 +216,9 @@ def run(config: Any, out: str | Path, *, questions: int, epochs: int, lr: float,
   from s3_jax.models import precision
   from s3_jax.models.decoder import Decoder
   from s3_jax.models.hf import load_hf, save_hf_params
+  from s3_jax.models.searcher import decoder_config as searcher_decoder_config
   from s3_jax.models.tokenizer import load_tokenizer
   from s3_jax.retrieval.index_dir import ensure_config_index, load_retriever
-  from s3_jax.search.searcher import decoder_config as searcher_decoder_config
 
   out = Path(out)
   if questions < 1 or epochs < 1 or micro < 1 or lr <= 0:

@@ -2,6 +2,8 @@
 
 Parameters carry logical axis names (`logical_axes` metadata, e.g. `("embed", "mlp")`); a short rule table
 maps each logical name to mesh axes (`config.sharding_rules`). Names without a rule are replicated.
+`Placement` puts a learner's parameters, batches and activations on a mesh; the `host_*` helpers are the
+multi-process side (gather, broadcast, barriers).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -229,3 +232,58 @@ def per_process_name(path: str | Path) -> str | Path:
   stem, dot, suffix = Path(path).name.partition(".")
   named = Path(path).with_name(f"{stem}.{jax.process_index()}{dot}{suffix}")
   return named if isinstance(path, Path) else str(named)
+
+
+def is_axes(x: Any) -> bool:
+  """A leaf of a logical-axes tree: a tuple of axis names (None: not sharded)."""
+  return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+
+
+class Placement:
+  """Where a learner's arrays live: parameters sharded by their logical axes and `rules`, batches and
+  activations sharded on their rows over the mesh's batch axes (data × fsdp). `mesh=None`: one device,
+  nothing sharded (every method then returns None shardings and leaves arrays as they are)."""
+
+  def __init__(self, mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
+    self.mesh, self.rules = mesh, rules
+    batch_axes = tuple(a for a in ("data", "fsdp") if mesh is not None and mesh.shape[a] > 1)
+    self.batch_shards = math.prod(mesh.shape[a] for a in batch_axes) if mesh is not None else 1
+    self._batch_axes = batch_axes or None
+
+  def params(self, shapes: Any, axes: Any) -> Any:
+    """The shardings of a parameter tree (`shapes`: arrays or shape structs) from its logical axes."""
+    if self.mesh is None:
+      return None
+    return jax.tree.map(lambda ax, s: param_sharding(s.shape, ax, self.mesh, self.rules), axes, shapes,
+                        is_leaf=is_axes)
+
+  def replicated(self) -> NamedSharding | None:
+    return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+
+  def rows(self, ndim: int = 2, dim: int = 0) -> NamedSharding | None:
+    """An `ndim`-dimensional array sharded on dimension `dim` over the batch axes."""
+    if self.mesh is None:
+      return None
+    spec = [None] * ndim
+    spec[dim] = self._batch_axes
+    return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+  def copy(self, tree: Any, shardings: Any) -> Any:
+    """Fresh device copies of `tree` placed with `shardings` (never aliases of the caller's arrays, which a
+    donating jit would free)."""
+    # A jitted copy: jax 0.10's device_put(..., may_alias=False) still reuses the source buffer as device 0's
+    # shard of a replicated array, so two placements of one tree would share (and donate) it.
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+  def put_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Host arrays -> device arrays sharded on their rows (each process gives its own rows)."""
+    if self.mesh is None:
+      return {k: jnp.asarray(v) for k, v in batch.items()}
+    return {k: place_local_batch(np.asarray(v), self.rows(np.ndim(v))) for k, v in batch.items()}
+
+  def constrain_rows(self, x: jax.Array, dim: int = 0) -> jax.Array:
+    """Inside a jitted function: `x` sharded on dimension `dim` over the batch axes (activations between
+    layers; micro-batches `[n, micro, t]` on dimension 1)."""
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, self.rows(x.ndim, dim))

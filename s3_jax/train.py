@@ -31,20 +31,21 @@ from s3_jax import metrics as metrics_lib
 from s3_jax import sharding as sharding_lib
 from s3_jax.checkpoint import Checkpointer, CheckpointError, check_writable
 from s3_jax.data.training import TrainingData, load_training_data
-from s3_jax.models import precision
+from s3_jax.models import heads, precision
 from s3_jax.models import tokenizer as tokenizer_lib
 from s3_jax.models.config import DecoderConfig
 from s3_jax.models.decoder import Decoder, ValueModel, init_value_head
 from s3_jax.models.sampler import Sampler
+from s3_jax.models.searcher import decoder_config as searcher_decoder_config
 from s3_jax.models.tokenizer import load_tokenizer
 from s3_jax.precompute import precompute_dir, run_precompute
 from s3_jax.reward.cache import AnswerCache
-from s3_jax.reward.service import scorer_from_config
+from s3_jax.reward.scorer import scorer_from_config
 from s3_jax.rl import experience
-from s3_jax.rl import update as update_lib
+from s3_jax.rl.learner import PPOLearner
+from s3_jax.rl.settings import PPOSettings
 from s3_jax.search.episode import EpisodeConfig, SamplerPolicy
-from s3_jax.search.searcher import decoder_config as searcher_decoder_config
-from s3_jax.services.embedded import open_services
+from s3_jax.services.connect import open_services
 
 
 def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progress: bool = True,
@@ -69,9 +70,9 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     # Models: the searcher (actor), its critic, the frozen reference, the sampler.
     tokenizer = load_tokenizer(assets.resolve(config.searcher.tokenizer))
     pad_id = tokenizer_lib.pad_id(tokenizer)
-    settings = update_lib.PPOSettings.from_config(config)
+    settings = PPOSettings.from_config(config)
     actor_model, critic = _init_models(config, settings, tokenizer)
-    learner = update_lib.PPOLearner(settings, actor_model.config, mesh=mesh,
+    learner = PPOLearner(settings, actor_model.config, mesh=mesh,
                                     compute_dtype=precision.dtype(config.searcher.compute_dtype),
                                     rules=[tuple(r) for r in config.sharding_rules],
                                     remat=config.searcher.remat)
@@ -185,7 +186,7 @@ def _record_config(config: ml_collections.ConfigDict, workdir: Path,
   resolved = json.loads(config.to_json_best_effort(sort_keys=True))
   path = workdir / "config.json"
   if path.is_file() and log is not None:
-    before = config_lib.flatten(json.loads(path.read_text()))
+    before = config_lib.flatten_record(json.loads(path.read_text()))
     now = config_lib.flatten(resolved)
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if changed:
@@ -232,13 +233,13 @@ def _init_models(config, settings, tokenizer) -> tuple[Decoder, dict | None]:
                     compute_dtype=compute_dtype)
     critic = ValueModel(decoder_config, rngs=nnx.Rngs(config.seed + 1)) if (
         settings.uses_critic and settings.separate_critic) else None
-  return actor, None if critic is None else update_lib.critic_params(critic)
+  return actor, None if critic is None else heads.critic_params(critic)
 
 
 def _sampling_policy(sampler: Sampler, state, rng, step: int, config) -> SamplerPolicy:
   """The sampler loaded with the actor's current weights (cast to `rollout.param_dtype`), as this step's
   rollout policy with its own key."""
-  params = update_lib.cast_floats(update_lib.policy_params(state["actor"]["params"]),
+  params = heads.cast_floats(heads.policy_params(state["actor"]["params"]),
                                   precision.DTYPES.get(config.rollout.param_dtype))
   sampler.set_params(params if jax.process_count() == 1 else sharding_lib.host_fetch(params))
   return SamplerPolicy(sampler, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
@@ -272,7 +273,7 @@ def _export(state, decoder_config: DecoderConfig, folder: Path, config, log) -> 
   """Every process gathers the searcher (a collective); process 0 writes it."""
   from s3_jax.models.hf import save_hf_params
 
-  params = sharding_lib.host_fetch(update_lib.policy_params(state["actor"]["params"]))
+  params = sharding_lib.host_fetch(heads.policy_params(state["actor"]["params"]))
   if jax.process_index() != 0:
     return
   save_hf_params(params, decoder_config, folder, assets.resolve(config.searcher.tokenizer))

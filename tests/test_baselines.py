@@ -10,9 +10,6 @@ import pytest
 from conftest import FIXTURES, REPO
 
 from s3_jax import config_lib
-from s3_jax.baselines import deepretrieval, ircot, search_o1, search_r1
-from s3_jax.baselines.base import AgentLM, Timings, close_open_tag, strip_tags
-from s3_jax.baselines.static import ClosedBook, NaiveRAG
 from s3_jax.data.corpus import Doc
 from s3_jax.data.eval_sets import (
   is_medical,
@@ -23,6 +20,9 @@ from s3_jax.data.eval_sets import (
   sample_per_source,
 )
 from s3_jax.data.qa import QAExample
+from s3_jax.methods import deepretrieval, ircot, search_o1, search_r1
+from s3_jax.methods.base import AgentLM, Timings, close_open_tag, strip_tags
+from s3_jax.methods.static import ClosedBook, NaiveRAG
 from s3_jax.services.generator_backends import Completion
 
 
@@ -289,7 +289,7 @@ def test_chat_continuation_matches_transformers(asset):
 def test_scorer_closed_book_and_mirage():
   from s3_jax.reward.judge import MIRAGE_PROMPT
   from s3_jax.reward.prompts import closed_book_messages
-  from s3_jax.reward.service import RewardItem, RewardScorer
+  from s3_jax.reward.scorer import RewardItem, RewardScorer
 
   class Generator:
     def __init__(self):

@@ -1,5 +1,6 @@
 """Config files, the `:arg` syntax, overrides and validation."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 from conftest import REPO
 
 from s3_jax import config_lib
+from s3_jax.models.config import DecoderConfig
 
 CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.py"))
 # Every file with its default arg, plus the variants its docstring advertises.
@@ -98,6 +100,11 @@ def test_overrides_take_the_type_of_the_key():
     ("searcher.model.num_kv_heads=3", r"config.searcher.model.num_kv_heads=3: must divide"),
     ("reward.kind=gbr", r"config.reward.kind='gbr': must be one of paper, code, genacc, em, f1"),
     ("generator.compute_dtype=fp16", r"config.generator.compute_dtype='fp16': must be one of auto, float32"),
+    # the learner's choices, checked here once (settings.PPOSettings does not check them again)
+    ("ppo.micro_batch_padding=rows", r"config.ppo.micro_batch_padding='rows': must be one of own, batch"),
+    ("ppo.micro_batch_padding=batch", r"config.ppo.shared_prefix=True: needs ppo.micro_batch_padding=own"),
+    ("ppo.adv_estimator=vtrace", r"config.ppo.adv_estimator='vtrace': must be one of gae, grpo"),
+    ("ppo.loss_agg=seq_mean", r"config.ppo.loss_agg='seq_mean': must be one of token_mean, micro_token_mean"),
 ])
 def test_validate_names_the_key_and_the_value(override, message):
   with pytest.raises(ValueError, match=message):
@@ -177,3 +184,24 @@ def test_faithful_variant_switches_every_choice_to_s3s(spec):
   assert faithful.rollout.initial_docs == 12 and faithful.evaluate.initial_docs == 3
   assert faithful.rollout.turn_semantics == "s3"
   assert changed <= {"rollout.doc_extraction", "rollout.initial_docs"}
+
+
+def test_an_old_record_reads_a_renamed_key_under_its_new_name():
+  """A run recorded before `searcher.model.mlp_size` became `intermediate_size` (the decoder's own name) is
+  compared with today's config under the new name: same value, no difference."""
+  config = config_lib.load(str(REPO / "configs/tiny.py"))
+  record = json.loads(config.to_json_best_effort(sort_keys=True))
+  old = copy.deepcopy(record)
+  old["searcher"]["model"]["mlp_size"] = old["searcher"]["model"].pop("intermediate_size")
+  assert config_lib.flatten_record(old) == config_lib.flatten(record)
+  assert "searcher.model.mlp_size" in config_lib.flatten(old)
+
+
+def test_a_random_searcher_is_built_from_the_model_section_by_field_name():
+  config = config_lib.load(str(REPO / "configs/tiny.py"))
+  decoder = DecoderConfig.from_fields(config.searcher.model, eos_token_id=7)
+  m = config.searcher.model
+  assert (decoder.hidden_size, decoder.intermediate_size, decoder.num_layers, decoder.eos_token_id) == (
+      m.hidden_size, m.intermediate_size, m.num_layers, 7)
+  with pytest.raises(ValueError, match=r"searcher.model: unknown decoder field\(s\) mlp_size"):
+    DecoderConfig.from_fields({**m.to_dict(), "mlp_size": 3})

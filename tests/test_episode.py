@@ -94,7 +94,7 @@ def test_scripted_episodes_over_grpc(tokenizer, retriever):
 
 
 def test_rollout_batch_masks(tokenizer, retriever):
-  from s3_jax.search.batch import make_batch
+  from s3_jax.rl.batch import make_batch
 
   client, local = retriever
   examples = [QAExample("a", "Who composed the opera Carmen?", ("Georges Bizet",), "test"),
@@ -166,7 +166,7 @@ def test_real_policy_batch_of_4(asset, tokenizer, retriever):
   from s3_jax.data.qa import read_qa
   from s3_jax.models.hf import load_hf
   from s3_jax.models.sampler import Sampler
-  from s3_jax.search.batch import make_batch
+  from s3_jax.rl.batch import make_batch
   from s3_jax.search.episode import SamplerPolicy
 
   client, local = retriever

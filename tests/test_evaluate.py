@@ -26,7 +26,7 @@ def _config(*extra):
 
 @pytest.fixture(scope="module")
 def services(asset):
-  from s3_jax.services.embedded import open_services
+  from s3_jax.services.connect import open_services
 
   for name in ("smollm2-135m-instruct", "wiki-vital", "qa-fanout"):
     asset(name)
@@ -114,7 +114,7 @@ def test_every_method_end_to_end(method, services, tmp_path):
 
 @pytest.mark.slow
 def test_runs_resume_and_guards(services, tmp_path, monkeypatch):
-  from s3_jax.baselines.static import NaiveRAG
+  from s3_jax.methods.static import NaiveRAG
 
   out = tmp_path / "rag"
   calls, original = [], NaiveRAG.run
@@ -184,7 +184,7 @@ def test_mirage_judge_only(services, tmp_path):
 @pytest.mark.slow
 def test_s3_checkpoint_equals_its_source(services, tmp_path):
   from s3_jax.models.hf import save_hf
-  from s3_jax.search.searcher import load_searcher, resolve_checkpoint
+  from s3_jax.models.searcher import load_searcher, resolve_checkpoint
 
   config = _config("evaluate.sample=1")
   model, tokenizer, _ = load_searcher(config, None)  # the tiny config's random searcher

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 
 from s3_jax import config_lib
-from s3_jax.services.embedded import open_services
+from s3_jax.services.connect import open_services
 from s3_jax.services.retriever_client import ServiceUnavailableError
 
 pytestmark = pytest.mark.faults

@@ -177,7 +177,7 @@ def test_bfloat16_compute_backend_answers_and_is_another_generator_in_cache_keys
   """`generator.compute_dtype=bfloat16`: the jax backend keeps fp32 weights, prefills in bf16, still
   answers the context questions, and its answers never share cache entries with fp32's."""
   from s3_jax import config_lib
-  from s3_jax.reward.service import generator_id
+  from s3_jax.reward.scorer import generator_id
   from s3_jax.services.generator_backends import backend_from_config
 
   config = config_lib.load(str(REPO / "configs/tiny.py"))

@@ -15,10 +15,12 @@ from flax import nnx
 from s3_jax import config_lib
 from s3_jax import sharding as sharding_lib
 from s3_jax.memory_plan import PRESETS, parameter_count, plan
+from s3_jax.models import heads
 from s3_jax.models.config import DecoderConfig
 from s3_jax.models.decoder import Decoder, ValueModel
 from s3_jax.models.sampler import Sampler
-from s3_jax.rl import update as update_lib
+from s3_jax.rl import learner as learner_lib
+from s3_jax.rl.settings import PPOSettings
 
 # vocab 98 is not divisible by the 4-way tensor axis of the second mesh: the plan must replicate it as the
 # trainer does.
@@ -44,10 +46,11 @@ def test_exact_parts_equal_the_trainers_placement(mesh_shape, param_dtype):
 
   mesh = sharding_lib.make_mesh(dict(config.mesh))
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[param_dtype]
-  settings = update_lib.PPOSettings.from_config(config)
-  learner = update_lib.PPOLearner(settings, MODEL, mesh=mesh, rules=[tuple(r) for r in config.sharding_rules])
+  settings = PPOSettings.from_config(config)
+  rules = [tuple(r) for r in config.sharding_rules]
+  learner = learner_lib.PPOLearner(settings, MODEL, mesh=mesh, rules=rules)
   decoder = Decoder(MODEL, rngs=nnx.Rngs(0), param_dtype=dtype)
-  critic = update_lib.critic_params(ValueModel(MODEL, rngs=nnx.Rngs(1)))
+  critic = heads.critic_params(ValueModel(MODEL, rngs=nnx.Rngs(1)))
   state = learner.init_state(decoder.arrays(), critic)
   assert result["actor weights"] == _device0_bytes(state["actor"]["params"])
   assert result["actor AdamW moments"] == _device0_bytes(state["actor"]["opt"])
@@ -55,7 +58,7 @@ def test_exact_parts_equal_the_trainers_placement(mesh_shape, param_dtype):
   assert result["critic AdamW moments"] == _device0_bytes(state["critic"]["opt"])
   assert result["reference weights"] == _device0_bytes(learner.place_ref(decoder.arrays()))
   sampler = Sampler(decoder, mesh=mesh, rules=[tuple(r) for r in config.sampling_sharding_rules])
-  sampler.set_params(update_lib.cast_floats(update_lib.policy_params(state["actor"]["params"]), jnp.bfloat16))
+  sampler.set_params(heads.cast_floats(heads.policy_params(state["actor"]["params"]), jnp.bfloat16))
   assert result["sampler weights"] == _device0_bytes(sampler.params)
   # The test means something: the weights are sharded (device 0 holds far less than all of them).
   whole = sum(x.nbytes for x in jax.tree.leaves(state["actor"]["params"]))

@@ -14,7 +14,7 @@ from s3_jax.reward.judge import (
   parse_judge_reply,
   parse_mirage_reply,
 )
-from s3_jax.reward.service import RewardItem
+from s3_jax.reward.scorer import RewardItem
 from s3_jax.search.formats import generator_context, initial_block, observation, rag_context
 
 

@@ -82,8 +82,8 @@ def test_a_tiny_model_learns_a_trace_and_the_trainer_loads_it(asset, tmp_path):
   from s3_jax.models.decoder import Decoder
   from s3_jax.models.hf import save_hf_params
   from s3_jax.models.sampler import Sampler, SamplingParams
-  from s3_jax.rl import update as update_lib
-  from s3_jax.search.searcher import decoder_config
+  from s3_jax.models.searcher import decoder_config
+  from s3_jax.rl.settings import PPOSettings
 
   config, tokenizer, _, _, traces, plans = _traces(asset, n=3)
   trace, p = next((t, p) for t, p in zip(traces, plans, strict=True) if len(p.queries) == 1)
@@ -103,7 +103,7 @@ def test_a_tiny_model_learns_a_trace_and_the_trainer_loads_it(asset, tmp_path):
   # saved as an HF folder, it is what the trainer starts from
   save_hf_params(params, model.config, tmp_path / "sft", tokenizer)
   config = _config(f"searcher.init_from={tmp_path / 'sft'}")
-  actor, _ = train._init_models(config, update_lib.PPOSettings.from_config(config), tokenizer)
+  actor, _ = train._init_models(config, PPOSettings.from_config(config), tokenizer)
   for a, b in zip(jax.tree.leaves(actor.arrays()), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b, dtype=jnp.float32))
 

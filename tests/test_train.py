@@ -46,7 +46,7 @@ def _recording_instances(monkeypatch, cls):
 def test_train_main_two_steps_on_tiny(tmp_path, asset, monkeypatch):
   from s3_jax import train
   from s3_jax.models.sampler import Sampler
-  from s3_jax.rl.update import PPOLearner
+  from s3_jax.rl.learner import PPOLearner
 
   for name in ("smollm2-135m-instruct", "wiki-vital", "qa-fanout"):
     asset(name)

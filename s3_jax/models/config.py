@@ -57,6 +57,17 @@ class DecoderConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
   @classmethod
+  def from_fields(cls, fields: Any, **extra: Any) -> DecoderConfig:
+    """From a config section whose keys are this class's field names (`searcher.model`, a randomly
+    initialised searcher), plus `extra` fields; an unknown key raises naming it."""
+    fields = {**dict(fields), **extra}
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"searcher.model: unknown decoder field(s) {', '.join(unknown)}; expected "
+                       f"{', '.join(f.name for f in dataclasses.fields(cls) if f.name != 'hf_config')}")
+    return cls(**fields)
+
+  @classmethod
   def from_hf(cls, config: dict[str, Any], source: str = "config.json") -> DecoderConfig:
     """Reads a HF `config.json` dict; raises `ValueError` naming an unsupported architecture or option."""
     architectures = config.get("architectures") or [_MODEL_TYPES.get(config.get("model_type"), "")]

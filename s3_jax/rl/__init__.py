@@ -1,1 +1,2 @@
-"""Reinforcement learning: PPO math (`ppo`), the jitted score/update steps (`update`)."""
+"""Reinforcement learning: the PPO recipe (`ppo`), the learner's jitted score/update (`learner`), its settings
+and optimizer, micro-batch layouts, training rows (`batch`) and the host side of a step (`experience`)."""

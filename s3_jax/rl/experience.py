@@ -21,8 +21,8 @@ import numpy as np
 from s3_jax.data.corpus import Doc
 from s3_jax.data.qa import QAExample
 from s3_jax.metrics import Stopwatch
-from s3_jax.reward.service import RewardItem, RewardScorer
-from s3_jax.search.batch import make_batch, train_length
+from s3_jax.reward.scorer import RewardItem, RewardScorer
+from s3_jax.rl.batch import make_batch, train_length
 from s3_jax.search.episode import Episode, EpisodeConfig, run_episodes
 from s3_jax.sharding import host_gather, host_max
 
@@ -65,7 +65,7 @@ def reward(scorer: RewardScorer, episodes: Sequence[Episode], tokenizer: Any, ro
 def training_batch(episodes: Sequence[Episode], rewards: Sequence[float], *, pad_id: int,
                    samples_per_question: int, max_length: int | None = None,
                    group_offset: int = 0) -> dict[str, np.ndarray]:
-  """The padded `[b, t]` batch the learner trains on (`update.BATCH_KEYS`), each episode's reward on its last
+  """The padded `[b, t]` batch the learner trains on (`learner.BATCH_KEYS`), each episode's reward on its last
   policy token. Every host pads to the same shapes (the longest episode of any host): the batch is one global
   array. `max_length` caps the padded length (the context cap); samples of a question share a `group` id
   (GRPO), counted from `group_offset` (distinct per host)."""

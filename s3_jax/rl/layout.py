@@ -19,7 +19,7 @@ the micro-batches keep s3's rows (in order) and are only trimmed. Minibatches th
 `layout.prefix` (`ppo.shared_prefix`): how many leading tokens every row shares — s3's prompt is a ~650-token
 instruction template before the question, so at laptop sizes (~1,400 tokens an episode) nearly half of every
 row is the same. The learner computes that prefix once (batch 1) and runs the micro-batches on the rest of
-their rows (`update.PPOLearner._learn_in_layout`). Rounded down to a multiple of `PREFIX_MULTIPLE`, so the
+their rows (`learner.PPOLearner._learn_in_layout`). Rounded down to a multiple of `PREFIX_MULTIPLE`, so the
 shapes stay few, and cut before the first position any window reads.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from s3_jax.search.batch import train_length
+from s3_jax.rl.batch import train_length
 
 MINIMUM = 16  # the shortest padded length / width (below it, rows are padded to it)
 PREFIX_MULTIPLE = 64  # a shared prefix is rounded down to this (0 when shorter)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from s3_jax.baselines.base import MethodOutput
 from s3_jax.data.eval_sets import retrieval_query
 from s3_jax.data.qa import QAExample
+from s3_jax.methods.base import MethodOutput
 from s3_jax.search.formats import rag_context
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from s3_jax.baselines.base import AgentLM, MethodOutput, agent_sampling, user_chat
 from s3_jax.data.qa import QAExample
+from s3_jax.methods.base import AgentLM, MethodOutput, agent_sampling, user_chat
 from s3_jax.search.formats import generator_context
 
 BEGIN_QUERY, END_QUERY = "<|begin_search_query|>", "<|end_search_query|>"

@@ -19,8 +19,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from s3_jax.baselines.base import AgentLM, MethodOutput, agent_sampling, close_open_tag, user_chat
 from s3_jax.data.qa import QAExample
+from s3_jax.methods.base import AgentLM, MethodOutput, agent_sampling, close_open_tag, user_chat
 from s3_jax.search.formats import observation
 
 # The template as Search-R1's released code writes it (`scripts/data_process/nq_search.py`, `infer.py` at

@@ -6,7 +6,7 @@ import pytest
 from s3_jax.data.corpus import Doc
 from s3_jax.reward.cache import AnswerCache
 from s3_jax.reward.gbr import AnswerScores, RagCache
-from s3_jax.reward.service import RewardItem, RewardScorer
+from s3_jax.reward.scorer import RewardItem, RewardScorer
 from s3_jax.services.generator_backends import Completion
 
 BIZET = (Doc("1", "Carmen", "Carmen is an opera by Georges Bizet."),)
@@ -135,7 +135,7 @@ def test_a_separate_judge_and_s3s_retry_rule(tmp_path):
 
 def test_judge_sections_of_the_config():
   from s3_jax import config_lib
-  from s3_jax.reward.service import judge_from_config, scorer_from_config
+  from s3_jax.reward.scorer import judge_from_config, scorer_from_config
 
   c = config_lib.default_config()
   assert judge_from_config(c.reward.judge, "gen", "jax:m") == {}  # "same": the generator judges

@@ -16,9 +16,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from s3_jax.baselines.base import AgentLM, MethodOutput, agent_sampling
 from s3_jax.data.eval_sets import retrieval_query
 from s3_jax.data.qa import QAExample
+from s3_jax.methods.base import AgentLM, MethodOutput, agent_sampling
 
 SYSTEM = ("You are a helpful assistant. You first think about the reasoning process in your mind and then "
           "give the user the answer.")

@@ -15,9 +15,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from s3_jax.baselines.base import AgentLM, MethodOutput, agent_sampling, strip_tags, user_chat
 from s3_jax.data.eval_sets import retrieval_query
 from s3_jax.data.qa import QAExample
+from s3_jax.methods.base import AgentLM, MethodOutput, agent_sampling, strip_tags, user_chat
 from s3_jax.search.formats import generator_context
 
 PROMPT = """Answer the question by reasoning step by step over the documents below (some may be irrelevant).

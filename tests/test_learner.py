@@ -11,11 +11,13 @@ import pytest
 from flax import nnx
 
 from s3_jax import sharding as sharding_lib
+from s3_jax.models import heads
 from s3_jax.models.config import DecoderConfig
 from s3_jax.models.decoder import Decoder, ValueModel, init_value_head
 from s3_jax.models.sampler import Sampler, SamplingParams
+from s3_jax.rl import learner as learner_lib
 from s3_jax.rl import ppo as ppo_lib
-from s3_jax.rl import update as update_lib
+from s3_jax.rl.settings import PPOSettings
 
 CONFIG = DecoderConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=8, tie_embeddings=False, max_position_embeddings=64)
@@ -23,7 +25,7 @@ CONFIG = DecoderConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_
 
 def _models(config=CONFIG, seed=0):
   actor = Decoder(config, rngs=nnx.Rngs(seed)).arrays()
-  critic = update_lib.critic_params(ValueModel(config, rngs=nnx.Rngs(seed + 1)))
+  critic = heads.critic_params(ValueModel(config, rngs=nnx.Rngs(seed + 1)))
   return actor, critic
 
 
@@ -52,7 +54,7 @@ def _random_batch(rng, b=16, t=24, vocab=32, width=21, prompt_lengths=(3, 8), pr
           "response_mask": response, "scores": scores, "group": np.arange(b, dtype=np.int32)}
 
 
-SETTINGS = update_lib.PPOSettings(batch_size=16, mini_batch_size=8, actor_micro_batch_size=4,
+SETTINGS = PPOSettings(batch_size=16, mini_batch_size=8, actor_micro_batch_size=4,
                                   critic_micro_batch_size=4, score_micro_batch_size=8, actor_lr=1e-3,
                                   critic_lr=1e-3, kl_coef=0.01, critic_warmup_steps=2, epochs=2)
 
@@ -82,8 +84,8 @@ def test_sharded_update_matches_unsharded_and_does_not_retrace(separate, compute
   assert jax.device_count() == 8
   settings = dataclasses.replace(SETTINGS, separate_critic=separate)
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  plain = update_lib.PPOLearner(settings, CONFIG, compute_dtype=compute_dtype)
-  sharded = update_lib.PPOLearner(settings, CONFIG, mesh=mesh, compute_dtype=compute_dtype)
+  plain = learner_lib.PPOLearner(settings, CONFIG, compute_dtype=compute_dtype)
+  sharded = learner_lib.PPOLearner(settings, CONFIG, mesh=mesh, compute_dtype=compute_dtype)
   fp32 = compute_dtype == jnp.float32
   steps = 3 if fp32 else 1  # bf16: one step's metrics are the check (below); CI time
   state_a, metrics_a = _run(plain, steps)
@@ -115,7 +117,7 @@ def test_a_value_head_on_the_actor_learns_at_the_critic_rate(actor_lr, critic_lr
   settings = dataclasses.replace(SETTINGS, separate_critic=False, batch_size=16, mini_batch_size=16,
                                  actor_micro_batch_size=8, epochs=1, actor_lr=actor_lr, critic_lr=critic_lr,
                                  critic_warmup_steps=0)
-  learner = update_lib.PPOLearner(settings, CONFIG)
+  learner = learner_lib.PPOLearner(settings, CONFIG)
   actor, _ = _models()
   ref = learner.place_ref(actor)
   actor["value_head"] = init_value_head(CONFIG, jax.random.key(5), kernel="zeros")
@@ -148,7 +150,7 @@ def test_a_value_head_on_the_actor_learns_at_the_critic_rate(actor_lr, critic_lr
 def test_score_matches_a_direct_forward_pass(temperature):
   """Old log-probs at window slot j are log_softmax(logits[index_j - 1] / T)[token at index_j], T the
   rollout's temperature (s3/verl); values are the head on the hidden state before it."""
-  learner = update_lib.PPOLearner(dataclasses.replace(SETTINGS, temperature=temperature), CONFIG)
+  learner = learner_lib.PPOLearner(dataclasses.replace(SETTINGS, temperature=temperature), CONFIG)
   actor, critic = _models()
   state = learner.init_state(actor, critic)
   batch = learner.place_batch(_random_batch(np.random.default_rng(3)))
@@ -179,15 +181,15 @@ def test_window_in_logit_chunks_matches_numpy_and_the_whole_windows_gradient(mon
   tokens, mask, index = (jnp.asarray(batch[k]) for k in ("tokens", "attention_mask", "index"))
 
   def logprobs(params):
-    hidden = update_lib._hidden(CONFIG, params, tokens, mask, jnp.float32)
-    return update_lib._logprobs_from_hidden(params, hidden, tokens, index, True, temperature)
+    hidden = heads.hidden_states(CONFIG, params, tokens, mask, jnp.float32)
+    return heads.logprobs_from_hidden(params, hidden, tokens, index, True, temperature)
 
   def loss(params):
     logp, entropy = logprobs(params)
     return jnp.sum(logp * jnp.arange(21.0)) + jnp.sum(entropy)
 
   whole_grad = jax.grad(loss)(actor)
-  monkeypatch.setattr(update_lib, "LOGITS_CHUNK", 5)
+  monkeypatch.setattr(heads, "LOGITS_CHUNK", 5)
   logp, entropy = (np.asarray(x) for x in logprobs(actor))
   logits = np.asarray(Decoder(CONFIG, rngs=nnx.Rngs(0))(tokens, mask), np.float64) / temperature
   log_softmax = logits - logits.max(-1, keepdims=True)
@@ -210,7 +212,7 @@ def test_micro_batch_size_does_not_change_a_token_mean_update():
   for name, micro, agg in (("a", 2, "token_mean"), ("b", 8, "token_mean"), ("c", 2, "micro_token_mean")):
     settings = dataclasses.replace(SETTINGS, actor_micro_batch_size=micro, critic_micro_batch_size=micro,
                                    loss_agg=agg, epochs=1)
-    state, _ = _run(update_lib.PPOLearner(settings, CONFIG), 1)
+    state, _ = _run(learner_lib.PPOLearner(settings, CONFIG), 1)
     results[name] = state["actor"]["params"]["layers"]["q"]
   np.testing.assert_allclose(results["a"], results["b"], rtol=1e-5, atol=1e-7)
   assert not np.allclose(results["a"], results["c"], rtol=1e-5, atol=1e-7)
@@ -220,9 +222,9 @@ def test_settings_take_the_rollout_temperature_for_log_probs():
   from s3_jax import config_lib
 
   config = config_lib.default_config()
-  assert update_lib.PPOSettings.from_config(config).temperature == 0.6  # s3's rollout temperature
+  assert PPOSettings.from_config(config).temperature == 0.6  # s3's rollout temperature
   config.rollout.temperature = 0.0  # greedy rollouts: the model's own distribution
-  assert update_lib.PPOSettings.from_config(config).temperature == 1.0
+  assert PPOSettings.from_config(config).temperature == 1.0
 
 
 def test_settings_reject_sizes_that_do_not_divide():
@@ -251,12 +253,12 @@ def _toy_training(steps, flip_sign=False, monkeypatch=None, compute_dtype=jnp.fl
     original = ppo_lib.policy_loss
     monkeypatch.setattr(ppo_lib, "policy_loss",
                         lambda logp, old, adv, *a, **k: original(logp, old, -adv, *a, **k))
-  settings = update_lib.PPOSettings(batch_size=32, mini_batch_size=16, actor_micro_batch_size=16,
+  settings = PPOSettings(batch_size=32, mini_batch_size=16, actor_micro_batch_size=16,
                                     critic_micro_batch_size=16, score_micro_batch_size=32, actor_lr=3e-3,
                                     critic_lr=3e-3, kl_coef=0.0, entropy_coef=0.0, weight_decay=0.0)
-  learner = update_lib.PPOLearner(settings, TOY, compute_dtype=compute_dtype)
+  learner = learner_lib.PPOLearner(settings, TOY, compute_dtype=compute_dtype)
   model = Decoder(TOY, rngs=nnx.Rngs(0), compute_dtype=compute_dtype)
-  state = learner.init_state(model.arrays(), update_lib.critic_params(ValueModel(TOY, rngs=nnx.Rngs(1))))
+  state = learner.init_state(model.arrays(), heads.critic_params(ValueModel(TOY, rngs=nnx.Rngs(1))))
   sampler = Sampler(model, pad_token_id=0)
   rng = np.random.default_rng(0)
   key = jax.random.key(0)
@@ -315,7 +317,7 @@ def test_bfloat16_compute_tracks_float32():
   """fp32 master weights with bf16 compute: the same step, losses within bf16 rounding of fp32's."""
   out = {}
   for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
-    learner = update_lib.PPOLearner(SETTINGS, CONFIG, compute_dtype=dtype)
+    learner = learner_lib.PPOLearner(SETTINGS, CONFIG, compute_dtype=dtype)
     state, metrics = _run(learner, 1)
     out[name] = (state, metrics[0])
     assert state["actor"]["params"]["layers"]["q"].dtype == np.float32  # masters stay fp32
@@ -328,18 +330,18 @@ def test_sampler_copy_in_bfloat16_keeps_shardings_and_the_masters():
   sharding, values equal NumPy's rounding), the master weights stay float32, and None is the identity."""
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
   settings = dataclasses.replace(SETTINGS, actor_micro_batch_size=8, critic_micro_batch_size=8)
-  learner = update_lib.PPOLearner(settings, CONFIG, mesh=mesh)
+  learner = learner_lib.PPOLearner(settings, CONFIG, mesh=mesh)
   actor, critic = _models()
   state = learner.init_state(actor, critic)
-  masters = update_lib.policy_params(state["actor"]["params"])
-  copy = update_lib.cast_floats(masters, jnp.bfloat16)
+  masters = heads.policy_params(state["actor"]["params"])
+  copy = heads.cast_floats(masters, jnp.bfloat16)
   for (path, master), cast in zip(jax.tree_util.tree_leaves_with_path(masters), jax.tree.leaves(copy),
                                   strict=True):
     assert master.dtype == jnp.float32 and cast.dtype == jnp.bfloat16, jax.tree_util.keystr(path)
     assert cast.sharding == master.sharding, jax.tree_util.keystr(path)
     np.testing.assert_array_equal(np.asarray(cast).astype(np.float32),
                                   np.asarray(master).astype(jnp.bfloat16).astype(np.float32))
-  assert update_lib.cast_floats(masters, None) is masters
+  assert heads.cast_floats(masters, None) is masters
   assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(copy))  # the test means something
 
 
@@ -380,7 +382,7 @@ def test_cpu_mesh_programs_hold_no_collective_in_a_loop():
   assert not sharding_lib.unroll_loops(sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}))
   settings = dataclasses.replace(SETTINGS, batch_size=8, mini_batch_size=8, score_micro_batch_size=4,
                                  epochs=1)
-  learner = update_lib.PPOLearner(settings, CONFIG, mesh=mesh)
+  learner = learner_lib.PPOLearner(settings, CONFIG, mesh=mesh)
   actor, critic = _models()
   ref = learner.place_ref(actor)
   state = learner.init_state(actor, critic)
@@ -407,7 +409,7 @@ def test_fsdp_score_gathers_weights_and_keeps_activations_on_their_rows():
                                  critic_micro_batch_size=8, score_micro_batch_size=8, epochs=1)
 
   def collectives(constrained):
-    learner = update_lib.PPOLearner(settings, CONFIG, mesh=mesh)
+    learner = learner_lib.PPOLearner(settings, CONFIG, mesh=mesh)
     if not constrained:
       learner._rows = lambda x: x
     actor, critic = _models()
@@ -453,10 +455,8 @@ def test_layout_groups_rows_by_length_and_pads_each_micro_batch_to_its_own():
     layout_lib.plan(lengths, widths, SETTINGS, length=16, width=21)
   with pytest.raises(ValueError, match="8 rows"):
     layout_lib.plan(lengths[:8], widths[:8], SETTINGS, length=24, width=21)
-  assert update_lib.PPOLearner(dataclasses.replace(SETTINGS, micro_batch_padding="batch"), CONFIG).layout(
+  assert learner_lib.PPOLearner(dataclasses.replace(SETTINGS, micro_batch_padding="batch"), CONFIG).layout(
       batch) is None
-  with pytest.raises(ValueError, match="micro_batch_padding"):
-    dataclasses.replace(SETTINGS, micro_batch_padding="rows").check()
 
 
 def _strided(batch, mini, micro):
@@ -518,8 +518,8 @@ def test_micro_batches_padded_to_their_own_length_give_the_whole_batchs_update(s
   holds when each minibatch's rows are reordered (`_strided`)."""
   settings = dataclasses.replace(SETTINGS, separate_critic=separate, loss_agg=loss_agg)
   kwargs = {"mesh": sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})} if mesh else {}
-  whole = update_lib.PPOLearner(settings, CONFIG, **kwargs)
-  own = update_lib.PPOLearner(settings, CONFIG, **kwargs)
+  whole = learner_lib.PPOLearner(settings, CONFIG, **kwargs)
+  own = learner_lib.PPOLearner(settings, CONFIG, **kwargs)
   state_a, steps_a = _run_in_layouts(whole, False, s3_micro_batches=loss_agg == "micro_token_mean")
   state_b, steps_b = _run_in_layouts(own, True)
   _assert_same_steps(steps_a, steps_b, state_a, state_b)
@@ -550,12 +550,10 @@ def test_shared_prefix_length_is_common_real_tokens_before_every_window(monkeypa
   lengths, widths = layout_lib.row_extents(batch)
   with pytest.raises(ValueError, match="shared prefix of 40 tokens"):
     layout_lib.plan(lengths, widths, SETTINGS, length=40, width=26, prefix=40)
-  with pytest.raises(ValueError, match="shared_prefix"):
-    dataclasses.replace(SETTINGS, shared_prefix=True, micro_batch_padding="batch").check()
   monkeypatch.setattr(layout_lib, "PREFIX_MULTIPLE", 4)
-  learner = update_lib.PPOLearner(dataclasses.replace(SETTINGS, shared_prefix=True), CONFIG)
+  learner = learner_lib.PPOLearner(dataclasses.replace(SETTINGS, shared_prefix=True), CONFIG)
   assert learner.layout(batch).prefix == 8
-  assert update_lib.PPOLearner(SETTINGS, CONFIG).layout(batch).prefix == 0  # off
+  assert learner_lib.PPOLearner(SETTINGS, CONFIG).layout(batch).prefix == 0  # off
 
 
 @pytest.mark.parametrize("separate, loss_agg, mesh", [(True, "token_mean", False),
@@ -571,8 +569,8 @@ def test_a_shared_prefix_computed_once_gives_the_same_scores_and_update(separate
   monkeypatch.setattr(layout_lib, "PREFIX_MULTIPLE", 4)
   settings = dataclasses.replace(SETTINGS, separate_critic=separate, loss_agg=loss_agg)
   kwargs = {"mesh": sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})} if mesh else {}
-  whole = update_lib.PPOLearner(settings, CONFIG, **kwargs)
-  shared = update_lib.PPOLearner(dataclasses.replace(settings, shared_prefix=True), CONFIG, **kwargs)
+  whole = learner_lib.PPOLearner(settings, CONFIG, **kwargs)
+  shared = learner_lib.PPOLearner(dataclasses.replace(settings, shared_prefix=True), CONFIG, **kwargs)
   batch = {"t": 40, "width": 26, "prompt_lengths": (14, 18), "prefix": 11}
   state_a, steps_a = _run_in_layouts(whole, True, **batch)
   state_b, steps_b = _run_in_layouts(shared, True, **batch)
@@ -588,8 +586,8 @@ def test_a_shared_prefix_without_its_gradient_gives_another_update(monkeypatch):
   from s3_jax.rl import layout as layout_lib
 
   monkeypatch.setattr(layout_lib, "PREFIX_MULTIPLE", 4)
-  whole = update_lib.PPOLearner(SETTINGS, CONFIG)
-  cut = update_lib.PPOLearner(dataclasses.replace(SETTINGS, shared_prefix=True), CONFIG)
+  whole = learner_lib.PPOLearner(SETTINGS, CONFIG)
+  cut = learner_lib.PPOLearner(dataclasses.replace(SETTINGS, shared_prefix=True), CONFIG)
   prefix = cut._prefix
   monkeypatch.setattr(cut, "_prefix", lambda *a, **k: jax.lax.stop_gradient(prefix(*a, **k)))
   batch = {"t": 40, "width": 26, "prompt_lengths": (14, 18), "prefix": 11}

@@ -1,318 +1,47 @@
-"""The device side of a PPO step: a jitted `score` and a jitted, donated `update`.
+"""The PPO learner: a jitted `score` and a jitted, donated `update` over a plain state pytree.
 
-    score(state, ref_params, batch)  -> old log-probs, reference log-probs, values   (micro-batched scan)
+    score(state, ref_params, batch)  -> old log-probs, reference log-probs, values   (micro-batched)
     update(state, batch)             -> new state, metrics
-        token rewards (score on the last policy token, minus β·KL when ppo.kl_mode="reward")
-        advantages/returns by ppo.adv_estimator (GAE + whitening for s3)
-        epochs × minibatches as lax.scan; per minibatch and learner: micro-batch gradient accumulation
-        (lax.scan), global-norm clipping, AdamW with linear warm-up.
+        token rewards and advantages/returns (`ppo.py`: the recipe, by ppo.adv_estimator)
+        epochs × minibatches; per minibatch and learner: micro-batch gradient accumulation, global-norm
+        clipping, AdamW with linear warm-up (`optimizer.py`).
 
-Learners: the actor (policy loss + entropy bonus [+ KL loss]) and, with a critic, either a separate critic
-network (s3's choice: backbone + scalar head, its own optimizer) or a value head on the actor's backbone
-(`critic.separate_model=False`: loss + ppo.vf_coef · value loss, one gradient clip; the head learns at
-ppo.critic_lr, the trunk at ppo.actor_lr).
+Learners: the actor (`ppo.actor_loss`) and, with a critic, either a separate critic network (s3's choice:
+backbone + scalar head, its own optimizer) or a value head on the actor's backbone
+(`critic.separate_model=False`: actor loss + ppo.vf_coef · `ppo.critic_loss`, one gradient clip; the head
+learns at ppo.critic_lr, the trunk at ppo.actor_lr). The heads are `models/heads.py`'s; where arrays live is
+`sharding.Placement`'s; the settings are `settings.PPOSettings`.
 
 A batch holds whole sequences (`tokens`, `attention_mask`: `[b, t]`) and a per-row window of the positions
 that are trained on (`index [b, w]`, the response after the prompt); every per-token quantity (masks, scores,
 log-probs, values, advantages) is `[b, w]` in window coordinates, slot j meaning the token at `index[:, j]`.
-Only the window gets logits, so the long prompt costs no vocabulary projection. Shapes are fixed by the batch
-(bucketed by the caller), so nothing retraces for a repeated shape; `trace_counts` counts traces.
+Shapes are fixed by the batch (bucketed by the caller, or micro-batches padded to their own lengths by a
+`layout.Layout`), so nothing retraces for a repeated shape; `trace_counts` counts traces.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from s3_jax import sharding as sharding_lib
 from s3_jax import tracing
+from s3_jax.models import heads
 from s3_jax.models.config import DecoderConfig
-from s3_jax.models.decoder import (
-  VALUE_HEAD_AXES,
-  apply_value_head,
-  default_positions,
-  forward,
-  lm_logits,
-  nest_params,
-  param_specs,
-  prefix_kv,
-)
+from s3_jax.models.decoder import prefix_kv
 from s3_jax.rl import layout as layout_lib
+from s3_jax.rl import optimizer as optimizer_lib
 from s3_jax.rl import ppo as ppo_lib
+from s3_jax.rl.settings import PPOSettings
 
 Params = dict[str, Any]
 BATCH_KEYS = ("tokens", "attention_mask", "index", "policy_mask", "response_mask", "scores", "group")
 
-
-@dataclasses.dataclass(frozen=True)
-class PPOSettings:
-  """The static hyper-parameters of the update (sizes in episodes)."""
-
-  batch_size: int
-  mini_batch_size: int
-  actor_micro_batch_size: int
-  critic_micro_batch_size: int
-  score_micro_batch_size: int
-  epochs: int = 1
-  clip_ratio: float = 0.2
-  dual_clip: float = 0.0
-  value_clip: float = 0.5
-  entropy_coef: float = 0.001
-  vf_coef: float = 1.0
-  gamma: float = 1.0
-  lam: float = 1.0
-  kl_coef: float = 0.001
-  kl_estimator: str = "k1"
-  kl_mode: str = "reward"
-  adv_estimator: str = "gae"
-  loss_agg: str = "token_mean"
-  actor_lr: float = 1e-6
-  critic_lr: float = 1e-5
-  actor_warmup_steps: int = 0
-  critic_warmup_steps: int = 0
-  weight_decay: float = 0.01
-  grad_clip: float = 1.0
-  separate_critic: bool = True
-  micro_batch_padding: str = "own"
-  shared_prefix: bool = False
-  # The rollout's sampling temperature: old, reference and new log-probs and the entropy are those of
-  # softmax(logits / temperature), the distribution the tokens were sampled from (s3/verl divide the logits by
-  # it; s3_protocol.md §2.2). 1.0 for greedy rollouts (temperature 0).
-  temperature: float = 1.0
-
-  @classmethod
-  def from_config(cls, config: Any) -> PPOSettings:
-    """From a full config: sizes in questions × `rollout.samples_per_question`; warm-up steps as s3 computes
-    them, `int(ratio × ppo.schedule_steps)`."""
-    p, n = config.ppo, config.rollout.samples_per_question
-    return cls(
-        batch_size=p.batch_size * n, mini_batch_size=p.mini_batch_size * n,
-        actor_micro_batch_size=p.actor_micro_batch_size, critic_micro_batch_size=p.critic_micro_batch_size,
-        score_micro_batch_size=p.score_micro_batch_size, epochs=p.epochs, clip_ratio=p.clip_ratio,
-        dual_clip=p.dual_clip, value_clip=p.value_clip, entropy_coef=p.entropy_coef, vf_coef=p.vf_coef,
-        gamma=p.gamma, lam=p.lam, kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, kl_mode=p.kl_mode,
-        adv_estimator=p.adv_estimator, loss_agg=p.loss_agg, actor_lr=p.actor_lr, critic_lr=p.critic_lr,
-        actor_warmup_steps=int(p.actor_warmup_ratio * p.schedule_steps),
-        critic_warmup_steps=int(p.critic_warmup_ratio * p.schedule_steps),
-        weight_decay=p.weight_decay, grad_clip=p.grad_clip, separate_critic=config.critic.separate_model,
-        micro_batch_padding=p.micro_batch_padding, shared_prefix=p.shared_prefix,
-        temperature=config.rollout.temperature or 1.0)
-
-  @property
-  def uses_critic(self) -> bool:
-    return ppo_lib.ADVANTAGE_ESTIMATORS[self.adv_estimator].uses_critic
-
-  @property
-  def updates_per_step(self) -> int:
-    return self.epochs * (self.batch_size // self.mini_batch_size)
-
-  def check(self, batch_shards: int = 1) -> None:
-    """Raises `ValueError` naming the size that does not divide (or does not shard evenly)."""
-    if self.adv_estimator not in ppo_lib.ADVANTAGE_ESTIMATORS:
-      raise ValueError(f"ppo.adv_estimator={self.adv_estimator!r} must be one of "
-                       f"{', '.join(ppo_lib.ADVANTAGE_ESTIMATORS)}")
-    if self.micro_batch_padding not in ("own", "batch"):
-      raise ValueError(f"ppo.micro_batch_padding={self.micro_batch_padding!r} must be own or batch")
-    if self.shared_prefix and self.micro_batch_padding != "own":
-      raise ValueError("ppo.shared_prefix=True needs ppo.micro_batch_padding=own (the prefix is computed "
-                       "once per micro-batch layout); set ppo.shared_prefix=False for batch padding")
-    if self.loss_agg not in ("token_mean", "micro_token_mean"):
-      raise ValueError(f"ppo.loss_agg={self.loss_agg!r} must be token_mean or micro_token_mean")
-    if self.batch_size % self.mini_batch_size:
-      raise ValueError(f"ppo.mini_batch_size: {self.mini_batch_size} episodes do not divide the batch of "
-                       f"{self.batch_size}")
-    for name in ("actor_micro_batch_size", "critic_micro_batch_size"):
-      if self.mini_batch_size % getattr(self, name):
-        raise ValueError(f"ppo.{name}={getattr(self, name)} must divide the minibatch of "
-                         f"{self.mini_batch_size} episodes")
-    if self.batch_size % self.score_micro_batch_size:
-      raise ValueError(f"ppo.score_micro_batch_size={self.score_micro_batch_size} must divide the batch of "
-                       f"{self.batch_size} episodes")
-    names = ("actor_micro_batch_size", "critic_micro_batch_size", "score_micro_batch_size")
-    for name in names:
-      if getattr(self, name) % batch_shards:
-        # the largest batch sharding every micro-batch size allows: what to pass on this host instead
-        fits = max(d for d in range(1, batch_shards + 1)
-                   if batch_shards % d == 0 and all(getattr(self, n) % d == 0 for n in names))
-        raise ValueError(f"ppo.{name}={getattr(self, name)} must be a multiple of the mesh's batch shards "
-                         f"(data × fsdp = {batch_shards}): on these devices pass --config.mesh.data=1 "
-                         f"--config.mesh.fsdp={fits} (a mesh over the first {fits} device(s)), or "
-                         f"micro-batch sizes that are multiples of {batch_shards}")
-
-
-# -- model functions over plain parameter trees -----------------------------------------------------------
-
-def policy_params(actor: Params) -> Params:
-  """The decoder parameters of the actor (without a shared value head): what the sampler and exports use."""
-  return {k: v for k, v in actor.items() if k != "value_head"}
-
-
-def cast_floats(params: Params, dtype: Any) -> Params:
-  """`params` with every floating-point array cast to `dtype` (shardings kept); `dtype` None: unchanged."""
-  if dtype is None:
-    return params
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-
-
-def _hidden(config: DecoderConfig, params: Params, tokens, attention_mask, compute_dtype, remat="none",
-            unroll=False, constrain=None, prefix=None):
-  """Final hidden states of right-padded rows `[b, t]`, or with `prefix` (`prefix_kv` of the p tokens every
-  row begins with) of their continuations `tokens [b, t]` at positions p, p + 1, ..."""
-  mask = attention_mask.astype(bool)
-  positions = default_positions(mask)
-  if prefix is not None:
-    positions = positions + prefix[0].shape[3]
-  hidden, _ = forward(config, params, tokens, positions, attention_mask=mask, compute_dtype=compute_dtype,
-                      remat=remat, unroll=unroll, constrain=constrain, prefix=prefix)
-  return hidden
-
-
-def _before(hidden, index):
-  """The hidden states that predict the tokens at `index [b, w]` (those at index - 1): `[b, w, d]`."""
-  return jnp.take_along_axis(hidden, (index - 1)[..., None], axis=1)
-
-
-# The vocabulary projection runs over the window in chunks of this many positions (`_logprobs_from_hidden`).
-LOGITS_CHUNK = 512
-
-
-def _window_logprobs(head: Params, before, targets, with_entropy: bool, temperature: float = 1.0):
-  logits = lm_logits(head, before)
-  if temperature != 1.0:
-    logits = logits / temperature
-  log_norm = jax.nn.logsumexp(logits, axis=-1)
-  logp = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_norm
-  return logp, (ppo_lib.entropy_from_logits(logits) if with_entropy else None)
-
-
-def _logprobs_from_hidden(params: Params, hidden, tokens, index, with_entropy: bool,
-                          temperature: float = 1.0):
-  """Log-probs (and entropies) of `tokens` at `index [b, w]` from the final hidden states `[b, t, d]`, under
-  the distribution `softmax(logits / temperature)` (PPO: the rollout's temperature, as s3/verl).
-
-  Over more than `LOGITS_CHUNK` positions the window goes in chunks, each rematerialised in the backward
-  pass: the float32 logits `[b, w, vocab]` (SmolLM2, 2 rows x 2,560 positions: 1 GB, and the softmax and
-  its gradient as much again each) are never held whole; the recomputed projection costs ~7% of an update."""
-  before = _before(hidden, index)
-  targets = jnp.take_along_axis(tokens, index, axis=1)
-  head = {k: params[k] for k in ("embed", "lm_head") if k in params}
-  w = index.shape[1]
-  if w <= LOGITS_CHUNK:
-    return _window_logprobs(head, before, targets, with_entropy, temperature)
-  chunk = jax.checkpoint(functools.partial(_window_logprobs, with_entropy=with_entropy,
-                                           temperature=temperature))
-  parts = [chunk(head, before[:, i:i + LOGITS_CHUNK], targets[:, i:i + LOGITS_CHUNK])
-           for i in range(0, w, LOGITS_CHUNK)]
-  logp = jnp.concatenate([lp for lp, _ in parts], axis=1)
-  return logp, (jnp.concatenate([e for _, e in parts], axis=1) if with_entropy else None)
-
-
-def _values_from_hidden(head: Params, hidden, index):
-  return apply_value_head(head, _before(hidden, index))
-
-
-def token_logprobs(config: DecoderConfig, params: Params, tokens, attention_mask, index,
-                   compute_dtype=jnp.float32, unroll: bool = False, constrain=None, prefix=None,
-                   temperature: float = 1.0) -> jax.Array:
-  """`logπ(token_i | tokens_<i)` for each position i of `index [b, w]` (π at `temperature`). The vocabulary
-  projection runs on the window only: the prompt, most of a sequence, needs no logits."""
-  hidden = _hidden(config, params, tokens, attention_mask, compute_dtype, unroll=unroll, constrain=constrain,
-                   prefix=prefix)
-  return _logprobs_from_hidden(params, hidden, tokens, index, False, temperature)[0]
-
-
-def token_values(config: DecoderConfig, critic: Params, tokens, attention_mask, index,
-                 compute_dtype=jnp.float32, remat: str = "none", unroll: bool = False, constrain=None,
-                 prefix=None):
-  """`V` for each position i of `index`: the head on the hidden state of token i-1 (s3's `[:, -L-1:-1]`)."""
-  hidden = _hidden(config, critic["backbone"], tokens, attention_mask, compute_dtype, remat, unroll,
-                   constrain, prefix)
-  return _values_from_hidden(critic["value_head"], hidden, index)
-
-
-def critic_params(model: Any) -> Params:
-  """`{"backbone", "value_head"}` arrays of a `ValueModel` (a separate critic)."""
-  return {"backbone": model.backbone.arrays(), "value_head": model.head_arrays()}
-
-
-def actor_logical_axes(config: DecoderConfig, shared_head: bool) -> Params:
-  axes = nest_params({name: spec[1] for name, spec in param_specs(config).items()})
-  if shared_head:
-    axes["value_head"] = dict(VALUE_HEAD_AXES)
-  return axes
-
-
-def critic_logical_axes(config: DecoderConfig) -> Params:
-  backbone = {name: spec[1] for name, spec in param_specs(config, lm_head=False).items()}
-  return {"backbone": nest_params(backbone), "value_head": dict(VALUE_HEAD_AXES)}
-
-
-def _is_axes(x) -> bool:
-  return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
-
-
-# -- the optimizer --------------------------------------------------------------------------------------
-
-def lr_schedule(lr: float, warmup_steps: int, updates_per_step: int):
-  """s3's (verl's) constant schedule with linear warm-up, counted in PPO steps: at PPO step s the rate is
-  `lr · min(1, s / warmup)` (so with warm-up the first step has rate 0, as in s3)."""
-  def schedule(count):
-    if warmup_steps <= 0:
-      return jnp.asarray(lr, jnp.float32)
-    step = (count // updates_per_step).astype(jnp.float32)
-    return lr * jnp.minimum(1.0, step / warmup_steps)
-  return schedule
-
-
-def make_optimizer(schedule, weight_decay: float, grad_clip: float,
-                   head_schedule=None) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (β = 0.9, 0.999; ε = 1e-8; decoupled weight decay, as torch).
-
-  With `head_schedule` (a value head on the actor) the `value_head` subtree steps at that rate and the rest at
-  `schedule`, after the one clip over the whole gradient: AdamW is elementwise, so this is two AdamWs, the
-  critic's rate for the critic's parameters as with a separate critic (at the actor's 1e-6 a fresh head
-  barely moves in a laptop run)."""
-  if head_schedule is None:
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
-  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-                     optax.add_decayed_weights(weight_decay), _scale_by_rates(schedule, head_schedule))
-
-
-def _scale_by_rates(schedule, head_schedule) -> optax.GradientTransformation:
-  """`optax.scale_by_learning_rate` with a second schedule for the `value_head` subtree."""
-  def init(params):
-    del params
-    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-  def update(updates, state, params=None):
-    del params
-    rates = {"trunk": schedule(state.count), "head": head_schedule(state.count)}
-    scaled = {k: jax.tree.map(lambda u, r=rates["head" if k == "value_head" else "trunk"]: -r * u, v)
-              for k, v in updates.items()}
-    return scaled, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
-
-  return optax.GradientTransformation(init, update)
-
-
-def update_count(opt_state) -> jax.Array:
-  """How many updates an optimizer state of `make_optimizer` has applied (Adam's step counter; with a value
-  head the rates' counter counts the same updates)."""
-  counts = [c for _, c in optax.tree_utils.tree_get_all_with_path(opt_state, "count")]
-  if not counts:
-    raise ValueError("optimizer state has no AdamW step counter")
-  return counts[0]
-
-
-# -- the learner ----------------------------------------------------------------------------------------
 
 class PPOLearner:
   """Holds the static settings, shardings and jitted functions; the state is a plain pytree
@@ -326,23 +55,21 @@ class PPOLearner:
   def __init__(self, settings: PPOSettings, config: DecoderConfig, *, compute_dtype: Any = jnp.float32,
                mesh: Mesh | None = None, rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES,
                remat: str = "full"):
-    self.settings, self.config, self.compute_dtype, self.mesh, self.rules = (
-        settings, config, compute_dtype, mesh, rules)
+    self.settings, self.config, self.compute_dtype, self.mesh = settings, config, compute_dtype, mesh
     self.remat = remat  # searcher.remat: per-layer gradient checkpointing in the update (s3: on for both)
     self.unroll = sharding_lib.unroll_loops(mesh)  # every scan unrolled on a CPU mesh (collective order)
-    batch_axes = tuple(a for a in ("data", "fsdp") if mesh is not None and mesh.shape[a] > 1)
-    self.batch_shards = math.prod(mesh.shape[a] for a in batch_axes) if mesh is not None else 1
+    self.placement = sharding_lib.Placement(mesh, rules)
+    self.batch_shards = self.placement.batch_shards
     settings.check(self.batch_shards)
-    self._batch_spec = PartitionSpec(batch_axes or None)
     self.with_critic = settings.uses_critic
     self.separate_critic = self.with_critic and settings.separate_critic
     self.shared_head = self.with_critic and not settings.separate_critic
     steps = settings.updates_per_step
-    self.actor_lr = lr_schedule(settings.actor_lr, settings.actor_warmup_steps, steps)
-    self.critic_lr = lr_schedule(settings.critic_lr, settings.critic_warmup_steps, steps)
-    self.actor_opt = make_optimizer(self.actor_lr, settings.weight_decay, settings.grad_clip,
+    self.actor_lr = optimizer_lib.lr_schedule(settings.actor_lr, settings.actor_warmup_steps, steps)
+    self.critic_lr = optimizer_lib.lr_schedule(settings.critic_lr, settings.critic_warmup_steps, steps)
+    self.actor_opt = optimizer_lib.make_optimizer(self.actor_lr, settings.weight_decay, settings.grad_clip,
                                     head_schedule=self.critic_lr if self.shared_head else None)
-    self.critic_opt = make_optimizer(self.critic_lr, settings.weight_decay, settings.grad_clip)
+    self.critic_opt = optimizer_lib.make_optimizer(self.critic_lr, settings.weight_decay, settings.grad_clip)
     self.state_shardings = None  # set by init_state on a mesh
     self.trace_counts = {"score": 0, "update": 0}
     self.traces: list[tuple[str, str]] = []  # (function, `tracing.signature`) of every trace, in order
@@ -350,30 +77,10 @@ class PPOLearner:
     self._update = None
     self._jitted: dict[str, Any] = {}
 
-  # -- shardings ----------------------------------------------------------------------------------------
-
-  def _param_shardings(self, shapes: Params, axes: Params) -> Any:
-    if self.mesh is None:
-      return None
-    return jax.tree.map(lambda ax, s: sharding_lib.param_sharding(s.shape, ax, self.mesh, self.rules),
-                        axes, shapes, is_leaf=_is_axes)
-
-  def _replicated(self):
-    return None if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
-
-  def batch_sharding(self, ndim: int = 2):
-    if self.mesh is None:
-      return None
-    return NamedSharding(self.mesh, PartitionSpec(*self._batch_spec, *([None] * (ndim - 1))))
-
-  def _place(self, tree: Params, shardings: Any) -> Params:
-    """Fresh device copies (never aliases of the caller's arrays, which `update` would donate)."""
-    # A jitted copy: jax 0.10's device_put(..., may_alias=False) still reuses the source buffer as device 0's
-    # shard of a replicated array, so two placements of one tree would share (and donate) it.
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+  # -- placement (sharding.Placement) ------------------------------------------------------------------
 
   def actor_axes(self) -> Params:
-    return actor_logical_axes(self.config, self.shared_head)
+    return heads.actor_logical_axes(self.config, self.shared_head)
 
   def init_state(self, actor: Params, critic: Params | None = None) -> dict[str, Any]:
     """Places the parameters with their shardings and creates the optimizer states (sharded like them).
@@ -385,50 +92,39 @@ class PPOLearner:
       raise ValueError("a separate critic (critic.separate_model=True) needs critic parameters")
     state = {"actor": self._learner_state(actor, self.actor_axes(), self.actor_opt)}
     if self.separate_critic:
-      state["critic"] = self._learner_state(critic, critic_logical_axes(self.config), self.critic_opt)
+      state["critic"] = self._learner_state(critic, heads.critic_logical_axes(self.config), self.critic_opt)
     if self.mesh is not None:
       sharding_lib.check_sharded(state["actor"]["params"], self.mesh)
     self.state_shardings = None if self.mesh is None else jax.tree.map(lambda x: x.sharding, state)
     return state
 
   def _learner_state(self, params: Params, axes: Params, opt: optax.GradientTransformation):
-    shardings = self._param_shardings(params, axes)
-    params = self._place(params, shardings)
+    shardings = self.placement.params(params, axes)
+    params = self.placement.copy(params, shardings)
     if shardings is None:
       return {"params": params, "opt": opt.init(params)}
     opt_shapes = jax.eval_shape(opt.init, params)
     opt_shardings = optax.tree_map_params(opt, lambda _, s: s, opt_shapes, shardings,
-                                          transform_non_params=lambda _: self._replicated())
+                                          transform_non_params=lambda _: self.placement.replicated())
     return {"params": params, "opt": jax.jit(opt.init, out_shardings=opt_shardings)(params)}
 
   def place_ref(self, ref: Params) -> Params:
-    return self._place(ref, self._param_shardings(ref, actor_logical_axes(self.config, False)))
+    return self.placement.copy(ref, self.placement.params(ref, heads.actor_logical_axes(self.config, False)))
 
   def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Host arrays -> device arrays sharded on the batch dimension (each process gives its own rows)."""
-    if self.mesh is None:
-      return {k: jnp.asarray(v) for k, v in batch.items()}
-    return {k: sharding_lib.place_local_batch(np.asarray(v), self.batch_sharding(np.ndim(v)))
-            for k, v in batch.items()}
+    return self.placement.put_batch(batch)
 
   def _rows(self, x: jax.Array) -> jax.Array:
     """Activations `[b, ...]` sharded on their rows over the batch axes (a layer's output, between layers)."""
-    return self._constrain_rows(x, 0)
-
-  def _constrain_rows(self, x: jax.Array, dim: int) -> jax.Array:
-    """Shards `x` over the batch axes on dimension `dim` (micro-batches are `[n, micro, t]`)."""
-    if self.mesh is None:
-      return x
-    spec = [None] * x.ndim
-    spec[dim] = self._batch_spec[0]
-    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(*spec)))
+    return self.placement.constrain_rows(x, 0)
 
   def _split(self, tree: dict[str, jax.Array], size: int) -> dict[str, jax.Array]:
     """`[b, ...]` -> `[b // size, size, ...]`, row i*n + j in chunk j (strided, so each chunk keeps an
     even share of every device's rows and needs no communication)."""
     def split(x):
       n = x.shape[0] // size
-      return self._constrain_rows(x.reshape(size, n, *x.shape[1:]).swapaxes(0, 1), 1)
+      return self.placement.constrain_rows(x.reshape(size, n, *x.shape[1:]).swapaxes(0, 1), 1)
     return jax.tree.map(split, tree)
 
   @staticmethod
@@ -457,25 +153,25 @@ class PPOLearner:
     pre = prefixes or {}
     actor = state["actor"]["params"]
     tokens, mask, index = mb["tokens"], mb["attention_mask"], mb["index"]
-    hidden = _hidden(self.config, policy_params(actor), tokens, mask, cdt, unroll=self.unroll,
-                     constrain=self._rows, prefix=pre.get("actor"))
-    out = {"old_logp": _logprobs_from_hidden(actor, hidden, tokens, index, False,
+    hidden = heads.hidden_states(self.config, heads.policy_params(actor), tokens, mask, cdt,
+                                 unroll=self.unroll, constrain=self._rows, prefix=pre.get("actor"))
+    out = {"old_logp": heads.logprobs_from_hidden(actor, hidden, tokens, index, False,
                                              self.settings.temperature)[0]}
     if ref is not None:
-      out["ref_logp"] = token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.unroll,
+      out["ref_logp"] = heads.token_logprobs(self.config, ref, tokens, mask, index, cdt, unroll=self.unroll,
                                        constrain=self._rows, prefix=pre.get("ref"),
                                        temperature=self.settings.temperature)
     if self.shared_head:
-      out["values"] = _values_from_hidden(actor["value_head"], hidden, index)
+      out["values"] = heads.values_from_hidden(actor["value_head"], hidden, index)
     elif self.separate_critic:
-      out["values"] = token_values(self.config, state["critic"]["params"], tokens, mask, index, cdt,
+      out["values"] = heads.token_values(self.config, state["critic"]["params"], tokens, mask, index, cdt,
                                    unroll=self.unroll, constrain=self._rows, prefix=pre.get("critic"))
     return out
 
   # -- a prefix shared by every row (ppo.shared_prefix, with a layout) -----------------------------------
 
   def _backbone(self, name: str, params: Params) -> Params:
-    return policy_params(params) if name in ("actor", "ref") else params["backbone"]
+    return heads.policy_params(params) if name in ("actor", "ref") else params["backbone"]
 
   def _prefix(self, name: str, params: Params, tokens) -> tuple[jax.Array, jax.Array]:
     """The keys/values of the shared prefix `tokens [1, p]` under learner `name`'s parameters, in float32:
@@ -516,7 +212,7 @@ class PPOLearner:
 
     _, out = jax.lax.scan(one, None, self._split(batch, self.settings.score_micro_batch_size),
                           unroll=self.unroll)
-    out = {k: self._constrain_rows(self._merge(v), 0) for k, v in out.items()}
+    out = {k: self.placement.constrain_rows(self._merge(v), 0) for k, v in out.items()}
     return self._score_defaults(out, ref, jnp.zeros(batch["index"].shape, jnp.float32))
 
   # -- update -------------------------------------------------------------------------------------------
@@ -529,8 +225,8 @@ class PPOLearner:
       return self._update_in_layout(state, batch, layout)
     if self._update is None:
       shardings = self.state_shardings
-      self._update = jax.jit(self._update_fn, donate_argnums=0,
-                             out_shardings=None if shardings is None else (shardings, self._replicated()))
+      out = None if shardings is None else (shardings, self.placement.replicated())
+      self._update = jax.jit(self._update_fn, donate_argnums=0, out_shardings=out)
     return self._update(state, batch)
 
   def _advantages(self, batch):
@@ -555,22 +251,22 @@ class PPOLearner:
     mean) and its summed metric terms; with `prefix` (`_prefix`) the rows continue a shared prefix."""
     s = self.settings
     tokens = mb["tokens"]
-    hidden = _hidden(self.config, policy_params(params), tokens, mb["attention_mask"], self.compute_dtype,
-                     self.remat, self.unroll, self._rows, prefix)
-    logp, entropy = _logprobs_from_hidden(params, hidden, tokens, mb["index"], True, s.temperature)
+    hidden = heads.hidden_states(self.config, heads.policy_params(params), tokens, mb["attention_mask"],
+                                 self.compute_dtype, self.remat, self.unroll, self._rows, prefix)
+    logp, entropy = heads.logprobs_from_hidden(params, hidden, tokens, mb["index"], True, s.temperature)
     loss, sums = ppo_lib.actor_loss(
         logp, entropy, mb["old_logp"], mb["ref_logp"], mb["advantages"], mb["policy_mask"], norm,
         clip_ratio=s.clip_ratio, dual_clip=s.dual_clip, entropy_coef=s.entropy_coef, kl_coef=s.kl_coef,
         kl_estimator=s.kl_estimator, kl_mode=s.kl_mode)
     if self.shared_head:  # L_pi + vf_coef · L_V through the one trunk
-      values = _values_from_hidden(params["value_head"], hidden, mb["index"])
+      values = heads.values_from_hidden(params["value_head"], hidden, mb["index"])
       value_loss, value_sums = ppo_lib.critic_loss(values, mb["values"], mb["returns"], mb["response_mask"],
                                                    norm, value_clip=s.value_clip)
       loss, sums = loss + s.vf_coef * value_loss, {**sums, **value_sums}
     return loss, sums
 
   def _critic_terms(self, params, mb, norm, prefix=None):
-    values = token_values(self.config, params, mb["tokens"], mb["attention_mask"], mb["index"],
+    values = heads.token_values(self.config, params, mb["tokens"], mb["attention_mask"], mb["index"],
                           self.compute_dtype, self.remat, self.unroll, self._rows, prefix)
     return ppo_lib.critic_loss(values, mb["values"], mb["returns"], mb["response_mask"], norm,
                                value_clip=self.settings.value_clip)
@@ -605,7 +301,7 @@ class PPOLearner:
     n_mini = s.batch_size // s.mini_batch_size
     # Minibatch m holds rows m*mini ... (m+1)*mini - 1 of the batch, in order (s3: no shuffle).
     minibatches = jax.tree.map(lambda x: x.reshape(n_mini, s.mini_batch_size, *x.shape[1:]), data)
-    minibatches = jax.tree.map(lambda x: self._constrain_rows(x, 1), minibatches)
+    minibatches = jax.tree.map(lambda x: self.placement.constrain_rows(x, 1), minibatches)
 
     def minibatch_step(st, mb):
       actor, sums, norm = self._learn(st["actor"], self._actor_terms, self.actor_opt,
@@ -629,7 +325,7 @@ class PPOLearner:
     """The step's metrics: the batch's, the minibatch steps' means (`per_step`: arrays over steps) and the
     learning rates that were used."""
     metrics = {**metrics, **{k: jnp.mean(v) for k, v in per_step.items()}}
-    count = update_count(state["actor"]["opt"])  # after this update
+    count = optimizer_lib.update_count(state["actor"]["opt"])  # after this update
     metrics["actor/lr"] = self.actor_lr(count - 1)
     if self.with_critic:
       metrics["critic/lr"] = self.critic_lr(count - 1)
@@ -670,7 +366,7 @@ class PPOLearner:
     ids = np.asarray(rows, np.int32)
     if self.mesh is None:
       return jnp.asarray(ids)
-    return jax.device_put(ids, self._replicated())
+    return jax.device_put(ids, self.placement.replicated())
 
   def _gather(self, data, rows, length: int, width: int, start: int = 0):
     """The micro-batch of `rows`: sequences cut to positions `start ... length - 1` (`start`: a shared
@@ -768,8 +464,9 @@ class PPOLearner:
     grad_fn = self._jit("update" if name == "actor" else f"update_{name}", grad,
                         static_argnames=("length", "width"))
     add = self._jit("update_add", lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+    replicated = self.placement.replicated()
     apply_fn = self._jit(f"update_{name}_apply", apply, donate_argnums=0,
-                         out_shardings=None if shardings is None else (shardings, self._replicated()))
+                         out_shardings=None if shardings is None else (shardings, replicated))
     prefix = None
     if prefix_tokens is not None:
       prefix = self._jit(f"update_{name}_prefix", self._prefix, static_argnames=("name",))(
@@ -801,4 +498,3 @@ def _minibatch_metrics(name: str, sums, grad_norm, counts):
       out[f"{name}/{k}"] = v / policy_tokens
   out[f"{name}/grad_norm"] = grad_norm
   return out
-
