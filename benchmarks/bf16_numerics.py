@@ -99,11 +99,11 @@ def main() -> None:
   window = response_window(rb, [len(e.prompt_ids) for e in episodes], width)
   batch = {"tokens": rb.tokens, "attention_mask": rb.attention_mask, **window,
            "group": np.arange(len(episodes), dtype=np.int32)}
-  batch["scores"] = np.zeros_like(batch["scores"])
+  batch["token_scores"] = np.zeros_like(batch["token_scores"])
   for i in range(len(episodes)):  # the reward on the last policy token, as experience.collect places it
     last = np.flatnonzero(batch["policy_mask"][i])
     if len(last):
-      batch["scores"][i, last[-1]] = float(np.random.default_rng(i).integers(0, 2))
+      batch["token_scores"][i, last[-1]] = float(np.random.default_rng(i).integers(0, 2))
 
   # The sampler's log-probs in window coordinates: each policy run of an episode is one turn's kept tokens.
   sampled = np.full(batch["index"].shape, np.nan, np.float32)

@@ -34,13 +34,13 @@ def make_batch(rows: int, shortest: int, longest: int, prompt: int, vocab: int, 
            "attention_mask": np.arange(t)[None, :] < lengths[:, None],
            "index": np.minimum(prompt + np.arange(width)[None, :], t - 1).repeat(rows, 0).astype(np.int32),
            "policy_mask": np.zeros((rows, width), bool), "response_mask": np.zeros((rows, width), bool),
-           "scores": np.zeros((rows, width), np.float32), "group": np.arange(rows, dtype=np.int32)}
+           "token_scores": np.zeros((rows, width), np.float32), "group": np.arange(rows, dtype=np.int32)}
   batch["tokens"][:, :prefix] = batch["tokens"][0, :prefix]
   for i, n in enumerate(lengths - prompt):
     batch["response_mask"][i, :n] = True
     batch["policy_mask"][i, :n] = rng.random(n) < 0.3
     batch["policy_mask"][i, n - 1] = True
-    batch["scores"][i, n - 1] = rng.choice([0.0, 1.0])
+    batch["token_scores"][i, n - 1] = rng.choice([0.0, 1.0])
   return batch, lengths
 
 

@@ -80,10 +80,10 @@ def main() -> None:
 
     scorer = RewardScorer(client, generator_id="bench", kind="genacc", max_tokens=args.max_tokens)
     start = time.perf_counter()
-    results = scorer.score(items)
+    results = scorer.rewards(items)
     batched = time.perf_counter() - start
     start = time.perf_counter()
-    again = scorer.score(items)
+    again = scorer.rewards(items)
     cached = time.perf_counter() - start
   finally:
     if server is not None:

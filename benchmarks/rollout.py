@@ -98,6 +98,7 @@ def main() -> None:
 
   from s3_jax import assets, config_lib
   from s3_jax.data.qa import read_qa
+  from s3_jax.metrics import Stopwatch
   from s3_jax.models.config import DecoderConfig
   from s3_jax.models.decoder import Decoder
   from s3_jax.models.hf import load_hf
@@ -153,15 +154,15 @@ def main() -> None:
         run_episodes(policy(), tokenizer, retriever, examples[:2], initial[:2], config)  # warm-up compiles
         for repeat in range(args.repeats):
           traces = dict(sampler.trace_counts) if sampler is not None else {}
-          timings: dict[str, float] = {}
+          watch = Stopwatch()
           start = time.perf_counter()
-          episodes = run_episodes(policy(), tokenizer, retriever, examples, initial, config, timings)
+          episodes = run_episodes(policy(), tokenizer, retriever, examples, initial, config, watch)
           total = time.perf_counter() - start
           compiled = ({k: v - traces[k] for k, v in sampler.trace_counts.items() if v > traces[k]}
                       if sampler is not None else "n/a (vLLM)")
           if repeat == args.repeats - 1:
             base = base or total
-          host = total - timings.get("sample", 0.0) - timings.get("retrieve", 0.0)
+          host = total - watch.seconds.get("sample", 0.0) - watch.seconds.get("retrieve", 0.0)
           turns = sum(e.stats()["turns"] for e in episodes)
           searches = sum(e.stats()["searches"] for e in episodes)
           tokens = sum(e.stats()["context_tokens"] for e in episodes)
@@ -169,10 +170,10 @@ def main() -> None:
           print(f"{name} [{label}] run {repeat + 1}: {len(episodes)} episodes, {turns} turns, {searches} "
                 f"searches, {tokens} context tokens, {total:.2f} s{ratio}, "
                 f"compiled {compiled or 'nothing'} | "
-                f"sample {timings.get('sample', 0.0):.2f} s "
-                f"({100 * timings.get('sample', 0.0) / total:.1f}%), "
-                f"retrieve {timings.get('retrieve', 0.0):.3f} s "
-                f"({100 * timings.get('retrieve', 0.0) / total:.1f}%), "
+                f"sample {watch.seconds.get('sample', 0.0):.2f} s "
+                f"({100 * watch.seconds.get('sample', 0.0) / total:.1f}%), "
+                f"retrieve {watch.seconds.get('retrieve', 0.0):.3f} s "
+                f"({100 * watch.seconds.get('retrieve', 0.0) / total:.1f}%), "
                 f"host {host:.3f} s ({100 * host / total:.1f}%, target <= 10%)", flush=True)
         if sampler is None:
           engine.close()

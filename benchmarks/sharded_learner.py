@@ -72,7 +72,7 @@ def main() -> None:
   host = {"tokens": rng.integers(0, 1000, (b, t)).astype(np.int32), "attention_mask": np.ones((b, t), bool),
           "index": np.tile(np.arange(t - w, t, dtype=np.int32), (b, 1)),
           "policy_mask": np.ones((b, w), bool), "response_mask": np.ones((b, w), bool),
-          "scores": rng.normal(size=(b, w)).astype(np.float32), "group": np.arange(b, dtype=np.int32)}
+          "token_scores": rng.normal(size=(b, w)).astype(np.float32), "group": np.arange(b, dtype=np.int32)}
 
   def measure(constrained: bool) -> tuple[float, float, str]:
     learner = learner_lib.PPOLearner(dataclasses.replace(settings), config, mesh=mesh)

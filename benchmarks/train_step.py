@@ -89,8 +89,8 @@ def update_rate(batch: int, length: int, window: int, micro: int, repeats: int, 
           "attention_mask": np.ones((batch, length), bool),
           "index": np.tile(np.arange(prompt, length, dtype=np.int32), (batch, 1)),
           "policy_mask": rng.random((batch, window)) < 0.5, "response_mask": np.ones((batch, window), bool),
-          "scores": np.zeros((batch, window), np.float32), "group": np.arange(batch, dtype=np.int32)}
-  data["scores"][:, -1] = rng.choice([0.0, 1.0], batch)
+          "token_scores": np.zeros((batch, window), np.float32), "group": np.arange(batch, dtype=np.int32)}
+  data["token_scores"][:, -1] = rng.choice([0.0, 1.0], batch)
   placed = learner.place_batch(data)
   scored = learner.score(state, None, placed)
   full = {**placed, **jax.device_get(scored)}

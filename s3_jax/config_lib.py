@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -354,8 +353,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "retriever.kind": ("bm25", "dense"),
-    "retriever.faiss": ("flat", "ivf", "hnsw"),
     "generator.compute_dtype": ("auto", "float32", "bfloat16"),
     "rollout.turn_semantics": ("s3", "exact"),
     "rollout.doc_extraction": ("safe", "faithful"),
@@ -412,13 +409,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        f"config_lib.default_config())") from None
 
   # Choices owned by a registry are read from it (imported here: loading a config file needs no JAX).
+  from s3_jax.retrieval.dense import FAISS_KINDS
+  from s3_jax.retrieval.index_dir import RETRIEVER_KINDS
   from s3_jax.reward.gbr import REWARD_KINDS
   from s3_jax.rl import ppo
   from s3_jax.services.generator_backends import BACKENDS
 
   choices_of = {**_CHOICES, "ppo.kl_estimator": ppo.KL_ESTIMATORS, "ppo.kl_mode": ppo.KL_MODES,
                 "ppo.adv_estimator": tuple(ppo.ADVANTAGE_ESTIMATORS), "ppo.loss_agg": ppo.LOSS_AGGREGATIONS,
-                "reward.kind": REWARD_KINDS, "generator.backend": BACKENDS}
+                "reward.kind": REWARD_KINDS, "generator.backend": BACKENDS,
+                "retriever.kind": tuple(RETRIEVER_KINDS), "retriever.faiss": FAISS_KINDS}
   for key, choices in choices_of.items():
     if get(key) not in choices:
       raise _bad(key, get(key), f"must be one of {', '.join(choices)}")
@@ -512,46 +512,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's flag parsing for the CLIs (`app.run(..., flags_parser=config_lib.parse_flags)`): a `--config.KEY`
-  override that names no key or carries a value of the wrong type ends the program with one line naming the
-  flag, instead of a trace from inside ml_collections."""
-  from absl import flags
-
-  try:
-    return flags.FLAGS(list(argv))
-  except flags.Error as e:
-    sys.exit(f"error: {e}")
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    inner = e.args[0] if e.args else e
-    while isinstance(inner, KeyError) and inner.args:  # ml_collections wraps the KeyError's text
-      inner = inner.args[0]
-    name, _, hint = str(inner).partition("\n")
-    name = name.strip("'\"")
-    culprit = next((a for a in argv[1:] if a.startswith("--config.")
-                    and name in a.partition("=")[0][len("--config."):].split(".")), None)
-    if culprit is None:  # not an override's fault (a config file's own error, say): its trace is the clue
-      raise
-    sys.exit(f"error: {culprit}: no config key {name!r}" + (f" ({hint.strip()})" if hint else ""))
-
-
 def _cli() -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
+  from s3_jax import cli
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "config file[:arg]", lock_config=True)
-  flags.mark_flag_as_required("config")
-
-  def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-      config = validate(config_flag.value)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
-    print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-
-  app.run(main, flags_parser=parse_flags)
+  flag = cli.config_flag()
+  cli.run(lambda config: print(json.dumps(config.to_dict(), indent=2, sort_keys=True)), flag)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ it on held-out questions — about 20 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,36 +45,25 @@ def run(config: Any, workdir: str | Path, *, log: Callable[[str], None] = print)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  from absl import app, flags, logging
-  from ml_collections import config_flags
+  from absl import flags
 
-  config_flag = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "configs/NAME.py[:arg]",
-                                                lock_config=True)
+  from s3_jax import cli as cli_lib
+
+  config_flag = cli_lib.config_flag(DEFAULT_CONFIG)
   workdir_flag = flags.DEFINE_string("workdir", "runs/demo", "the demo's folder (rerunning resumes)")
 
-  def run_cli(argv: Sequence[str]) -> None:
-
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
-    try:
-      config = config_lib.validate(config_flag.value)
-      if not config.evaluate.sample:
-        raise ValueError("evaluate.sample is 0 (every test question): the demo evaluates a small sample; "
-                         "set --config.evaluate.sample=N")
-      page, caveat = run(config, workdir_flag.value)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-      sys.exit(f"error: {e}")
+  def body(config) -> None:
+    if not config.evaluate.sample:
+      raise ValueError("evaluate.sample is 0 (every test question): the demo evaluates a small sample; "
+                       "set --config.evaluate.sample=N")
+    page, caveat = run(config, workdir_flag.value)
     table = page.split("\n\n")
     print("\n".join(["", "=" * 100, *[part for part in table if part.startswith("| row")],
                      "", next((p for p in table if p.startswith("trained −")), ""), "", caveat,
                      f"\npage: {Path(workdir_flag.value) / 'results.md'}, curves: "
                      f"{Path(workdir_flag.value) / 'curves.png'}"]))
 
-  from s3_jax import config_lib
-
-  app.run(run_cli, argv=argv, flags_parser=config_lib.parse_flags)
+  cli_lib.run(body, config_flag, argv=argv, errors=(ValueError, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":

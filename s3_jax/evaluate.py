@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +33,8 @@ import ml_collections
 from s3_jax import assets, config_lib, report
 from s3_jax.data.eval_sets import EvalSet, is_medical, load_sets
 from s3_jax.data.qa import QAExample
-from s3_jax.methods.base import AgentLM, MethodOutput, TimedRetriever, Timings
+from s3_jax.methods.base import AgentLM, MethodOutput, TimedRetriever
+from s3_jax.metrics import Stopwatch
 from s3_jax.reward.cache import AnswerCache
 from s3_jax.reward.scorer import RewardItem, RewardScorer, scorer_from_config
 
@@ -97,20 +97,20 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
   if finished:
     log(f"{out}: {finished} of {finished + remaining} predictions already done")
 
-  timings, start = Timings(), time.perf_counter()
+  watch, start = Stopwatch(), time.perf_counter()
   if remaining:
     opened = (contextlib.nullcontext(services) if services is not None
               else open_services(config, show_progress=show_progress, log=log))
     with opened as services:
-      retriever = TimedRetriever(services.retriever, timings)
-      model = _make_method(method, config, retriever, services, checkpoint, timings, log)
+      retriever = TimedRetriever(services.retriever, watch)
+      model = _make_method(method, config, retriever, services, checkpoint, watch, log)
       record["label"] = model.label
       if is_main:
         (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
       scorer = scorer_from_config(config, services.generator, kind="genacc", judge="evaluate",
                                   cache=AnswerCache(out / sharding_lib.per_process_name("answers.sqlite")))
       count_tokens = _token_counter(config)
-      timings.add("startup", time.perf_counter() - start)  # services, index, models: not per question
+      watch.add("startup", time.perf_counter() - start)  # services, index, models: not per question
       progress = tqdm(total=remaining, desc=f"evaluate {method}", unit="q",
                       disable=not show_progress or not is_main, dynamic_ncols=True)
       with progress, open(predictions, "a", encoding="utf-8") if is_main else contextlib.nullcontext() as f:
@@ -129,7 +129,7 @@ def evaluate(config: ml_collections.ConfigDict, method: str, out: str | Path, *,
       generator_stats = scorer.stats.take()
     seconds = time.perf_counter() - start
     timing = {"method": method, "questions": remaining, "seconds": seconds,
-              "questions_per_second": remaining / (seconds - timings["startup"]), **timings,
+              "questions_per_second": remaining / (seconds - watch.seconds["startup"]), **watch.seconds,
               "generate": generator_stats["generate_seconds"], "judge": generator_stats["judge_seconds"],
               "generator_calls": generator_stats["generator_calls"],
               "judge_calls": generator_stats["judge_calls"],
@@ -161,7 +161,7 @@ def _evaluate_chunk(model: Any, scorer: RewardScorer, examples: Sequence[QAExamp
                       prompt="closed_book" if o.closed_book else "context",
                       scoring="mirage" if is_medical(ex) else "genacc", context=o.context)
            for ex, o in zip(examples, outputs, strict=True)]
-  results = scorer.score(items)
+  results = scorer.rewards(items)
   rows = []
   for ex, o, item, result in zip(examples, outputs, items, results, strict=True):
     context = "" if o.closed_book else item.context_text()
@@ -177,7 +177,7 @@ def _evaluate_chunk(model: Any, scorer: RewardScorer, examples: Sequence[QAExamp
 
 
 def _make_method(method: str, config: ml_collections.ConfigDict, retriever: TimedRetriever, services: Any,
-                 checkpoint: str | None, timings: Timings, log: Callable[[str], None]) -> Any:
+                 checkpoint: str | None, watch: Stopwatch, log: Callable[[str], None]) -> Any:
   from s3_jax.methods.deepretrieval import DeepRetrieval
   from s3_jax.methods.ircot import IRCoT
   from s3_jax.methods.search_o1 import SearchO1
@@ -188,12 +188,12 @@ def _make_method(method: str, config: ml_collections.ConfigDict, retriever: Time
     from s3_jax import sharding as sharding_lib
     from s3_jax.methods.s3 import S3Searcher
 
-    model = S3Searcher(config, retriever, checkpoint=checkpoint, timings=timings,
+    model = S3Searcher(config, retriever, checkpoint=checkpoint, watch=watch,
                        mesh=sharding_lib.rollout_mesh(dict(config.mesh)))
     log(f"searcher: {model.source}")
     return model
   if method in AGENT_METHODS:
-    agent = _make_agent(config, checkpoint, services, timings)
+    agent = _make_agent(config, checkpoint, services, watch)
     log(f"{method} reasons and searches with {agent.name}")
     agents = {"ircot": IRCoT, "search_o1": SearchO1, "search_r1": SearchR1, "deepretrieval": DeepRetrieval}
     return agents[method](config, retriever, agent)
@@ -201,7 +201,7 @@ def _make_method(method: str, config: ml_collections.ConfigDict, retriever: Time
 
 
 def _make_agent(config: ml_collections.ConfigDict, checkpoint: str | None, services: Any,
-                timings: Timings) -> AgentLM:
+                watch: Stopwatch) -> AgentLM:
   """The agent baselines' LLM: the service at `evaluate.agent_address`, else `--checkpoint` loaded in process
   with `evaluate.agent_backend`, else the generator service itself."""
   if config.evaluate.agent_address:
@@ -209,15 +209,15 @@ def _make_agent(config: ml_collections.ConfigDict, checkpoint: str | None, servi
 
     address = config.evaluate.agent_address
     return AgentLM(connect_generator(address, retry_seconds=config.services.retry_seconds),
-                   f"the LLM at {address}", timings)
+                   f"the LLM at {address}", watch)
   if checkpoint:
     from s3_jax.models.searcher import resolve_checkpoint
     from s3_jax.services.generator_backends import InProcessGenerator, make_backend
 
     folder, description = resolve_checkpoint(checkpoint)
     return AgentLM(InProcessGenerator(make_backend(config.evaluate.agent_backend, str(folder))), description,
-                   timings)
-  return AgentLM(services.generator, f"the generator ({config.generator.model})", timings)
+                   watch)
+  return AgentLM(services.generator, f"the generator ({config.generator.model})", watch)
 
 
 def _token_counter(config: ml_collections.ConfigDict) -> Callable[[str], int]:
@@ -296,10 +296,11 @@ def compare(dirs: Sequence[str | Path], out: str | Path) -> Path:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-  from absl import app, flags, logging
-  from ml_collections import config_flags
+  from absl import app, flags
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
+  from s3_jax import cli as cli_lib
+
+  config_flag = cli_lib.config_flag(required=False)  # not with --compare
   method_flag = flags.DEFINE_enum("method", None, METHODS, "what to evaluate")
   checkpoint_flag = flags.DEFINE_string("checkpoint", None, "the method's model: HF folder, asset:NAME, or a "
                                                             "training run (its newest HF export)")
@@ -310,31 +311,24 @@ def cli(argv: Sequence[str] | None = None) -> None:
   compare_flag = flags.DEFINE_list("compare", None, "finished evaluation folders to tabulate together")
   flags.mark_flag_as_required("out")
 
-  def run(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)
+  def body(config: ml_collections.ConfigDict | None) -> None:
     import jax
 
     from s3_jax import sharding as sharding_lib
 
     sharding_lib.maybe_initialize_distributed()  # multi-host: before any other JAX call
-    try:
-      if compare_flag.value:
-        print(compare(compare_flag.value, out_flag.value).read_text())
-        return
-      if config_flag.value is None or method_flag.value is None:
-        raise app.UsageError("--config and --method are required (or --compare DIR,...)")
-      config = config_lib.validate(config_flag.value)
-      evaluate(config, method_flag.value, out_flag.value, checkpoint=checkpoint_flag.value,
-               datasets=datasets_flag.value, runs=runs_flag.value)
-    except (ValueError, FileNotFoundError, KeyError, assets.AssetError) as e:
-      sys.exit(f"error: {e}")
+    if compare_flag.value:
+      print(compare(compare_flag.value, out_flag.value).read_text())
+      return
+    if config is None or method_flag.value is None:
+      raise app.UsageError("--config and --method are required (or --compare DIR,...)")
+    evaluate(config, method_flag.value, out_flag.value, checkpoint=checkpoint_flag.value,
+             datasets=datasets_flag.value, runs=runs_flag.value)
     if jax.process_index() == 0:
       print((Path(out_flag.value) / "table.md").read_text())
 
-  app.run(run, argv=argv, flags_parser=config_lib.parse_flags)
+  cli_lib.run(body, config_flag, argv=argv,
+              errors=(ValueError, FileNotFoundError, KeyError, assets.AssetError))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sys
 from s3_jax import assets
 from s3_jax.data.jsonl import DataFormatError
 from s3_jax.retrieval import build_index
+from s3_jax.retrieval.dense import FAISS_KINDS
+from s3_jax.retrieval.index_dir import BM25_BACKENDS, BM25_NORMS, RETRIEVER_KINDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,18 +25,18 @@ def main(argv: list[str] | None = None) -> int:
   build = commands.add_parser("build", help="build a BM25 or dense index")
   build.add_argument("--corpus", required=True, help="corpus JSONL ({id, contents} or {id, title, text})")
   build.add_argument("--out", required=True)
-  build.add_argument("--kind", choices=("bm25", "dense"), required=True)
+  build.add_argument("--kind", choices=tuple(RETRIEVER_KINDS), required=True)
   build.add_argument("--encoder", help="dense: HF BERT-family folder or asset:NAME")
-  build.add_argument("--faiss", choices=("flat", "ivf", "hnsw"), default="flat")
+  build.add_argument("--faiss", choices=FAISS_KINDS, default="flat")
   build.add_argument("--fp16", action="store_true", help="store vectors as float16")
   build.add_argument("--k1", type=float, default=0.9)
   build.add_argument("--b", type=float, default=0.4)
   build.add_argument("--query-prefix", default="")
   build.add_argument("--passage-prefix", default="")
   build.add_argument("--chunk-size", type=int, default=4096)
-  build.add_argument("--bm25-backend", choices=("bm25s", "lucene"), default="bm25s",
+  build.add_argument("--bm25-backend", choices=BM25_BACKENDS, default="bm25s",
                      help="lucene needs requirements-lucene.txt (pyserini + a PyPI Java 21)")
-  build.add_argument("--bm25-norms", choices=("lucene", "exact"), default="lucene",
+  build.add_argument("--bm25-norms", choices=BM25_NORMS, default="lucene",
                      help="document lengths as Lucene's one-byte norms keep them (default) or exact")
   args = parser.parse_args(argv)
   try:

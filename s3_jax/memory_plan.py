@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,36 +191,27 @@ def searcher_shape(config: ml_collections.ConfigDict, preset: str | None) -> Dec
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import flags
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
+  from s3_jax import cli as cli_lib
+
+  config_flag = cli_lib.config_flag()
   model_flag = flags.DEFINE_string("model", None, f"searcher shape preset: {', '.join(PRESETS)}")
   devices_flag = flags.DEFINE_integer("devices", None, "chips in the mesh (default: the mesh's explicit "
                                                        "sizes, or 8 when one is -1)")
   hosts_flag = flags.DEFINE_integer("hosts", 1, "processes the chips are spread over (rollouts per host)")
   hbm_flag = flags.DEFINE_float("hbm", None, "memory per chip in GB, to say whether it fits (v5e 16, v5p 95, "
                                              "H100 80)")
-  flags.mark_flag_as_required("config")
 
-  def run(argv: Sequence[str]) -> None:
-
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-      config = config_lib.validate(config_flag.value)
-      sizes = [int(config.mesh.get(a, 1)) for a in sharding_lib.MESH_AXES]
-      devices = devices_flag.value or (math.prod(sizes) if -1 not in sizes else 8)
-      if devices % hosts_flag.value:
-        raise ValueError(f"--devices {devices} do not split over --hosts {hosts_flag.value}")
-      result = plan(config, searcher_shape(config, model_flag.value), devices, hosts_flag.value)
-    except (ValueError, KeyError) as e:
-      sys.exit(f"error: {e}")
+  def body(config) -> None:
+    sizes = [int(config.mesh.get(a, 1)) for a in sharding_lib.MESH_AXES]
+    devices = devices_flag.value or (math.prod(sizes) if -1 not in sizes else 8)
+    if devices % hosts_flag.value:
+      raise ValueError(f"--devices {devices} do not split over --hosts {hosts_flag.value}")
+    result = plan(config, searcher_shape(config, model_flag.value), devices, hosts_flag.value)
     print(render(result, hbm_flag.value))
 
-  from s3_jax import config_lib
-
-  app.run(run, argv=argv, flags_parser=config_lib.parse_flags)
+  cli_lib.run(body, config_flag, argv=argv, errors=(ValueError, KeyError))
 
 
 if __name__ == "__main__":

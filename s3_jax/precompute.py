@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -206,7 +205,7 @@ def run_precompute(config: ml_collections.ConfigDict, out: Path | None = None, r
         batch = todo[start:start + chunk]
         mine = batch[len(batch) * index // count:len(batch) * (index + 1) // count]
         results = retriever.search([ex.question for ex in mine], topk) if mine else []
-        scored = scorer.score([RewardItem(ex.data_source, ex.question, ex.golden_answers,
+        scored = scorer.rewards([RewardItem(ex.data_source, ex.question, ex.golden_answers,
                                           tuple(docs[:context_docs]),
                                           context=rag_context(docs, context_docs, context_format))
                                for ex, docs in zip(mine, results, strict=True)])
@@ -268,35 +267,24 @@ def _write_qa(path: Path, examples: Sequence[QAExample]) -> None:
 
 
 def main() -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import flags
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
+  from s3_jax import cli as cli_lib
+
+  config_flag = cli_lib.config_flag()
   out_flag = flags.DEFINE_string("out", None, "output folder (default: precompute.dir or a cache folder)")
 
-  def run(argv: Sequence[str]) -> None:
-    from absl import logging
-
-    from s3_jax import config_lib
-
-    logging.set_verbosity(logging.WARNING)  # absl would print JAX's INFO lines (e.g. "no TPU backend")
-
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  def body(config: ml_collections.ConfigDict) -> None:
     import jax
 
     from s3_jax import sharding as sharding_lib
 
     sharding_lib.maybe_initialize_distributed()  # multi-host: before any other JAX call
-    try:
-      config = config_lib.validate(config_flag.value)
-      stats = run_precompute(config, out_flag.value)
-    except (ValueError, FileNotFoundError, KeyError, assets.AssetError) as e:
-      sys.exit(f"error: {e}")
+    stats = run_precompute(config, out_flag.value)
     if jax.process_index() == 0:
       print(json.dumps(stats, indent=2))
 
-  app.run(run, flags_parser=config_lib.parse_flags)
+  cli_lib.run(body, config_flag, errors=(ValueError, FileNotFoundError, KeyError, assets.AssetError))
 
 
 if __name__ == "__main__":

@@ -6,19 +6,18 @@ training reward, no update (issue 19, remedy 4: "untrained vs a warm start").
 
 Runs `--questions` questions of the trainer's own training set (s3's filtered questions, in file order; those
 among the first `--skip` questions of `data.train` are left out, e.g. the ones `python -m s3_jax.sft` traced)
-through `experience.collect` with the rollout settings of the config (temperature, sizes, begin-with-search)
-and the searcher `--init` (an HF folder; default `searcher.init_from`), and prints what the trainer's step-1
-metrics would say: the reward (GBR), rollout GenAcc, protocol use (searches, selections, invalid actions, how
-episodes ended), how many episodes earn a nonzero reward — the ones PPO can learn from — and the
-generator's ceiling on the same questions (`_ceiling`: its GenAcc given answer-bearing documents, an analysis
-that reads the gold answers). `--out` writes
-the metrics and every episode (queries, selections, answer verdict, reward) as JSON.
+through the trainer's `experience.rollout` and `experience.reward` with the config's rollout settings
+(temperature, sizes, begin-with-search) and the searcher `--init` (an HF folder; default
+`searcher.init_from`), and prints what the trainer's step-1 metrics would say: the reward (GBR), rollout
+GenAcc, protocol use (searches, selections, invalid actions, how episodes ended), how many episodes earn a
+nonzero reward — the ones PPO can learn from — and the generator's ceiling on the same questions (`_ceiling`:
+its GenAcc given answer-bearing documents, an analysis that reads the gold answers). `--out` writes the
+metrics and every episode (queries, selections, answer verdict, reward) as JSON.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,17 +85,19 @@ def probe(config: Any, *, init: str | None, questions: int, skip: int, seed: int
     scorer = scorer_from_config(config, services.generator, kind=config.reward.kind, rag_cache=data.rag_cache,
                                 cache=AnswerCache(folder / "answers.sqlite"))
     watch = Stopwatch()
-    exp = experience.collect(policy, tokenizer, services.retriever, scorer, examples, initial,
-                             EpisodeConfig.from_config(config), config.rollout, pad_id=pad_id, watch=watch,
-                             max_length=config.rollout.max_prompt_length)
+    episode_config = EpisodeConfig.from_config(config)
+    episodes = experience.rollout(policy, tokenizer, services.retriever, examples, initial, episode_config,
+                                  samples_per_question=config.rollout.samples_per_question, watch=watch)
+    items, results = experience.reward(scorer, episodes, tokenizer, config.rollout, episode_config.max_select)
+    step_metrics = experience.rollout_metrics(episodes, items, results, scorer)
     ceiling = _ceiling(scorer, examples, data.retrieved, config.precompute.context_docs)
-  rewards = np.asarray(exp.rewards, np.float64)
-  queries = [q for e in exp.episodes for q in e.queries]
-  metrics = {**exp.metrics,
-             "probe/episodes": float(len(exp.episodes)),
+  rewards = np.asarray([r.reward for r in results], np.float64)
+  queries = [q for e in episodes for q in e.queries]
+  metrics = {**step_metrics,
+             "probe/episodes": float(len(episodes)),
              "probe/nonzero_reward": float(np.sum(rewards != 0)),
              "probe/positive_reward": float(np.sum(rewards > 0)),
-             "probe/episodes_with_a_search": float(sum(bool(e.queries) for e in exp.episodes)),
+             "probe/episodes_with_a_search": float(sum(bool(e.queries) for e in episodes)),
              "probe/placeholder_queries": float(sum(PLACEHOLDER in q for q in queries)),
              "probe/queries": float(len(queries)),
              "probe/answer_in_top12": float(sum(c["found"] for c in ceiling)),
@@ -105,7 +106,7 @@ def probe(config: Any, *, init: str | None, questions: int, skip: int, seed: int
   rows = [{"question": e.example.question, "answers": list(e.example.golden_answers), "queries": e.queries,
            "responses": e.responses, "block_sizes": [len(b) for b in e.blocks], "ended": e.ended,
            "invalid_actions": e.invalid_actions, "docs_selected": e.docs_selected(), "reward": r,
-           "oracle": c} for e, r, c in zip(exp.episodes, exp.rewards, ceiling, strict=True)]
+           "oracle": c} for e, r, c in zip(episodes, rewards.tolist(), ceiling, strict=True)]
   return {"init": str(init or "scripted"), "questions": questions, "skip": skip, "seed": seed,
           "data": config.data.train, "metrics": metrics, "episodes": rows}
 
@@ -123,7 +124,7 @@ def _ceiling(scorer: Any, examples: Sequence[Any], retrieved: dict, k: int) -> l
              if span_match(f"{d.title} {d.text}", e.golden_answers)][:k] for e in examples]
   items = [RewardItem(e.data_source, e.question, e.golden_answers, tuple(docs))
            for e, docs in zip(examples, chosen, strict=True) if docs]
-  results = iter(scorer.score(items)) if items else iter(())
+  results = iter(scorer.rewards(items)) if items else iter(())
   return [{"found": bool(docs), "docs": len(docs),
            "genacc": float(next(results).scores.genacc) if docs else 0.0}
           for docs in chosen]
@@ -145,39 +146,27 @@ def summary(record: dict[str, Any]) -> str:
 
 
 def main() -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import flags
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
+  from s3_jax import cli as cli_lib
+
+  config_flag = cli_lib.config_flag()
   init_flag = flags.DEFINE_string("init", None, "the searcher: an HF folder (default searcher.init_from)")
   questions_flag = flags.DEFINE_integer("questions", 32, "filtered training questions to roll out")
   skip_flag = flags.DEFINE_integer("skip", 64, "leave out the first N questions of data.train (SFT's)")
   seed_flag = flags.DEFINE_integer("seed", 0, "the sampling RNG")
   out_flag = flags.DEFINE_string("out", None, "write the record (metrics and episodes) here as JSON")
-  flags.mark_flags_as_required(["config"])
 
-  def run_cli(argv: Sequence[str]) -> None:
-    from absl import logging
-
-
-    logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-      config = config_lib.validate(config_flag.value)
-      record = probe(config, init=init_flag.value, questions=questions_flag.value, skip=skip_flag.value,
-                     seed=seed_flag.value)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-      sys.exit(f"error: {e}")
+  def body(config) -> None:
+    record = probe(config, init=init_flag.value, questions=questions_flag.value, skip=skip_flag.value,
+                   seed=seed_flag.value)
     print(summary(record))
     if out_flag.value:
       Path(out_flag.value).parent.mkdir(parents=True, exist_ok=True)
       Path(out_flag.value).write_text(json.dumps(record, indent=1) + "\n")
       print(f"wrote {out_flag.value}")
 
-  from s3_jax import config_lib
-
-  app.run(run_cli, flags_parser=config_lib.parse_flags)
+  cli_lib.run(body, config_flag, errors=(ValueError, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":

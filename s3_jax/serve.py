@@ -24,7 +24,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from s3_jax.services import auth
 
@@ -54,16 +56,14 @@ def serve_retriever(index: str, host: str, port: int, auth_token: str | None, ht
   manifest = json.loads((Path(index) / "manifest.json").read_text())
   service = RetrieverService(retriever, manifest["kind"], manifest["count"], token,
                              corpus_sha256=manifest["corpus"]["sha256"], index_dir=str(Path(index).resolve()))
-  stop = _stop_on_signals()
-  server, bound = start_server(service, host, port)
-  ready(f"retriever ({manifest['kind']}, {manifest['count']} docs) serving on {host}:{bound}", flush=True)
-  http_server = None
-  if http_port is not None:
+
+  def http():
     from s3_jax.services.http_retrieve import serve_http
 
-    http_server, http_bound = serve_http(retriever, host, http_port, token)
-    ready(f"retriever HTTP endpoint on http://{host}:{http_bound}/retrieve", flush=True)
-  _wait_then_stop(stop, server, http_server)
+    return serve_http(retriever, host, http_port, token)
+
+  _serve(f"retriever ({manifest['kind']}, {manifest['count']} docs)", service, start_server, host, port,
+         None if http_port is None else http, "/retrieve", ready)
 
 
 def serve_generator(backend: str, model: str, host: str, port: int, auth_token: str | None, *,
@@ -88,15 +88,27 @@ def serve_generator(backend: str, model: str, host: str, port: int, auth_token: 
     extra = {"compute_dtype": compute_dtype} if compute_dtype is not None else {}
     engine = make_backend(backend, model, dtype=dtype, **(engine_args or {}), **extra)
   service = GeneratorService(engine, default_max_tokens=max_tokens, token=token)
-  stop = _stop_on_signals()
-  server, bound = start_server(service, host, port)
-  ready(f"generator ({backend}, {model}) serving on {host}:{bound}", flush=True)
-  http_server = None
-  if http_port is not None:
+
+  def http():
     from s3_jax.services.http_chat import serve_openai_http
 
-    http_server, http_bound = serve_openai_http(service, host, http_port, token)
-    ready(f"generator HTTP endpoint on http://{host}:{http_bound}/v1/chat/completions", flush=True)
+    return serve_openai_http(service, host, http_port, token)
+
+  _serve(f"generator ({backend}, {model})", service, start_server, host, port,
+         None if http_port is None else http, "/v1/chat/completions", ready)
+
+
+def _serve(label: str, service: Any, start_server: Callable, host: str, port: int,
+           http: Callable[[], tuple[Any, int]] | None, http_path: str, ready: Callable) -> None:
+  """Starts the gRPC server of `service` (and, with `http`, its HTTP front-end), says where each listens,
+  and serves until SIGINT/SIGTERM."""
+  stop = _stop_on_signals()
+  server, bound = start_server(service, host, port)
+  ready(f"{label} serving on {host}:{bound}", flush=True)
+  http_server = None
+  if http is not None:
+    http_server, http_bound = http()
+    ready(f"{label.split(' ')[0]} HTTP endpoint on http://{host}:{http_bound}{http_path}", flush=True)
   _wait_then_stop(stop, server, http_server)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -250,35 +249,23 @@ def run(config: Any, out: str | Path, *, questions: int, epochs: int, lr: float,
 
 
 def main() -> None:
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import flags
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
+  from s3_jax import cli as cli_lib
+
+  config_flag = cli_lib.config_flag()
   out_flag = flags.DEFINE_string("out", None, "output folder (a Hugging Face model folder)")
   questions_flag = flags.DEFINE_integer("questions", 64, "training questions to trace (data.train's first)")
   epochs_flag = flags.DEFINE_integer("epochs", 2, "passes over the traces")
   lr_flag = flags.DEFINE_float("lr", 1e-5, "AdamW learning rate")
   micro_flag = flags.DEFINE_integer("micro", 2, "traces per optimizer step")
   seed_flag = flags.DEFINE_integer("seed", 0, "plans and order")
-  flags.mark_flags_as_required(["config", "out"])
+  flags.mark_flags_as_required(["out"])
 
-  def run_cli(argv: Sequence[str]) -> None:
-    from absl import logging
-
-
-    logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-      config = config_lib.validate(config_flag.value)
-      run(config, out_flag.value, questions=questions_flag.value, epochs=epochs_flag.value, lr=lr_flag.value,
-          micro=micro_flag.value, seed=seed_flag.value)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-      sys.exit(f"error: {e}")
-
-  from s3_jax import config_lib
-
-  app.run(run_cli, flags_parser=config_lib.parse_flags)
+  cli_lib.run(lambda config: run(config, out_flag.value, questions=questions_flag.value,
+                                 epochs=epochs_flag.value, lr=lr_flag.value, micro=micro_flag.value,
+                                 seed=seed_flag.value),
+              config_flag, errors=(ValueError, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -288,29 +287,14 @@ def _progress(step: int, total: int, enabled: bool):
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-  from absl import app, flags, logging
-  from ml_collections import config_flags
+  from absl import flags
 
-  config_flag = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", lock_config=True)
+  from s3_jax import cli as cli_lib
+
+  config_flag = cli_lib.config_flag()
   workdir_flag = flags.DEFINE_string("workdir", None, "run folder (default: runs/<config name>[_<arg>])")
-  flags.mark_flag_as_required("config")
-
-  def run(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-      logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    try:
-      config = config_lib.validate(config_flag.value)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
-    workdir = workdir_flag.value or _default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    try:
-      main(config, workdir)
-    except CheckpointError as e:
-      sys.exit(f"error: {e}")
-
-  app.run(run, argv=argv, flags_parser=config_lib.parse_flags)
+  cli_lib.run(lambda config: main(config, workdir_flag.value or _default_workdir(cli_lib.config_filename())),
+              config_flag, argv=argv, errors=(CheckpointError,))
 
 
 def _default_workdir(config_spec: str) -> str:

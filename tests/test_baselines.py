@@ -21,8 +21,9 @@ from s3_jax.data.eval_sets import (
 )
 from s3_jax.data.qa import QAExample
 from s3_jax.methods import deepretrieval, ircot, search_o1, search_r1
-from s3_jax.methods.base import AgentLM, Timings, close_open_tag, strip_tags
+from s3_jax.methods.base import AgentLM, close_open_tag, strip_tags
 from s3_jax.methods.static import ClosedBook, NaiveRAG
+from s3_jax.metrics import Stopwatch
 from s3_jax.services.generator_backends import Completion
 
 
@@ -59,7 +60,7 @@ class ScriptedLM:
 
 def _agent(script):
   lm = ScriptedLM(script)
-  return AgentLM(lm, "scripted", Timings()), lm
+  return AgentLM(lm, "scripted", Stopwatch()), lm
 
 
 EXAMPLES = [QAExample("a", "Who composed Carmen?", ("Bizet",), "nq"),
@@ -308,7 +309,7 @@ def test_scorer_closed_book_and_mirage():
   medical = RewardItem("medqa", "Which vitamin?\nOptions:\nC: Vitamin C\n", ("C: Vitamin C",), (),
                        prompt="closed_book", scoring="mirage")
   general = RewardItem("nq", "Which vitamin?", ("Vitamin C",), (), prompt="closed_book")
-  med, gen = scorer.score([medical, general])
+  med, gen = scorer.rewards([medical, general])
   assert generator.chats[0] == closed_book_messages("Which vitamin?\nOptions:\nC: Vitamin C?")
   # MIRAGE: the span matches, but the judge alone decides; general QA: the span match decides, no judge
   assert med.scores.span and med.scores.judge is False and not med.scores.genacc
@@ -316,7 +317,7 @@ def test_scorer_closed_book_and_mirage():
   judged = [c for c in generator.chats if c[0]["content"].startswith(MIRAGE_PROMPT[:40])]
   assert len(judged) == 1 and "Golden Answers (reference): C: Vitamin C" in judged[0][0]["content"]
   with pytest.raises(ValueError, match="judge alone"):
-    RewardScorer(generator, generator_id="g", kind="genacc", use_judge=False).score([medical])
+    RewardScorer(generator, generator_id="g", kind="genacc", use_judge=False).rewards([medical])
   with pytest.raises(ValueError, match="closed-book item has no documents"):
     RewardItem("nq", "q?", ("a",), (Doc("1", "t", "x"),), prompt="closed_book")
 

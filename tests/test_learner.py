@@ -51,7 +51,7 @@ def _random_batch(rng, b=16, t=24, vocab=32, width=21, prompt_lengths=(3, 8), pr
     policy[i, n - 1] = True
     scores[i, n - 1] = rng.choice([0.0, 1.0, 2.0])
   return {"tokens": tokens, "attention_mask": attention, "index": index, "policy_mask": policy,
-          "response_mask": response, "scores": scores, "group": np.arange(b, dtype=np.int32)}
+          "response_mask": response, "token_scores": scores, "group": np.arange(b, dtype=np.int32)}
 
 
 SETTINGS = PPOSettings(batch_size=16, mini_batch_size=8, actor_micro_batch_size=4,
@@ -272,7 +272,7 @@ def _toy_training(steps, flip_sign=False, monkeypatch=None, compute_dtype=jnp.fl
     batch = {"tokens": np.zeros((32, 16), np.int32), "attention_mask": np.zeros((32, 16), bool),
              "index": np.tile(np.arange(4, 12, dtype=np.int32), (32, 1)),
              "policy_mask": np.ones((32, 8), bool), "response_mask": np.ones((32, 8), bool),
-             "scores": np.zeros((32, 8), np.float32),
+             "token_scores": np.zeros((32, 8), np.float32),
              "group": np.arange(32, dtype=np.int32)}
     rewards = []
     for i, (prompt, response) in enumerate(zip(prompts, out.tokens, strict=True)):
@@ -280,7 +280,7 @@ def _toy_training(steps, flip_sign=False, monkeypatch=None, compute_dtype=jnp.fl
       batch["tokens"][i, :12] = list(prompt) + response
       batch["attention_mask"][i, :12] = True
       rewards.append(np.isin(response, TARGET).mean())
-      batch["scores"][i, 7] = rewards[-1]
+      batch["token_scores"][i, 7] = rewards[-1]
     means.append(float(np.mean(rewards)))
     placed = learner.place_batch(batch)
     state, _ = learner.update(state, {**placed, **learner.score(state, None, placed)})

@@ -79,7 +79,7 @@ def test_the_ceiling_gives_the_generator_the_first_answer_bearing_documents():
   asked = []
 
   class Scorer:  # records what the generator is given; right when a document names Vienna
-    def score(self, items):
+    def rewards(self, items):
       asked.extend(items)
       return [SimpleNamespace(scores=SimpleNamespace(genacc=any("Vienna" in d.text for d in i.docs)))
               for i in items]

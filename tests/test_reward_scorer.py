@@ -49,7 +49,7 @@ def test_batch_scoring_judges_only_failed_spans_and_computes_gbr():
            RewardItem("nq", "Who composed Carmen?", ("Georges Bizet",), OTHER),
            RewardItem("nq", "Name the composer of Carmen", ("Bizet",), OTHER),
            RewardItem("hotpotqa", "Who wrote Carmen?", ("Bizet",), BIZET)]
-  results = scorer.score(items)
+  results = scorer.rewards(items)
   assert [r.answer for r in results] == ["Georges Bizet", "I do not know", "the composer of Carmen",
                                          "Georges Bizet"]
   assert [r.scores.span for r in results] == [True, False, False, True]
@@ -67,18 +67,18 @@ def test_cache_answers_repeated_contexts_without_calls(tmp_path):
   items = [RewardItem("nq", "Who composed Carmen?", ("Georges Bizet",), BIZET)] * 3
   scorer = RewardScorer(generator, generator_id="scripted", kind="genacc",
                         cache=AnswerCache(tmp_path / "answers.sqlite"))
-  first = scorer.score(items)
+  first = scorer.rewards(items)
   assert len(generator.answer_batches[0]) == 1  # a context repeated in one batch is generated once
   assert [r.cached for r in first] == [False] * 3 and scorer.stats.take()["cache_hit_rate"] == 0.0
   again = RewardScorer(generator, generator_id="scripted", kind="genacc",
                        cache=AnswerCache(tmp_path / "answers.sqlite"))  # a new process, same file
-  second = again.score(items)
+  second = again.rewards(items)
   assert len(generator.answer_batches) == 1 and all(r.cached for r in second)
   assert [r.reward for r in second] == [r.reward for r in first] == [1.0] * 3
   assert again.stats.take()["cache_hit_rate"] == 1.0
   other_model = RewardScorer(generator, generator_id="another", kind="genacc",
                              cache=AnswerCache(tmp_path / "answers.sqlite"))
-  other_model.score(items[:1])
+  other_model.rewards(items[:1])
   assert len(generator.answer_batches) == 2  # the generator id is part of the key
 
 
@@ -87,13 +87,13 @@ def test_missing_rag_entries_and_settings_are_errors():
     RewardScorer(ScriptedGenerator(), generator_id="x", kind="paper")
   scorer = RewardScorer(ScriptedGenerator(), generator_id="x", kind="paper", rag_cache=_rag_cache())
   with pytest.raises(KeyError, match=r"question 'Who is Bizet\?' of data source 'nq' is not in the RAG"):
-    scorer.score([RewardItem("nq", "Who is Bizet", ("x",), BIZET)])
+    scorer.rewards([RewardItem("nq", "Who is Bizet", ("x",), BIZET)])
 
 
 def test_without_judge_genacc_is_the_span_check():
   generator = ScriptedGenerator()
   scorer = RewardScorer(generator, generator_id="x", kind="genacc", use_judge=False)
-  [result] = scorer.score([RewardItem("nq", "Name the composer of Carmen", ("Bizet",), OTHER)])
+  [result] = scorer.rewards([RewardItem("nq", "Name the composer of Carmen", ("Bizet",), OTHER)])
   assert result.scores.judge is None and result.reward == 0.0 and generator.judge_batches == []
 
 
@@ -117,17 +117,18 @@ def test_a_separate_judge_and_s3s_retry_rule(tmp_path):
            RewardItem("nq", "Who composed Carmen?", ("Bizet",), OTHER)]  # "I do not know"
   scorer = RewardScorer(generator, generator_id="scripted", kind="genacc", judge_generator=haiku,
                         judge_id="claude-3-haiku", cache=AnswerCache(tmp_path / "answers.sqlite"))
-  results = scorer.score(items)
+  results = scorer.rewards(items)
   assert len(haiku.asked) == 2  # both spans failed: the separate judge was asked
   assert [len(batch) for batch in generator.judge_batches] == [1]  # the unclear verdict, retried once
   assert "the composer of Carmen" in generator.judge_batches[0][0][0]["content"]
   assert [r.scores.judge for r in results] == [True, False]  # the generator's retry said yes
   same_judge_retry = RewardScorer(generator, generator_id="scripted", kind="genacc", judge_generator=haiku,
                                   judge_id="claude-3-haiku (retry: judge)", judge_retry=haiku)
-  assert [r.scores.judge for r in same_judge_retry.score(items)] == [False, False]  # still unclear: incorrect
+  # still unclear: incorrect
+  assert [r.scores.judge for r in same_judge_retry.rewards(items)] == [False, False]
   answers = len(generator.answer_batches)
   RewardScorer(generator, generator_id="scripted", kind="genacc",
-               cache=AnswerCache(tmp_path / "answers.sqlite")).score(items)
+               cache=AnswerCache(tmp_path / "answers.sqlite")).rewards(items)
   assert len(generator.answer_batches) == answers + 1  # another judge: nothing reused from the cache
   with pytest.raises(ValueError, match="judge_id"):
     RewardScorer(generator, generator_id="scripted", kind="genacc", judge_generator=haiku)

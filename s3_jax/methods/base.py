@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from s3_jax.data.corpus import Doc
+from s3_jax.metrics import Stopwatch
 
 
 @dataclasses.dataclass
@@ -31,27 +31,17 @@ class MethodOutput:
   trace: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-class Timings(dict):
-  """Seconds per stage (`sample`, `retrieve`, ...), accumulated over a run."""
-
-  def add(self, name: str, seconds: float) -> None:
-    self[name] = self.get(name, 0.0) + seconds
-
-
 class TimedRetriever:
-  """A retriever whose `search` time goes into `timings["retrieve"]`."""
+  """A retriever whose `search` time goes into `watch`'s "retrieve"."""
 
-  def __init__(self, retriever: Any, timings: Timings):
-    self.retriever, self.timings = retriever, timings
+  def __init__(self, retriever: Any, watch: Stopwatch):
+    self.retriever, self.watch = retriever, watch
 
   def search(self, queries: Sequence[str], k: int) -> list[list[Doc]]:
     if not queries:
       return []
-    start = time.perf_counter()
-    try:
+    with self.watch("retrieve"):
       return self.retriever.search(list(queries), k)
-    finally:
-      self.timings.add("retrieve", time.perf_counter() - start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,21 +55,18 @@ class AgentLM:
   """The LLM a baseline reasons and searches with: any generator with `complete(chats, temperature=,
   top_p=, max_tokens=, stop=, seed=)` (the gRPC `GeneratorClient`, or an in-process backend). A chat ending
   with an assistant message is continued (the agent's own text, with tool results appended to it). Its time
-  goes into `timings["sample"]`."""
+  goes into `watch`'s "sample"."""
 
-  def __init__(self, generator: Any, name: str, timings: Timings):
-    self.generator, self.name, self.timings = generator, name, timings
+  def __init__(self, generator: Any, name: str, watch: Stopwatch):
+    self.generator, self.name, self.watch = generator, name, watch
 
   def complete(self, chats: Sequence[list[dict[str, str]]], sampling: AgentSampling, *,
                stop: Sequence[str] = (), seed: int = 0) -> list[Any]:
     if not chats:
       return []
-    start = time.perf_counter()
-    try:
+    with self.watch("sample"):
       out = self.generator.complete(list(chats), temperature=sampling.temperature, top_p=sampling.top_p,
                                     max_tokens=sampling.max_tokens, stop=list(stop), seed=seed)
-    finally:
-      self.timings.add("sample", time.perf_counter() - start)
     if len(out) != len(chats):
       raise RuntimeError(f"agent {self.name}: {len(out)} completions for {len(chats)} chats")
     return out

@@ -18,7 +18,8 @@ import ml_collections
 
 from s3_jax.data.eval_sets import retrieval_query
 from s3_jax.data.qa import QAExample
-from s3_jax.methods.base import MethodOutput, Timings
+from s3_jax.methods.base import MethodOutput
+from s3_jax.metrics import Stopwatch
 from s3_jax.models.searcher import load_searcher
 from s3_jax.search.episode import EpisodeConfig, SamplerPolicy, run_episodes
 
@@ -29,12 +30,12 @@ class S3Searcher:
   name = "s3"
 
   def __init__(self, config: ml_collections.ConfigDict, retriever: Any, agent: Any = None, *,
-               checkpoint: str | None = None, timings: Timings | None = None, mesh: Any = None):
+               checkpoint: str | None = None, watch: Stopwatch | None = None, mesh: Any = None):
     from s3_jax.models import tokenizer as tokenizer_lib
     from s3_jax.models.sampler import Sampler
 
     self.config, self.retriever = config, retriever
-    self.timings = timings if timings is not None else Timings()
+    self.watch = watch if watch is not None else Stopwatch()
     model, self.tokenizer, self.source = load_searcher(config, checkpoint)
     self.pad_id = tokenizer_lib.pad_id(self.tokenizer)
     self.sampler = Sampler(model, tokenizer=self.tokenizer, pad_token_id=self.pad_id, mesh=mesh,
@@ -52,12 +53,9 @@ class S3Searcher:
                if r.begin_with_search else [[] for _ in examples])
     policy = SamplerPolicy(self.sampler, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                            rng=jax.random.key(seed), keep_cache=r.keep_cache)
-    own: dict[str, float] = {}  # the episode loop times its own sampling and retrieval
+    # the episode loop times its own sampling and retrieval (so the untimed retriever, not the timed one)
     episodes = run_episodes(policy, self.tokenizer, getattr(self.retriever, "retriever", self.retriever),
-                            examples, initial,
-                            self.episode_config, own)
-    self.timings.add("sample", own.get("sample", 0.0))
-    self.timings.add("retrieve", own.get("retrieve", 0.0))
+                            examples, initial, self.episode_config, self.watch)
     return [MethodOutput(docs=e.generator_docs(r.doc_extraction, self.episode_config.max_select, r.selection,
                                                self.tokenizer),
                          trace={"queries": e.queries, "turns": len(e.responses), "ended": e.ended,

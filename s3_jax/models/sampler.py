@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from s3_jax import sharding as sharding_lib
 from s3_jax import tracing
+from s3_jax.models import tokenizer as tokenizer_lib
 from s3_jax.models.decoder import Decoder, KVCache, forward, lm_logits, prefill, unstack_layers
 
 
@@ -55,19 +56,6 @@ class SampleOutput:
   tokens: list[list[int]]
   logprobs: list[list[float]]
   finish_reasons: list[str]
-
-
-def _bucket(n: int, minimum: int) -> int:
-  return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-def _length_bucket(n: int, minimum: int) -> int:
-  """`n` rounded up to one of four steps per power of two (at most 25% padding, where powers of two pad up
-  to 100%: a 700-token prompt runs at 768, not 1024), steps of at least 16, at least `minimum`."""
-  if n <= minimum:
-    return minimum
-  step = max(16, 1 << max(0, (n - 1).bit_length() - 3))
-  return -(-n // step) * step
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
@@ -262,8 +250,8 @@ class Sampler:
 
   def fits(self, prompt_length: int, max_new_tokens: int) -> bool:
     """Whether a prompt of this length and `max_new_tokens` fit the model's positions once bucketed."""
-    positions = (_length_bucket(prompt_length, self.min_prompt_bucket)
-                 + _bucket(max(max_new_tokens, 1), self.chunk))
+    positions = (tracing.bucket_length(prompt_length, self.min_prompt_bucket)
+                 + tracing.bucket_pow2(max(max_new_tokens, 1), self.chunk))
     return positions <= self.config.max_position_embeddings
 
   def _check_requests(self, prompts, params, max_new_tokens, stop_strings) -> list[int]:
@@ -308,9 +296,9 @@ class Sampler:
     per row. Stop strings need the `tokenizer` given at construction."""
     limits = self._check_requests(prompts, params, max_new_tokens, stop_strings)
     n, longest = len(prompts), max(len(p) for p in prompts)
-    batch = _bucket(n, 1)
-    prompt_len = _length_bucket(longest, self.min_prompt_bucket)
-    new_len = _bucket(max(max(limits), 1), self.chunk)
+    batch = tracing.bucket_pow2(n, 1)
+    prompt_len = tracing.bucket_length(longest, self.min_prompt_bucket)
+    new_len = tracing.bucket_pow2(max(max(limits), 1), self.chunk)
     if prompt_len + new_len > self.config.max_position_embeddings:
       raise ValueError(f"prompt bucket {prompt_len} + {new_len} new tokens exceed the model's "
                        f"max_position_embeddings={self.config.max_position_embeddings}")
@@ -347,7 +335,7 @@ class Sampler:
       if done.all() or int(state["step"]) >= new_len:
         break
       running = np.flatnonzero(~done).tolist()
-      batch = _bucket(len(running), 1)
+      batch = tracing.bucket_pow2(len(running), 1)
       if batch < len(owners):  # compact: set the finished rows aside, decode the running ones only
         finished = [i for i in np.flatnonzero(done) if owners[i] >= 0]
         if finished:
@@ -367,7 +355,7 @@ class Sampler:
       if whole:
         cache = state["cache"]
       else:  # the finished rows' cache, padded to a batch bucket (one compiled take per bucket pair)
-        padded = rows + [rows[0]] * (_bucket(len(rows), 1) - len(rows))
+        padded = rows + [rows[0]] * (tracing.bucket_pow2(len(rows), 1) - len(rows))
         taken = self._take_rows(state, np.asarray(padded, np.int32), np.zeros(len(padded), bool))
         cache, cache_rows = taken["cache"], list(range(len(rows)))
     host = {key: np.asarray(state[key])[rows] for key in ("tokens", "logprobs", "count", "eos")}
@@ -386,13 +374,10 @@ class Sampler:
 
   def _cut(self, ids: list[int], eos: bool, stop_strings) -> tuple[list[int], str]:
     reason = "eos" if eos else "length"
-    if stop_strings and self._has_stop(ids, stop_strings):
-      # The shortest prefix whose text holds a stop string (containment grows with the prefix).
-      low, high = 1, len(ids)
-      while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if self._has_stop(ids[:mid], stop_strings) else (mid + 1, high)
-      ids, reason = ids[:low], "stop"
+    if stop_strings:
+      n = tokenizer_lib.stop_prefix_length(ids, self.tokenizer.decode, stop_strings)
+      if n is not None:
+        ids, reason = ids[:n], "stop"
     return ids, reason
 
   def _outputs(self, pieces: list[_Piece], n: int, stop_strings) -> SampleOutput:
@@ -452,7 +437,7 @@ def _length_groups(lengths: Sequence[int], minimum: int) -> list[list[int]]:
   order = sorted(range(n), key=lambda i: lengths[i])
 
   def cost(rows):
-    return _bucket(len(rows), 1) * _length_bucket(max(lengths[i] for i in rows), minimum)
+    return tracing.bucket_pow2(len(rows), 1) * tracing.bucket_length(max(lengths[i] for i in rows), minimum)
 
   whole = cost(order)
   best, cut = min(((cost(order[:c]) + cost(order[c:]), c) for c in range(1, n)), default=(whole, 0))
@@ -482,7 +467,7 @@ class DecodeSession:
   is freed); a change of the sampler's parameters (`set_params`) forgets everything.
 
   Between calls the caches of all conversations are packed into one fresh cache (valid slots first), sized
-  by bucket: `_length_bucket` of the longest kept prefix, of the new tokens and of the new-token limit.
+  by bucket: `tracing.bucket_length` of the longest kept prefix, of the new tokens and of the new-token limit.
 
   New conversations that all begin with the same tokens (s3's prompt: a 651-token instruction template
   before the question) prefill those once, at batch 1, and every row continues from that cache
@@ -525,23 +510,23 @@ class DecodeSession:
       kept.append(0 if cached is None else min(_common_prefix(cached.tokens, context), len(context) - 1))
     if max(kept) == 0 and n > 1 and s.share_prefix:
       kept = self._share_prefix(keys, contexts)
-    batch = _bucket(n, 1)
+    batch = tracing.bucket_pow2(n, 1)
     longest_kept = max(kept)
     fresh = [list(context[p:]) for context, p in zip(contexts, kept, strict=True)]
-    chunk = _length_bucket(max(len(f) for f in fresh), s.min_prompt_bucket)
-    new_len = _bucket(max(max(limits), 1), s.chunk)
+    chunk = tracing.bucket_length(max(len(f) for f in fresh), s.min_prompt_bucket)
+    new_len = tracing.bucket_pow2(max(max(limits), 1), s.chunk)
     tokens, mask = s._left_pad(fresh, batch, chunk)
     self.reused_tokens += sum(kept)
     self.prefilled_tokens += sum(len(f) for f in fresh)
     if longest_kept == 0:
       self.close()
       start = 0
-      slots = _length_bucket(chunk + new_len, 64)
+      slots = tracing.bucket_length(chunk + new_len, 64)
       cache, logits, position = s._prefill(s.params, tokens, mask, np.zeros(slots, bool))
     else:
       start = longest_kept
-      prefix_slots = _length_bucket(longest_kept, 64)
-      slots = _length_bucket(prefix_slots + chunk + new_len, 64)
+      prefix_slots = tracing.bucket_length(longest_kept, 64)
+      slots = tracing.bucket_length(prefix_slots + chunk + new_len, 64)
       cache, logits = self._extend_in_groups(keys, kept, fresh, batch, chunk, prefix_slots, slots, start)
       position = jnp.asarray(np.asarray([len(c) for c in contexts] + [0] * (batch - n), np.int32))
     state = s._decode_state(cache, logits, position, limits, batch, new_len, rng)
@@ -570,7 +555,7 @@ class DecodeSession:
     p = max(p, 0) // SHARED_PREFIX_MULTIPLE * SHARED_PREFIX_MULTIPLE
     if p == 0:
       return [0] * len(contexts)
-    chunk = _length_bucket(p, s.min_prompt_bucket)
+    chunk = tracing.bucket_length(p, s.min_prompt_bucket)
     tokens, mask = s._left_pad([contexts[0][:p]], 1, chunk)
     cache, _, _ = s._prefill(s.params, tokens, mask, np.zeros(chunk, bool))
     self.close()
@@ -593,8 +578,8 @@ class DecodeSession:
     groups = _length_groups([len(f) for f in fresh], s.min_prompt_bucket)
     parts = []
     for rows in groups:
-      g_chunk = _length_bucket(max(len(fresh[i]) for i in rows), s.min_prompt_bucket)
-      g_batch = batch if len(groups) == 1 else _bucket(len(rows), 1)
+      g_chunk = tracing.bucket_length(max(len(fresh[i]) for i in rows), s.min_prompt_bucket)
+      g_batch = batch if len(groups) == 1 else tracing.bucket_pow2(len(rows), 1)
       cache = self._repack([keys[i] for i in rows], [kept[i] for i in rows], g_batch, prefix_slots, slots,
                            start + chunk - g_chunk)
       tokens, mask = s._left_pad([fresh[i] for i in rows], g_batch, g_chunk)

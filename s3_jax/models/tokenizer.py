@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+
+def stop_prefix_length(ids: Sequence[int], decode: Callable[[Sequence[int]], str],
+                       stop_strings: Sequence[str]) -> int | None:
+  """The length of the shortest prefix of `ids` whose text (`decode`) holds one of `stop_strings`, or None
+  when the whole text holds none. A binary search: containment only grows with the prefix."""
+  ids = list(ids)
+  if not any(s in decode(ids) for s in stop_strings):
+    return None
+  low, high = 1, len(ids)
+  while low < high:
+    mid = (low + high) // 2
+    if any(s in decode(ids[:mid]) for s in stop_strings):
+      high = mid
+    else:
+      low = mid + 1
+  return low
 
 
 def load_tokenizer(path: str | Path) -> Any:

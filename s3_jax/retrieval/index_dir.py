@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,24 +26,93 @@ from s3_jax.retrieval.doc_store import DocStore, build_offsets, check_row
 MANIFEST = "manifest.json"
 
 
+@dataclasses.dataclass(frozen=True)
+class RetrieverKind:
+  """How one retriever kind builds its part of an index folder and opens a retriever on it.
+
+    build(texts, out, options) -> manifest entries   (`options`: `build_index`'s keyword arguments)
+    open(index_dir, store, manifest, encoder) -> a retriever with `search(queries, k)`
+
+  A new retriever backend is a `RetrieverKind` in `RETRIEVER_KINDS`; `retriever.kind` and
+  `python -m s3_jax.index build --kind` accept the name from there."""
+
+  build: Callable[[list[str], Path, dict[str, Any]], dict[str, Any]]
+  open: Callable[[Path, DocStore, dict[str, Any], Any], Any]
+  needs_encoder: bool = False
+
+
+def _build_bm25(texts: list[str], out: Path, options: dict[str, Any]) -> dict[str, Any]:
+  k1, b = options["k1"], options["b"]
+  if options["bm25_backend"] == "lucene":
+    from s3_jax.retrieval.lucene import build_lucene
+
+    build_lucene(texts, out)
+    return {"bm25": {"backend": "lucene", "k1": k1, "b": b, "analyzer": "Lucene English (Porter)"}}
+  from s3_jax.retrieval.bm25 import build_bm25
+
+  build_bm25(texts, out, k1, b, options["bm25_norms"])
+  return {"bm25": {"backend": "bm25s", "k1": k1, "b": b, "norms": options["bm25_norms"],
+                   "analyzer": "Lucene English (Porter), s3_jax.retrieval.analyzer"}}
+
+
+def _open_bm25(index_dir: Path, store: DocStore, manifest: dict[str, Any], encoder: Any) -> Any:
+  del encoder
+  if manifest["bm25"].get("backend") == "lucene":
+    from s3_jax.retrieval.lucene import LuceneRetriever
+
+    return LuceneRetriever(index_dir, store, manifest["bm25"]["k1"], manifest["bm25"]["b"])
+  from s3_jax.retrieval.bm25 import BM25Retriever
+
+  return BM25Retriever(index_dir, store)
+
+
+def _build_dense(texts: list[str], out: Path, options: dict[str, Any]) -> dict[str, Any]:
+  from tqdm import tqdm
+
+  from s3_jax.models.encoder import load_encoder
+  from s3_jax.retrieval.dense import build_faiss, encode_chunks
+
+  model = load_encoder(options["encoder"])
+  progress = tqdm(total=options["count"], desc="encoding", unit="doc", disable=not options["show_progress"])
+  with progress:
+    paths = encode_chunks(model, texts, out / "vectors", options["chunk_size"], progress)
+  build_faiss(paths, out / "faiss.index", options["faiss_kind"], options["fp16"], options["count"], model.dim)
+  return {"encoder": str(Path(options["encoder"]).resolve()), "dim": model.dim,
+          "faiss": options["faiss_kind"], "fp16": options["fp16"], "max_length": model.max_length}
+
+
+def _open_dense(index_dir: Path, store: DocStore, manifest: dict[str, Any], encoder: Any) -> Any:
+  from s3_jax.models.encoder import load_encoder
+  from s3_jax.retrieval.dense import DenseRetriever
+
+  return DenseRetriever(index_dir, store, encoder or load_encoder(manifest["encoder"]),
+                        query_prefix=manifest["query_prefix"])
+
+
+RETRIEVER_KINDS: dict[str, RetrieverKind] = {
+    "bm25": RetrieverKind(_build_bm25, _open_bm25),
+    "dense": RetrieverKind(_build_dense, _open_dense, needs_encoder=True),
+}
+BM25_BACKENDS = ("bm25s", "lucene")
+BM25_NORMS = ("lucene", "exact")
+
+
 def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str | Path | None = None,
                 faiss_kind: str = "flat", fp16: bool = False, k1: float = 0.9, b: float = 0.4,
                 query_prefix: str = "", passage_prefix: str = "", chunk_size: int = 4096,
                 bm25_backend: str = "bm25s", bm25_norms: str = "lucene",
                 show_progress: bool = True) -> dict[str, Any]:
-  """Builds a BM25 or dense index of `corpus` into `out` and returns its manifest. A dense build that was
-  interrupted resumes from the vector chunks already in `out/vectors/`."""
-  from tqdm import tqdm
-
+  """Builds an index of `kind` (`RETRIEVER_KINDS`) of `corpus` into `out` and returns its manifest. A dense
+  build that was interrupted resumes from the vector chunks already in `out/vectors/`."""
   corpus, out = Path(corpus).resolve(), Path(out)
-  if kind not in ("bm25", "dense"):
-    raise ValueError(f"--kind {kind!r} must be bm25 or dense")
-  if bm25_backend not in ("bm25s", "lucene"):
-    raise ValueError(f"--bm25-backend {bm25_backend!r} must be bm25s or lucene")
-  if bm25_norms not in ("lucene", "exact"):
-    raise ValueError(f"--bm25-norms {bm25_norms!r} must be lucene or exact")
-  if kind == "dense" and encoder is None:
-    raise ValueError("a dense index needs --encoder (an HF BERT-family folder, e.g. asset:minilm-l6-v2)")
+  if kind not in RETRIEVER_KINDS:
+    raise ValueError(f"--kind {kind!r} must be one of {', '.join(RETRIEVER_KINDS)}")
+  if bm25_backend not in BM25_BACKENDS:
+    raise ValueError(f"--bm25-backend {bm25_backend!r} must be one of {', '.join(BM25_BACKENDS)}")
+  if bm25_norms not in BM25_NORMS:
+    raise ValueError(f"--bm25-norms {bm25_norms!r} must be one of {', '.join(BM25_NORMS)}")
+  if RETRIEVER_KINDS[kind].needs_encoder and encoder is None:
+    raise ValueError(f"a {kind} index needs --encoder (an HF BERT-family folder, e.g. asset:minilm-l6-v2)")
   if not corpus.is_file():
     raise FileNotFoundError(f"corpus not found: {corpus}")
   out.mkdir(parents=True, exist_ok=True)
@@ -54,58 +125,31 @@ def build_index(corpus: str | Path, out: str | Path, kind: str, *, encoder: str 
       "query_prefix": query_prefix, "passage_prefix": passage_prefix,
   }
   texts = [passage_prefix + doc.contents for doc in iter_corpus(corpus)]
-  if kind == "bm25" and bm25_backend == "lucene":
-    from s3_jax.retrieval.lucene import build_lucene
-
-    build_lucene(texts, out)
-    manifest["bm25"] = {"backend": "lucene", "k1": k1, "b": b, "analyzer": "Lucene English (Porter)"}
-  elif kind == "bm25":
-    from s3_jax.retrieval.bm25 import build_bm25
-
-    build_bm25(texts, out, k1, b, bm25_norms)
-    manifest["bm25"] = {"backend": "bm25s", "k1": k1, "b": b, "norms": bm25_norms,
-                        "analyzer": "Lucene English (Porter), s3_jax.retrieval.analyzer"}
-  else:
-    from s3_jax.models.encoder import load_encoder
-    from s3_jax.retrieval.dense import build_faiss, encode_chunks
-
-    model = load_encoder(encoder)
-    with tqdm(total=count, desc="encoding", unit="doc", disable=not show_progress) as progress:
-      paths = encode_chunks(model, texts, out / "vectors", chunk_size, progress)
-    build_faiss(paths, out / "faiss.index", faiss_kind, fp16, count, model.dim)
-    manifest.update({"encoder": str(Path(encoder).resolve()), "dim": model.dim, "faiss": faiss_kind,
-                     "fp16": fp16, "max_length": model.max_length})
+  options = {"count": count, "encoder": encoder, "faiss_kind": faiss_kind, "fp16": fp16, "k1": k1, "b": b,
+             "chunk_size": chunk_size, "bm25_backend": bm25_backend, "bm25_norms": bm25_norms,
+             "show_progress": show_progress}
+  manifest.update(RETRIEVER_KINDS[kind].build(texts, out, options))
   manifest["build_seconds"] = round(time.perf_counter() - start, 2)
   (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
   return manifest
 
 
 def load_retriever(index_dir: str | Path, *, encoder: Any = None):
-  """A `BM25Retriever` or `DenseRetriever` for a built index folder (the encoder is loaded from the
-  manifest unless given)."""
+  """The retriever of a built index folder (`RETRIEVER_KINDS[manifest kind].open`; a dense index's encoder
+  is loaded from the manifest unless given)."""
   index_dir = Path(index_dir)
   manifest_path = index_dir / MANIFEST
   if not manifest_path.is_file():
     raise FileNotFoundError(f"{index_dir}: no {MANIFEST} (not an index, or its build did not finish); "
                             f"run: python -m s3_jax.index build --corpus FILE --out {index_dir} ...")
   manifest = json.loads(manifest_path.read_text())
+  if manifest["kind"] not in RETRIEVER_KINDS:
+    raise ValueError(f"{manifest_path}: kind {manifest['kind']!r} is not one of {', '.join(RETRIEVER_KINDS)}")
   corpus = Path(manifest["corpus"]["path"])
   if not corpus.is_file() or corpus.stat().st_size != manifest["corpus"]["bytes"]:
     raise FileNotFoundError(f"{index_dir}: its corpus {corpus} is missing or changed since the build")
   store = DocStore(corpus, index_dir / "offsets.npy")
-  if manifest["kind"] == "bm25" and manifest["bm25"].get("backend") == "lucene":
-    from s3_jax.retrieval.lucene import LuceneRetriever
-
-    return LuceneRetriever(index_dir, store, manifest["bm25"]["k1"], manifest["bm25"]["b"])
-  if manifest["kind"] == "bm25":
-    from s3_jax.retrieval.bm25 import BM25Retriever
-
-    return BM25Retriever(index_dir, store)
-  from s3_jax.models.encoder import load_encoder
-  from s3_jax.retrieval.dense import DenseRetriever
-
-  return DenseRetriever(index_dir, store, encoder or load_encoder(manifest["encoder"]),
-                        query_prefix=manifest["query_prefix"])
+  return RETRIEVER_KINDS[manifest["kind"]].open(index_dir, store, manifest, encoder)
 
 
 def ensure_index(corpus: str | Path, kind: str, *, corpus_limit: int = 0, encoder: str | Path | None = None,
@@ -174,7 +218,8 @@ def ensure_config_index(config: Any, show_progress: bool = True) -> Path:
   """`ensure_index` of a job config's corpus and retriever settings (`data.corpus`, `retriever.*`)."""
   from s3_jax import assets
 
-  encoder = assets.resolve(config.retriever.encoder) if config.retriever.kind == "dense" else None
+  encoder = (assets.resolve(config.retriever.encoder) if RETRIEVER_KINDS[config.retriever.kind].needs_encoder
+             else None)
   return ensure_index(assets.resolve(config.data.corpus), config.retriever.kind,
                       corpus_limit=config.data.corpus_limit, encoder=encoder,
                       query_prefix=config.retriever.query_prefix,

@@ -153,7 +153,9 @@ class RewardScorer:
                          genacc=bool(v) if m else s or bool(v))
             for a, g, s, v, m in zip(answers, golden_answers, spans, verdicts, mirage, strict=True)]
 
-  def score(self, items: Sequence[RewardItem]) -> list[RewardResult]:
+  def rewards(self, items: Sequence[RewardItem]) -> list[RewardResult]:
+    """Each item's answer (the generator's, or the cache's), its scores and its reward of this scorer's
+    `kind`, in order; a context repeated in `items` is answered once."""
     contexts = [item.context_text() for item in items]
     keys = [self._key(item, context) for item, context in zip(items, contexts, strict=True)]
     known = self.cache.get_many(sorted(set(keys)))

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from s3_jax import tracing
 from s3_jax.search.episode import Episode
 
 
@@ -38,10 +39,7 @@ class RolloutBatch:
 def train_length(longest: int, minimum: int = 128) -> int:
   """The padded length of a training batch: `longest` rounded up to one of four steps per power of two (at
   most 25% padding, and few distinct shapes, so the jitted score/update compile a handful of times)."""
-  if longest <= minimum:
-    return minimum
-  step = max(minimum // 4, 1 << max(0, (longest - 1).bit_length() - 3))
-  return -(-longest // step) * step
+  return tracing.bucket_length(longest, minimum, min_step=minimum // 4)
 
 
 def make_batch(episodes: Sequence[Episode], rewards: Sequence[float], pad_id: int,

@@ -12,7 +12,6 @@ the policy loss, entropy and KL use (s3_protocol.md §2.4).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,14 +26,6 @@ from s3_jax.search.episode import Episode, EpisodeConfig, run_episodes
 from s3_jax.sharding import host_gather, host_max
 
 
-@dataclasses.dataclass
-class Experience:
-  batch: dict[str, np.ndarray]
-  metrics: dict[str, float]
-  episodes: list[Episode]
-  rewards: list[float]
-
-
 def rollout(policy: Any, tokenizer: Any, retriever: Any, examples: Sequence[QAExample],
             initial_docs: Sequence[Sequence[Doc]], episode_config: EpisodeConfig, *,
             samples_per_question: int, watch: Stopwatch) -> list[Episode]:
@@ -43,12 +34,8 @@ def rollout(policy: Any, tokenizer: Any, retriever: Any, examples: Sequence[QAEx
   n = samples_per_question
   examples = [ex for ex in examples for _ in range(n)]
   initial_docs = [docs for docs in initial_docs for _ in range(n)]
-  timings: dict[str, float] = {}
   with watch("rollout"):
-    episodes = run_episodes(policy, tokenizer, retriever, examples, initial_docs, episode_config, timings)
-  for name, seconds in timings.items():
-    watch.add(name, seconds)
-  return episodes
+    return run_episodes(policy, tokenizer, retriever, examples, initial_docs, episode_config, watch)
 
 
 def reward(scorer: RewardScorer, episodes: Sequence[Episode], tokenizer: Any, rollout_config: Any,
@@ -59,7 +46,7 @@ def reward(scorer: RewardScorer, episodes: Sequence[Episode], tokenizer: Any, ro
                       tuple(e.generator_docs(rollout_config.doc_extraction, max_select,
                                              rollout_config.selection, tokenizer)))
            for e in episodes]
-  return items, scorer.score(items)
+  return items, scorer.rewards(items)
 
 
 def training_batch(episodes: Sequence[Episode], rewards: Sequence[float], *, pad_id: int,
@@ -91,27 +78,10 @@ def rollout_metrics(episodes: Sequence[Episode], items: Sequence[RewardItem], re
   return _metrics(table, dict(zip(_COUNTS, totals.tolist(), strict=True)))
 
 
-def collect(policy: Any, tokenizer: Any, retriever: Any, scorer: RewardScorer, examples: Sequence[QAExample],
-            initial_docs: Sequence[Sequence[Doc]], episode_config: EpisodeConfig, rollout_config: Any, *,
-            pad_id: int, watch: Stopwatch, max_length: int | None = None,
-            group_offset: int = 0) -> Experience:
-  """`rollout`, `reward`, `training_batch` and `rollout_metrics` in a row (the trainer's loop spells them
-  out; `python -m s3_jax.probe` uses this)."""
-  n = rollout_config.samples_per_question
-  episodes = rollout(policy, tokenizer, retriever, examples, initial_docs, episode_config,
-                     samples_per_question=n, watch=watch)
-  with watch("reward"):
-    items, results = reward(scorer, episodes, tokenizer, rollout_config, episode_config.max_select)
-  rewards = [r.reward for r in results]
-  batch = training_batch(episodes, rewards, pad_id=pad_id, samples_per_question=n, max_length=max_length,
-                         group_offset=group_offset)
-  return Experience(batch, rollout_metrics(episodes, items, results, scorer), episodes, rewards)
-
-
 def response_window(rb: Any, prompt_lengths: Sequence[int], width: int) -> dict[str, np.ndarray]:
   """The trained-on part of each row as a `[b, width]` window starting right after its prompt: `index` (the
   positions; slots past the row's end point at its last position and are masked), and the policy mask,
-  response mask (policy ∪ observation) and scores in window coordinates."""
+  response mask (policy ∪ observation) and token scores in window coordinates."""
   t = rb.tokens.shape[1]
   positions = np.asarray(prompt_lengths, np.int64)[:, None] + np.arange(width)[None, :]
   inside = positions < t
@@ -121,7 +91,7 @@ def response_window(rb: Any, prompt_lengths: Sequence[int], width: int) -> dict[
     return np.where(inside, np.take_along_axis(array, index, axis=1), 0).astype(array.dtype)
 
   return {"index": index, "policy_mask": take(rb.policy_mask),
-          "response_mask": take(rb.policy_mask | rb.obs_mask), "scores": take(rb.rewards)}
+          "response_mask": take(rb.policy_mask | rb.obs_mask), "token_scores": take(rb.rewards)}
 
 
 _STATS = ("turns", "searches", "docs_selected", "invalid_actions", "duplicate_queries", "context_tokens",

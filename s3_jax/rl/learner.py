@@ -13,8 +13,9 @@ learns at ppo.critic_lr, the trunk at ppo.actor_lr). The heads are `models/heads
 `sharding.Placement`'s; the settings are `settings.PPOSettings`.
 
 A batch holds whole sequences (`tokens`, `attention_mask`: `[b, t]`) and a per-row window of the positions
-that are trained on (`index [b, w]`, the response after the prompt); every per-token quantity (masks, scores,
-log-probs, values, advantages) is `[b, w]` in window coordinates, slot j meaning the token at `index[:, j]`.
+that are trained on (`index [b, w]`, the response after the prompt); every per-token quantity (masks, token
+scores, log-probs, values, advantages) is `[b, w]` in window coordinates, slot j meaning the token at
+`index[:, j]`.
 Shapes are fixed by the batch (bucketed by the caller, or micro-batches padded to their own lengths by a
 `layout.Layout`), so nothing retraces for a repeated shape; `trace_counts` counts traces.
 """
@@ -40,7 +41,7 @@ from s3_jax.rl import ppo as ppo_lib
 from s3_jax.rl.settings import PPOSettings
 
 Params = dict[str, Any]
-BATCH_KEYS = ("tokens", "attention_mask", "index", "policy_mask", "response_mask", "scores", "group")
+BATCH_KEYS = ("tokens", "attention_mask", "index", "policy_mask", "response_mask", "token_scores", "group")
 
 
 class PPOLearner:
@@ -233,7 +234,7 @@ class PPOLearner:
     s = self.settings
     policy = batch["policy_mask"].astype(jnp.float32)
     response = batch["response_mask"].astype(jnp.float32)
-    rewards, kl = ppo_lib.token_rewards(batch["scores"], batch["old_logp"], batch["ref_logp"], policy,
+    rewards, kl = ppo_lib.token_rewards(batch["token_scores"], batch["old_logp"], batch["ref_logp"], policy,
                                         kl_coef=s.kl_coef, kl_estimator=s.kl_estimator, kl_mode=s.kl_mode)
     advantages, returns = ppo_lib.advantages_and_returns(
         s.adv_estimator, rewards, batch["values"], response, policy, batch["group"], gamma=s.gamma, lam=s.lam)

@@ -164,16 +164,16 @@ def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -
 
 # -- the recipe's steps ----------------------------------------------------------------------------------
 
-def token_rewards(scores: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, policy_mask: jax.Array, *,
-                  kl_coef: float, kl_estimator: str, kl_mode: str) -> tuple[jax.Array, jax.Array]:
-  """`(r, KL)`: the token rewards `r_t = score_t - β·KL_t` (`kl_mode="reward"`; the scores alone with
+def token_rewards(token_scores: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, policy_mask: jax.Array,
+                  *, kl_coef: float, kl_estimator: str, kl_mode: str) -> tuple[jax.Array, jax.Array]:
+  """`(r, KL)`: the token rewards `r_t = score_t - β·KL_t` (`kl_mode="reward"`; the token scores alone with
   `kl_mode="loss"` or β = 0) and the per-token KL estimate of the sampling policy against the reference,
   0 off the policy's tokens."""
   policy = policy_mask.astype(jnp.float32)
   kl = kl_penalty(old_logp, ref_logp, kl_estimator) * policy
   if kl_mode == "reward" and kl_coef:
-    return scores - kl_coef * kl, kl
-  return scores, kl
+    return token_scores - kl_coef * kl, kl
+  return token_scores, kl
 
 
 def token_counts(policy_mask: jax.Array, response_mask: jax.Array) -> dict[str, jax.Array]:

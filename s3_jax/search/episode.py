@@ -11,13 +11,14 @@ sequence the sampler produced — no decode/re-encode drift.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from s3_jax import host_memory
 from s3_jax.data.corpus import Doc
 from s3_jax.data.qa import QAExample
+from s3_jax.metrics import Stopwatch
+from s3_jax.models.tokenizer import stop_prefix_length
 from s3_jax.search import protocol
 from s3_jax.search.formats import observation
 
@@ -168,26 +169,22 @@ def initial_blocks(retrieved: Sequence[Sequence[Doc]], begin_with_search: bool,
 def _cut_ids(tokenizer: Any, ids: Sequence[int], eos_ids: set[int]) -> tuple[list[int], str]:
   """The sampled ids up to the token that completes the first `</query>` (EOS dropped), and their text."""
   kept = [i for i in ids if i not in eos_ids]
-  text = tokenizer.decode(kept, skip_special_tokens=True)
-  if "</query>" not in text:
-    return kept, text
-  low, high = 1, len(kept)  # the shortest prefix whose text holds "</query>" (containment grows)
-  while low < high:
-    mid = (low + high) // 2
-    if "</query>" in tokenizer.decode(kept[:mid], skip_special_tokens=True):
-      high = mid
-    else:
-      low = mid + 1
-  return kept[:low], tokenizer.decode(kept[:low], skip_special_tokens=True)
+
+  def decode(x: Sequence[int]) -> str:
+    return tokenizer.decode(list(x), skip_special_tokens=True)
+
+  n = stop_prefix_length(kept, decode, ("</query>",))
+  kept = kept if n is None else kept[:n]
+  return kept, decode(kept)
 
 
 def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Sequence[QAExample],
                  initial_docs: Sequence[Sequence[Doc]], config: EpisodeConfig,
-                 timings: dict[str, float] | None = None) -> list[Episode]:
+                 watch: Stopwatch | None = None) -> list[Episode]:
   """Runs one episode per example to the end. `initial_docs[i]` is example i's naive-RAG block (empty
-  list: no initial block, "w/o begin with search"). `timings`, when given, accumulates the seconds spent
-  in `sample` and `retrieve`; the rest of the call is host-side work."""
-  timings = timings if timings is not None else {}
+  list: no initial block, "w/o begin with search"). `watch`, when given, accumulates the seconds spent in
+  `sample` and `retrieve`; the rest of the call is host-side work."""
+  watch = watch if watch is not None else Stopwatch()
   from s3_jax.models.tokenizer import chat_prompt_ids
 
   if config.turn_semantics not in ("s3", "exact"):
@@ -198,7 +195,7 @@ def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Seque
   search_rounds = config.max_turns + 1 if config.turn_semantics == "s3" else config.max_turns
   rollout = object()  # keys of this rollout's episodes: (rollout, index)
   try:
-    _turns(policy, tokenizer, retriever, episodes, config, search_rounds, rollout, eos_ids, timings)
+    _turns(policy, tokenizer, retriever, episodes, config, search_rounds, rollout, eos_ids, watch)
   finally:
     release = getattr(policy, "release", None)
     if release is not None:
@@ -209,7 +206,7 @@ def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Seque
   return episodes
 
 
-def _turns(policy, tokenizer, retriever, episodes, config, search_rounds, rollout, eos_ids, timings) -> None:
+def _turns(policy, tokenizer, retriever, episodes, config, search_rounds, rollout, eos_ids, watch) -> None:
   number = {id(e): i for i, e in enumerate(episodes)}
   for turn in range(search_rounds + 1):  # the last round is the final, no-search turn
     final = turn == search_rounds
@@ -223,11 +220,10 @@ def _turns(policy, tokenizer, retriever, episodes, config, search_rounds, rollou
     active = [e for e, r in zip(active, room, strict=True) if r > 0]
     if not active:
       break
-    start = time.perf_counter()
-    sampled = policy.sample([e.prompt_ids + e.ids for e in active],
-                            [min(config.max_response_length, r) for r in room if r > 0],
-                            keys=[(rollout, number[id(e)]) for e in active])
-    timings["sample"] = timings.get("sample", 0.0) + time.perf_counter() - start
+    with watch("sample"):
+      sampled = policy.sample([e.prompt_ids + e.ids for e in active],
+                              [min(config.max_response_length, r) for r in room if r > 0],
+                              keys=[(rollout, number[id(e)]) for e in active])
     searching: list[tuple[Episode, str]] = []
     for e, ids in zip(active, sampled, strict=True):
       ids, text = _cut_ids(tokenizer, ids, eos_ids)
@@ -246,9 +242,8 @@ def _turns(policy, tokenizer, retriever, episodes, config, search_rounds, rollou
         e.invalid_actions += 1
         e.append(tokenizer(protocol.NUDGE, add_special_tokens=False)["input_ids"], from_policy=False)
     if searching:
-      start = time.perf_counter()
-      results = retriever.search([q for _, q in searching], config.topk)
-      timings["retrieve"] = timings.get("retrieve", 0.0) + time.perf_counter() - start
+      with watch("retrieve"):
+        results = retriever.search([q for _, q in searching], config.topk)
       for (e, query), docs in zip(searching, results, strict=True):
         e.queries.append(query)
         e.blocks.append(list(docs))
