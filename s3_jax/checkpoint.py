@@ -41,6 +41,53 @@ class CheckpointError(RuntimeError):
   """A checkpoint could not be saved, or no saved one is intact."""
 
 
+class CheckpointMismatchError(ValueError):
+  """An intact checkpoint that does not fit this run's state (another config or an older layout): the
+  request is wrong, not the checkpoint, so nothing is moved aside."""
+
+
+def _paths(tree: Any) -> dict[str, tuple[int, ...] | None]:
+  """`{"a.b.0": shape}` of a state tree or of orbax's metadata tree (dict keys, sequence indices and
+  attribute names alike, so a NamedTuple and its saved dict read the same)."""
+  def name(entry: Any) -> str:
+    for attr in ("key", "idx", "name"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+  return {".".join(name(e) for e in path): getattr(x, "shape", None) for path, x in leaves}
+
+
+def _mismatch(directory: Path, step: int, saved: Any, wanted: Any,
+              error: Exception) -> CheckpointMismatchError:
+  """The error for a restore of `wanted` (this run's state) from step `step`, whose saved state has the
+  metadata tree `saved` (None: unreadable): the paths only one side has, or the shapes that differ."""
+  what = ""
+  if saved is not None:
+    on_disk, here = _paths(saved), _paths(wanted)
+
+    def some(paths: list[str]) -> str:
+      if not paths:
+        return "-"
+      return ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+    only_saved, only_here = sorted(set(on_disk) - set(here)), sorted(set(here) - set(on_disk))
+    shapes = [f"{p} {tuple(on_disk[p])} saved, {tuple(here[p])} here"
+              for p in sorted(set(on_disk) & set(here))
+              if on_disk[p] is not None and here[p] is not None and tuple(on_disk[p]) != tuple(here[p])]
+    if only_saved or only_here:
+      what = f"only in the checkpoint: {some(only_saved)}; only in this run: {some(only_here)}"
+    elif shapes:
+      what = "shapes differ: " + some(shapes)
+  if not what:
+    lines = str(error).strip().splitlines()
+    what = lines[0][:300] if lines else type(error).__name__
+  return CheckpointMismatchError(
+      f"the checkpoint of step {step} in {directory} does not fit this run's state ({what}): it was written "
+      "with another config (the searcher, critic.separate_model, the optimizer) or by an older s3_jax. "
+      "Resume it with the config it was written with, or train in a new --workdir")
+
+
 def _stderr(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
@@ -162,8 +209,8 @@ class Checkpointer:
     """`(state, meta, step)` of `step`, or by default of the newest intact step, laid out like `template`.
     A step that fails its manifest (every process checks; one process's verdict counts for all) is reported,
     moved aside, and the previous one tried; `CheckpointError` when none is intact, FileNotFoundError when
-    none exists. An error of orbax's on an intact step (a template that no longer matches the saved state,
-    say) is raised as it is: the checkpoint is fine, the request is not."""
+    none exists. A template that does not fit an intact step raises `CheckpointMismatchError` naming the
+    paths that differ (from orbax's error, chained): the checkpoint is fine, the request is not."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
@@ -185,8 +232,13 @@ class Checkpointer:
       problems = [p for p in sharding_lib.host_gather_objects(problem) if p]
       if not problems:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        restored = self.manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        try:
+          restored = self.manager.restore(s, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except ValueError as e:
+          raise _mismatch(self.directory, s, self._saved_state(s), template, e) from e
+        if _paths(restored["state"]) != _paths(template):  # orbax restores the saved shapes as they are
+          raise _mismatch(self.directory, s, restored["state"], template, ValueError("shapes differ"))
         if bad:
           self.log(f"restored the checkpoint of step {s} instead (the previous intact one)")
         return restored["state"], dict(restored["meta"]), s
@@ -196,6 +248,13 @@ class Checkpointer:
     raise CheckpointError(f"no intact checkpoint in {self.directory} (steps {', '.join(map(str, bad))} are "
                           f"corrupt or incomplete, moved to {self._aside_dir()}): delete the workdir's "
                           "checkpoints to start over")
+
+  def _saved_state(self, step: int) -> Any:
+    """The metadata tree (paths, shapes) of step `step`'s saved state, or None when orbax cannot read it."""
+    try:
+      return self.manager.item_metadata(step)["state"]
+    except (KeyError, ValueError, OSError, TypeError):
+      return None
 
   def _aside_dir(self) -> Path:
     return self.directory.parent / f"{self.directory.name}_corrupt"

@@ -28,7 +28,7 @@ from flax import nnx
 from s3_jax import assets, compile_cache, config_lib, host_memory
 from s3_jax import metrics as metrics_lib
 from s3_jax import sharding as sharding_lib
-from s3_jax.checkpoint import Checkpointer, CheckpointError, check_writable
+from s3_jax.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError, check_writable
 from s3_jax.data.training import TrainingData, load_training_data
 from s3_jax.models import heads, precision
 from s3_jax.models import tokenizer as tokenizer_lib
@@ -294,7 +294,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
   config_flag = cli_lib.config_flag()
   workdir_flag = flags.DEFINE_string("workdir", None, "run folder (default: runs/<config name>[_<arg>])")
   cli_lib.run(lambda config: main(config, workdir_flag.value or _default_workdir(cli_lib.config_filename())),
-              config_flag, argv=argv, errors=(CheckpointError,))
+              config_flag, argv=argv, errors=(CheckpointError, CheckpointMismatchError))
 
 
 def _default_workdir(config_spec: str) -> str:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from s3_jax.checkpoint import MANIFEST, Checkpointer, CheckpointError, check_manifest
+from s3_jax.checkpoint import MANIFEST, Checkpointer, CheckpointError, CheckpointMismatchError, check_manifest
 
 pytestmark = pytest.mark.faults
 
@@ -138,13 +138,18 @@ def test_steps_older_than_the_first_manifest_are_kept_as_unchecked(tmp_path):
 
 def test_an_orbax_error_on_an_intact_step_is_raised_and_the_step_kept(tmp_path):
   """A template that no longer matches the saved state (the config changed) is the caller's problem, not the
-  checkpoint's: orbax's error comes through and nothing is moved aside."""
+  checkpoint's: one error names the step and the paths that differ (orbax's error chained) and nothing is
+  moved aside."""
   ckpt, logs = _saved(tmp_path)
   assert logs == []
-  with pytest.raises(Exception) as raised:
-    ckpt.restore({"w": np.zeros((64, 32), np.float32), "b": np.zeros((32,), np.float32),
-                  "extra": np.zeros((3,), np.float32)})
+  with pytest.raises(CheckpointMismatchError, match=r"step 2 in .*checkpoints does not fit this run's state "
+                     r"\(only in the checkpoint: b; only in this run: extra\)") as raised:
+    ckpt.restore({"w": np.zeros((64, 32), np.float32), "extra": np.zeros((3,), np.float32)})
   assert not isinstance(raised.value, CheckpointError)
+  assert raised.value.__cause__ is not None  # orbax's own report
+  # the same tree with another shape: orbax would hand back the saved (64, 32) array
+  with pytest.raises(CheckpointMismatchError, match=r"shapes differ: w \(64, 32\) saved, \(64, 16\) here"):
+    ckpt.restore({"w": np.zeros((64, 16), np.float32), "b": np.zeros((32,), np.float32)})
   assert (tmp_path / "checkpoints" / "2").is_dir() and not (tmp_path / "checkpoints_corrupt").exists()
   ckpt.close()
 

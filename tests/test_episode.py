@@ -242,3 +242,18 @@ def test_cached_turns_give_the_re_prefill_trajectories(model_name, asset, tokeni
     assert len({len(e.responses) for e in cached}) > 1  # episodes ended at different turns
   else:  # SmolLM2's turns end at different steps (compaction); its episodes search
     assert sum(len(e.queries) for e in cached) >= 2
+
+
+@pytest.mark.parametrize("text, stops", [("ab</query>cd</query>", ("</query>",)),
+                                         ("x</answer>y</q>", ("</q>", "</answer>")),
+                                         ("no stop here", ("</query>",)), ("", ("</query>",))])
+def test_stop_prefix_length_is_where_the_first_stop_string_ends(text, stops):
+  """One id per character, so the shortest prefix holding a stop string ends where `str.find` says the first
+  one ends (None: no stop string in the text)."""
+  from s3_jax.models.tokenizer import stop_prefix_length
+
+  def decode(ids):
+    return "".join(map(chr, ids))
+
+  ends = [text.find(s) + len(s) for s in stops if s in text]
+  assert stop_prefix_length([ord(c) for c in text], decode, stops) == (min(ends) if ends else None)
