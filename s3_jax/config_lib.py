@@ -354,8 +354,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 _CHOICES = {
     "generator.compute_dtype": ("auto", "float32", "bfloat16"),
-    "rollout.turn_semantics": ("s3", "exact"),
-    "rollout.doc_extraction": ("safe", "faithful"),
     "ppo.micro_batch_padding": ("own", "batch"),
     "searcher.param_dtype": ("float32", "bfloat16"),
     "searcher.compute_dtype": ("auto", "float32", "bfloat16"),
@@ -363,12 +361,8 @@ _CHOICES = {
     "searcher.remat": ("full", "dots", "none"),
     "critic.head_init": ("normal", "zeros"),
     "evaluate.agent_backend": ("jax", "vllm"),
-    "reward.rag_context_format": ("s3", "d_s3"),
-    "reward.judge.backend": ("same", "jax", "vllm", "openai"),
     "reward.judge.retry": ("generator", "judge"),
-    "evaluate.judge.backend": ("same", "jax", "vllm", "openai"),
     "evaluate.judge.retry": ("generator", "judge"),
-    "evaluate.search_r1_prompt": ("code", "paper"),
 }
 _POSITIVE_INTS = (
     "total_steps", "rollout.topk", "rollout.max_select", "rollout.max_turns",
@@ -409,16 +403,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                        f"config_lib.default_config())") from None
 
   # Choices owned by a registry are read from it (imported here: loading a config file needs no JAX).
+  from s3_jax.methods.search_r1 import PROMPTS as SEARCH_R1_PROMPTS
   from s3_jax.retrieval.dense import FAISS_KINDS
   from s3_jax.retrieval.index_dir import RETRIEVER_KINDS
   from s3_jax.reward.gbr import REWARD_KINDS
   from s3_jax.rl import ppo
+  from s3_jax.search.episode import DOC_EXTRACTIONS, TURN_SEMANTICS
+  from s3_jax.search.formats import RAG_CONTEXT_FORMATS
   from s3_jax.services.generator_backends import BACKENDS
 
   choices_of = {**_CHOICES, "ppo.kl_estimator": ppo.KL_ESTIMATORS, "ppo.kl_mode": ppo.KL_MODES,
                 "ppo.adv_estimator": tuple(ppo.ADVANTAGE_ESTIMATORS), "ppo.loss_agg": ppo.LOSS_AGGREGATIONS,
                 "reward.kind": REWARD_KINDS, "generator.backend": BACKENDS,
-                "retriever.kind": tuple(RETRIEVER_KINDS), "retriever.faiss": FAISS_KINDS}
+                "retriever.kind": tuple(RETRIEVER_KINDS), "retriever.faiss": FAISS_KINDS,
+                "rollout.turn_semantics": TURN_SEMANTICS, "rollout.doc_extraction": DOC_EXTRACTIONS,
+                "reward.rag_context_format": RAG_CONTEXT_FORMATS,
+                "reward.judge.backend": ("same", *BACKENDS), "evaluate.judge.backend": ("same", *BACKENDS),
+                "evaluate.search_r1_prompt": tuple(SEARCH_R1_PROMPTS)}
   for key, choices in choices_of.items():
     if get(key) not in choices:
       raise _bad(key, get(key), f"must be one of {', '.join(choices)}")

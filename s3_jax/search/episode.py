@@ -22,6 +22,11 @@ from s3_jax.models.tokenizer import stop_prefix_length
 from s3_jax.search import protocol
 from s3_jax.search.formats import observation
 
+# rollout.doc_extraction: how D_s3 is read (Episode.generator_docs); rollout.turn_semantics: what a turn
+# counts (run_episodes). The config accepts the names from here.
+DOC_EXTRACTIONS = ("safe", "faithful")
+TURN_SEMANTICS = ("s3", "exact")
+
 
 class Policy(Protocol):
   def sample(self, contexts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
@@ -93,7 +98,7 @@ class Episode:
         raise ValueError("rollout.selection=False is defined on the environment's blocks: use "
                          "rollout.doc_extraction=safe")
       return protocol.extract_selected_docs_faithful(self.trajectory_text(tokenizer))
-    raise ValueError(f"rollout.doc_extraction={mode!r} must be safe or faithful")
+    raise ValueError(f"rollout.doc_extraction={mode!r} must be {' or '.join(DOC_EXTRACTIONS)}")
 
   def trajectory_text(self, tokenizer: Any) -> str:
     """The decoded prompt and trajectory, special tokens kept: the input of s3's faithful D_s3 parser."""
@@ -187,8 +192,9 @@ def run_episodes(policy: Policy, tokenizer: Any, retriever: Any, examples: Seque
   watch = watch if watch is not None else Stopwatch()
   from s3_jax.models.tokenizer import chat_prompt_ids
 
-  if config.turn_semantics not in ("s3", "exact"):
-    raise ValueError(f"rollout.turn_semantics={config.turn_semantics!r} must be s3 or exact")
+  if config.turn_semantics not in TURN_SEMANTICS:
+    raise ValueError(f"rollout.turn_semantics={config.turn_semantics!r} must be "
+                     f"{' or '.join(TURN_SEMANTICS)}")
   eos_ids = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
   episodes = [Episode(ex, chat_prompt_ids(tokenizer, protocol.build_prompt(ex.question, docs, config.bm25)),
                       [list(docs)]) for ex, docs in zip(examples, initial_docs, strict=True)]
