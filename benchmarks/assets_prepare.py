@@ -1,5 +1,5 @@
 """Cold vs warm `prepare all`: the first build of every asset into an empty cache, then the
-idempotent re-run that `make test` pays every time (issue 2 asks for under 5 s).
+idempotent re-run that `make test` pays every time (the target: under 5 s).
 
   python benchmarks/assets_prepare.py
 """

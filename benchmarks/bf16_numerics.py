@@ -100,7 +100,7 @@ def main() -> None:
   batch = {"tokens": rb.tokens, "attention_mask": rb.attention_mask, **window,
            "group": np.arange(len(episodes), dtype=np.int32)}
   batch["token_scores"] = np.zeros_like(batch["token_scores"])
-  for i in range(len(episodes)):  # the reward on the last policy token, as experience.training_batch places it
+  for i in range(len(episodes)):  # the reward on the last policy token (experience.training_batch)
     last = np.flatnonzero(batch["policy_mask"][i])
     if len(last):
       batch["token_scores"][i, last[-1]] = float(np.random.default_rng(i).integers(0, 2))

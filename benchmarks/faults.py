@@ -1,4 +1,4 @@
-"""The fault suite's table (issue 20): runs the tests marked `faults` (each reproduces a failure found by
+"""The fault suite's table: runs the tests marked `faults` (each reproduces a failure found by
 probing s3_jax as an adversarial user, then checks the fix) and prints, per probe, how many cases ran, were
 handled (the test passed) and failed.
 

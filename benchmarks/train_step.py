@@ -8,8 +8,8 @@ and critic), and the per-step time split of real training runs (tiny and SmolLM2
 sizes (topk 3, 3 selected, 3 turns), one process per path, the same questions and seed: the time split of the
 last of `--whole-steps` steps (default 2; the first compiles) and each process's peak RSS. Paths
 (`WHOLE_STEP_PATHS`): `old` = fp32, every turn re-prefilled, micro-batches padded to the whole batch (the
-pre-issue-18 path; the sampler's newer kernels, compaction and length groups and the learner's blocked
-attention and chunked logits apply to it too, so it understates the issue's gain), `new` = the defaults,
+path before the fast-step work; the sampler's newer kernels, compaction and length groups and the learner's
+blocked attention and chunked logits apply to it too, so it understates the gain), `new` = the defaults,
 `new-shared` = + a value head on the actor, `new-shared-bf16` = + bf16 compute, `new-shared-full` =
 `new-shared` with whole-layer rematerialisation (`searcher.remat=full`: layer inputs kept, not every
 matmul's output; s3's gradient checkpointing), `new-shared-full-bf16` = that with bf16 compute.

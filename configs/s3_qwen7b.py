@@ -55,6 +55,6 @@ def get_config(arg=None):
 
 
 def sweep(add):
-  """The paper's ablations as runs of this config (launch: python -m launch.sweep, issue 9)."""
+  """The paper's ablations as runs of this config (launch: python -m launch.sweep)."""
   # GRPO: 120 episodes per step, as PPO's 120 questions.
   ABLATIONS.add_runs(add, grpo_batch_size=30, grpo_mini_batch_size=15)

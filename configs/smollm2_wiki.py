@@ -5,7 +5,7 @@ dense retrieval over the 10,033 Wikipedia summaries, FanOutQA or trivia question
 
   --config configs/smollm2_wiki.py[:bm25|dense][,qa=fanout|trivia][,runlocal][,learn[,demo]][,faithful]
 
-`learn` is the laptop learning experiment (issue 19; experiments/laptop/results.md): trivia questions, 3-3-3,
+`learn` is the laptop learning experiment (experiments/laptop/results.md): trivia questions, 3-3-3,
 16 questions a step, a value head on the actor's trunk (half the update of s3's separate critic on this CPU:
 benchmarks/README.md; it steps at s3's critic rate from values of 0) and whole-layer remat. `learn,demo` is
 `make demo`'s short run of it (s3_jax/demo.py): 2 steps of 8 questions, one search round, 8 held-out
@@ -100,6 +100,6 @@ def get_config(arg=None):
 
 
 def sweep(add):
-  """The paper's ablations as runs of this config (launch: python -m launch.sweep, issue 9)."""
+  """The paper's ablations as runs of this config (launch: python -m launch.sweep)."""
   # GRPO: 16 episodes per step, as PPO's 16 questions.
   ABLATIONS.add_runs(add, grpo_batch_size=4, grpo_mini_batch_size=2)

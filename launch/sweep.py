@@ -8,8 +8,8 @@ Each run gets `ROOT/NAME/` (ROOT default `runs/sweeps/<config>[_<arg>]`) holding
 resolved config, written before anything runs, and the command that trains it:
 `python -m s3_jax.train --config SPEC --config.KEY=VALUE ... --workdir ROOT/NAME`. `local` runs them in turn
 in subprocesses (a run whose metrics already reach `total_steps` is skipped; an unfinished one resumes from
-its checkpoint); `tpu_vm` / `gpu_vm` hand each command to `launch/{tpu_vm,gpu_vm}.sh run` (scripts still
-to come, issue 9); `--dry-run` prints the commands instead. `ROOT/sweep.json` lists the runs.
+its checkpoint); `tpu_vm` / `gpu_vm` hand each command to `launch/{tpu_vm,gpu_vm}.sh run`;
+`--dry-run` prints the commands instead. `ROOT/sweep.json` lists the runs.
 
 `--summarize DIR` reads every `DIR/*/metrics.jsonl` (the last step's reward and rollout metrics) and every
 `DIR/*/eval/*/summary.json` (`python -m s3_jax.evaluate --out DIR/NAME/eval/METHOD`), and writes

@@ -1,5 +1,5 @@
 """How much signal a searcher gives PPO before training: its episodes on training questions, scored with the
-training reward, no update (issue 19, remedy 4: "untrained vs a warm start").
+training reward, no update (the untrained searcher vs a warm start).
 
   python -m s3_jax.probe --config configs/NAME.py[:arg] [--init DIR] [--questions 32] [--skip 64]
       [--seed 0] [--out FILE.json] [--config.key=value ...]

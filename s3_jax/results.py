@@ -19,7 +19,7 @@ EXPERIMENT holds what the experiment's commands wrote:
 
 Every row must cover the same questions (data source and id): the page refuses to compare rows over different
 questions. A row over several seeds shows the mean ± the sample standard deviation (ddof 1) over seeds of each
-seed's mean; a row of one evaluation shows its mean. The bar the page checks (issue 19): trained − naive RAG
+seed's mean; a row of one evaluation shows its mean. The bar the page checks: trained − naive RAG
 > 2 × the trained row's std over seeds, and trained > untrained.
 """
 

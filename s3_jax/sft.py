@@ -1,5 +1,5 @@
 """A format warm start for the searcher: supervised fine-tuning on mechanically generated s3 protocol traces
-that encode no answer (issue 19, remedy 4).
+that encode no answer, so PPO starts from a searcher that follows the protocol.
 
   python -m s3_jax.sft --config configs/NAME.py[:arg] --out DIR [--questions 64] [--epochs 2] [--lr 1e-5]
       [--micro 2] [--seed 0] [--config.key=value ...]

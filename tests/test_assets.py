@@ -69,7 +69,7 @@ def test_fanout_rows_come_from_dev_leaves_with_evidence_in_corpus(asset):
   for question in json.loads(source.read_text()):
     walk(question)
   rows = [ex for split in ("train", "dev", "test") for ex in read_qa(folder / f"{split}.jsonl")]
-  assert 150 <= len(rows) <= 260  # about 230 of the 2,142 leaves qualify (issue 2)
+  assert 150 <= len(rows) <= 260  # about 230 of the 2,142 leaves qualify
   for ex in rows:
     leaf = leaves[ex.id.removeprefix("fanout-")]
     assert leaf["evidence"]["title"] in titles

@@ -1,4 +1,4 @@
-"""A user's corpus with bad rows (issue 20, item 4): errors name the user's file and its own line (blank lines
+"""A user's corpus with bad rows: errors name the user's file and its own line (blank lines
 counted, not the cache copy's), invalid UTF-8 says so with the byte, and a failed build leaves nothing in the
 index cache that looks like an index; a good subset builds, moves into place and serves."""
 

@@ -1,5 +1,5 @@
 """The HTTP endpoints (`/retrieve`, `/v1/chat/completions`) under abuse, on 127.0.0.1 with raw sockets:
-every case the adversarial probe found (issue 20) gets a JSON answer with the reason — 413 for an oversized
+every case the adversarial probe found gets a JSON answer with the reason — 413 for an oversized
 body before it is read, 400 for a bad Content-Length, nested JSON or a bad field type, 408 for a
 slow-loris, 503 past the worker bound — and the server's threads go back to where they were. The transport
 is the same for both endpoints (`http_json.py`); the backends here are small stand-ins (the real ones:

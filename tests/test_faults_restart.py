@@ -1,4 +1,4 @@
-"""The retriever and the generator killed (SIGKILL) and restarted during a real training step (issue 20): the
+"""The retriever and the generator killed (SIGKILL) and restarted during a real training step: the
 services run as `python -m s3_jax.serve` processes on loopback, the trainer talks to them by address, and its
 clients retry (each retry logged) until the restarted services answer; the step finishes with searches served
 and rewards computed. The tiny random searcher never searches, so its sampler is replaced by a scripted one

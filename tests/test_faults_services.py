@@ -1,4 +1,4 @@
-"""Service addresses are checked at start-up (issue 20, item 4): a malformed `retriever.address` or one where
+"""Service addresses are checked at start-up: a malformed `retriever.address` or one where
 nothing answers stops the job at once, naming the config key and the address, before any model or index is
 loaded — where a run with the tiny searcher (which never searches) used to train a whole step against it."""
 
