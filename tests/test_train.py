@@ -103,9 +103,9 @@ def test_train_main_two_steps_on_tiny(tmp_path, asset, monkeypatch):
 
 @pytest.mark.slow
 def test_learning_config_runs_a_step_at_tiny_sizes(tmp_path, asset):
-  """`configs/smollm2_wiki.py:learn` (the laptop learning experiment) loads, validates and trains: the tiny random searcher and a
-  few trivia questions in place of SmolLM2 and 16 questions, the rest (3-3-3, the value head on the actor,
-  whole-layer remat) as the experiment runs it."""
+  """`configs/smollm2_wiki.py:learn` (the laptop learning experiment) loads, validates and trains: the tiny
+  random searcher and a few trivia questions in place of SmolLM2 and 16 questions, the rest (3-3-3, the value
+  head on the actor, whole-layer remat) as the experiment runs it."""
   from s3_jax import train
 
   for name in ("smollm2-135m-instruct", "wiki-vital", "qa-trivia"):
