@@ -75,10 +75,15 @@ def _seed_folders(folder: Path) -> dict[str, Path]:
 
 
 def _question_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-  """GenAcc and EM means over a run's questions (the first run when an evaluation has several)."""
+  """GenAcc, EM and span-check means over a run's questions (the first run when an evaluation has several),
+  and the judge's part: the share of questions whose GenAcc is the judge's yes alone (the span check
+  failed)."""
   first = min(int(r["run"]) for r in rows)
   rows = [r for r in rows if int(r["run"]) == first]
-  return {m: statistics.fmean(float(r["scores"][m]) for r in rows) for m in ("genacc", "em")}
+  out = {m: statistics.fmean(float(r["scores"][m]) for r in rows) for m in ("genacc", "em", "span")}
+  out["judge_only"] = statistics.fmean(float(bool(r["scores"]["genacc"]) and not r["scores"]["span"])
+                                       for r in rows)
+  return out
 
 
 def load_rows(experiment: Path, unfinished: list[str] | None = None, *,
@@ -126,14 +131,15 @@ def _cell(mean: float, std: float | None) -> str:
   return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
-def verdict(rows: Mapping[str, Mapping[str, Any]]) -> str:
-  """The bar, in one sentence, from the table's numbers."""
+def verdict(rows: Mapping[str, Mapping[str, Any]], metric: str = "genacc") -> str:
+  """The bar, in one sentence, from the table's numbers of `metric` (GenAcc, or "span": the span check
+  alone, no judge)."""
   if "trained" not in rows:
     return "No trained searcher evaluated yet: the bar cannot be judged."
-  trained, trained_std = _stat(rows["trained"]["seeds"], "genacc")
+  trained, trained_std = _stat(rows["trained"]["seeds"], metric)
   parts = []
   if "rag" in rows:
-    rag = _stat(rows["rag"]["seeds"], "genacc")[0]
+    rag = _stat(rows["rag"]["seeds"], metric)[0]
     if trained_std is None:
       parts.append(f"trained − naive RAG = {100 * (trained - rag):+.1f} points (one seed: no std to compare)")
     else:
@@ -142,22 +148,27 @@ def verdict(rows: Mapping[str, Mapping[str, Any]]) -> str:
                    f"{200 * trained_std:.1f}: **{'met' if margin > 0 else 'not met'}** "
                    f"({100 * margin:+.1f} points)")
   if "untrained" in rows:
-    untrained = _stat(rows["untrained"]["seeds"], "genacc")[0]
+    untrained = _stat(rows["untrained"]["seeds"], metric)[0]
     parts.append(f"trained − untrained = {100 * (trained - untrained):+.1f} points: "
                  f"**{'above' if trained > untrained else 'not above'}**")
   if "warm_start" in rows:
-    start = _stat(rows["warm_start"]["seeds"], "genacc")[0]
+    start = _stat(rows["warm_start"]["seeds"], metric)[0]
     parts.append(f"trained − warm start = {100 * (trained - start):+.1f} points (what RL added)")
-  return "; ".join(parts) + "."
+  text = "; ".join(parts) + "."
+  return text if metric == "genacc" else f"On the span check alone (no judge): {text[0].lower()}{text[1:]}"
 
 
 def table(rows: Mapping[str, Mapping[str, Any]]) -> str:
-  lines = ["| row | questions | seeds | GenAcc % | EM % | GenAcc per seed |", "|---|---|---|---|---|---|"]
+  """The rows' GenAcc and EM, then the span check alone (GenAcc without the judge) and the judge's part
+  (questions right by the judge's yes alone)."""
+  lines = ["| row | questions | seeds | GenAcc % | EM % | GenAcc per seed | span % (no judge) "
+           "| judge-only % |", "|---|---|---|---|---|---|---|---|"]
   for row, data in rows.items():
     seeds = data["seeds"]
     per_seed = ", ".join(f"{label or 'one run'} {100 * s['genacc']:.1f}" for label, s in seeds.items())
     lines.append(f"| {ROWS[row]} | {data['questions']} | {len(seeds)} | {_cell(*_stat(seeds, 'genacc'))} | "
-                 f"{_cell(*_stat(seeds, 'em'))} | {per_seed} |")
+                 f"{_cell(*_stat(seeds, 'em'))} | {per_seed} | {_cell(*_stat(seeds, 'span'))} | "
+                 f"{_cell(*_stat(seeds, 'judge_only'))} |")
   return "\n".join(lines)
 
 
@@ -285,7 +296,8 @@ def tries(experiment: Path) -> str:
       evaluated = report.read_predictions(run / "eval" / "predictions.jsonl")
       means = _question_means(evaluated)
       lines += [f"Held-out evaluation of its last step: GenAcc {100 * means['genacc']:.1f}, "
-                f"EM {100 * means['em']:.1f} on {len(evaluated)} questions.", ""]
+                f"EM {100 * means['em']:.1f} on {len(evaluated)} questions. The span check alone (no judge): "
+                f"{100 * means['span']:.1f}.", ""]
     lines += ["| step | " + " | ".join(c for c, _ in TRY_COLUMNS) + " |", "|---|" + "---|" * len(TRY_COLUMNS)]
     for row in rows:
       cells = [_value(row, k) for _, k in TRY_COLUMNS]
@@ -330,7 +342,7 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
           "experiment's outputs; every row covers the same held-out questions.", "", table(rows), "",
           *([f"Not in the table yet (evaluations under way): {', '.join(unfinished)}.", ""] if unfinished
             else []),
-          verdict(rows), "",
+          verdict(rows), "", *([verdict(rows, "span"), ""] if "trained" in rows else []),
           *([f"![training curves]({_relative(curves, out.parent)})", ""] if trained else []),
           "## Training", "", *(train_lines or ["No training run yet."])]
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]

@@ -98,6 +98,26 @@ def test_page_numbers_verdict_curves_and_episodes(tmp_path):
   assert "- machine: 2 cores, 23 GiB" in page and "- evaluation rag: 10 questions in 2.5 min" in page
 
 
+def test_the_span_check_and_the_judge_only_part_are_shown_beside_genacc(tmp_path):
+  """GenAcc that a judge's yes alone made right (the span check failed) shows in the judge-only column, the
+  span column is GenAcc without it, and the bar is also read on the span check."""
+  exp = _experiment(tmp_path)
+  # trained seed0: questions 0-4 right (seed0 of the fixture), two of them (0, 1) by the judge alone
+  path = exp / "eval" / "trained" / "seed0" / "predictions.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  for r in rows[:2]:
+    r["scores"].update(span=0.0, judge=True)
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  page = results.write_page(exp, exp / "results.md", exp / "curves.png", episode_count=0)
+  span = statistics.fmean([0.3, 0.6, 0.7])  # seed0 3 of 10 by the span check; seeds 1, 2 unchanged
+  judge_only = statistics.fmean([0.2, 0.0, 0.0])
+  line = next(x for x in page.splitlines() if x.startswith(f"| {results.ROWS['trained']} |"))
+  assert line.endswith(f"| {100 * span:.1f} ± {100 * float(np.std([0.3, 0.6, 0.7], ddof=1)):.1f} "
+                       f"| {100 * judge_only:.1f} ± {100 * float(np.std([0.2, 0.0, 0.0], ddof=1)):.1f} |")
+  assert f"| {results.ROWS['rag']} | 10 | 1 | 30.0 | 20.0 | one run 30.0 | 30.0 | 0.0 |" in page
+  assert f"On the span check alone (no judge): trained − naive RAG = {100 * (span - 0.3):+.1f} points" in page
+
+
 def test_not_met_when_the_gain_is_within_the_seeds_spread(tmp_path):
   exp = tmp_path / "learn"
   _predictions(exp / "eval" / "rag", {0, 1, 2, 3, 4})

@@ -13,6 +13,10 @@ C=configs/smollm2_wiki.py:learn
 # The naive-RAG precompute lives in the experiment (its JSONL files are committed; answers.sqlite is not), so a
 # later session reuses it instead of recomputing it.
 P=--config.precompute.dir=$E/precompute
+# Training rewards the span check alone (the learn config's reward.use_judge=False) over its own naive-RAG
+# precompute; everything else scores as s3 does, span or judge (commands.sh says why).
+J=--config.reward.use_judge=True
+PT=--config.precompute.dir=$E/precompute_span
 PY=${PY:-.venv/bin/python}
 L=$E/logs
 mkdir -p "$L"
@@ -28,18 +32,19 @@ run() {  # name, command...: logs the command, its output and its wall time
   "$@" >> "$L/$name.log" 2>&1
   echo "[$(stamp)] done $name in $((SECONDS - t0)) s" >> "$L/background.log"
 }
-run precompute $PY -m s3_jax.precompute --config $C $P --config.precompute.splits=train
-[ -f $E/sft/model.safetensors ] || run sft $PY -m s3_jax.sft --config $C $P --out $E/sft --questions 64 --epochs 1 \
+run precompute $PY -m s3_jax.precompute --config $C $P $J --config.precompute.splits=train
+run precompute_span $PY -m s3_jax.precompute --config $C $PT --config.precompute.splits=train
+[ -f $E/sft/model.safetensors ] || run sft $PY -m s3_jax.sft --config $C $P $J --out $E/sft --questions 64 --epochs 1 \
   --lr 1e-5 --micro 2 --seed 0
 mkdir -p $E/probe
-[ -f $E/probe/untrained.json ] || run probe_untrained $PY -m s3_jax.probe --config $C $P --questions 32 --skip 64 \
+[ -f $E/probe/untrained.json ] || run probe_untrained $PY -m s3_jax.probe --config $C $P $J --questions 32 --skip 64 \
   --out $E/probe/untrained.json
-[ -f $E/probe/warm_start.json ] || run probe_warm_start $PY -m s3_jax.probe --config $C $P --questions 32 \
+[ -f $E/probe/warm_start.json ] || run probe_warm_start $PY -m s3_jax.probe --config $C $P $J --questions 32 \
   --skip 64 --init $E/sft --out $E/probe/warm_start.json
-EV="--config.evaluate.sample=100"
+EV="--config.evaluate.sample=100 $J"
 # The seeds first (their checkpoints live only as long as this machine), then the rows that need no training.
 for S in "$@"; do
-  run train_seed$S $PY -m s3_jax.train --config $C $P --config.seed=$S --config.searcher.init_from=$E/sft \
+  run train_seed$S $PY -m s3_jax.train --config $C $PT --config.seed=$S --config.searcher.init_from=$E/sft \
     --workdir $E/train/seed$S
   run eval_trained_seed$S $PY -m s3_jax.evaluate --config $C $P $EV --method s3 --checkpoint $E/train/seed$S \
     --out $E/eval/trained/seed$S
