@@ -352,18 +352,8 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-_CHOICES = {
-    "generator.compute_dtype": ("auto", "float32", "bfloat16"),
-    "ppo.micro_batch_padding": ("own", "batch"),
-    "searcher.param_dtype": ("float32", "bfloat16"),
-    "searcher.compute_dtype": ("auto", "float32", "bfloat16"),
-    "rollout.param_dtype": ("", "float32", "bfloat16"),
-    "searcher.remat": ("full", "dots", "none"),
-    "critic.head_init": ("normal", "zeros"),
-    "evaluate.agent_backend": ("jax", "vllm"),
-    "reward.judge.retry": ("generator", "judge"),
-    "evaluate.judge.retry": ("generator", "judge"),
-}
+# The agent baselines' LLM in process: the generator backends that load a model folder (not openai).
+_AGENT_BACKENDS = ("jax", "vllm")
 _POSITIVE_INTS = (
     "total_steps", "rollout.topk", "rollout.max_select", "rollout.max_turns",
     "rollout.max_prompt_length", "rollout.max_response_length",
@@ -404,22 +394,32 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   # Choices owned by a registry are read from it (imported here: loading a config file needs no JAX).
   from s3_jax.methods.search_r1 import PROMPTS as SEARCH_R1_PROMPTS
+  from s3_jax.models.decoder import REMAT_POLICIES, VALUE_HEAD_INITS
+  from s3_jax.models.precision import DTYPES
   from s3_jax.retrieval.dense import FAISS_KINDS
   from s3_jax.retrieval.index_dir import RETRIEVER_KINDS
   from s3_jax.reward.gbr import REWARD_KINDS
+  from s3_jax.reward.scorer import JUDGE_RETRIES
   from s3_jax.rl import ppo
+  from s3_jax.rl.layout import PADDINGS
   from s3_jax.search.episode import DOC_EXTRACTIONS, TURN_SEMANTICS
   from s3_jax.search.formats import RAG_CONTEXT_FORMATS
   from s3_jax.services.generator_backends import BACKENDS
 
-  choices_of = {**_CHOICES, "ppo.kl_estimator": ppo.KL_ESTIMATORS, "ppo.kl_mode": ppo.KL_MODES,
+  dtypes = tuple(DTYPES)
+  choices_of = {"ppo.kl_estimator": ppo.KL_ESTIMATORS, "ppo.kl_mode": ppo.KL_MODES,
                 "ppo.adv_estimator": tuple(ppo.ADVANTAGE_ESTIMATORS), "ppo.loss_agg": ppo.LOSS_AGGREGATIONS,
                 "reward.kind": REWARD_KINDS, "generator.backend": BACKENDS,
                 "retriever.kind": tuple(RETRIEVER_KINDS), "retriever.faiss": FAISS_KINDS,
                 "rollout.turn_semantics": TURN_SEMANTICS, "rollout.doc_extraction": DOC_EXTRACTIONS,
                 "reward.rag_context_format": RAG_CONTEXT_FORMATS,
                 "reward.judge.backend": ("same", *BACKENDS), "evaluate.judge.backend": ("same", *BACKENDS),
-                "evaluate.search_r1_prompt": tuple(SEARCH_R1_PROMPTS)}
+                "evaluate.search_r1_prompt": tuple(SEARCH_R1_PROMPTS), "ppo.micro_batch_padding": PADDINGS,
+                "searcher.param_dtype": dtypes, "searcher.compute_dtype": ("auto", *dtypes),
+                "generator.compute_dtype": ("auto", *dtypes), "rollout.param_dtype": ("", *dtypes),
+                "searcher.remat": tuple(REMAT_POLICIES), "critic.head_init": VALUE_HEAD_INITS,
+                "reward.judge.retry": JUDGE_RETRIES, "evaluate.judge.retry": JUDGE_RETRIES,
+                "evaluate.agent_backend": _AGENT_BACKENDS}
   for key, choices in choices_of.items():
     if get(key) not in choices:
       raise _bad(key, get(key), f"must be one of {', '.join(choices)}")

@@ -516,6 +516,10 @@ class Decoder(nnx.Module):
 VALUE_HEAD_AXES = {"kernel": ("embed",), "bias": ()}
 
 
+# critic.head_init: the value head's kernel at the start (`init_value_head`).
+VALUE_HEAD_INITS = ("normal", "zeros")
+
+
 def init_value_head(config: DecoderConfig, rng: jax.Array, dtype: Any = jnp.float32, *,
                     kernel: str = "normal") -> dict[str, jax.Array]:
   """A fresh head with a zero bias and a normal(initializer_range) kernel (as HF initialises `score`) or,
@@ -524,7 +528,7 @@ def init_value_head(config: DecoderConfig, rng: jax.Array, dtype: Any = jnp.floa
   if kernel == "zeros":
     return {"kernel": jnp.zeros((config.hidden_size,), dtype), "bias": jnp.zeros((), dtype)}
   if kernel != "normal":
-    raise ValueError(f"value head kernel init {kernel!r} must be normal or zeros")
+    raise ValueError(f"value head kernel init {kernel!r} must be {' or '.join(VALUE_HEAD_INITS)}")
   return {"kernel": (jax.random.normal(rng, (config.hidden_size,)) * config.initializer_range).astype(dtype),
           "bias": jnp.zeros((), dtype)}
 

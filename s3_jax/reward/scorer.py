@@ -194,6 +194,10 @@ class RewardScorer:
     return results
 
 
+# reward.judge.retry / evaluate.judge.retry: who is asked again about an unclear verdict.
+JUDGE_RETRIES = ("generator", "judge")
+
+
 def judge_from_config(section: Any, generator: Any, generator_id: str, where: str = "reward.judge"
                       ) -> dict[str, Any]:
   """The `judge_generator` / `judge_id` / `judge_retry` arguments of `RewardScorer` for a judge section

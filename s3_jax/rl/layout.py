@@ -33,6 +33,9 @@ import numpy as np
 
 from s3_jax.rl.batch import train_length
 
+# ppo.micro_batch_padding: each micro-batch padded to its own rows' length (`plan`) or the whole batch's.
+PADDINGS = ("own", "batch")
+
 MINIMUM = 16  # the shortest padded length / width (below it, rows are padded to it)
 PREFIX_MULTIPLE = 64  # a shared prefix is rounded down to this (0 when shorter)
 
