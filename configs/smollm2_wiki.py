@@ -82,9 +82,10 @@ def get_config(arg=None):
     # one update took the warm start from 0.81 searches per episode to 0 and its entropy from 0.35 to 0.13.
     # The training reward's GenAcc is the span check alone. The only judge offline is the 135M generator
     # itself, and its "yes" is mostly wrong: in the judged seed 0 (experiments/laptop/tries/judged_reward/),
-    # 16 of its 22 positive training rewards were judge-only and at least 14 of those 16 answers read wrong
-    # (the other 2 cannot be told without their questions), so most of the reward was noise. The held-out rows keep s3's GenAcc (span or judge:
-    # --config.reward.use_judge=True) and report the span check beside it.
+    # 16 of its 22 positive training rewards were judge-only and at least 13 of those 16 answers read wrong
+    # (the other 3 cannot be told without their questions), so most of the reward was noise. The held-out
+    # rows keep s3's GenAcc (span or judge: --config.reward.use_judge=True) and report the span check beside
+    # it.
     c.reward.use_judge = False
     c.checkpoint.every = 1  # a session may stop mid-run: lose at most one step
     c.checkpoint.keep = 2
