@@ -64,7 +64,7 @@ def get_config(arg=None):
   if arg.learn:  # the laptop learning experiment: 3-3-3, 16 questions a step, a checkpoint every step
     # ~8.5 min a step on the 2-core VM (benchmarks/README.md, whole step 519 s), so 12 steps (192 questions)
     # are ~1.8 h a seed: one seed with its evaluation fits a 3-hour session (checkpoints do not outlive the
-    # machine). 448 questions keep 259 after s3's filter, so no question is seen twice.
+    # machine). 448 questions keep 333 after s3's filter (by the span check), so no question is seen twice.
     c.total_steps = 12
     c.data.train_limit = 448
     c.rollout.topk = 3
