@@ -347,7 +347,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.evaluate.search_r1_prompt = "code"
   c.evaluate.judge = _judge_section()
 
-  c.checkpoint = ml_collections.ConfigDict({"every": 10, "keep": 3, "hf_export_every": 20})
+  # every: a checkpoint each N steps; keep: the newest K; hf_export_every: the searcher as a HF folder each N
+  # steps (0 = never); rollouts: each step's episodes (question, turns, queries, the generator's documents and
+  # answer, scores, reward) as rollouts/step_N.jsonl in the workdir (verl's trainer.rollout_data_dir).
+  c.checkpoint = ml_collections.ConfigDict({"every": 10, "keep": 3, "hf_export_every": 20, "rollouts": True})
   c.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "mode": "online"})  # project "" = off
   return c
 

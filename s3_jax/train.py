@@ -133,6 +133,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
                 samples_per_question=config.rollout.samples_per_question,
                 max_length=config.rollout.max_prompt_length, group_offset=jax.process_index() * len(examples))
             rollout_metrics = experience.rollout_metrics(episodes, items, results, scorer)
+            records = (experience.episode_records(episodes, items, results, step + 1)
+                       if config.checkpoint.rollouts else None)
             del episodes, items, results
           except Exception as e:  # the state is untouched: save it, so a rerun resumes right here
             if step and saved_step != step:
@@ -155,6 +157,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
             step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
           host_memory.release()
         step += 1
+        if records is not None:
+          _save_rollouts(workdir, step, records)
         row = {**rollout_metrics, **step_metrics, **_times(watch.take()), **{
             f"data/{k}": float(v) for k, v in data.position(step - 1).items()}}
         metrics_lib.check_finite(row, step, saved_step)
@@ -266,6 +270,17 @@ def _times(seconds: dict[str, float]) -> dict[str, float]:
 def _save(checkpointer: Checkpointer, step: int, state, rng, data: TrainingData, config) -> None:
   checkpointer.save(step, {"learner": state, "rng": rng},
                     {"step": step, "data_position": data.position(step), "total_steps": config.total_steps})
+
+
+def _save_rollouts(workdir: Path, step: int, records: list[dict]) -> None:
+  """Step `step`'s episodes as `rollouts/step_{step}.jsonl` (each process its own file), written whole and
+  renamed into place, so a rerun of the step replaces it and a crash never leaves half a file."""
+  folder = workdir / "rollouts"
+  folder.mkdir(exist_ok=True)
+  path = sharding_lib.per_process_name(folder / f"step_{step}.jsonl")
+  partial = path.with_name(path.name + ".partial")
+  partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+  partial.replace(path)
 
 
 def _export(state, decoder_config: DecoderConfig, folder: Path, config, log) -> None:

@@ -74,6 +74,20 @@ def test_train_main_two_steps_on_tiny(tmp_path, asset, monkeypatch):
   parts = sum(first[f"time/{k}"] for k in ("sample", "retrieve", "reward", "score", "update"))
   assert parts <= first["time/step"] * 1.01
   assert (workdir / "training_curves.png").stat().st_size > 10_000
+  # Each step's episodes, one row each: the step's metrics are their means, and each row's counts agree with
+  # its own turns (a search is a query; a turn is a response).
+  for row in written:
+    episodes = [json.loads(line) for line in (workdir / "rollouts" / f"step_{row['step']}.jsonl").open()]
+    assert len(episodes) == 4 and {e["step"] for e in episodes} == {row["step"]}
+    for key, metric in (("reward", "reward/mean"), ("searches", "rollout/searches"),
+                        ("turns", "rollout/turns"), ("docs_selected", "rollout/docs_selected")):
+      assert np.mean([e[key] for e in episodes]) == pytest.approx(row[metric]), key
+    assert np.mean([e["scores"]["genacc"] for e in episodes]) == pytest.approx(row["reward/genacc"])
+    docs = np.mean([len(e["generator_docs"]) for e in episodes])
+    assert docs == pytest.approx(row["rollout/generator_docs"])
+    for e in episodes:
+      assert e["searches"] == len(e["queries"]) and e["turns"] == len(e["responses"])
+      assert e["answer"] and e["question"] and e["golden_answers"]
   assert (workdir / "checkpoints" / "2").is_dir()
   assert json.loads((workdir / "config.json").read_text())["total_steps"] == 2
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -145,6 +159,10 @@ def test_killed_run_resumes_to_the_same_metrics_and_parameters(tmp_path, asset):
   assert "resumed from" in resumed.stdout + resumed.stderr
   assert _rows(tmp_path / "straight") == _rows(tmp_path / "resumed")
   assert [r["step"] for r in _rows(tmp_path / "resumed")] == [1, 2, 3]
+  # The resumed run rewrote the step the kill interrupted: the same episodes as the uninterrupted run.
+  for step in (1, 2, 3):
+    name = f"rollouts/step_{step}.jsonl"
+    assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text(), name
   from safetensors.numpy import load_file
 
   a = load_file(tmp_path / "straight" / "hf" / "step_3" / "model.safetensors")

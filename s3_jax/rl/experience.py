@@ -78,6 +78,22 @@ def rollout_metrics(episodes: Sequence[Episode], items: Sequence[RewardItem], re
   return _metrics(table, dict(zip(_COUNTS, totals.tolist(), strict=True)))
 
 
+def episode_records(episodes: Sequence[Episode], items: Sequence[RewardItem], results: Sequence[Any],
+                    step: int) -> list[dict[str, Any]]:
+  """One JSON-ready row per episode of a step: the question, what the searcher did each turn (its text as
+  parsed, its queries, how the episode ended), the documents the generator saw, its answer, the scores and
+  the reward: what `checkpoint.rollouts` writes to `rollouts/step_N.jsonl` (verl's `rollout_data_dir`)."""
+  rows = []
+  for index, (e, item, result) in enumerate(zip(episodes, items, results, strict=True)):
+    rows.append({"step": step, "index": index, "data_source": e.example.data_source, "id": e.example.id,
+                 "question": e.example.question, "golden_answers": list(e.example.golden_answers),
+                 "responses": list(e.responses), "queries": list(e.queries), "ended": e.ended, **e.stats(),
+                 "generator_docs": [d.title for d in item.docs], "answer": result.answer,
+                 "finish_reason": result.finish_reason, "scores": result.scores.as_dict(),
+                 "rag_genacc": result.rag_genacc, "reward": result.reward})
+  return rows
+
+
 def response_window(rb: Any, prompt_lengths: Sequence[int], width: int) -> dict[str, np.ndarray]:
   """The trained-on part of each row as a `[b, width]` window starting right after its prompt: `index` (the
   positions; slots past the row's end point at its last position and are masked), and the policy mask,
