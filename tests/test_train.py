@@ -83,6 +83,7 @@ def test_train_main_two_steps_on_tiny(tmp_path, asset, monkeypatch):
                         ("turns", "rollout/turns"), ("docs_selected", "rollout/docs_selected")):
       assert np.mean([e[key] for e in episodes]) == pytest.approx(row[metric]), key
     assert np.mean([e["scores"]["genacc"] for e in episodes]) == pytest.approx(row["reward/genacc"])
+    assert np.mean([e["reward"] != 0 for e in episodes]) == pytest.approx(row["reward/nonzero"])
     docs = np.mean([len(e["generator_docs"]) for e in episodes])
     assert docs == pytest.approx(row["rollout/generator_docs"])
     for e in episodes:

@@ -136,6 +136,8 @@ def _metrics(table: dict[str, np.ndarray], counts: dict[str, float]) -> dict[str
   out = {
       "reward/mean": mean("reward"),
       "reward/std": float(np.std(table["reward"])),
+      # the episodes PPO can learn from: with GBR on s3's filtered questions most rewards are 0
+      "reward/nonzero": float(np.mean(table["reward"] != 0)) if len(table["reward"]) else 0.0,
       "reward/genacc": mean("genacc"),
       "reward/em": mean("em"),
       "reward/span": mean("span"),
