@@ -307,6 +307,60 @@ def tries(experiment: Path) -> str:
   return "\n\n".join(blocks)
 
 
+def _rewarded(row: Mapping[str, Any]) -> float:
+  """The fraction of a step's episodes with a nonzero reward: `reward/nonzero`, or, in runs from before that
+  metric, `reward/genacc` where the step's naive-RAG GenAcc was 0 on every question (s3's filter keeps only
+  those: then GBR is nonzero exactly when the answer is right); NaN otherwise."""
+  if "reward/nonzero" in row:
+    return float(row["reward/nonzero"])
+  if row.get("reward/rag_genacc") == 0.0 and "reward/genacc" in row:
+    return float(row["reward/genacc"])
+  return math.nan
+
+
+def _episodes_per_step(run: Path) -> int | None:
+  import json
+
+  config = run / "config.json"
+  if not config.is_file():
+    return None
+  c = json.loads(config.read_text(encoding="utf-8"))
+  return int(c["ppo"]["batch_size"]) * int(c["rollout"].get("samples_per_question", 1))
+
+
+def _first_last(rows: Sequence[Mapping[str, Any]], key: str, digits: int = 2) -> str:
+  values = [_value(r, key) for r in rows]
+  values = [v for v in values if math.isfinite(v)]
+  return f"{values[0]:.{digits}f} → {values[-1]:.{digits}f}" if values else "–"
+
+
+def training_signal(experiment: Path, steps: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+  """Why a run learns or does not, per seed, from its metrics: how many episodes earned a nonzero reward (the
+  only ones whose advantage is not the baseline's), how the searcher's behaviour and the policy moved
+  (first → last step), and how far it moved from the reference (KL)."""
+  lines = ["| seed | steps | episodes | episodes with a nonzero reward | valid-action rate "
+           "| searches / episode | docs selected | entropy | KL to the reference (last step) "
+           "| value expl. var. (last step) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for label, rows in steps.items():
+    if not rows:
+      continue
+    per_step = _episodes_per_step(experiment / "train" / label) if label else None
+    episodes = per_step * len(rows) if per_step else None
+    rewarded = [_rewarded(r) for r in rows]
+    if per_step and all(math.isfinite(x) for x in rewarded):
+      counts = [round(x * per_step) for x in rewarded]
+      cell = f"{sum(counts)} ({', '.join(map(str, counts))} by step)"
+    else:
+      cell = "–"
+    last = rows[-1]
+    lines.append(f"| {label or 'run'} | {len(rows)} | {episodes or '–'} | {cell} | "
+                 f"{_first_last(rows, 'valid_action_rate')} | {_first_last(rows, 'rollout/searches')} | "
+                 f"{_first_last(rows, 'rollout/docs_selected')} | {_first_last(rows, 'actor/entropy', 3)} | "
+                 f"{_value(last, 'reward/kl'):.4f} | {_value(last, 'critic/explained_variance'):.3f} |")
+  return "\n".join(lines)
+
+
 def wall_times(experiment: Path, rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
   """The machine (`machine.txt`, written by the experiment's script) and each evaluation's wall time
   (`timing.json` of `python -m s3_jax.evaluate`), as page lines."""
@@ -347,6 +401,9 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
           verdict(rows), "", *([verdict(rows, "span"), ""] if "trained" in rows else []),
           *([f"![training curves]({_relative(curves, out.parent)})", ""] if trained else []),
           "## Training", "", *(train_lines or ["No training run yet."])]
+  if trained:
+    page += ["", "### The training signal, per seed (first → last step)", "",
+             training_signal(experiment, steps)]
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
   earlier = tries(experiment)
   if earlier:

@@ -172,3 +172,26 @@ def test_a_page_before_any_training_says_so_and_errors_name_what_is_missing(tmp_
   (exp / "train" / "seed1").rename(exp / "train" / "other")
   assert results.main([str(exp)]) == 1
   assert "train: neither outputs" in capsys.readouterr().err
+
+
+def test_the_training_signal_counts_rewarded_episodes_per_seed(tmp_path):
+  """The per-seed signal table: rewarded episodes from `reward/nonzero` x episodes a step (config.json), or,
+  for runs from before that metric, from GenAcc where naive RAG's GenAcc was 0 (then GBR != 0 exactly when
+  the answer is right); '–' where neither says."""
+  exp = tmp_path / "learn"
+  runs = {"seed0": [{"reward/nonzero": 0.125}, {"reward/nonzero": 0.0625}],  # 2 and 1 of 16
+          "seed1": [{"reward/genacc": 0.25, "reward/rag_genacc": 0.0},
+                    {"reward/genacc": 0.0, "reward/rag_genacc": 0.0}],
+          "seed2": [{"reward/genacc": 0.25, "reward/rag_genacc": 0.5}]}  # GBR can be -1, 0, 1 here: unknown
+  steps = {}
+  for label, rows in runs.items():
+    (exp / "train" / label).mkdir(parents=True)
+    (exp / "train" / label / "config.json").write_text(json.dumps(
+        {"ppo": {"batch_size": 8}, "rollout": {"samples_per_question": 2}}))
+    steps[label] = [{"step": i + 1, "rollout/searches": 1.0 - 0.5 * i, "actor/entropy": 0.1,
+                     "reward/kl": 0.002, "critic/explained_variance": 0.5, **row}
+                    for i, row in enumerate(rows)]
+  table = results.training_signal(exp, steps)
+  assert "| seed0 | 2 | 32 | 3 (2, 1 by step) | – | 1.00 → 0.50 |" in table
+  assert "| seed1 | 2 | 32 | 4 (4, 0 by step) |" in table
+  assert "| seed2 | 1 | 16 | – |" in table
