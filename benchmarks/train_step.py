@@ -3,6 +3,7 @@ and critic), and the per-step time split of real training runs (tiny and SmolLM2
 
   python benchmarks/train_step.py [--batch 8] [--length 1024] [--window 256] [--micro 2] [--runs tiny,smollm2]
   python benchmarks/train_step.py --whole-step [--questions 16] [--paths old,new,new-shared]
+  python benchmarks/train_step.py --whole-step --paths at:4d143a6,new-shared-full   # vs the pre-issue code
 
 `--whole-step`: whole PPO steps of `configs/smollm2_wiki.py:runlocal` at `--questions` questions and 3-3-3
 sizes (topk 3, 3 selected, 3 turns), one process per path, the same questions and seed: the time split of the
@@ -12,7 +13,9 @@ path before the fast-step work; the sampler's newer kernels, compaction and leng
 blocked attention and chunked logits apply to it too, so it understates the gain), `new` = the defaults,
 `new-shared` = + a value head on the actor, `new-shared-bf16` = + bf16 compute, `new-shared-full` =
 `new-shared` with whole-layer rematerialisation (`searcher.remat=full`: layer inputs kept, not every
-matmul's output; s3's gradient checkpointing), `new-shared-full-bf16` = that with bf16 compute.
+matmul's output; s3's gradient checkpointing), `new-shared-full-bf16` = that with bf16 compute. `at:REV` =
+commit REV's own code and defaults in a worktree of its own (`at:4d143a6` is the code before the fast-step
+work: what the issue calls today's path).
 
 FLOPs are the model's matmul work counted analytically (the usual MFU convention: forward 2·N per token for
 the actor and critic backbones plus attention and the window's vocabulary projection, backward twice that;
@@ -138,18 +141,38 @@ WHOLE_STEP_PATHS = {
 }
 
 
-def whole_step_child(path: str, questions: int, steps: int) -> dict:
-  """In a process of its own: `steps` PPO steps of runlocal at 3-3-3; the last step's split and peak RSS."""
+def _known_path(path: str) -> bool:
+  return path in WHOLE_STEP_PATHS or (path.startswith("at:") and len(path) > 3)
+
+
+def _checkout(rev: str) -> Path:
+  """A worktree of this repository at `rev` (made once, kept in the temp folder): an `at:REV` path runs that
+  commit's own code and defaults, e.g. the code before the fast-step work."""
+  folder = Path(tempfile.gettempdir()) / f"s3_jax_at_{rev}"
+  if not folder.is_dir():
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), rev], check=True,
+                   capture_output=True, text=True)
+  return folder
+
+
+def whole_step_child(path: str, questions: int, steps: int, repo: Path = REPO) -> dict:
+  """In a process of its own: `steps` PPO steps of runlocal at 3-3-3; the last step's split and peak RSS.
+  `repo`: whose code and configs run (an `at:REV` path's worktree: its defaults, no path overrides)."""
   import resource
 
+  sys.path.insert(0, str(repo))
+  import s3_jax
+
+  if Path(s3_jax.__file__).resolve().parent != (repo / "s3_jax").resolve():
+    raise SystemExit(f"imported {s3_jax.__file__}, not {repo}'s s3_jax")
   from s3_jax import config_lib, train
   from s3_jax import metrics as metrics_lib
 
   overrides = [f"total_steps={steps}", "checkpoint.hf_export_every=0", f"ppo.batch_size={questions}",
                f"ppo.mini_batch_size={max(1, questions // 2)}", "ppo.actor_micro_batch_size=2",
                "ppo.critic_micro_batch_size=2", "ppo.score_micro_batch_size=4", "rollout.topk=3",
-               "rollout.max_select=3", "rollout.max_turns=3", *WHOLE_STEP_PATHS[path]]
-  config = config_lib.load(f"{REPO / 'configs' / 'smollm2_wiki.py'}:runlocal", overrides)
+               "rollout.max_select=3", "rollout.max_turns=3", *WHOLE_STEP_PATHS.get(path, [])]
+  config = config_lib.load(f"{repo / 'configs' / 'smollm2_wiki.py'}:runlocal", overrides)
   with tempfile.TemporaryDirectory() as workdir:
     train.main(config, workdir, show_progress=False, log=lambda _: None)
     row = metrics_lib.read_metrics(workdir)[-1]
@@ -163,8 +186,9 @@ def whole_step_child(path: str, questions: int, steps: int) -> dict:
 def whole_step(paths: list[str], questions: int, steps: int) -> None:
   results = {}
   for path in paths:
-    command = [sys.executable, __file__, "--whole-step-child", path, "--questions", str(questions),
-               "--whole-steps", str(steps)]
+    repo = _checkout(path[3:]) if path.startswith("at:") else REPO
+    command = [sys.executable, __file__, "--whole-step-child", path, "--repo", str(repo), "--questions",
+               str(questions), "--whole-steps", str(steps)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
       raise SystemExit(f"path {path} failed:\n{done.stderr[-3000:]}")
@@ -213,16 +237,18 @@ def main() -> None:
                       ", ".join(WHOLE_STEP_PATHS))
   parser.add_argument("--questions", type=int, default=16)
   parser.add_argument("--whole-steps", type=int, default=2, help="--whole-step: steps per path, last timed")
-  parser.add_argument("--whole-step-child", choices=tuple(WHOLE_STEP_PATHS), help=argparse.SUPPRESS)
+  parser.add_argument("--whole-step-child", help=argparse.SUPPRESS)
+  parser.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.whole_step_child:
-    print(json.dumps(whole_step_child(args.whole_step_child, args.questions, args.whole_steps)))
+    print(json.dumps(whole_step_child(args.whole_step_child, args.questions, args.whole_steps, args.repo)))
     return
   if args.whole_step:
     paths = args.paths.split(",")
-    unknown = [p for p in paths if p not in WHOLE_STEP_PATHS]
+    unknown = [p for p in paths if not _known_path(p)]
     if unknown:
-      parser.error(f"--paths: unknown {unknown}; known: {', '.join(WHOLE_STEP_PATHS)}")
+      parser.error(f"--paths: unknown {unknown}; known: {', '.join(WHOLE_STEP_PATHS)}, or at:REV (a "
+                   "commit's own code and defaults)")
     whole_step(paths, args.questions, args.whole_steps)
     return
 
