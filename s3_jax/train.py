@@ -125,6 +125,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
             episodes = experience.rollout(
                 policy, tokenizer, services.retriever, examples, _initial_blocks(initial, config),
                 episode_config, samples_per_question=config.rollout.samples_per_question, watch=watch)
+            sampler.release_params()  # until the next step's rollout: not needed by the stages below
             with watch("reward"):
               items, results = experience.reward(scorer, episodes, tokenizer, config.rollout,
                                                  episode_config.max_select)

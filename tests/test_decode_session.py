@@ -160,3 +160,20 @@ def test_new_conversations_with_a_common_start_prefill_it_once(tiny):
   other = sampler.session()
   other.generate([0, 1], [[*template[:40], 3], [*template[:40], 4]], SamplingParams(max_new_tokens=2))
   assert other.shared_prefix_tokens == 0  # 40 common tokens: under SHARED_PREFIX_MULTIPLE
+
+
+def test_released_weights_refuse_to_sample_until_set_again(tiny):
+  """`release_params` (the trainer frees the sampler's copy between rollouts) drops the copy; sampling then
+  fails with a clear error, and `set_params` restores the same output as before."""
+  _, model = tiny
+  sampler = Sampler(model, chunk=4)
+  prompt = [[3, 1, 4, 1, 5]]
+  before = sampler.generate(prompt, SamplingParams(max_new_tokens=5)).tokens
+  sampler.release_params()
+  assert sampler.params is None
+  with pytest.raises(RuntimeError, match="released"):
+    sampler.generate(prompt, SamplingParams(max_new_tokens=5))
+  with pytest.raises(RuntimeError, match="released"):
+    sampler.session().generate([0], prompt, SamplingParams(max_new_tokens=5))
+  sampler.set_params(model.arrays())
+  assert sampler.generate(prompt, SamplingParams(max_new_tokens=5)).tokens == before
