@@ -1,7 +1,23 @@
-"""Timing shared by the benchmark scripts."""
+"""Timing shared by the benchmark scripts, and the worktree of an earlier commit to compare against."""
 
 import statistics
+import subprocess
+import tempfile
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def checkout(rev: str) -> Path:
+  """A worktree of this repository at `rev` (made once, kept in the temp folder), so a benchmark can run that
+  commit's own code and defaults beside today's in one run (e.g. 4d143a6: the code before the fast-step
+  work)."""
+  folder = Path(tempfile.gettempdir()) / f"s3_jax_at_{rev}"
+  if not folder.is_dir():
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), rev], check=True,
+                   capture_output=True, text=True)
+  return folder
 
 
 def median_time(fn, repeats: int) -> float:

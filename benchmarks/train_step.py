@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import checkout
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -145,16 +147,6 @@ def _known_path(path: str) -> bool:
   return path in WHOLE_STEP_PATHS or (path.startswith("at:") and len(path) > 3)
 
 
-def _checkout(rev: str) -> Path:
-  """A worktree of this repository at `rev` (made once, kept in the temp folder): an `at:REV` path runs that
-  commit's own code and defaults, e.g. the code before the fast-step work."""
-  folder = Path(tempfile.gettempdir()) / f"s3_jax_at_{rev}"
-  if not folder.is_dir():
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), rev], check=True,
-                   capture_output=True, text=True)
-  return folder
-
-
 def whole_step_child(path: str, questions: int, steps: int, repo: Path = REPO) -> dict:
   """In a process of its own: `steps` PPO steps of runlocal at 3-3-3; the last step's split and peak RSS.
   `repo`: whose code and configs run (an `at:REV` path's worktree: its defaults, no path overrides)."""
@@ -186,7 +178,7 @@ def whole_step_child(path: str, questions: int, steps: int, repo: Path = REPO) -
 def whole_step(paths: list[str], questions: int, steps: int) -> None:
   results = {}
   for path in paths:
-    repo = _checkout(path[3:]) if path.startswith("at:") else REPO
+    repo = checkout(path[3:]) if path.startswith("at:") else REPO
     command = [sys.executable, __file__, "--whole-step-child", path, "--repo", str(repo), "--questions",
                str(questions), "--whole-steps", str(steps)]
     done = subprocess.run(command, capture_output=True, text=True)
