@@ -172,6 +172,33 @@ def table(rows: Mapping[str, Mapping[str, Any]]) -> str:
   return "\n".join(lines)
 
 
+def answer_sources(rows: Mapping[str, Mapping[str, Any]]) -> str:
+  """Where each row's right answers come from (the span check, per seed, then mean over seeds): how often the
+  generator's context holds a gold answer at all (what the searcher controls: the retrieval's recall), how
+  often the answer is right when it does (what the generator controls), and right answers without one (the
+  generator's own knowledge or a guess). An analysis that reads the gold answers, never a training signal."""
+  from s3_jax.reward.answers import span_match
+
+  lines = ["| row | gold answer in the generator's context | right when it is (span) "
+           "| right when it is not (span) |", "|---|---|---|---|"]
+  for row, data in rows.items():
+    found, read, guessed = [], [], []
+    for preds in data["predictions"].values():
+      first = min(int(r["run"]) for r in preds)
+      preds = [r for r in preds if int(r["run"]) == first]
+      has = [bool(r.get("context")) and span_match(r["context"], r["golden_answers"]) for r in preds]
+      right = [bool(r["scores"]["span"]) for r in preds]
+      found.append(statistics.fmean(has))
+      with_gold = [ok for ok, h in zip(right, has, strict=True) if h]
+      read.append(statistics.fmean(with_gold) if with_gold else math.nan)
+      guessed.append(sum(ok for ok, h in zip(right, has, strict=True) if not h) / len(preds))
+    cells = [f"{100 * statistics.fmean(found):.1f}%",
+             f"{100 * statistics.fmean(read):.1f}%" if all(map(math.isfinite, read)) else "–",
+             f"{100 * statistics.fmean(guessed):.1f} of 100"]
+    lines.append(f"| {ROWS[row]} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def episodes(rows: Mapping[str, Mapping[str, Any]], count: int) -> str:
   """The first `count` questions by (data source, id) — never chosen by score — as the untrained and the
   trained searcher (their first seed) handled them, with naive RAG's verdict for the same question."""
@@ -411,6 +438,12 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
   signal = probes(experiment)
   if signal:
     page += ["", "## What PPO sees at step 1 (`python -m s3_jax.probe`)", "", signal]
+  if rows:
+    page += ["", "## Where the right answers come from (the span check, mean over seeds)", "",
+             answer_sources(rows), "",
+             "A searcher raises the first column by finding answer-bearing documents the question's own BM25 "
+             "top 3 misses; the second is how well the generator reads what it is given; the third needs no "
+             "document with the answer (the generator's own knowledge, or a guess)."]
   shown = episodes(rows, episode_count)
   if shown:
     page += ["", "## Episodes before and after training", "",

@@ -195,3 +195,24 @@ def test_the_training_signal_counts_rewarded_episodes_per_seed(tmp_path):
   assert "| seed0 | 2 | 32 | 3 (2, 1 by step) | – | 1.00 → 0.50 |" in table
   assert "| seed1 | 2 | 32 | 4 (4, 0 by step) |" in table
   assert "| seed2 | 1 | 16 | – |" in table
+
+
+def test_answer_sources_split_right_answers_by_whether_the_context_holds_a_gold_answer(tmp_path):
+  """Per row: the share of questions whose context contains a gold answer (span match after s3's
+  normalisation), the span-right share among those, and span-right answers among the rest (of 100), averaged
+  over seeds; a closed-book row has no context."""
+  def rows(contexts_and_right):
+    return [{"data_source": "trivia", "id": f"q{i}", "run": 0, "golden_answers": ["Paris"],
+             "context": context, "scores": {"span": right}}
+            for i, (context, right) in enumerate(contexts_and_right)]
+
+  gold, other = "Doc 1 (Title: France)\nThe capital is PARIS.", "Doc 1 (Title: Spain)\nMadrid."
+  data = {
+      "closed_book": {"predictions": {"": rows([("", True), ("", False), ("", False), ("", False)])}},
+      "trained": {"predictions": {
+          "seed0": rows([(gold, True), (gold, False), (other, True), (other, False)]),  # 50%, 50%, 1 of 4
+          "seed1": rows([(gold, True), (gold, True), (gold, True), (other, False)])}},  # 75%, 100%, 0 of 4
+  }
+  table = results.answer_sources(data)
+  assert f"| {results.ROWS['closed_book']} | 0.0% | – | 25.0 of 100 |" in table
+  assert f"| {results.ROWS['trained']} | 62.5% | 75.0% | 12.5 of 100 |" in table
