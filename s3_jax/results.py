@@ -388,6 +388,30 @@ def training_signal(experiment: Path, steps: Mapping[str, Sequence[Mapping[str, 
   return "\n".join(lines)
 
 
+def rewards_by_search(experiment: Path) -> str:
+  """From each seed's saved episodes (`train/<seed>/rollouts/step_*.jsonl`): how often an episode that never
+  searched (the generator then reads the initial block, naive RAG's own top documents, in D_s3's format)
+  earned a nonzero reward, against one that searched. GBR pays for the first whenever the generator answers
+  from D_s3's context format what it missed from naive RAG's; "" when no seed saved its episodes."""
+  import json
+
+  lines = ["| seed | steps | episodes without a search: rewarded / all | with a search: rewarded / all |",
+           "|---|---|---|---|"]
+  seeds = _seed_folders(experiment / "train") if (experiment / "train").is_dir() else {}
+  for label, folder in seeds.items():
+    files = sorted((folder / "rollouts").glob("step_*.jsonl"))
+    if not files:
+      continue
+    episodes = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+    cells = []
+    for searched in (False, True):
+      group = [e for e in episodes if bool(e["searches"]) == searched]
+      rewarded = sum(e["reward"] != 0 for e in group)
+      cells.append(f"{rewarded} / {len(group)}" + (f" ({100 * rewarded / len(group):.1f}%)" if group else ""))
+    lines.append(f"| {label or 'run'} | {len(files)} | {cells[0]} | {cells[1]} |")
+  return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def wall_times(experiment: Path, rows: Mapping[str, Mapping[str, Any]]) -> list[str]:
   """The machine (`machine.txt`, written by the experiment's script) and each evaluation's wall time
   (`timing.json` of `python -m s3_jax.evaluate`), as page lines."""
@@ -431,6 +455,9 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
   if trained:
     page += ["", "### The training signal, per seed (first → last step)", "",
              training_signal(experiment, steps)]
+    by_search = rewards_by_search(experiment)
+    if by_search:
+      page += ["", "What the reward paid for (seeds that saved their episodes, `rollouts/`):", "", by_search]
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
   earlier = tries(experiment)
   if earlier:

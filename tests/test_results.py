@@ -216,3 +216,22 @@ def test_answer_sources_split_right_answers_by_whether_the_context_holds_a_gold_
   table = results.answer_sources(data)
   assert f"| {results.ROWS['closed_book']} | 0.0% | – | 25.0 of 100 |" in table
   assert f"| {results.ROWS['trained']} | 62.5% | 75.0% | 12.5 of 100 |" in table
+
+
+def test_rewards_by_search_counts_saved_episodes_with_and_without_a_search(tmp_path):
+  exp = tmp_path / "learn"
+  rollouts = exp / "train" / "seed0" / "rollouts"
+  rollouts.mkdir(parents=True)
+  # step 1: 3 episodes without a search (1 rewarded), 1 with (rewarded); step 2: 1 without (not), 1 with (not)
+  steps = {1: [(0, 1.0), (0, 0.0), (0, 0.0), (2, 1.0)], 2: [(0, 0.0), (1, 0.0)]}
+  for step, episodes in steps.items():
+    (rollouts / f"step_{step}.jsonl").write_text("".join(
+        json.dumps({"step": step, "searches": searches, "reward": reward}) + "\n"
+        for searches, reward in episodes))
+  (exp / "train" / "seed1").mkdir(parents=True)  # no saved episodes: no row
+  table = results.rewards_by_search(exp)
+  assert "| seed0 | 2 | 1 / 4 (25.0%) | 1 / 2 (50.0%) |" in table
+  assert "seed1" not in table
+  (exp / "train" / "seed0" / "rollouts" / "step_1.jsonl").unlink()
+  (exp / "train" / "seed0" / "rollouts" / "step_2.jsonl").unlink()
+  assert results.rewards_by_search(exp) == ""
