@@ -29,6 +29,8 @@ python -m s3_jax.probe --config $C $P $J --questions 32 --skip 64 --init $E/sft 
 
 # 3. Training, 3 seeds (the seed sets the value head's init and the rollout's RNG; the data order is the
 #    same: data.shuffle_seed), from the warm start; a checkpoint every step, so rerunning resumes.
+#    Code: seed 0 ran s3_jax at fa611ee, seeds 1-2 at 597d29b (the same computation; 597d29b adds the
+#    per-step episode files train/seedS/rollouts/ and the reward/nonzero metric).
 for S in 0 1 2; do
   python -m s3_jax.train --config $C $PT --config.seed=$S --config.searcher.init_from=$E/sft --workdir $E/train/seed$S
 done
