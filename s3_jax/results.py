@@ -380,11 +380,12 @@ def training_signal(experiment: Path, steps: Mapping[str, Sequence[Mapping[str, 
       cell = f"{sum(counts)} ({', '.join(map(str, counts))} by step)"
     else:
       cell = "–"
-    last = rows[-1]
+    kl, explained = _value(rows[-1], "reward/kl"), _value(rows[-1], "critic/explained_variance")
     lines.append(f"| {label or 'run'} | {len(rows)} | {episodes or '–'} | {cell} | "
                  f"{_first_last(rows, 'valid_action_rate')} | {_first_last(rows, 'rollout/searches')} | "
                  f"{_first_last(rows, 'rollout/docs_selected')} | {_first_last(rows, 'actor/entropy', 3)} | "
-                 f"{_value(last, 'reward/kl'):.4f} | {_value(last, 'critic/explained_variance'):.3f} |")
+                 f"{f'{kl:.4f}' if math.isfinite(kl) else '–'} | "
+                 f"{f'{explained:.3f}' if math.isfinite(explained) else '–'} |")
   return "\n".join(lines)
 
 
