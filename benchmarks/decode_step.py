@@ -1,9 +1,12 @@
 """One SmolLM2-135M decode step (one new token per row) through the sampler's own jitted decode loop, over a
 KV cache of rollout length, for the weight / compute / cache dtypes the sampler can use; and the decode
 attention of 30 layers three ways (a scan over a stacked cache, the stacked cache with the slots minor, a loop
-over per-layer buffers): the figures behind `decoder.KVCache`'s layout and `Sampler.decode_dtype`.
+over per-layer buffers): the figures behind `decoder.KVCache`'s layout and `Sampler.decode_dtype`. Then the
+token draw alone (s3's temperature 0.6 / top-p 0.95 over SmolLM2's 49,152 logits): the sort-based top-p and
+Gumbel draw the sampler used until 2026-12-07 against `sample_logits` now (bisection and an inverse-CDF draw),
+and the fp32 decode step sampling that way against greedy.
 
-  python benchmarks/decode_step.py [--batch 16] [--slots 1088] [--steps 16] [--repeats 3]
+  python benchmarks/decode_step.py [--batch 16] [--slots 1088] [--steps 16] [--repeats 3] [--skip-attention]
 
 Random weights of SmolLM2-135M's shapes (the time does not depend on their values), a random cache with 90%
 of the slots valid. ms per step is the median over `repeats` calls of `steps` decode steps each.
@@ -63,6 +66,39 @@ def attention_layouts(batch: int, slots: int, repeats: int) -> None:
     print(f"  {name:<52} {ms:7.1f} ms  {cache_bytes / ms / 1e6:5.1f} GB/s")
 
 
+def sorted_top_p_draw(logits, rng, temperature, top_p):
+  """The sampler's token draw until 2026-12-07: a descending sort of the vocabulary for top-p, then
+  `jax.random.categorical` (a Gumbel number per token)."""
+  scaled = logits / temperature
+  ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(ordered, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs
+  threshold = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+  return jax.random.categorical(rng, jnp.where(scaled < threshold, -jnp.inf, scaled), axis=-1)
+
+
+def token_draw(batch: int, repeats: int) -> None:
+  from s3_jax.models.sampler import first_max, sample_logits
+
+  logits = jax.random.normal(jax.random.key(0), (batch, 49152)) * 4
+  t, p = jnp.float32(0.6), jnp.float32(0.95)
+  cases = {
+      "sort + Gumbel (until 2026-12-07)": lambda x, r: sorted_top_p_draw(x, r, t, p),
+      "bisection + inverse CDF (now)": lambda x, r: sample_logits(x, r, t, p, greedy=False, top_k=0,
+                                                                   use_top_p=True),
+      "no top-p, Gumbel": lambda x, r: jax.random.categorical(r, x / t, axis=-1),
+      "no top-p, inverse CDF (now)": lambda x, r: sample_logits(x, r, t, p, greedy=False, top_k=0,
+                                                                 use_top_p=False),
+      "greedy, jnp.argmax (until 2026-12-07)": lambda x, r: jnp.argmax(x, axis=-1),
+      "greedy, first_max (now)": lambda x, r: first_max(x)}
+  print(f"token draw, batch {batch}, 49,152 logits, T 0.6, top-p 0.95")
+  for name, fn in cases.items():
+    fn = jax.jit(fn)
+    keys = iter(jax.random.split(jax.random.key(1), 4 * repeats + 8))
+    ms = median_time(lambda: fn(logits, next(keys)).block_until_ready(), 4 * repeats) * 1e3  # noqa: B023
+    print(f"  {name:<40} {ms:7.2f} ms", flush=True)
+
+
 def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
   from flax import nnx
 
@@ -74,10 +110,11 @@ def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
   config, _ = read_config(assets.prepare("smollm2-135m-instruct", log=lambda m: None))
   rng = np.random.default_rng(0)
   print(f"SmolLM2-135M decode step through Sampler._decode, batch {batch}, {slots} slots, greedy")
-  print(f"  {'weights':<9} {'compute':<9} {'cache':<9} {'ms/step':>8}")
-  for weights, compute, cache_dtype in (("float32", "float32", "float32"), ("float32", "float32", "bfloat16"),
-                                        ("bfloat16", "float32", "bfloat16"),
-                                        ("bfloat16", "bfloat16", "bfloat16")):
+  print(f"  {'weights':<9} {'compute':<9} {'cache':<9} {'draw':<22} {'ms/step':>8}")
+  for weights, compute, cache_dtype, draw in (
+      ("float32", "float32", "float32", "greedy"), ("float32", "float32", "float32", "T 0.6, top-p 0.95"),
+      ("float32", "float32", "bfloat16", "greedy"), ("bfloat16", "float32", "bfloat16", "greedy"),
+      ("bfloat16", "bfloat16", "bfloat16", "greedy")):
     model = Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(weights))
     sampler = Sampler(model, decode_dtype=jnp.dtype(compute), chunk=steps)
     kv, e = config.num_kv_heads, config.head_dim
@@ -96,13 +133,15 @@ def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
       state = held["state"]  # noqa: B023  (the last call's state: its cache was donated and returned)
       state = {**state, "step": jnp.int32(0), "count": jnp.zeros(batch, jnp.int32),
                "done": jnp.zeros(batch, bool)}
-      state = sampler._decode(sampler.params, state, jnp.float32(1.0), jnp.float32(1.0), greedy=True,  # noqa: B023
-                              top_k=0, use_top_p=False, ignore_eos=True)
+      greedy = draw == "greedy"  # noqa: B023
+      state = sampler._decode(sampler.params, state, jnp.float32(1.0 if greedy else 0.6),  # noqa: B023
+                              jnp.float32(0.95), greedy=greedy, top_k=0, use_top_p=not greedy,
+                              ignore_eos=True)
       state["tokens"].block_until_ready()
       held["state"] = state  # noqa: B023
 
     ms = median_time(run, repeats) / steps * 1e3
-    print(f"  {weights:<9} {compute:<9} {cache_dtype:<9} {ms:8.1f}", flush=True)
+    print(f"  {weights:<9} {compute:<9} {cache_dtype:<9} {draw:<22} {ms:8.1f}", flush=True)
 
 
 def main() -> None:
@@ -115,6 +154,8 @@ def main() -> None:
   args = parser.parse_args()
   if not args.skip_attention:
     attention_layouts(args.batch, args.slots, args.repeats)
+  for batch in sorted({1, args.batch}):
+    token_draw(batch, args.repeats)
   decode_steps(args.batch, args.slots, args.steps, args.repeats)
 
 

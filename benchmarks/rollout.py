@@ -80,6 +80,58 @@ class VllmPolicy:
     self.process.wait(timeout=120)
 
 
+class SamplerPhases:
+  """Where our sampler's time goes in a run: wall seconds inside each of its compiled programs (prefill of a
+  first turn, chunked prefill of a later one, decode chunks, compaction and cache repacking), each call waited
+  on (`block_until_ready`: the sampler reads each decode chunk's result on the host anyway), minus the XLA
+  time spent tracing, lowering and compiling inside the call, which is counted apart (`jax.monitoring`'s
+  compile events), and
+  the decode steps run (from the decode state's step counter)."""
+
+  PROGRAMS = ("prefill", "extend", "decode", "take_rows", "repack", "merge")
+
+  def __init__(self, sampler):
+    import jax
+
+    self.seconds = {name: 0.0 for name in self.PROGRAMS}
+    self.compile_seconds, self.decode_steps = 0.0, 0
+    self._compiling = 0.0
+
+    def on_event(event, duration, **_):
+      if event.removeprefix("/jax/core/compile/") in ("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration",
+                                                       "backend_compile_duration"):
+        self._compiling += duration
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    for name in self.PROGRAMS:
+      setattr(sampler, f"_{name}", self._wrap(name, getattr(sampler, f"_{name}")))
+
+  def _wrap(self, name, fn):
+    import jax
+
+    def timed(*args, **kwargs):
+      before = int(args[1]["step"]) if name == "decode" else 0  # read first: decode donates its state
+      compiling, start = self._compiling, time.perf_counter()
+      out = jax.block_until_ready(fn(*args, **kwargs))
+      compiled = self._compiling - compiling
+      self.seconds[name] += time.perf_counter() - start - compiled
+      self.compile_seconds += compiled
+      if name == "decode":
+        self.decode_steps += int(out["step"]) - before
+      return out
+
+    return timed
+
+  def take(self) -> str:
+    steps = self.decode_steps
+    per_step = f" ({1000 * self.seconds['decode'] / steps:.1f} ms/step)" if steps else ""
+    text = (", ".join(f"{name} {s:.2f} s" for name, s in self.seconds.items() if s)
+            + f"; {steps} decode steps{per_step}; compiling {self.compile_seconds:.2f} s")
+    self.seconds = dict.fromkeys(self.PROGRAMS, 0.0)
+    self.compile_seconds, self.decode_steps = 0.0, 0
+    return text
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--episodes", type=int, default=16)
@@ -146,12 +198,15 @@ def main() -> None:
         else:
           sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0,
                             share_prefix=path != "cache-noshare")
+          phases = SamplerPhases(sampler)
 
           def policy(sampler=sampler, path=path):
             return SamplerPolicy(sampler, temperature=temperature, top_p=top_p, seed=0,
                                  keep_cache=path != "prefill")
 
         run_episodes(policy(), tokenizer, retriever, examples[:2], initial[:2], config)  # warm-up compiles
+        if sampler is not None:
+          phases.take()
         for repeat in range(args.repeats):
           traces = dict(sampler.trace_counts) if sampler is not None else {}
           watch = Stopwatch()
@@ -175,6 +230,8 @@ def main() -> None:
                 f"retrieve {watch.seconds.get('retrieve', 0.0):.3f} s "
                 f"({100 * watch.seconds.get('retrieve', 0.0) / total:.1f}%), "
                 f"host {host:.3f} s ({100 * host / total:.1f}%, target <= 10%)", flush=True)
+          if sampler is not None:
+            print(f"  sampler: {phases.take()}", flush=True)
         if sampler is None:
           engine.close()
   finally:

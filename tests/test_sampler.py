@@ -10,7 +10,7 @@ from test_decoder import make_hf_model
 
 from s3_jax import sharding
 from s3_jax.models.hf import load_hf
-from s3_jax.models.sampler import Sampler, SamplingParams, sample_logits
+from s3_jax.models.sampler import Sampler, SamplingParams, draw_token, first_max, sample_logits, top_p_floor
 
 PROMPTS = [[5, 9, 17, 3, 44, 2, 7], [11, 12], [100, *range(1, 18)]]
 
@@ -92,6 +92,51 @@ def test_sampling_distribution_matches_numpy(temperature, top_k, top_p):
   freq = np.bincount(np.asarray(draws), minlength=len(logits)) / n
   assert np.all(freq[~keep] == 0)
   np.testing.assert_allclose(freq, expected, atol=4 * np.sqrt(0.25 / n))  # 4 sigma of a binomial
+
+
+def _sorted_top_p_keep(scaled: np.ndarray, top_p: float) -> np.ndarray:
+  """Reference nucleus of one row, by sorting: keep tokens while the mass before them is below top_p, then
+  every token at least as likely as the least likely kept one."""
+  order = np.argsort(-scaled, kind="stable")
+  probs = np.exp(scaled.astype(np.float64) - scaled.max())
+  probs /= probs.sum()
+  before = np.cumsum(probs[order]) - probs[order]
+  return scaled >= scaled[order][before < top_p].min()
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.95, 0.999])
+def test_top_p_floor_keeps_the_sorted_nucleus(top_p):
+  rng = np.random.default_rng(0)
+  rows = rng.normal(size=(64, 3000)).astype(np.float32) * rng.uniform(0.5, 8, size=(64, 1)).astype(np.float32)
+  rows[:16] = np.round(rows[:16], 1)  # many ties
+  rows[16:32, ::3] = -np.inf  # what a top-k cut leaves
+  rows[32] = 0.0  # one value only: everything is kept
+  rows[33, :] = -1.0
+  rows[33, 7] = -0.0  # a negative zero among negatives
+  floor = np.asarray(top_p_floor(jnp.asarray(rows), jnp.float32(top_p)))
+  keys = rows.view(np.int32)
+  keys = np.where(keys < 0, keys ^ np.int32(0x7FFFFFFF), keys)
+  for i, row in enumerate(rows):
+    np.testing.assert_array_equal(keys[i] >= floor[i], _sorted_top_p_keep(row, top_p), err_msg=f"row {i}")
+
+
+def test_first_max_is_numpy_argmax():
+  rng = np.random.default_rng(1)
+  rows = np.round(rng.normal(size=(32, 5000)), 1).astype(np.float32)  # ties at the maximum
+  rows[3] = -np.inf
+  rows[4, 100:] = rows[4].max() + 1  # many tied maxima: the first wins
+  np.testing.assert_array_equal(np.asarray(first_max(jnp.asarray(rows))), np.argmax(rows, axis=-1))
+
+
+def test_draw_token_follows_the_weights_across_blocks():
+  weights = np.zeros(300, np.float64)  # 3 blocks of 128, the last one partial
+  weights[[0, 5, 127, 128, 250, 299]] = [0.1, 0.25, 0.05, 0.2, 0.3, 0.1]  # block 1's tokens 129-249 are 0
+  scaled = np.where(weights > 0, np.log(np.where(weights > 0, weights, 1)), -np.inf).astype(np.float32)
+  n = 40_000
+  draws = np.asarray(draw_token(jnp.tile(jnp.asarray(scaled), (n, 1)), jax.random.key(3)))
+  freq = np.bincount(draws, minlength=300) / n
+  assert np.all(freq[weights == 0] == 0)
+  np.testing.assert_allclose(freq, weights, atol=4 * np.sqrt(0.25 / n))  # 4 sigma of a binomial
 
 
 def test_top_k_one_is_greedy(tiny):

@@ -60,23 +60,78 @@ class SampleOutput:
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
                   greedy: bool, top_k: int, use_top_p: bool) -> jax.Array:
-  """Token ids `[b]` from float32 `logits [b, v]`: argmax when `greedy`, else a categorical draw from
-  `logits / temperature` restricted to the `top_k` largest and to the smallest set of tokens whose
-  probability reaches `top_p` (always keeping the most likely token)."""
+  """Token ids `[b]` from float32 `logits [b, v]`: argmax when `greedy`, else a draw from `logits /
+  temperature` restricted to the `top_k` largest and to the smallest set of tokens whose probability reaches
+  `top_p` (always keeping the most likely token; tokens tied with the least likely kept one are kept too).
+
+  No vocabulary sort and one random number per row: on XLA:CPU a sort of 16 x 49,152 logits cost more than
+  a SmolLM2 decode step itself, and a Gumbel draw (one random number per token) a third of one
+  (benchmarks/README.md). The top-p cut is found by bisection (`top_p_floor`), the draw by inverting the
+  cumulative distribution (`draw_token`); both the set kept and the distribution are those of the sort."""
   if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return first_max(logits)
   scaled = logits / temperature
   if top_k > 0:
     kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
     scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
   if use_top_p:
-    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
-    kept = jnp.where(before < top_p, ordered, jnp.inf)
-    threshold = jnp.min(kept, axis=-1, keepdims=True)
-    scaled = jnp.where(scaled < threshold, -jnp.inf, scaled)
-  return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+    scaled = jnp.where(_order_keys(scaled) < top_p_floor(scaled, top_p)[:, None], -jnp.inf, scaled)
+  return draw_token(scaled, rng)
+
+
+def first_max(logits: jax.Array) -> jax.Array:
+  """`jnp.argmax(logits, -1)` (the first of tied maxima) as two plain reductions: XLA:CPU's argmax, a
+  reduction over (value, index) pairs, took ~4 ms for 16 x 49,152 logits where these take ~0.7 ms."""
+  v = logits.shape[-1]
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  first = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(first, v - 1)  # a row of NaNs (a broken model) still gives a valid id
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+  """int32 keys of float32 `x` in the floats' order (-inf lowest; NaN not expected)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def top_p_floor(scaled: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Per row of `scaled [b, v]`, the `_order_keys` key of the least likely token that top-p keeps: the
+  smallest value x whose strictly more likely tokens hold less than `top_p` of the probability, which is
+  exactly the cut of sorting the row and keeping the tokens while the mass before them is below `top_p`.
+  Found by bisection over the 2^32 keys (32 masked sums over the row) instead of a sort."""
+  keys = _order_keys(scaled)
+  probs = jax.nn.softmax(scaled, axis=-1)
+
+  def step(_, bounds):  # invariant: mass above `low` >= top_p (or low below every key), above `high` < top_p
+    low, high = bounds
+    mid = (low >> 1) + (high >> 1) + (low & high & 1)  # floor((low + high) / 2) without int32 overflow
+    short = jnp.sum(jnp.where(keys > mid[:, None], probs, 0.0), axis=-1) < top_p
+    return jnp.where(short, low, mid), jnp.where(short, mid, high)
+
+  low = jnp.min(keys, axis=-1) - 1
+  high = jnp.max(keys, axis=-1)
+  return jax.lax.fori_loop(0, 32, step, (low, high))[1]
+
+
+def draw_token(scaled: jax.Array, rng: jax.Array, block: int = 128) -> jax.Array:
+  """A token id per row of `scaled [b, v]` (-inf: never), drawn with probability softmax(scaled), from one
+  uniform number per row: the first token whose cumulative probability reaches it, found in two levels (the
+  block of `block` tokens, then the token within it) so no scan runs over the whole vocabulary."""
+  b, v = scaled.shape
+  weights = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+  weights = jnp.pad(weights, [(0, 0), (0, -v % block)]).reshape(b, -1, block)
+  ends = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)  # [b, blocks]: cumulative weight at each block's end
+  target = (1.0 - jax.random.uniform(rng, (b, 1))) * ends[:, -1:]  # in (0, total]
+  chosen = jnp.minimum(jnp.sum(ends < target, axis=-1), ends.shape[1] - 1)  # first block reaching it
+  pick = lambda x, i: jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]  # noqa: E731
+  start = jnp.where(chosen > 0, pick(ends, jnp.maximum(chosen - 1, 0)), 0.0)
+  inside = jnp.take_along_axis(weights, chosen[:, None, None], axis=1)[:, 0]  # [b, block]
+  # The first token whose cumulative weight within the block reaches what is left of the target (> 0, so
+  # a zero-weight token is never first); where rounding leaves it past the block's sum, its last
+  # nonzero-weight token.
+  offset = jnp.sum(jnp.cumsum(inside, axis=-1) < target - start[:, None], axis=-1)
+  last = block - 1 - jnp.argmax(inside[:, ::-1] > 0, axis=-1)
+  return (chosen * block + jnp.minimum(offset, last)).astype(jnp.int32)
 
 
 class Sampler:
