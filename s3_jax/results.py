@@ -462,7 +462,7 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
   earlier = tries(experiment)
   if earlier:
-    page += ["", "## Earlier tries (settings replaced, recorded; not in the table)", "", earlier]
+    page += ["", "## Tries (settings replaced, and remedies tried: recorded, not in the table)", "", earlier]
   signal = probes(experiment)
   if signal:
     page += ["", "## What PPO sees at step 1 (`python -m s3_jax.probe`)", "", signal]

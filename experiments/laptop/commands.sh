@@ -48,3 +48,7 @@ done
 
 # 5. The results page and curves, from the outputs alone.
 python -m s3_jax.results $E
+
+# 6. Tries (recorded under tries/NAME/seedS, shown on the page apart from the table): one seed with some settings
+#    changed, trained from the same warm start and evaluated like the table's rows (experiments/laptop/try.sh).
+#    Each try's commands.log holds its exact command and code commit.
