@@ -98,6 +98,24 @@ def test_page_numbers_verdict_curves_and_episodes(tmp_path):
   assert "- machine: 2 cores, 23 GiB" in page and "- evaluation rag: 10 questions in 2.5 min" in page
 
 
+def test_paired_differences_over_questions(tmp_path):
+  """Each question's score averaged over seeds, minus the other row's: the mean, a 95% interval of 1.96
+  standard errors, and the questions that went each way."""
+  exp = _experiment(tmp_path)
+  page = results.write_page(exp, exp / "results.md", exp / "curves.png", episode_count=0)
+  # trained seeds right on 0-4, 0-5, 0-6: per question 1 (0-4), 2/3 (5), 1/3 (6), 0 (7-9); RAG right on 0-2
+  diffs = [0, 0, 0, 1, 1, 2 / 3, 1 / 3, 0, 0, 0]
+  half = 1.96 * statistics.stdev(diffs) / np.sqrt(10)
+  assert (f"(GenAcc, each question's score averaged over seeds; ± a 95% interval over the 10 questions): "
+          f"trained − naive RAG = +30.0 ± {100 * half:.1f} points (better on 4 questions, worse on 0)"
+          ) in page
+  # warm start seeds: {0, 1, 3}, {1, 3}, {0, 1, 2, 3}: per question 2/3, 1, 1/3, 1, then 0
+  diffs = [1 - 2 / 3, 0, 1 - 1 / 3, 0, 1, 2 / 3, 1 / 3, 0, 0, 0]
+  half = 1.96 * statistics.stdev(diffs) / np.sqrt(10)
+  assert (f"trained − warm start = {100 * statistics.fmean(diffs):+.1f} ± {100 * half:.1f} points "
+          "(better on 5 questions, worse on 0)") in page
+
+
 def test_the_span_check_and_the_judge_only_part_are_shown_beside_genacc(tmp_path):
   """GenAcc that a judge's yes alone made right (the span check failed) shows in the judge-only column, the
   span column is GenAcc without it, and the bar is also read on the span check."""
