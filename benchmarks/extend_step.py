@@ -1,0 +1,115 @@
+"""Where a chunked prefill's time goes (`Sampler._extend`: new tokens of every row written into a kept KV
+cache; 67% of a warm greedy rollout, benchmarks/README.md): the whole call, its 30 layers' attention over the
+cache alone (the whole [t, slots] score matrix, as `decoder._cached_attention` computes it, and in query
+blocks that see only the slots up to their own last position), and its weight matmuls alone, for a rollout's
+first turn (16 rows of ~450 new tokens after the shared 651-token instruction: chunk 512 over 1,280 slots) and
+a later turn (16 observations: chunk 128 over 1,600 slots).
+
+  python benchmarks/extend_step.py [--repeats 3] [--compute bfloat16|float32]
+
+Random weights of SmolLM2-135M's shapes (time does not depend on the values); the cache is fp32 (the
+sampler's on CPU). Prints ms per call and the GFLOP/s of the matmul work each does.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from timing import median_time
+
+SHAPES = {"first turn": (16, 512, 704, 64), "later turn": (16, 128, 1408, 64)}  # rows, chunk, kept slots, new
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--compute", default="bfloat16", choices=("bfloat16", "float32"))
+  args = parser.parse_args()
+  from flax import nnx
+
+  from s3_jax import assets
+  from s3_jax.models import decoder
+  from s3_jax.models.decoder import Decoder, KVCache
+  from s3_jax.models.hf import read_config
+  from s3_jax.models.sampler import Sampler
+
+  config, _ = read_config(assets.prepare("smollm2-135m-instruct", log=lambda m: None))
+  compute = jnp.dtype(args.compute)
+  model = Decoder(config, rngs=nnx.Rngs(0), compute_dtype=compute)
+  sampler = Sampler(model)
+  layers = sampler.params["layers"]
+  rng = np.random.default_rng(0)
+  kv, e, heads = config.num_kv_heads, config.head_dim, config.num_heads
+  per_token = 2 * sum(int(np.prod(w.shape)) for layer in layers for w in layer.values() if w.ndim > 1)
+  print(f"SmolLM2-135M chunked prefill, compute {args.compute}, fp32 cache; layer weights "
+        f"{per_token / 2e6:.0f}M parameters")
+  for name, (b, t, kept, new) in SHAPES.items():
+    slots = kept + t + new
+    cache = KVCache(tuple(jnp.asarray(rng.standard_normal((b, kv, e, slots), np.float32)) for _ in layers),
+                    tuple(jnp.asarray(rng.standard_normal((b, kv, slots, e), np.float32)) for _ in layers),
+                    jnp.asarray(np.arange(slots)[None, :].repeat(b, 0) < kept), jnp.int32(kept))
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (b, t)), jnp.int32)
+    mask = jnp.ones((b, t), bool)
+    positions = jnp.asarray(np.arange(kept, kept + t)[None].repeat(b, 0), jnp.int32)
+    held = {"cache": cache}
+
+    def whole():
+      out_cache, logits = sampler._extend(sampler.params, held["cache"], tokens, mask, positions)  # noqa: B023
+      logits.block_until_ready()
+      held["cache"] = out_cache  # noqa: B023  (the call donates its cache)
+
+    matmul_flop = per_token * b * t
+    attn_flop = 4 * b * heads * t * slots * e  # q.k and p.v over every slot
+    ms = median_time(whole, args.repeats) * 1e3
+    print(f"{name}: {b} rows x {t} new tokens over {slots} slots ({kept} kept)")
+    print(f"  {'whole extend (sampler._extend)':<42} {ms:8.1f} ms  "
+          f"{(matmul_flop + attn_flop) / ms / 1e6:6.1f} GFLOP/s")
+
+    q = jnp.asarray(rng.standard_normal((b, t, heads, e)), compute)
+    valid = jnp.asarray(np.arange(slots)[None, :].repeat(b, 0) < kept + t)
+    attn_mask = valid[:, None, :] & (jnp.arange(slots)[None, None, :] <= kept + jnp.arange(t)[None, :, None])
+    whole_attention = jax.jit(lambda q, ks, vs: [decoder._cached_attention(q, k, v, attn_mask)  # noqa: B023
+                                                  for k, v in zip(ks, vs, strict=True)])
+
+    def blocked(q, ks, vs, block=128):
+      out = []
+      for k, v in zip(ks, vs, strict=True):
+        parts = []
+        for start in range(0, t, block):  # noqa: B023
+          end = min(start + block, t)  # noqa: B023
+          see = kept + end  # noqa: B023  (slots past a block's last position are masked for all its queries)
+          parts.append(decoder._cached_attention(q[:, start:end], k[..., :see], v[:, :, :see],
+                                                 attn_mask[:, start:end, :see]))  # noqa: B023
+        out.append(jnp.concatenate(parts, axis=1))
+      return out
+
+    for label, fn in (("30 layers' attention, whole score matrix", whole_attention),
+                      ("30 layers' attention, query blocks of 128", jax.jit(blocked))):
+      ms = median_time(lambda fn=fn: jax.block_until_ready(fn(q, held["cache"].k, held["cache"].v)),  # noqa: B023
+                       args.repeats) * 1e3
+      print(f"  {label:<42} {ms:8.1f} ms  {attn_flop / ms / 1e6:6.1f} GFLOP/s (all slots)")
+
+    x = jnp.asarray(rng.standard_normal((b, t, config.hidden_size)), compute)
+
+    def matmuls(x):
+      kv_sum = jnp.zeros((), jnp.float32)  # keeps the k/v projections from being dropped as unused
+      for p in layers:
+        h = decoder.dense("btd,dhe->bthe", x, p["q"])
+        x = x + decoder.dense("bthe,hed->btd", h, p["o"])
+        k, v = decoder.dense("btd,dke->btke", x, p["k"]), decoder.dense("btd,dke->btke", x, p["v"])
+        kv_sum += jnp.sum(k + v)
+        gate, up = decoder.dense("btd,df->btf", x, p["gate"]), decoder.dense("btd,df->btf", x, p["up"])
+        x = x + decoder.dense("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
+      return x, kv_sum
+
+    matmuls = jax.jit(matmuls)
+    ms = median_time(lambda: jax.block_until_ready(matmuls(x)), args.repeats) * 1e3  # noqa: B023
+    label = "30 layers' weight matmuls alone"
+    print(f"  {label:<42} {ms:8.1f} ms  {matmul_flop / ms / 1e6:6.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+  main()
