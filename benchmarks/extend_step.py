@@ -62,7 +62,7 @@ def main() -> None:
       held["cache"] = out_cache  # noqa: B023  (the call donates its cache)
 
     matmul_flop = per_token * b * t
-    attn_flop = 4 * b * heads * t * slots * e  # q.k and p.v over every slot
+    attn_flop = 4 * b * heads * t * slots * e * len(layers)  # q.k and p.v over every slot, every layer
     ms = median_time(whole, args.repeats) * 1e3
     print(f"{name}: {b} rows x {t} new tokens over {slots} slots ({kept} kept)")
     print(f"  {'whole extend (sampler._extend)':<42} {ms:8.1f} ms  "

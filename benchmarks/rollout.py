@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REPO = CONFIGS.parent
 
@@ -95,6 +97,7 @@ class SamplerPhases:
 
     self.seconds = {name: 0.0 for name in self.PROGRAMS}
     self.compile_seconds, self.decode_steps = 0.0, 0
+    self.extend_rows, self.extend_padded, self.extend_real, self.extend_pairs = 0, 0, 0, 0
     self._compiling = 0.0
 
     def on_event(event, duration, **_):
@@ -118,6 +121,12 @@ class SamplerPhases:
       self.compile_seconds += compiled
       if name == "decode":
         self.decode_steps += int(out["step"]) - before
+      if name == "extend":  # (params, cache, tokens, mask, positions): padded vs real new tokens
+        tokens, mask = args[2], np.asarray(args[3])
+        self.extend_rows += tokens.shape[0]
+        self.extend_padded += tokens.size
+        self.extend_real += int(mask.sum())
+        self.extend_pairs += tokens.size * out[0].valid.shape[1]  # query x slot pairs attention computed
       return out
 
     return timed
@@ -126,7 +135,10 @@ class SamplerPhases:
     steps = self.decode_steps
     per_step = f" ({1000 * self.seconds['decode'] / steps:.1f} ms/step)" if steps else ""
     text = (", ".join(f"{name} {s:.2f} s" for name, s in self.seconds.items() if s)
-            + f"; {steps} decode steps{per_step}; compiling {self.compile_seconds:.2f} s")
+            + f"; {steps} decode steps{per_step}; compiling {self.compile_seconds:.2f} s; extend: "
+            f"{self.extend_real} new tokens in {self.extend_padded} padded ({self.extend_rows} rows), "
+            f"{self.extend_pairs / 1e6:.0f}M query-slot pairs")
+    self.extend_rows, self.extend_padded, self.extend_real, self.extend_pairs = 0, 0, 0, 0
     self.seconds = dict.fromkeys(self.PROGRAMS, 0.0)
     self.compile_seconds, self.decode_steps = 0.0, 0
     return text

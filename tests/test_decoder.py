@@ -264,6 +264,28 @@ def test_missing_folder_keys_or_weights(tmp_path):
     load_hf(tmp_path)
 
 
+def test_bfloat16_chunked_prefill_over_an_fp32_cache_tracks_transformers(tmp_path):
+  """The sampler's chunked prefill: bf16 compute over an fp32 KV cache (attention in bf16 with f32 sums),
+  in two chunks, then one decode step, against transformers' fp32 logits of the whole rows."""
+  reference = make_hf_model("Qwen3ForCausalLM", tmp_path, head_dim=32)
+  ids = _ids(2, 21, seed=9)
+  with torch.no_grad():
+    expected = reference(torch.tensor(ids)).logits.numpy()
+  model = load_hf(tmp_path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+  params, config = model.arrays(), model.config
+  positions = jnp.broadcast_to(jnp.arange(21), (2, 21))
+  cache = KVCache.zeros(config, batch=2, slots=32, dtype=jnp.float32)
+  steps = []
+  for start, end in ((0, 12), (12, 20), (20, 21)):
+    chunk = jnp.asarray(ids[:, start:end], jnp.int32)
+    hidden, cache = forward(config, params, chunk, positions[:, start:end], cache=cache,
+                            compute_dtype=jnp.bfloat16)
+    steps.append(lm_logits(params, hidden))
+  assert cache.k[0].dtype == jnp.float32 and int(cache.index) == 21
+  # the bf16 bound of test_bfloat16_compute_and_parameter_dtypes
+  assert _relative_error(jnp.concatenate(steps, axis=1), expected) <= 1.6e-2
+
+
 def test_bfloat16_compute_and_parameter_dtypes(tmp_path):
   reference = make_hf_model("Qwen3ForCausalLM", tmp_path, head_dim=32)
   ids = _ids(2, 24, seed=8)

@@ -241,7 +241,17 @@ def _cached_attention(q, kt, v, mask):
   v `[b, k, s, e]`, the new tokens already written), allowed where `mask [b, t, s]`."""
   b, t, h, e = q.shape
   q = q.reshape(b, t, kt.shape[1], h // kt.shape[1], e)
-  scores = jnp.where(mask[:, None, None], _cached_scores(q, kt) / np.sqrt(e), _NEG_INF)
+  if t > 1 and q.dtype == jnp.bfloat16 and kt.dtype != q.dtype:
+    # A chunked prefill in bf16 over the sampler's fp32 cache: the scores' dot and the mix in bf16 with f32
+    # sums (the cache cast per call, the scale folded into q), softmax in f32. It was fp32 throughout (q cast
+    # up to the cache's dtype): a rollout's first-turn chunk (16 x 512 new tokens over 1,280 slots), 30
+    # layers' attention 14.0 s -> 10.2 s (`benchmarks/extend_step.py`); attention is most of a chunked
+    # prefill, and chunked prefill most of a warm rollout.
+    q = (q.astype(jnp.float32) * (1.0 / np.sqrt(e))).astype(q.dtype)
+    kt, v = kt.astype(q.dtype), v.astype(q.dtype)
+    scores = jnp.where(mask[:, None, None], _cached_scores(q, kt), _NEG_INF)
+  else:
+    scores = jnp.where(mask[:, None, None], _cached_scores(q, kt) / np.sqrt(e), _NEG_INF)
   return _mix(jax.nn.softmax(scores, axis=-1), v).astype(q.dtype).reshape(b, t, h, e)
 
 
