@@ -7,6 +7,8 @@ import pytest
 import torch
 from test_decoder import make_hf_model
 
+from s3_jax import tracing
+from s3_jax.models import sampler as sampler_lib
 from s3_jax.models.hf import load_hf
 from s3_jax.models.sampler import Sampler, SamplingParams
 
@@ -96,6 +98,86 @@ def test_rows_of_very_different_new_lengths_extend_in_groups_with_the_same_resul
   # and the next turn continues from the merged cache
   contexts = [c + ids + [5] for c, ids in zip(contexts, cached.tokens, strict=True)]
   assert session.generate(keys, contexts, SamplingParams(max_new_tokens=4)).tokens == \
+      sampler.generate(contexts, SamplingParams(max_new_tokens=4)).tokens
+
+
+def _group_work(lengths, groups, minimum, prefix_slots):
+  """The padded work of extending `groups` (lists of rows), as `_length_groups` documents it, plus its
+  charge for every group after the first (counted here, not taken from the sampler)."""
+  def one(rows):
+    chunk = tracing.bucket_length(max(lengths[i] for i in rows), minimum)
+    batch = 1 << (len(rows) - 1).bit_length()
+    return batch * chunk * (sampler_lib.EXTEND_TOKEN_SLOTS + prefix_slots + chunk)
+  return sum(one(rows) for rows in groups), one(range(len(lengths)))
+
+
+def _all_partitions(n, most):
+  """Every split of rows 0 ... n-1 into at most `most` non-empty groups (contiguous or not)."""
+  def grow(i, groups):
+    if i == n:
+      yield [list(g) for g in groups]
+      return
+    for g in groups:
+      g.append(i)
+      yield from grow(i + 1, groups)
+      g.pop()
+    if len(groups) < most:
+      groups.append([i])
+      yield from grow(i + 1, groups)
+      groups.pop()
+  yield from grow(0, [])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_groups_are_the_least_work_of_every_split(seed):
+  """`_length_groups` against every way to split 7 rows into at most 4 groups (not only neighbouring
+  lengths): its split's work, with the charge per extra group, is the least there is."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, 700, 7).tolist() if seed % 2 else rng.choice([3, 30, 300, 650], 7).tolist()
+  prefix = [0, 640, 1280][seed % 3]
+  groups = sampler_lib._length_groups(lengths, 16, prefix)
+  assert sorted(i for g in groups for i in g) == list(range(7))
+  def charged(split):
+    work, whole = _group_work(lengths, split, 16, prefix)
+    return work + (len(split) - 1) * sampler_lib.EXTEND_GROUP_SAVING * whole
+  least = min(charged(split) for split in _all_partitions(7, 4))
+  assert charged(groups) == pytest.approx(least)
+
+
+def test_length_groups_of_similar_rows_stay_one_and_a_first_turn_splits():
+  assert sampler_lib._length_groups([100, 101, 99, 100], 16, 640) == [[0, 1, 2, 3]]
+  # a rollout's first turn (SmolLM2, 16 FanOutQA questions with their 3 documents, after the 640-token
+  # shared template; benchmarks/rollout.py): two groups saved 17% of the padded tokens, these save more
+  first_turn = [469, 484, 434, 424, 470, 467, 665, 510, 291, 613, 479, 438, 427, 576, 557, 527]
+  groups = sampler_lib._length_groups(first_turn, 16, 640)
+  assert len(groups) >= 3
+  tokens = sum((1 << (len(g) - 1).bit_length()) * tracing.bucket_length(max(first_turn[i] for i in g), 16)
+               for g in groups)
+  assert tokens < 0.8 * 16 * 768
+
+
+def test_a_first_turn_of_many_lengths_extends_in_several_groups_with_the_same_result(tiny):
+  """New conversations with a common template and new parts of very different lengths (s3's first turn:
+  a question and its documents after the instruction) are extended in three or more groups, each over a
+  cache of its own, then merged: the same tokens and log-probs as the re-prefill path and transformers,
+  this turn and the next."""
+  reference, model = tiny
+  sampler = Sampler(model, eos_token_ids=[7], chunk=4)
+  calls = []
+  extend = sampler._extend
+  sampler._extend = lambda *args: calls.append(args[2].shape) or extend(*args)
+  session = sampler.session()
+  rng = np.random.default_rng(5)
+  template = rng.integers(1, 128, 64).tolist()
+  news = [10, 260, 12, 130, 60, 250, 70, 140]
+  contexts = [template + rng.integers(1, 128, n).tolist() for n in news]
+  cached = session.generate(list(range(8)), contexts, SamplingParams(max_new_tokens=6))
+  assert len(calls) >= 3 and sampler.trace_counts["merge"] == 1
+  assert sum(b * t for b, t in calls) < 8 * tracing.bucket_length(max(news), 16)
+  _assert_same_as_re_prefill_and_transformers(sampler, reference, contexts, cached, 6)
+  contexts = [c + ids + [5] * (1 + 40 * (k % 3)) for k, (c, ids) in enumerate(zip(contexts, cached.tokens,
+                                                                                 strict=True))]
+  assert session.generate(list(range(8)), contexts, SamplingParams(max_new_tokens=4)).tokens == \
       sampler.generate(contexts, SamplingParams(max_new_tokens=4)).tokens
 
 

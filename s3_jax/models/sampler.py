@@ -176,7 +176,7 @@ class Sampler:
     self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
     self._take_rows = jax.jit(self._take_rows_fn)
     self._repack = jax.jit(self._repack_fn)
-    self._merge = jax.jit(self._merge_fn)
+    self._merge = jax.jit(self._merge_fn, static_argnames=("prefix", "end", "slots"))
     self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "ignore_eos"),
                            donate_argnames=("state",))
 
@@ -296,15 +296,27 @@ class Sampler:
     new_valid = jnp.pad(valid[rows, slots] & keep, [(0, 0), (0, pad)])
     return KVCache(new_k, new_v, new_valid, index)
 
-  def _merge_fn(self, parts, rows):
-    """The caches and logits of several extends `parts ((cache, logits), ...)` (same slots and index) as one
-    batch whose row i is row `rows[i]` of their concatenation."""
-    self._traced("merge", parts, rows)
+  def _merge_fn(self, parts, rows, *, prefix, end, slots):
+    """The caches and logits of several extends `parts ((cache, logits), ...)` as one batch of `slots` slots
+    whose row i is row `rows[i]` of their concatenation. A part's cache holds the kept prefixes in slots
+    `0 ... prefix` and its new tokens after them; they move so that every part's new tokens end at slot `end`
+    (the decode steps then write from `end` on)."""
+    self._traced("merge", parts, rows, prefix=prefix, end=end, slots=slots)
+
+    def place(x, axis):  # one part's cache laid out as the merged one along its slot axis
+      gap = end - x.shape[axis]  # empty slots between the prefixes and this part's (shorter) chunk
+
+      def zeros(n):
+        return jnp.zeros((*x.shape[:axis], n, *x.shape[axis + 1:]), x.dtype)
+
+      before, after = jnp.split(x, [prefix], axis=axis)
+      return jnp.concatenate([before, zeros(gap), after, zeros(slots - end)], axis=axis)
+
     caches = [cache for cache, _ in parts]
     join = lambda xs: jnp.take(jnp.concatenate(xs), rows, axis=0)  # noqa: E731
-    cache = KVCache(tuple(map(join, zip(*(c.k for c in caches), strict=True))),
-                    tuple(map(join, zip(*(c.v for c in caches), strict=True))),
-                    join([c.valid for c in caches]), caches[0].index)
+    k = tuple(join([place(x, 3) for x in layer]) for layer in zip(*(c.k for c in caches), strict=True))
+    v = tuple(join([place(x, 2) for x in layer]) for layer in zip(*(c.v for c in caches), strict=True))
+    cache = KVCache(k, v, join([place(c.valid, 1) for c in caches]), jnp.int32(end))
     return self._constrain_state({"cache": cache})["cache"], join([logits for _, logits in parts])
 
   # -- host API -------------------------------------------------------------------------------------
@@ -493,20 +505,42 @@ class _Cached:
 SHARED_PREFIX_MULTIPLE = 64
 
 
-def _length_groups(lengths: Sequence[int], minimum: int) -> list[list[int]]:
-  """Rows to extend together: all of them, or two groups split by length when that saves at least a quarter
-  of the padded work (batch bucket x chunk bucket summed over the groups)."""
+# The work of a chunked prefill in query-slot pairs per new token: each new token's weight matmuls cost about
+# what its attention over this many cache slots costs (SmolLM2-135M on a 2-core avx512_bf16 CPU, bf16: ~0.7 ms
+# of matmuls a token, ~0.7 us of attention a token and slot; benchmarks/extend_step.py).
+EXTEND_TOKEN_SLOTS = 1024
+# A further length group is used only when it saves at least this share of the one-group work: each group is
+# another compiled shape (batch bucket x chunk bucket) and another call.
+EXTEND_GROUP_SAVING = 0.05
+
+
+def _length_groups(lengths: Sequence[int], minimum: int, prefix_slots: int = 0,
+                   max_groups: int = 4) -> list[list[int]]:
+  """Rows to extend together: up to `max_groups` groups of rows of neighbouring lengths, the split of least
+  padded work. A group of rows costs its batch bucket x chunk bucket new tokens, each attending to the
+  `prefix_slots` cached slots and the group's own chunk (`DecodeSession` gives each group a cache of just
+  those slots), plus `EXTEND_TOKEN_SLOTS` for its weight matmuls. Found by dynamic programming over the rows
+  sorted by length; a further group must save `EXTEND_GROUP_SAVING` of the one-group work."""
   n = len(lengths)
   order = sorted(range(n), key=lambda i: lengths[i])
 
-  def cost(rows):
-    return tracing.bucket_pow2(len(rows), 1) * tracing.bucket_length(max(lengths[i] for i in rows), minimum)
+  def cost(a, b):  # rows order[a:b] as one group
+    chunk = tracing.bucket_length(lengths[order[b - 1]], minimum)
+    return tracing.bucket_pow2(b - a, 1) * chunk * (EXTEND_TOKEN_SLOTS + prefix_slots + chunk)
 
-  whole = cost(order)
-  best, cut = min(((cost(order[:c]) + cost(order[c:]), c) for c in range(1, n)), default=(whole, 0))
-  if best > 0.75 * whole:
-    return [list(range(n))]
-  return [sorted(order[:cut]), sorted(order[cut:])]
+  # best[g][j]: the least work of rows order[:j] in g groups, and where its last group starts
+  best = [[(0.0, 0)] + [(np.inf, 0)] * n]
+  for g in range(1, min(max_groups, n) + 1):
+    best.append([(np.inf, 0)] + [min((best[g - 1][a][0] + cost(a, j), a) for a in range(j))
+                                 for j in range(1, n + 1)])
+  whole = best[1][n][0]
+  groups = min(range(1, len(best)), key=lambda g: best[g][n][0] + (g - 1) * EXTEND_GROUP_SAVING * whole)
+  cuts, end = [], n
+  for g in range(groups, 0, -1):
+    start = best[g][end][1]
+    cuts.append(sorted(order[start:end]))
+    end = start
+  return cuts[::-1]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -587,10 +621,9 @@ class DecodeSession:
       slots = tracing.bucket_length(chunk + new_len, 64)
       cache, logits, position = s._prefill(s.params, tokens, mask, np.zeros(slots, bool))
     else:
-      start = longest_kept
-      prefix_slots = tracing.bucket_length(longest_kept, 64)
-      slots = tracing.bucket_length(prefix_slots + chunk + new_len, 64)
-      cache, logits = self._extend_in_groups(keys, kept, fresh, batch, chunk, prefix_slots, slots, start)
+      start = tracing.bucket_length(longest_kept, 64)  # the kept prefixes' slots (some empty at the end)
+      slots = tracing.bucket_length(start + chunk + new_len, 64)
+      cache, logits = self._extend_in_groups(keys, kept, fresh, batch, chunk, start, slots)
       position = jnp.asarray(np.asarray([len(c) for c in contexts] + [0] * (batch - n), np.int32))
     state = s._decode_state(cache, logits, position, limits, batch, new_len, rng)
     pieces = s._run_decode(state, list(range(n)) + [-1] * (batch - n), params, stop_strings, keep_cache=True)
@@ -629,22 +662,25 @@ class DecodeSession:
     self.shared_prefix_tokens += p
     return [p] * len(contexts)
 
-  def _extend_in_groups(self, keys, kept, fresh, batch, chunk, prefix_slots, slots, start):
-    """Chunked prefill of each conversation's `fresh` tokens into its kept cache: the cache and last logits of
-    all rows (row i = request i), the fresh tokens ending at slot `start + chunk` in every row.
+  def _extend_in_groups(self, keys, kept, fresh, batch, chunk, start, slots):
+    """Chunked prefill of each conversation's `fresh` tokens into its kept cache (slots `0 ... start`): the
+    cache (`slots` slots) and last logits of all rows (row i = request i), the fresh tokens ending at slot
+    `start + chunk` in every row.
 
     One chunk pads every row to the longest new segment (one 700-token observation makes 16 rows prefill
-    700 tokens where most need a ~30-token nudge), so when it saves at least a quarter of the padded work the
-    rows are extended in two length groups, each with its own chunk (written later in the cache, so every row
-    ends at the same slot), and merged."""
+    700 tokens where most need a ~30-token nudge; a first turn's 291-665-token questions and documents pad to
+    768), so the rows are extended in length groups (`_length_groups`) where that saves work. Each group then
+    runs on a cache of its own with only the kept slots and its chunk's (no empty decode slots to attend to),
+    and the groups' caches are merged into the decode layout."""
     s = self.sampler
-    groups = _length_groups([len(f) for f in fresh], s.min_prompt_bucket)
+    groups = _length_groups([len(f) for f in fresh], s.min_prompt_bucket, start)
     parts = []
     for rows in groups:
       g_chunk = tracing.bucket_length(max(len(fresh[i]) for i in rows), s.min_prompt_bucket)
-      g_batch = batch if len(groups) == 1 else tracing.bucket_pow2(len(rows), 1)
-      cache = self._repack([keys[i] for i in rows], [kept[i] for i in rows], g_batch, prefix_slots, slots,
-                           start + chunk - g_chunk)
+      one = len(groups) == 1  # extended in place in the decode layout
+      g_batch = batch if one else tracing.bucket_pow2(len(rows), 1)
+      cache = self._repack([keys[i] for i in rows], [kept[i] for i in rows], g_batch, start,
+                           slots if one else start + g_chunk, start)
       tokens, mask = s._left_pad([fresh[i] for i in rows], g_batch, g_chunk)
       positions = np.zeros((g_batch, g_chunk), np.int32)
       for j, i in enumerate(rows):
@@ -656,7 +692,8 @@ class DecodeSession:
     offsets = np.cumsum([0] + [cache.batch for cache, _ in parts])
     where = {i: offsets[g] + j for g, rows in enumerate(groups) for j, i in enumerate(rows)}
     order = [where[i] for i in range(len(fresh))]
-    return s._merge(tuple(parts), np.asarray(order + [order[0]] * (batch - len(order)), np.int32))
+    return s._merge(tuple(parts), np.asarray(order + [order[0]] * (batch - len(order)), np.int32),
+                    prefix=start, end=start + chunk, slots=slots)
 
   def _repack(self, keys, kept, batch, prefix_slots, slots, index) -> KVCache:
     """One cache with row i = the first `kept[i]` cached tokens of `keys[i]`, at slots 0 ... kept[i]."""
