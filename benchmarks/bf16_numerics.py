@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
 import numpy as np
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

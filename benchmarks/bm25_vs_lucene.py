@@ -11,6 +11,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
 from timing import median_time
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np

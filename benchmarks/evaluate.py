@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
+
 
 def commits(paths: list[str], methods: list[str], n: int, config: str) -> None:
   """Each commit's evaluate CLI on the same `n` FanOutQA test questions, in turn; prints a row per run as it

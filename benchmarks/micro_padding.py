@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
 import numpy as np
 
 

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
 from timing import interleaved_medians, median_time
 
 

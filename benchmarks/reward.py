@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
+
 
 def reward_questions(n: int) -> tuple[list, list]:
   """The benchmark's first `n` FanOutQA questions (train, dev, test in order) and their BM25 top-3 wiki-vital

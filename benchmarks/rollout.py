@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
 import numpy as np
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

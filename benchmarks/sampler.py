@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
 import numpy as np
 from timing import median_time
 

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import WHOLE_STEP_PATHS, whole_step_child
 
