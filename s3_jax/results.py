@@ -425,15 +425,39 @@ def training_signal(experiment: Path, steps: Mapping[str, Sequence[Mapping[str, 
   return "\n".join(lines)
 
 
+def _rag_documents(folder: Path) -> dict[tuple[str, str], list[str]] | None:
+  """Naive RAG's documents (titles, in order) of each training question of the run in `folder`: the first
+  `precompute.context_docs` of its precompute's `retrieval_train.jsonl` (the folder named by the run's
+  `config.json`, relative to the working directory); None when the run or that file is not at hand."""
+  import json
+
+  config = folder / "config.json"
+  if not config.is_file():
+    return None
+  precompute = json.loads(config.read_text(encoding="utf-8")).get("precompute", {})
+  path = Path(precompute.get("dir", "")) / "retrieval_train.jsonl"
+  if not precompute.get("dir") or not path.is_file():
+    return None
+  docs = {}
+  for line in path.read_text(encoding="utf-8").splitlines():
+    row = json.loads(line)
+    docs[(row["data_source"], row["question"])] = [d["title"] for d in row["docs"][:precompute["context_docs"]]]
+  return docs
+
+
 def rewards_by_search(experiment: Path) -> str:
   """From each seed's saved episodes (`train/<seed>/rollouts/step_*.jsonl`): how often an episode that never
   searched (the generator then reads the initial block, naive RAG's own top documents, in D_s3's format)
-  earned a nonzero reward, against one that searched. GBR pays for the first whenever the generator answers
-  from D_s3's context format what it missed from naive RAG's; "" when no seed saved its episodes."""
+  earned a nonzero reward, against one that searched; and how many episodes, and how many of the rewarded
+  ones, gave the generator exactly naive RAG's documents (the same titles; the run's precompute,
+  `_rag_documents`). GBR pays for those whenever the generator answers from D_s3's context format what it
+  missed from naive RAG's: a reward for the format, not for anything the search found. "" when no seed saved
+  its episodes."""
   import json
 
-  lines = ["| seed | steps | episodes without a search: rewarded / all | with a search: rewarded / all |",
-           "|---|---|---|---|"]
+  lines = ["| seed | steps | episodes without a search: rewarded / all | with a search: rewarded / all "
+           "| episodes whose generator read naive RAG's own documents | rewarded episodes that did |",
+           "|---|---|---|---|---|---|"]
   seeds = _seed_folders(experiment / "train") if (experiment / "train").is_dir() else {}
   for label, folder in seeds.items():
     files = sorted((folder / "rollouts").glob("step_*.jsonl"))
@@ -445,7 +469,20 @@ def rewards_by_search(experiment: Path) -> str:
       group = [e for e in episodes if bool(e["searches"]) == searched]
       rewarded = sum(e["reward"] != 0 for e in group)
       cells.append(f"{rewarded} / {len(group)}" + (f" ({100 * rewarded / len(group):.1f}%)" if group else ""))
-    lines.append(f"| {label or 'run'} | {len(files)} | {cells[0]} | {cells[1]} |")
+    rag = _rag_documents(folder)
+    if rag is None:
+      cells += ["–", "–"]
+    else:
+      def as_rag(e):
+        key = (e["data_source"], e["question"])
+        if key not in rag:
+          raise ValueError(f"{folder}: episode of step {e['step']} asks {e['question']!r}, which the run's "
+                           "precompute has no documents for")
+        return set(e["generator_docs"]) == set(rag[key])
+      same = [as_rag(e) for e in episodes]
+      rewarded = [x for x, e in zip(same, episodes, strict=True) if e["reward"] != 0]
+      cells += [f"{sum(same)} / {len(episodes)}", f"{sum(rewarded)} / {len(rewarded)}"]
+    lines.append(f"| {label or 'run'} | {len(files)} | {' | '.join(cells)} |")
   return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -495,7 +532,11 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
              training_signal(experiment, steps)]
     by_search = rewards_by_search(experiment)
     if by_search:
-      page += ["", "What the reward paid for (seeds that saved their episodes, `rollouts/`):", "", by_search]
+      page += ["", "What the reward paid for (seeds that saved their episodes, `rollouts/`):", "", by_search, "",
+               "An episode whose generator read naive RAG's own documents (the same titles; the question's BM25 "
+               "top 3, whether or not it searched) can earn a reward only through the context format: the "
+               "generator sees them in D_s3's format where naive RAG's baseline, as in s3's code, used the "
+               "retrieval script's (s3_spec.md §3.3). Such a reward pays for nothing the search found."]
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
   earlier = tries(experiment)
   if earlier:

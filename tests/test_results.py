@@ -242,14 +242,34 @@ def test_rewards_by_search_counts_saved_episodes_with_and_without_a_search(tmp_p
   rollouts.mkdir(parents=True)
   # step 1: 3 episodes without a search (1 rewarded), 1 with (rewarded); step 2: 1 without (not), 1 with (not)
   steps = {1: [(0, 1.0), (0, 0.0), (0, 0.0), (2, 1.0)], 2: [(0, 0.0), (1, 0.0)]}
+  # the generator's documents: naive RAG's 3 (any order) for the rewarded episode without a search and for
+  # two unrewarded ones; the rewarded search found a document of its own
+  rag = ["A", "B", "C"]
+  docs = {(1, 0): ["C", "A", "B"], (1, 1): rag, (1, 2): ["A", "B"], (1, 3): ["A", "B", "D"], (2, 0): rag,
+          (2, 1): ["A", "B", "C", "D"]}
   for step, episodes in steps.items():
     (rollouts / f"step_{step}.jsonl").write_text("".join(
-        json.dumps({"step": step, "searches": searches, "reward": reward}) + "\n"
-        for searches, reward in episodes))
+        json.dumps({"step": step, "searches": searches, "reward": reward, "data_source": "trivia",
+                    "question": f"q{step}-{i}", "generator_docs": docs[step, i]}) + "\n"
+        for i, (searches, reward) in enumerate(episodes)))
   (exp / "train" / "seed1").mkdir(parents=True)  # no saved episodes: no row
+  # without the run's config (and its precompute), the last two columns are unknown
+  assert "| seed0 | 2 | 1 / 4 (25.0%) | 1 / 2 (50.0%) | – | – |" in results.rewards_by_search(exp)
+  pre = tmp_path / "pre"
+  pre.mkdir()
+  (pre / "retrieval_train.jsonl").write_text("".join(
+      json.dumps({"data_source": "trivia", "question": f"q{step}-{i}",
+                  "docs": [{"title": t} for t in rag + ["E"]]}) + "\n"
+      for step, episodes in steps.items() for i in range(len(episodes))))
+  (exp / "train" / "seed0" / "config.json").write_text(json.dumps(
+      {"precompute": {"dir": str(pre), "context_docs": 3}}))
   table = results.rewards_by_search(exp)
-  assert "| seed0 | 2 | 1 / 4 (25.0%) | 1 / 2 (50.0%) |" in table
+  assert "| seed0 | 2 | 1 / 4 (25.0%) | 1 / 2 (50.0%) | 3 / 6 | 1 / 2 |" in table
   assert "seed1" not in table
+  # an episode whose question the precompute lacks is an error, not a silent miss
+  (pre / "retrieval_train.jsonl").write_text("")
+  with pytest.raises(ValueError, match="q1-0"):
+    results.rewards_by_search(exp)
   (exp / "train" / "seed0" / "rollouts" / "step_1.jsonl").unlink()
   (exp / "train" / "seed0" / "rollouts" / "step_2.jsonl").unlink()
   assert results.rewards_by_search(exp) == ""
