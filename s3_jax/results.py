@@ -425,6 +425,14 @@ def training_signal(experiment: Path, steps: Mapping[str, Sequence[Mapping[str, 
   return "\n".join(lines)
 
 
+# Under the table of what the reward paid for.
+FORMAT_NOTE = (
+    "An episode whose generator read naive RAG's own documents (the same titles; the question's BM25 top 3, "
+    "whether or not it searched) can earn a reward only through the context format: the generator sees them "
+    "in D_s3's format where naive RAG's baseline, as in s3's code, used the retrieval script's (s3_spec.md "
+    "§3.3). Such a reward pays for nothing the search found.")
+
+
 def _rag_documents(folder: Path) -> dict[tuple[str, str], list[str]] | None:
   """Naive RAG's documents (titles, in order) of each training question of the run in `folder`: the first
   `precompute.context_docs` of its precompute's `retrieval_train.jsonl` (the folder named by the run's
@@ -438,11 +446,21 @@ def _rag_documents(folder: Path) -> dict[tuple[str, str], list[str]] | None:
   path = Path(precompute.get("dir", "")) / "retrieval_train.jsonl"
   if not precompute.get("dir") or not path.is_file():
     return None
-  docs = {}
+  docs, n = {}, precompute["context_docs"]
   for line in path.read_text(encoding="utf-8").splitlines():
     row = json.loads(line)
-    docs[(row["data_source"], row["question"])] = [d["title"] for d in row["docs"][:precompute["context_docs"]]]
+    docs[(row["data_source"], row["question"])] = [d["title"] for d in row["docs"][:n]]
   return docs
+
+
+def _read_rag_documents(episode: Mapping[str, Any], rag: Mapping[tuple[str, str], list[str]],
+                        folder: Path) -> bool:
+  """Whether the episode's generator read exactly naive RAG's documents (the same titles, any order)."""
+  key = (episode["data_source"], episode["question"])
+  if key not in rag:
+    raise ValueError(f"{folder}: episode of step {episode['step']} asks {episode['question']!r}, which the "
+                     "run's precompute has no documents for")
+  return set(episode["generator_docs"]) == set(rag[key])
 
 
 def rewards_by_search(experiment: Path) -> str:
@@ -473,13 +491,7 @@ def rewards_by_search(experiment: Path) -> str:
     if rag is None:
       cells += ["–", "–"]
     else:
-      def as_rag(e):
-        key = (e["data_source"], e["question"])
-        if key not in rag:
-          raise ValueError(f"{folder}: episode of step {e['step']} asks {e['question']!r}, which the run's "
-                           "precompute has no documents for")
-        return set(e["generator_docs"]) == set(rag[key])
-      same = [as_rag(e) for e in episodes]
+      same = [_read_rag_documents(e, rag, folder) for e in episodes]
       rewarded = [x for x, e in zip(same, episodes, strict=True) if e["reward"] != 0]
       cells += [f"{sum(same)} / {len(episodes)}", f"{sum(rewarded)} / {len(rewarded)}"]
     lines.append(f"| {label or 'run'} | {len(files)} | {' | '.join(cells)} |")
@@ -532,11 +544,8 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
              training_signal(experiment, steps)]
     by_search = rewards_by_search(experiment)
     if by_search:
-      page += ["", "What the reward paid for (seeds that saved their episodes, `rollouts/`):", "", by_search, "",
-               "An episode whose generator read naive RAG's own documents (the same titles; the question's BM25 "
-               "top 3, whether or not it searched) can earn a reward only through the context format: the "
-               "generator sees them in D_s3's format where naive RAG's baseline, as in s3's code, used the "
-               "retrieval script's (s3_spec.md §3.3). Such a reward pays for nothing the search found."]
+      page += ["", "What the reward paid for (seeds that saved their episodes, `rollouts/`):", "", by_search,
+               "", FORMAT_NOTE]
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
   earlier = tries(experiment)
   if earlier:

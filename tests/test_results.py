@@ -259,7 +259,7 @@ def test_rewards_by_search_counts_saved_episodes_with_and_without_a_search(tmp_p
   pre.mkdir()
   (pre / "retrieval_train.jsonl").write_text("".join(
       json.dumps({"data_source": "trivia", "question": f"q{step}-{i}",
-                  "docs": [{"title": t} for t in rag + ["E"]]}) + "\n"
+                  "docs": [{"title": t} for t in [*rag, "E"]]}) + "\n"
       for step, episodes in steps.items() for i in range(len(episodes))))
   (exp / "train" / "seed0" / "config.json").write_text(json.dumps(
       {"precompute": {"dir": str(pre), "context_docs": 3}}))
