@@ -208,7 +208,8 @@ def _greedy_rollouts(model, tokenizer, client, examples, initial, config):
     policy = SamplerPolicy(sampler, temperature=0.0, top_p=1.0, keep_cache=keep)
     out[keep] = run_episodes(policy, tokenizer, client, examples, initial, config)
     if keep:
-      assert sampler.trace_counts["extend"] >= 1  # later turns did prefill into the kept cache
+      # later turns did prefill into the kept cache (all rows at once, or in length groups)
+      assert sampler.trace_counts["extend"] + sampler.trace_counts["extend_rows"] >= 1
   return out[True], out[False]
 
 

@@ -170,13 +170,14 @@ class Sampler:
     self._axes = {name.removeprefix("layers."): p.get_metadata()["logical_axes"][name.startswith("layers."):]
                   for name, p in model.named_params().items()}
     self.set_params(model.arrays())
-    self.trace_counts = {"prefill": 0, "decode": 0, "extend": 0, "take": 0, "repack": 0, "merge": 0}
+    self.trace_counts = {"prefill": 0, "decode": 0, "extend": 0, "take": 0, "repack": 0, "extend_rows": 0}
     self.traces: list[tuple[str, str]] = []  # (function, `tracing.signature`) of every trace, in order
     self._prefill = jax.jit(self._prefill_fn)
     self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
     self._take_rows = jax.jit(self._take_rows_fn)
     self._repack = jax.jit(self._repack_fn)
-    self._merge = jax.jit(self._merge_fn, static_argnames=("prefix", "end", "slots"))
+    self._extend_rows = jax.jit(self._extend_rows_fn, static_argnames=("start", "end"),
+                                donate_argnames=("cache", "logits"))
     self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "ignore_eos"),
                            donate_argnames=("state",))
 
@@ -284,40 +285,56 @@ class Sampler:
                            cache.index)
     return self._constrain_state({**out, "rng": state["rng"], "step": state["step"]})
 
-  def _repack_fn(self, k, v, valid, rows, slots, keep, slots_like, index):
-    """A new cache whose row i holds, at slots `0 ... keep[i].sum()`, the old cache's entries
-    `(rows[i], slots[i, j])` where `keep[i, j]` (every other slot empty), with `slots_like.shape[0]` slots."""
-    self._traced("repack", k, v, valid, rows, slots, keep, slots_like, index)
+  def _repack_fn(self, pieces, source, rows, slots, keep, slots_like, index):
+    """A new cache whose row i holds, at slots `0 ... keep[i].sum()`, the entries `(rows[i], slots[i, j])`
+    of cache `pieces[source[i]]` where `keep[i, j]` (every other slot empty), with `slots_like.shape[0]`
+    slots. The pieces (caches of the same slots) are read where they are: one gather from each, a select
+    between them, no concatenated copy of them all."""
+    self._traced("repack", pieces, source, rows, slots, keep, slots_like, index)
     pad = slots_like.shape[0] - rows.shape[1]
+
+    def gather(xs, at):  # row i from piece source[i]: `at(x, r)` reads piece x at rows r
+      out = None
+      for p, x in enumerate(xs):
+        got = at(x, jnp.clip(rows, 0, x.shape[0] - 1))
+        here = (source == p).reshape((-1,) + (1,) * (got.ndim - 1))
+        out = got if out is None else jnp.where(here, got, out)
+      return out
+
     # per layer: keys [b, kv, e, s] and values [b, kv, s, e] gathered to [b', s', kv, e], then laid out again
-    new_k = tuple(jnp.pad(x[rows, :, :, slots].transpose(0, 2, 3, 1), [(0, 0)] * 3 + [(0, pad)]) for x in k)
-    new_v = tuple(jnp.pad(x[rows, :, slots, :].transpose(0, 2, 1, 3), [(0, 0), (0, 0), (0, pad), (0, 0)])
-                  for x in v)
-    new_valid = jnp.pad(valid[rows, slots] & keep, [(0, 0), (0, pad)])
-    return KVCache(new_k, new_v, new_valid, index)
+    layers_k = zip(*(c.k for c in pieces), strict=True)
+    layers_v = zip(*(c.v for c in pieces), strict=True)
+    new_k = tuple(jnp.pad(gather(layer, lambda x, r: x[r, :, :, slots]).transpose(0, 2, 3, 1),
+                          [(0, 0)] * 3 + [(0, pad)]) for layer in layers_k)
+    new_v = tuple(jnp.pad(gather(layer, lambda x, r: x[r, :, slots, :]).transpose(0, 2, 1, 3),
+                          [(0, 0), (0, 0), (0, pad), (0, 0)]) for layer in layers_v)
+    valid = gather([c.valid for c in pieces], lambda x, r: x[r, slots])
+    return KVCache(new_k, new_v, jnp.pad(valid & keep, [(0, 0), (0, pad)]), index)
 
-  def _merge_fn(self, parts, rows, *, prefix, end, slots):
-    """The caches and logits of several extends `parts ((cache, logits), ...)` as one batch of `slots` slots
-    whose row i is row `rows[i]` of their concatenation. A part's cache holds the kept prefixes in slots
-    `0 ... prefix` and its new tokens after them; they move so that every part's new tokens end at slot `end`
-    (the decode steps then write from `end` on)."""
-    self._traced("merge", parts, rows, prefix=prefix, end=end, slots=slots)
+  def _extend_rows_fn(self, params, cache, logits, rows, tokens, mask, positions, *, start, end):
+    """Chunked prefill of some rows of a decode-layout cache, in place: rows `rows [g]` (`cache.batch`: a
+    padding row, nothing written) attend to their kept slots `0 ... start` and their own `tokens [g, t]`
+    (left-padded, `mask`), whose keys/values are written at slots `end - t ... end`; their last logits go
+    to rows `rows` of `logits [batch, vocab]`. The extend itself runs on a cache of just those rows and
+    `start + t` slots, so a short group pays for neither the longest group's chunk nor the empty decode
+    slots."""
+    self._traced("extend_rows", params, cache, logits, rows, tokens, mask, positions, start=start, end=end)
+    t = tokens.shape[1]
 
-    def place(x, axis):  # one part's cache laid out as the merged one along its slot axis
-      gap = end - x.shape[axis]  # empty slots between the prefixes and this part's (shorter) chunk
+    def take(x, axis):  # the group's rows, kept slots only, then t empty slots
+      x = jnp.take(jax.lax.slice_in_dim(x, 0, start, axis=axis), rows, axis=0, mode="fill", fill_value=0)
+      return jnp.pad(x, [(0, t) if a == axis else (0, 0) for a in range(x.ndim)])
 
-      def zeros(n):
-        return jnp.zeros((*x.shape[:axis], n, *x.shape[axis + 1:]), x.dtype)
-
-      before, after = jnp.split(x, [prefix], axis=axis)
-      return jnp.concatenate([before, zeros(gap), after, zeros(slots - end)], axis=axis)
-
-    caches = [cache for cache, _ in parts]
-    join = lambda xs: jnp.take(jnp.concatenate(xs), rows, axis=0)  # noqa: E731
-    k = tuple(join([place(x, 3) for x in layer]) for layer in zip(*(c.k for c in caches), strict=True))
-    v = tuple(join([place(x, 2) for x in layer]) for layer in zip(*(c.v for c in caches), strict=True))
-    cache = KVCache(k, v, join([place(c.valid, 1) for c in caches]), jnp.int32(end))
-    return self._constrain_state({"cache": cache})["cache"], join([logits for _, logits in parts])
+    group = KVCache(tuple(take(x, 3) for x in cache.k), tuple(take(x, 2) for x in cache.v),
+                    take(cache.valid, 1), jnp.int32(start))
+    hidden, group = forward(self.config, params, tokens, positions, attention_mask=mask, cache=group,
+                            compute_dtype=self.compute_dtype)
+    put = lambda x, new: x.at[rows, :, :, end - t:end].set(new[..., start:], mode="drop")  # noqa: E731
+    put_v = lambda x, new: x.at[rows, :, end - t:end, :].set(new[:, :, start:, :], mode="drop")  # noqa: E731
+    cache = KVCache(tuple(map(put, cache.k, group.k)), tuple(map(put_v, cache.v, group.v)),
+                    cache.valid.at[rows, end - t:end].set(group.valid[:, start:], mode="drop"), cache.index)
+    last = lm_logits(params, hidden[:, -1]).astype(logits.dtype)
+    return self._constrain_state({"cache": cache})["cache"], logits.at[rows].set(last, mode="drop")
 
   # -- host API -------------------------------------------------------------------------------------
 
@@ -669,48 +686,44 @@ class DecodeSession:
 
     One chunk pads every row to the longest new segment (one 700-token observation makes 16 rows prefill
     700 tokens where most need a ~30-token nudge; a first turn's 291-665-token questions and documents pad to
-    768), so the rows are extended in length groups (`_length_groups`) where that saves work. Each group then
-    runs on a cache of its own with only the kept slots and its chunk's (no empty decode slots to attend to),
-    and the groups' caches are merged into the decode layout."""
+    768), so the rows are extended in length groups (`_length_groups`) where that saves work. The kept
+    prefixes are first repacked into the decode layout; each group then gathers its rows' kept slots, extends
+    them with its own chunk (no empty decode slots to attend to) and writes its new keys/values back into its
+    rows in place (`Sampler._extend_rows`)."""
     s = self.sampler
     groups = _length_groups([len(f) for f in fresh], s.min_prompt_bucket, start)
-    parts = []
+    one = len(groups) == 1
+    cache = self._repack(keys, kept, batch, start, slots, start if one else start + chunk)
+    self._pieces = []  # the old caches go once the new one is built
+    logits = None
     for rows in groups:
       g_chunk = tracing.bucket_length(max(len(fresh[i]) for i in rows), s.min_prompt_bucket)
-      one = len(groups) == 1  # extended in place in the decode layout
       g_batch = batch if one else tracing.bucket_pow2(len(rows), 1)
-      cache = self._repack([keys[i] for i in rows], [kept[i] for i in rows], g_batch, start,
-                           slots if one else start + g_chunk, start)
       tokens, mask = s._left_pad([fresh[i] for i in rows], g_batch, g_chunk)
       positions = np.zeros((g_batch, g_chunk), np.int32)
       for j, i in enumerate(rows):
         positions[j, g_chunk - len(fresh[i]):] = np.arange(kept[i], kept[i] + len(fresh[i]))
-      parts.append(s._extend(s.params, cache, tokens, mask, positions))
-    self._pieces = []  # the old caches go once the new ones are built
-    if len(parts) == 1:
-      return parts[0]
-    offsets = np.cumsum([0] + [cache.batch for cache, _ in parts])
-    where = {i: offsets[g] + j for g, rows in enumerate(groups) for j, i in enumerate(rows)}
-    order = [where[i] for i in range(len(fresh))]
-    return s._merge(tuple(parts), np.asarray(order + [order[0]] * (batch - len(order)), np.int32),
-                    prefix=start, end=start + chunk, slots=slots)
+      if one:  # every row at once, in place in the decode layout
+        return s._extend(s.params, cache, tokens, mask, positions)
+      if logits is None:
+        logits = jnp.zeros((batch, s.config.vocab_size), jnp.float32)
+      ids = np.asarray(list(rows) + [batch] * (g_batch - len(rows)), np.int32)  # `batch`: padding, dropped
+      cache, logits = s._extend_rows(s.params, cache, logits, ids, tokens, mask, positions, start=start,
+                                     end=start + chunk)
+    return cache, logits
 
   def _repack(self, keys, kept, batch, prefix_slots, slots, index) -> KVCache:
     """One cache with row i = the first `kept[i]` cached tokens of `keys[i]`, at slots 0 ... kept[i]."""
-    offsets = np.cumsum([0] + [piece.batch for piece in self._pieces])
+    source = np.zeros(batch, np.int32)
     rows = np.zeros((batch, prefix_slots), np.int32)
     where = np.zeros((batch, prefix_slots), np.int32)
     keep = np.zeros((batch, prefix_slots), bool)
     for i, (key, p) in enumerate(zip(keys, kept, strict=True)):
       if p:
         cached = self._cached[key]
-        rows[i, :] = offsets[cached.piece] + cached.row
+        source[i] = cached.piece
+        rows[i, :] = cached.row
         where[i, :p] = cached.slots[:p]
         keep[i, :p] = True
-    if len(self._pieces) == 1:
-      k, v, valid = self._pieces[0].k, self._pieces[0].v, self._pieces[0].valid
-    else:
-      k = tuple(jnp.concatenate(layer) for layer in zip(*(piece.k for piece in self._pieces), strict=True))
-      v = tuple(jnp.concatenate(layer) for layer in zip(*(piece.v for piece in self._pieces), strict=True))
-      valid = jnp.concatenate([piece.valid for piece in self._pieces], axis=0)
-    return self.sampler._repack(k, v, valid, rows, where, keep, np.zeros(slots, bool), jnp.int32(index))
+    return self.sampler._repack(tuple(self._pieces), source, rows, where, keep, np.zeros(slots, bool),
+                                jnp.int32(index))
