@@ -91,7 +91,7 @@ class SamplerPhases:
   compile events), and
   the decode steps run (from the decode state's step counter)."""
 
-  PROGRAMS = ("prefill", "extend", "extend_rows", "decode", "take_rows", "repack")
+  PROGRAMS = ("prefill", "extend", "gather_rows", "write_rows", "decode", "take_rows", "repack")
 
   def __init__(self, sampler):
     import jax
@@ -122,16 +122,12 @@ class SamplerPhases:
       self.compile_seconds += compiled
       if name == "decode":
         self.decode_steps += int(out["step"]) - before
-      if name in ("extend", "extend_rows"):  # padded vs real new tokens, query x slot pairs attended
-        if name == "extend":  # (params, cache, tokens, mask, positions): over all of the cache's slots
-          tokens, mask, slots = args[2], np.asarray(args[3]), out[0].valid.shape[1]
-        else:  # (params, cache, logits, rows, tokens, mask, positions, start=, end=): the kept slots + chunk
-          tokens, mask = args[4], np.asarray(args[5])
-          slots = kwargs["start"] + tokens.shape[1]
+      if name == "extend":  # (params, cache, tokens, mask, positions): padded vs real new tokens
+        tokens, mask = args[2], np.asarray(args[3])
         self.extend_rows += tokens.shape[0]
         self.extend_padded += tokens.size
         self.extend_real += int(mask.sum())
-        self.extend_pairs += tokens.size * slots
+        self.extend_pairs += tokens.size * out[0].valid.shape[1]  # query x slot pairs attention computed
       return out
 
     return timed

@@ -209,7 +209,7 @@ def _greedy_rollouts(model, tokenizer, client, examples, initial, config):
     out[keep] = run_episodes(policy, tokenizer, client, examples, initial, config)
     if keep:
       # later turns did prefill into the kept cache (all rows at once, or in length groups)
-      assert sampler.trace_counts["extend"] + sampler.trace_counts["extend_rows"] >= 1
+      assert sampler.trace_counts["extend"] >= 1
   return out[True], out[False]
 
 

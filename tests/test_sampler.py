@@ -64,7 +64,8 @@ def test_same_bucket_does_not_retrace(tiny):
   counts = dict(sampler.trace_counts)
   sampler.generate([[4, 5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=9))  # same buckets (16, 16)
   sampler.generate([[4, 5], [6]], SamplingParams(max_new_tokens=4))  # batch 2: a new bucket
-  none = {"extend": 0, "take": 0, "repack": 0, "extend_rows": 0}  # no session: no cache kept across calls
+  # no session: no cache kept across calls
+  none = {"extend": 0, "take": 0, "repack": 0, "gather_rows": 0, "write_rows": 0}
   assert counts == {"prefill": 1, "decode": 1, **none}
   assert sampler.trace_counts == {"prefill": 2, "decode": 2, **none}
   sampler.generate([[9], [8, 7]], SamplingParams(max_new_tokens=16))

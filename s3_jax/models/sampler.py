@@ -170,14 +170,16 @@ class Sampler:
     self._axes = {name.removeprefix("layers."): p.get_metadata()["logical_axes"][name.startswith("layers."):]
                   for name, p in model.named_params().items()}
     self.set_params(model.arrays())
-    self.trace_counts = {"prefill": 0, "decode": 0, "extend": 0, "take": 0, "repack": 0, "extend_rows": 0}
+    self.trace_counts = {"prefill": 0, "decode": 0, "extend": 0, "take": 0, "repack": 0, "gather_rows": 0,
+                         "write_rows": 0}
     self.traces: list[tuple[str, str]] = []  # (function, `tracing.signature`) of every trace, in order
     self._prefill = jax.jit(self._prefill_fn)
     self._extend = jax.jit(self._extend_fn, donate_argnames=("cache",))
     self._take_rows = jax.jit(self._take_rows_fn)
     self._repack = jax.jit(self._repack_fn)
-    self._extend_rows = jax.jit(self._extend_rows_fn, static_argnames=("start", "end"),
-                                donate_argnames=("cache", "logits"))
+    self._gather_rows = jax.jit(self._gather_rows_fn, static_argnames=("start", "new"))
+    self._write_rows = jax.jit(self._write_rows_fn, static_argnames=("start", "end"),
+                               donate_argnames=("cache", "logits"))
     self._decode = jax.jit(self._decode_fn, static_argnames=("greedy", "top_k", "use_top_p", "ignore_eos"),
                            donate_argnames=("state",))
 
@@ -311,30 +313,38 @@ class Sampler:
     valid = gather([c.valid for c in pieces], lambda x, r: x[r, slots])
     return KVCache(new_k, new_v, jnp.pad(valid & keep, [(0, 0), (0, pad)]), index)
 
-  def _extend_rows_fn(self, params, cache, logits, rows, tokens, mask, positions, *, start, end):
-    """Chunked prefill of some rows of a decode-layout cache, in place: rows `rows [g]` (`cache.batch`: a
-    padding row, nothing written) attend to their kept slots `0 ... start` and their own `tokens [g, t]`
-    (left-padded, `mask`), whose keys/values are written at slots `end - t ... end`; their last logits go
-    to rows `rows` of `logits [batch, vocab]`. The extend itself runs on a cache of just those rows and
-    `start + t` slots, so a short group pays for neither the longest group's chunk nor the empty decode
-    slots."""
-    self._traced("extend_rows", params, cache, logits, rows, tokens, mask, positions, start=start, end=end)
-    t = tokens.shape[1]
+  # A length group's chunked prefill (`DecodeSession._extend_in_groups`) runs as three programs: the model's
+  # extend is the one `_extend` compiles per (batch, cache) shape, and the copies around it compile cheaply.
 
-    def take(x, axis):  # the group's rows, kept slots only, then t empty slots
+  def _gather_rows_fn(self, cache, rows, *, start, new):
+    """A cache of rows `rows [g]` of `cache` (`cache.batch`: a padding row, empty), their kept slots
+    `0 ... start` and `new` empty slots after them, written from `start` on."""
+    self._traced("gather_rows", cache, rows, start=start, new=new)
+
+    def take(x, axis):
       x = jnp.take(jax.lax.slice_in_dim(x, 0, start, axis=axis), rows, axis=0, mode="fill", fill_value=0)
-      return jnp.pad(x, [(0, t) if a == axis else (0, 0) for a in range(x.ndim)])
+      return jnp.pad(x, [(0, new) if a == axis else (0, 0) for a in range(x.ndim)])
 
-    group = KVCache(tuple(take(x, 3) for x in cache.k), tuple(take(x, 2) for x in cache.v),
-                    take(cache.valid, 1), jnp.int32(start))
-    hidden, group = forward(self.config, params, tokens, positions, attention_mask=mask, cache=group,
-                            compute_dtype=self.compute_dtype)
-    put = lambda x, new: x.at[rows, :, :, end - t:end].set(new[..., start:], mode="drop")  # noqa: E731
-    put_v = lambda x, new: x.at[rows, :, end - t:end, :].set(new[:, :, start:, :], mode="drop")  # noqa: E731
-    cache = KVCache(tuple(map(put, cache.k, group.k)), tuple(map(put_v, cache.v, group.v)),
+    return KVCache(tuple(take(x, 3) for x in cache.k), tuple(take(x, 2) for x in cache.v),
+                   take(cache.valid, 1), jnp.int32(start))
+
+  def _write_rows_fn(self, cache, logits, group, group_logits, rows, *, start, end):
+    """`cache` and `logits [batch, vocab]` with rows `rows [g]` (`cache.batch`: dropped) replaced, in place:
+    slots `start ...` of `group` (a `_gather_rows` cache, its `t` new slots filled by an extend) go to slots
+    `end - t ... end`, `group_logits [g, vocab]` to `logits`."""
+    self._traced("write_rows", cache, logits, group, group_logits, rows, start=start, end=end)
+    t = group.slots - start
+
+    def put_k(x, new):
+      return x.at[rows, :, :, end - t:end].set(new[..., start:], mode="drop")
+
+    def put_v(x, new):
+      return x.at[rows, :, end - t:end, :].set(new[:, :, start:, :], mode="drop")
+
+    cache = KVCache(tuple(map(put_k, cache.k, group.k)), tuple(map(put_v, cache.v, group.v)),
                     cache.valid.at[rows, end - t:end].set(group.valid[:, start:], mode="drop"), cache.index)
-    last = lm_logits(params, hidden[:, -1]).astype(logits.dtype)
-    return self._constrain_state({"cache": cache})["cache"], logits.at[rows].set(last, mode="drop")
+    logits = logits.at[rows].set(group_logits.astype(logits.dtype), mode="drop")
+    return self._constrain_state({"cache": cache})["cache"], logits
 
   # -- host API -------------------------------------------------------------------------------------
 
@@ -689,7 +699,7 @@ class DecodeSession:
     768), so the rows are extended in length groups (`_length_groups`) where that saves work. The kept
     prefixes are first repacked into the decode layout; each group then gathers its rows' kept slots, extends
     them with its own chunk (no empty decode slots to attend to) and writes its new keys/values back into its
-    rows in place (`Sampler._extend_rows`)."""
+    rows in place (`Sampler._gather_rows`, `_extend`, `_write_rows`)."""
     s = self.sampler
     groups = _length_groups([len(f) for f in fresh], s.min_prompt_bucket, start)
     one = len(groups) == 1
@@ -708,8 +718,9 @@ class DecodeSession:
       if logits is None:
         logits = jnp.zeros((batch, s.config.vocab_size), jnp.float32)
       ids = np.asarray(list(rows) + [batch] * (g_batch - len(rows)), np.int32)  # `batch`: padding, dropped
-      cache, logits = s._extend_rows(s.params, cache, logits, ids, tokens, mask, positions, start=start,
-                                     end=start + chunk)
+      group, group_logits = s._extend(s.params, s._gather_rows(cache, ids, start=start, new=g_chunk), tokens,
+                                      mask, positions)
+      cache, logits = s._write_rows(cache, logits, group, group_logits, ids, start=start, end=start + chunk)
     return cache, logits
 
   def _repack(self, keys, kept, batch, prefix_slots, slots, index) -> KVCache:
