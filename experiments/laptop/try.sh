@@ -29,6 +29,13 @@ fi
 mkdir -p "$T/seed$SEED"
 stamp() { date -u +%Y-%m-%dT%H:%M:%SZ; }
 echo "[$(stamp)] try $NAME seed $SEED: $* (code $(git rev-parse --short HEAD))" >> "$T/seed$SEED/commands.log"
+# The warm start's weights are not committed: a fresh machine regenerates them (commands.sh step 1; its
+# sft.json is rewritten, so `git diff` shows whether the traces and losses came out the same).
+if [ ! -f $E/sft/model.safetensors ]; then
+  echo "[$(stamp)] regenerating the warm start (commands.sh step 1)" >> "$T/seed$SEED/commands.log"
+  $PY -m s3_jax.sft --config $C --config.precompute.dir=$E/precompute --config.reward.use_judge=True --out $E/sft \
+    --questions 64 --epochs 1 --lr 1e-5 --micro 2 --seed 0 >> "$T/seed$SEED/sft.log" 2>&1
+fi
 $PY -m s3_jax.train --config $C $PT "$@" --config.seed="$SEED" --config.searcher.init_from=$E/sft \
   --workdir "$T/seed$SEED" >> "$T/seed$SEED/train.log" 2>&1
 echo "[$(stamp)] trained" >> "$T/seed$SEED/commands.log"
