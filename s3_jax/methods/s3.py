@@ -39,7 +39,8 @@ class S3Searcher:
     model, self.tokenizer, self.source = load_searcher(config, checkpoint)
     self.pad_id = tokenizer_lib.pad_id(self.tokenizer)
     self.sampler = Sampler(model, tokenizer=self.tokenizer, pad_token_id=self.pad_id, mesh=mesh,
-                           rules=[tuple(r) for r in config.sampling_sharding_rules])
+                           rules=[tuple(r) for r in config.sampling_sharding_rules],
+                           attention_kernel=config.rollout.attention_kernel)
     self.episode_config = EpisodeConfig.from_config(config)
     r = config.rollout
     self.label = f"s3 {r.topk}-{r.max_select}-{r.max_turns} ({self.source})"

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from s3_jax import sharding as sharding_lib
 from s3_jax import tracing
+from s3_jax.kernels import cpu_attention
 from s3_jax.models import tokenizer as tokenizer_lib
 from s3_jax.models.decoder import Decoder, KVCache, forward, lm_logits, prefill, unstack_layers
 
@@ -134,6 +135,34 @@ def draw_token(scaled: jax.Array, rng: jax.Array, block: int = 128) -> jax.Array
   return (chosen * block + jnp.minimum(offset, last)).astype(jnp.int32)
 
 
+# Sampler(attention_kernel=...): "auto" = the CPU kernel where it applies (CPU backend, one device, a
+# compiler, supported head shapes), else XLA; "cpu" = the kernel or an error saying why not; "xla" = never.
+ATTENTION_KERNELS = ("auto", "cpu", "xla")
+
+
+def _pick_attention_kernel(choice: str, config, mesh) -> tuple[str, str]:
+  """("cpu" | "xla", why) for `Sampler(attention_kernel=choice)`."""
+  if choice not in ATTENTION_KERNELS:
+    raise ValueError(f"attention_kernel={choice!r} must be one of {', '.join(ATTENTION_KERNELS)}")
+  if choice == "xla":
+    return "xla", "asked for"
+  why = ""
+  if jax.default_backend() != "cpu":
+    why = f"the backend is {jax.default_backend()}"
+  elif mesh is not None and mesh.devices.size > 1:
+    why = f"the sampler's mesh has {mesh.devices.size} devices (the kernel runs on one)"
+  elif not cpu_attention.supports(config.num_heads, config.num_kv_heads, config.head_dim):
+    why = (f"no kernel for {config.num_heads} heads over {config.num_kv_heads} kv heads of dim "
+           f"{config.head_dim}")
+  else:
+    usable, why = cpu_attention.status()
+    if usable:
+      return "cpu", "decode attention by the CPU kernel"
+  if choice == "cpu":
+    raise ValueError(f"attention_kernel='cpu': the CPU decode-attention kernel cannot run here: {why}")
+  return "xla", why
+
+
 class Sampler:
   """Generates continuations of token-id prompts with a `Decoder`.
 
@@ -143,7 +172,8 @@ class Sampler:
   def __init__(self, model: Decoder, *, eos_token_ids: Sequence[int] = (), tokenizer: Any = None,
                pad_token_id: int = 0, mesh: Mesh | None = None,
                rules: sharding_lib.Rules = sharding_lib.SAMPLING_RULES, chunk: int = 16,
-               min_prompt_bucket: int = 16, decode_dtype: Any = None, share_prefix: bool = True):
+               min_prompt_bucket: int = 16, decode_dtype: Any = None, share_prefix: bool = True,
+               attention_kernel: str = "auto"):
     self.config = model.config
     self.share_prefix = share_prefix  # sessions prefill new conversations' common start once
     self.compute_dtype = model.compute_dtype
@@ -153,7 +183,12 @@ class Sampler:
     # over an fp32 cache; prefill and chunked prefill keep the model's compute dtype (bf16 pays there).
     cpu = jax.default_backend() == "cpu"
     self.decode_dtype = decode_dtype or (jnp.float32 if cpu else self.compute_dtype)
-    self.cache_dtype = self.decode_dtype
+    # Decode steps' attention over the cache: the CPU kernel (`kernels.cpu_attention`) or XLA's. The kernel
+    # reads a bf16 cache at full speed, so with it the cache takes the model's compute dtype (a bf16 model's
+    # prefill keys/values are bf16 values anyway); XLA's decode steps keep the fp32 cache.
+    self.attention_kernel, self.attention_note = _pick_attention_kernel(attention_kernel, self.config, mesh)
+    self.decode_kernel = cpu_attention.decode_attention if self.attention_kernel == "cpu" else None
+    self.cache_dtype = self.compute_dtype if self.decode_kernel is not None else self.decode_dtype
     self.tokenizer = tokenizer
     self.pad_token_id = pad_token_id
     self.chunk = chunk
@@ -261,7 +296,7 @@ class Sampler:
       done = s["done"] | hit_eos | (count >= s["max_new"])
       hidden, cache = forward(self.config, params, token[:, None], s["position"][:, None],
                               attention_mask=active[:, None], cache=s["cache"],
-                              compute_dtype=self.decode_dtype)
+                              compute_dtype=self.decode_dtype, decode_kernel=self.decode_kernel)
       return {**s, "rng": rng, "tokens": tokens, "logprobs": logprobs, "count": count, "done": done,
               "eos": s["eos"] | hit_eos, "cache": cache, "logits": lm_logits(params, hidden[:, 0]),
               "position": s["position"] + active.astype(jnp.int32), "step": s["step"] + 1}

@@ -1,0 +1,104 @@
+"""Decode attention on CPU as an XLA FFI custom call (`cpu_attention.cc`), built on first use.
+
+A decode step's attention reads the whole KV cache once per layer: on a laptop CPU it is what bounds a
+sampling step at rollout lengths. XLA:CPU reads an fp32 cache at ~19 GB/s, converts a bf16 one before its
+dot (slower than fp32), and reads every slot of the cache's bucket. The kernel reads the cache in its own
+dtype (bf16: half the bytes), skips 32-slot blocks with no visible slot, and computes scores, softmax and
+sums in fp32 (`benchmarks/README.md`, decode attention).
+
+The C++ source is compiled with the host's C++ compiler (`$CXX`, else `g++`/`c++`) for this machine's
+instruction set, into `$S3_JAX_CACHE/kernels/` keyed by the source, the flags and the jaxlib headers;
+`status()` says whether it is usable and why not. Nothing here is used on GPU/TPU, where XLA's own
+attention runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from s3_jax import assets
+
+TARGET = "s3_decode_attention"
+SOURCE = Path(__file__).with_name("cpu_attention.cc")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-ffp-contract=fast",
+         "-fno-math-errno", "-shared", "-fPIC")
+HEAD_DIMS = (16, 32, 64, 128)  # instantiated in the kernel
+MAX_GROUP = 8  # query heads per kv head
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "g++", "c++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _library_path(compiler: str) -> Path:
+  key = hashlib.sha256()
+  key.update(SOURCE.read_bytes())
+  key.update(" ".join((compiler, *FLAGS, jax.ffi.include_dir(), jax.__version__)).encode())
+  return assets.cache_dir() / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, out: Path) -> None:
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    partial = Path(tmp) / out.name
+    command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+      raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
+    os.replace(partial, out)  # atomic: a concurrent process sees the whole library or none
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+  """Builds (once per source and machine) and registers the kernel; (usable, why not)."""
+  if jax.default_backend() != "cpu":
+    return False, f"the default backend is {jax.default_backend()}, not cpu"
+  compiler = _compiler()
+  if compiler is None:
+    return False, "no C++ compiler ($CXX, g++ or c++) on PATH"
+  path = _library_path(compiler)
+  if not path.exists():
+    _build(compiler, path)
+  library = ctypes.cdll.LoadLibrary(str(path))
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.S3DecodeAttention), platform="cpu")
+  return True, ""
+
+
+def status() -> tuple[bool, str]:
+  """(True, "") when the kernel is built and registered for this process; else (False, the reason). A
+  failed build raises (a compiler that is present but fails is a bug to see, not a fallback)."""
+  return _load()
+
+
+def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+  """Whether the kernel is instantiated for these attention shapes."""
+  return (head_dim in HEAD_DIMS and num_kv_heads > 0 and num_heads % num_kv_heads == 0
+          and num_heads // num_kv_heads <= MAX_GROUP)
+
+
+def decode_attention(q: jax.Array, kt: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query attention of one new position per row: q `[b, h, e]`, cached keys kt `[b, k, e, s]`,
+  values v `[b, k, s, e]` (float32 or bfloat16, the same), visible slots `mask [b, s]` -> float32 `[b, h, e]`,
+  `softmax(q . k / sqrt(e)) . v` over the visible slots (zeros for a row that sees none)."""
+  usable, why = status()
+  if not usable:
+    raise RuntimeError(f"the CPU decode-attention kernel is not available: {why}")
+  b, h, e = q.shape
+  if not supports(h, kt.shape[1], e):
+    raise ValueError(f"decode_attention: no kernel for {h} heads over {kt.shape[1]} kv heads of dim {e}")
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, h, e), jnp.float32), vmap_method="sequential")
+  return call(q.astype(jnp.float32), kt, v, mask.astype(bool), scale=np.float32(1.0 / np.sqrt(e)))

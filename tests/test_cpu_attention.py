@@ -1,0 +1,144 @@
+"""The CPU decode-attention kernel (`s3_jax/kernels/cpu_attention.cc`) against a float64 NumPy reference, and
+the sampler with it against the sampler with XLA's attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_decoder import make_hf_model
+
+from s3_jax import sharding
+from s3_jax.kernels import cpu_attention
+from s3_jax.models.hf import load_hf
+from s3_jax.models.sampler import Sampler, SamplingParams
+
+# (batch, query heads, kv heads, head_dim, slots): SmolLM2-135M's heads; a partial last block; one kv head
+# for 8 query heads and the largest head_dim; fewer slots than one block.
+SHAPES = [(3, 9, 3, 64, 100), (2, 4, 2, 16, 37), (4, 8, 1, 128, 64), (2, 2, 2, 32, 5)]
+
+
+def _reference(q, kt, v, mask):
+  """softmax(q.k / sqrt(e)) . v over the visible slots, in float64; zeros for a row that sees none."""
+  b, h, e = q.shape
+  k = kt.shape[1]
+  qq = q.reshape(b, k, h // k, e).astype(np.float64)
+  scores = np.einsum("bkge,bkes->bkgs", qq, kt.astype(np.float64)) / np.sqrt(e)
+  scores = np.where(mask[:, None, None], scores, -np.inf)
+  top = np.max(scores, -1, keepdims=True)
+  weights = np.where(mask[:, None, None], np.exp(scores - np.where(np.isfinite(top), top, 0)), 0)
+  total = weights.sum(-1, keepdims=True)
+  probs = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
+  return np.einsum("bkgs,bkse->bkge", probs, v.astype(np.float64)).reshape(b, h, e)
+
+
+def _inputs(rng, shape, dtype):
+  b, h, k, e, s = shape
+  q = (rng.normal(size=(b, h, e)) * 2).astype(np.float32)
+  kt = jnp.asarray(rng.normal(size=(b, k, e, s)), dtype)
+  v = jnp.asarray(rng.normal(size=(b, k, s, e)), dtype)
+  mask = rng.random((b, s)) < 0.6
+  mask[:, 0] = True
+  mask[0, : min(40, s - 1)] = False  # whole blocks with nothing visible, then the last slot
+  mask[0, -1] = True
+  return q, kt, v, mask
+
+
+@pytest.fixture(autouse=True)
+def _kernel_builds():
+  """The kernel must build wherever there is a C++ compiler; without one these tests say so and skip."""
+  if cpu_attention._compiler() is None:
+    pytest.skip("no C++ compiler ($CXX, g++ or c++): the CPU kernel cannot be built here")
+  usable, why = cpu_attention.status()
+  assert usable, f"the kernel must build on the test machine: {why}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_numpy(shape, dtype):
+  q, kt, v, mask = _inputs(np.random.default_rng(sum(shape)), shape, jnp.dtype(dtype))
+  got = np.asarray(jax.jit(cpu_attention.decode_attention)(q, kt, v, mask))
+  # the reference reads the same (bf16-rounded) cache values: only the kernel's arithmetic is under test
+  want = _reference(q, np.asarray(kt, np.float32), np.asarray(v, np.float32), mask)
+  assert got.dtype == np.float32 and got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=5e-6)
+
+
+def test_a_row_that_sees_nothing_gets_zeros_and_others_are_unaffected():
+  q, kt, v, mask = _inputs(np.random.default_rng(1), SHAPES[0], jnp.float32)
+  mask[1] = False
+  got = np.asarray(cpu_attention.decode_attention(q, kt, v, mask))
+  assert np.all(got[1] == 0)
+  want = _reference(q, np.asarray(kt), np.asarray(v), mask)
+  np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=0, atol=5e-6)
+
+
+def test_extreme_scores_stay_finite_and_exact():
+  """Scores spread over hundreds (one slot dominates, the others underflow) give that slot's value."""
+  rng = np.random.default_rng(2)
+  q, kt, v, mask = _inputs(rng, (2, 4, 2, 16, 70), jnp.float32)
+  kt = kt * 200.0
+  got = np.asarray(cpu_attention.decode_attention(q, kt, v, mask))
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, _reference(q, np.asarray(kt), np.asarray(v), mask), rtol=0, atol=5e-6)
+
+
+def test_shapes_without_a_kernel_are_refused():
+  q, kt, v, mask = _inputs(np.random.default_rng(3), (1, 2, 2, 24, 8), jnp.float32)
+  assert not cpu_attention.supports(2, 2, 24) and not cpu_attention.supports(18, 2, 64)
+  with pytest.raises(ValueError, match="no kernel for 2 heads over 2 kv heads of dim 24"):
+    cpu_attention.decode_attention(q, kt, v, mask)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("tiny_kernel")
+  make_hf_model("LlamaForCausalLM", folder, num_hidden_layers=3, max_position_embeddings=1024)
+  return load_hf(folder), load_hf(folder, compute_dtype=jnp.bfloat16)
+
+
+def test_sampler_uses_the_kernel_on_cpu_and_says_why_not_otherwise(tiny):
+  model, _ = tiny
+  sampler = Sampler(model)
+  assert (sampler.attention_kernel, sampler.cache_dtype) == ("cpu", jnp.float32)
+  assert Sampler(model, attention_kernel="xla").attention_kernel == "xla"
+  with pytest.raises(ValueError, match="attention_kernel='gpu' must be one of auto, cpu, xla"):
+    Sampler(model, attention_kernel="gpu")
+  assert len(jax.devices()) >= 2, "the test session simulates several CPU devices (conftest.py)"
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+  assert Sampler(model, mesh=mesh).attention_kernel == "xla"
+  with pytest.raises(ValueError, match="the sampler's mesh has 2 devices"):
+    Sampler(model, mesh=mesh, attention_kernel="cpu")
+
+
+def test_sampler_with_the_kernel_equals_xla_attention_over_turns(tiny):
+  """Greedy multi-turn sessions (the cache kept, rows of different lengths, compaction) give the same tokens
+  with the kernel as with XLA's attention, and log-probs within float32 rounding."""
+  model, _ = tiny
+  rng = np.random.default_rng(4)
+  kernel, xla = Sampler(model), Sampler(model, attention_kernel="xla")
+  sessions = kernel.session(), xla.session()
+  contexts = [rng.integers(1, 128, int(rng.integers(3, 60))).tolist() for _ in range(6)]
+  for _ in range(3):
+    limits = [int(rng.integers(2, 24)) for _ in contexts]
+    outs = [s.generate(list(range(len(contexts))), contexts, SamplingParams(max_new_tokens=24),
+                       max_new_tokens=limits) for s in sessions]
+    assert outs[0].tokens == outs[1].tokens
+    for got, want in zip(outs[0].logprobs, outs[1].logprobs, strict=True):
+      np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    contexts = [c + t + rng.integers(1, 128, int(rng.integers(1, 20))).tolist()
+                for c, t in zip(contexts, outs[0].tokens, strict=True)]
+
+
+def test_a_bf16_model_keeps_a_bf16_cache_with_the_kernel(tiny):
+  """A bf16 model's prefill keys/values are bf16 values, so a bf16 cache holds them exactly; only the decode
+  steps' own keys/values are rounded. Greedy tokens stay those of the fp32-cache XLA path."""
+  _, model = tiny
+  kernel, xla = Sampler(model), Sampler(model, attention_kernel="xla")
+  assert (kernel.cache_dtype, xla.cache_dtype) == (jnp.bfloat16, jnp.float32)
+  prompts = [np.random.default_rng(i).integers(1, 128, n).tolist() for i, n in enumerate((5, 40, 17))]
+  a = kernel.generate(prompts, SamplingParams(max_new_tokens=16))
+  b = xla.generate(prompts, SamplingParams(max_new_tokens=16))
+  assert a.tokens == b.tokens
+  for got, want in zip(a.logprobs, b.logprobs, strict=True):
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-2)
+
