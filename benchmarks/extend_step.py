@@ -7,8 +7,12 @@ a later turn (16 observations: chunk 128 over 1,600 slots).
 
   python benchmarks/extend_step.py [--repeats 3] [--compute bfloat16|float32]
 
-Random weights of SmolLM2-135M's shapes (time does not depend on the values); the cache is fp32 (the
-sampler's on CPU). Prints ms per call and the GFLOP/s of the matmul work each does.
+Random weights of SmolLM2-135M's shapes (time does not depend on the values). The whole call runs with XLA's
+attention over an fp32 cache (the sampler's before the CPU kernel) and with the CPU kernel
+(`s3_jax/kernels/cpu_attention.cc`) over the sampler's cache (the compute dtype); the attention alone, XLA's
+over an fp32 cache and the kernel's over fp32 and bf16 caches. Prints ms per call and the GFLOP/s of the
+matmul work each does (attention counted over every slot, as XLA computes it; the kernel skips the slots a
+query cannot see).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from timing import median_time
+
+from s3_jax.kernels import cpu_attention
 
 SHAPES = {"first turn": (16, 512, 704, 64), "later turn": (16, 128, 1408, 64)}  # rows, chunk, kept slots, new
 
@@ -40,34 +46,42 @@ def main() -> None:
   config, _ = read_config(assets.prepare("smollm2-135m-instruct", log=lambda m: None))
   compute = jnp.dtype(args.compute)
   model = Decoder(config, rngs=nnx.Rngs(0), compute_dtype=compute)
-  sampler = Sampler(model)
-  layers = sampler.params["layers"]
+  samplers = {"xla, fp32 cache": Sampler(model, attention_kernel="xla"), "CPU kernel": Sampler(model)}
+  layers = samplers["CPU kernel"].params["layers"]
   rng = np.random.default_rng(0)
   kv, e, heads = config.num_kv_heads, config.head_dim, config.num_heads
   per_token = 2 * sum(int(np.prod(w.shape)) for layer in layers for w in layer.values() if w.ndim > 1)
-  print(f"SmolLM2-135M chunked prefill, compute {args.compute}, fp32 cache; layer weights "
-        f"{per_token / 2e6:.0f}M parameters")
+  print(f"SmolLM2-135M chunked prefill, compute {args.compute}; layer weights {per_token / 2e6:.0f}M "
+        "parameters")
   for name, (b, t, kept, new) in SHAPES.items():
     slots = kept + t + new
-    cache = KVCache(tuple(jnp.asarray(rng.standard_normal((b, kv, e, slots), np.float32)) for _ in layers),
-                    tuple(jnp.asarray(rng.standard_normal((b, kv, slots, e), np.float32)) for _ in layers),
-                    jnp.asarray(np.arange(slots)[None, :].repeat(b, 0) < kept), jnp.int32(kept))
+
+    def make_cache(dtype, b=b, slots=slots, kept=kept):
+      return KVCache(tuple(jnp.asarray(rng.standard_normal((b, kv, e, slots)), dtype) for _ in layers),
+                     tuple(jnp.asarray(rng.standard_normal((b, kv, slots, e)), dtype) for _ in layers),
+                     jnp.asarray(np.arange(slots)[None, :].repeat(b, 0) < kept), jnp.int32(kept))
+
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (b, t)), jnp.int32)
     mask = jnp.ones((b, t), bool)
     positions = jnp.asarray(np.arange(kept, kept + t)[None].repeat(b, 0), jnp.int32)
-    held = {"cache": cache}
-
-    def whole():
-      out_cache, logits = sampler._extend(sampler.params, held["cache"], tokens, mask, positions)  # noqa: B023
-      logits.block_until_ready()
-      held["cache"] = out_cache  # noqa: B023  (the call donates its cache)
-
     matmul_flop = per_token * b * t
     attn_flop = 4 * b * heads * t * slots * e * len(layers)  # q.k and p.v over every slot, every layer
-    ms = median_time(whole, args.repeats) * 1e3
     print(f"{name}: {b} rows x {t} new tokens over {slots} slots ({kept} kept)")
-    print(f"  {'whole extend (sampler._extend)':<42} {ms:8.1f} ms  "
-          f"{(matmul_flop + attn_flop) / ms / 1e6:6.1f} GFLOP/s")
+    for label, sampler in samplers.items():
+      held = {"cache": make_cache(sampler.cache_dtype)}
+      start_valid = np.asarray(held["cache"].valid)
+
+      def whole(sampler=sampler, held=held, valid=start_valid, kept=kept):
+        # each call writes the same slots (the call donates its cache, and its index moves on)
+        cache = held["cache"]._replace(valid=jnp.asarray(valid), index=jnp.int32(kept))
+        out_cache, logits = sampler._extend(sampler.params, cache, tokens, mask, positions)  # noqa: B023
+        logits.block_until_ready()
+        held["cache"] = out_cache  # the call donates its cache
+
+      ms = median_time(whole, args.repeats) * 1e3
+      label = f"whole extend, {label} ({jnp.dtype(sampler.cache_dtype).name})"
+      print(f"  {label:<42} {ms:8.1f} ms  {(matmul_flop + attn_flop) / ms / 1e6:6.1f} GFLOP/s")
+    caches = {dtype: make_cache(dtype) for dtype in ("float32", "bfloat16")}
 
     q = jnp.asarray(rng.standard_normal((b, t, heads, e)), compute)
     valid = jnp.asarray(np.arange(slots)[None, :].repeat(b, 0) < kept + t)
@@ -87,10 +101,15 @@ def main() -> None:
         out.append(jnp.concatenate(parts, axis=1))
       return out
 
-    for label, fn in (("30 layers' attention, whole score matrix", whole_attention),
-                      ("30 layers' attention, query blocks of 128", jax.jit(blocked))):
-      ms = median_time(lambda fn=fn: jax.block_until_ready(fn(q, held["cache"].k, held["cache"].v)),  # noqa: B023
+    kernel = jax.jit(lambda q, ks, vs: [cpu_attention.cached_attention(q, k, v, valid, kept)  # noqa: B023
+                                        for k, v in zip(ks, vs, strict=True)])
+    for label, fn, dtype in (("30 layers' attention, whole score matrix", whole_attention, "float32"),
+                             ("30 layers' attention, query blocks of 128", jax.jit(blocked), "float32"),
+                             ("30 layers' attention, CPU kernel", kernel, "float32"),
+                             ("30 layers' attention, CPU kernel", kernel, "bfloat16")):
+      ms = median_time(lambda fn=fn, c=caches[dtype], q=q: jax.block_until_ready(fn(q, c.k, c.v)),
                        args.repeats) * 1e3
+      label = f"{label} ({dtype} cache)"
       print(f"  {label:<42} {ms:8.1f} ms  {attn_flop / ms / 1e6:6.1f} GFLOP/s (all slots)")
 
     x = jnp.asarray(rng.standard_normal((b, t, config.hidden_size)), compute)

@@ -1,5 +1,6 @@
-"""The CPU decode-attention kernel (`s3_jax/kernels/cpu_attention.cc`) against a float64 NumPy reference, and
-the sampler with it against the sampler with XLA's attention."""
+"""The CPU cached-attention kernel (`s3_jax/kernels/cpu_attention.cc`: decode steps and chunked prefills)
+against a float64 NumPy reference and the decoder's XLA attention, and the sampler with it against the
+sampler with XLA's attention."""
 
 import jax
 import jax.numpy as jnp
@@ -12,35 +13,45 @@ from s3_jax.kernels import cpu_attention
 from s3_jax.models.hf import load_hf
 from s3_jax.models.sampler import Sampler, SamplingParams
 
-# (batch, query heads, kv heads, head_dim, slots): SmolLM2-135M's heads; a partial last block; one kv head
-# for 8 query heads and the largest head_dim; fewer slots than one block.
-SHAPES = [(3, 9, 3, 64, 100), (2, 4, 2, 16, 37), (4, 8, 1, 128, 64), (2, 2, 2, 32, 5)]
+# (batch, new positions, query heads, kv heads, head_dim, slots): decode steps (one position) and chunked
+# prefills; SmolLM2-135M's heads; a partial last block; one kv head for 8 query heads and the largest
+# head_dim; fewer slots than one block; more positions than one tile.
+SHAPES = [(3, 1, 9, 3, 64, 100), (2, 1, 4, 2, 16, 37), (4, 1, 8, 1, 128, 64), (2, 1, 2, 2, 32, 5),
+          (3, 7, 9, 3, 64, 100), (2, 13, 4, 2, 16, 37), (2, 5, 8, 1, 128, 64), (2, 3, 2, 2, 32, 5),
+          (2, 40, 6, 2, 64, 90)]
 
 
-def _reference(q, kt, v, mask):
-  """softmax(q.k / sqrt(e)) . v over the visible slots, in float64; zeros for a row that sees none."""
-  b, h, e = q.shape
-  k = kt.shape[1]
-  qq = q.reshape(b, k, h // k, e).astype(np.float64)
-  scores = np.einsum("bkge,bkes->bkgs", qq, kt.astype(np.float64)) / np.sqrt(e)
-  scores = np.where(mask[:, None, None], scores, -np.inf)
+def _reference(q, kt, v, valid, index):
+  """Query i of row b: softmax(q.k / sqrt(e)) . v over the valid slots up to index + i, in float64; zeros
+  where its own slot is not valid or it sees nothing."""
+  b, t, h, e = q.shape
+  k, s = kt.shape[1], kt.shape[3]
+  qq = q.reshape(b, t, k, h // k, e).astype(np.float64)
+  scores = np.einsum("btkge,bkes->btkgs", qq, kt.astype(np.float64)) / np.sqrt(e)
+  seen = valid[:, None, :] & (np.arange(s)[None, None, :] <= index + np.arange(t)[None, :, None])
+  seen &= valid[:, index:index + t, None]  # a padding position sees nothing
+  seen = seen[:, :, None, None, :]
+  scores = np.where(seen, scores, -np.inf)
   top = np.max(scores, -1, keepdims=True)
-  weights = np.where(mask[:, None, None], np.exp(scores - np.where(np.isfinite(top), top, 0)), 0)
+  weights = np.where(seen, np.exp(scores - np.where(np.isfinite(top), top, 0)), 0)
   total = weights.sum(-1, keepdims=True)
   probs = np.divide(weights, total, out=np.zeros_like(weights), where=total > 0)
-  return np.einsum("bkgs,bkse->bkge", probs, v.astype(np.float64)).reshape(b, h, e)
+  return np.einsum("btkgs,bkse->btkge", probs, v.astype(np.float64)).reshape(b, t, h, e)
 
 
 def _inputs(rng, shape, dtype):
-  b, h, k, e, s = shape
-  q = (rng.normal(size=(b, h, e)) * 2).astype(np.float32)
+  b, t, h, k, e, s = shape
+  q = (rng.normal(size=(b, t, h, e)) * 2).astype(np.float32)
   kt = jnp.asarray(rng.normal(size=(b, k, e, s)), dtype)
   v = jnp.asarray(rng.normal(size=(b, k, s, e)), dtype)
-  mask = rng.random((b, s)) < 0.6
-  mask[:, 0] = True
-  mask[0, : min(40, s - 1)] = False  # whole blocks with nothing visible, then the last slot
-  mask[0, -1] = True
-  return q, kt, v, mask
+  index = s - t - int(rng.integers(0, min(3, s - t) + 1))  # new positions at index ... index + t - 1
+  valid = rng.random((b, s)) < 0.6
+  valid[:, 0] = True
+  valid[0, : min(40, index)] = False  # whole blocks with nothing valid
+  valid[:, index:index + t] = True
+  valid[0, index] = t == 1  # a left-padding position, where a chunk has one
+  valid[:, index + t:] = rng.random((b, s - index - t)) < 0.5  # stale slots past the new ones: never seen
+  return q, kt, v, valid, index
 
 
 @pytest.fixture(autouse=True)
@@ -55,38 +66,50 @@ def _kernel_builds():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_matches_numpy(shape, dtype):
-  q, kt, v, mask = _inputs(np.random.default_rng(sum(shape)), shape, jnp.dtype(dtype))
-  got = np.asarray(jax.jit(cpu_attention.decode_attention)(q, kt, v, mask))
+  q, kt, v, valid, index = _inputs(np.random.default_rng(sum(shape)), shape, jnp.dtype(dtype))
+  got = np.asarray(jax.jit(cpu_attention.cached_attention)(q, kt, v, valid, index))
   # the reference reads the same (bf16-rounded) cache values: only the kernel's arithmetic is under test
-  want = _reference(q, np.asarray(kt, np.float32), np.asarray(v, np.float32), mask)
+  want = _reference(q, np.asarray(kt, np.float32), np.asarray(v, np.float32), valid, index)
   assert got.dtype == np.float32 and got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=0, atol=5e-6)
 
 
-def test_a_row_that_sees_nothing_gets_zeros_and_others_are_unaffected():
-  q, kt, v, mask = _inputs(np.random.default_rng(1), SHAPES[0], jnp.float32)
-  mask[1] = False
-  got = np.asarray(cpu_attention.decode_attention(q, kt, v, mask))
-  assert np.all(got[1] == 0)
-  want = _reference(q, np.asarray(kt), np.asarray(v), mask)
-  np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=0, atol=5e-6)
+def test_kernel_equals_xla_attention_over_the_cache():
+  """The decoder's own XLA attention over the same cache and mask (real positions only)."""
+  from s3_jax.models.decoder import _cached_attention
+
+  q, kt, v, valid, index = _inputs(np.random.default_rng(5), (2, 9, 9, 3, 64, 80), jnp.float32)
+  t, s = q.shape[1], kt.shape[3]
+  mask = valid[:, None, :] & (np.arange(s)[None, None, :] <= index + np.arange(t)[None, :, None])
+  want = np.asarray(_cached_attention(jnp.asarray(q), kt, v, jnp.asarray(mask)))
+  got = np.asarray(cpu_attention.cached_attention(q, kt, v, valid, index))
+  real = valid[:, index:index + t]
+  np.testing.assert_allclose(got[real], want[real], rtol=0, atol=5e-6)
+  assert np.all(got[~real] == 0)
 
 
 def test_extreme_scores_stay_finite_and_exact():
-  """Scores spread over hundreds (one slot dominates, the others underflow) give that slot's value."""
-  rng = np.random.default_rng(2)
-  q, kt, v, mask = _inputs(rng, (2, 4, 2, 16, 70), jnp.float32)
+  """Scores spread over hundreds (one slot dominates, the others underflow) stay finite and within what
+  float32 rounding of such scores allows (a score of 500 carries ~3e-5 of rounding into its exponent)."""
+  q, kt, v, valid, index = _inputs(np.random.default_rng(2), (2, 4, 4, 2, 16, 70), jnp.float32)
   kt = kt * 200.0
-  got = np.asarray(cpu_attention.decode_attention(q, kt, v, mask))
+  got = np.asarray(cpu_attention.cached_attention(q, kt, v, valid, index))
   assert np.all(np.isfinite(got))
-  np.testing.assert_allclose(got, _reference(q, np.asarray(kt), np.asarray(v), mask), rtol=0, atol=5e-6)
+  want = _reference(q, np.asarray(kt), np.asarray(v), valid, index)
+  scores = np.einsum("btkge,bkes->btkgs", q.reshape(2, 4, 2, 2, 16), np.asarray(kt)) / 4.0  # head_dim 16
+  assert np.abs(scores).max() > 300
+  bound = 4 * np.finfo(np.float32).eps * np.abs(scores).max() * np.abs(np.asarray(v)).max()
+  np.testing.assert_allclose(got, want, rtol=0, atol=bound)
 
 
-def test_shapes_without_a_kernel_are_refused():
-  q, kt, v, mask = _inputs(np.random.default_rng(3), (1, 2, 2, 24, 8), jnp.float32)
+def test_bad_shapes_are_refused():
+  q, kt, v, valid, index = _inputs(np.random.default_rng(3), (1, 1, 2, 2, 24, 8), jnp.float32)
   assert not cpu_attention.supports(2, 2, 24) and not cpu_attention.supports(18, 2, 64)
   with pytest.raises(ValueError, match="no kernel for 2 heads over 2 kv heads of dim 24"):
-    cpu_attention.decode_attention(q, kt, v, mask)
+    cpu_attention.cached_attention(q, kt, v, valid, index)
+  q, kt, v, valid, _ = _inputs(np.random.default_rng(3), (1, 4, 2, 2, 16, 8), jnp.float32)
+  with pytest.raises(Exception, match=r"new positions at slots 6 \.\.\. \+4 past the cache's 8 slots"):
+    jax.block_until_ready(cpu_attention.cached_attention(q, kt, v, valid, 6))
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,26 @@
-// Decode attention on CPU as an XLA FFI custom call: one new query token per row over that row's KV cache.
+// Attention over a KV cache on CPU as an XLA FFI custom call: a decode step (one new position per row) or a
+// chunked prefill (T new positions per row, already written into the cache at slots index ... index + T - 1).
 //
-// Why a kernel of our own: XLA:CPU reads a decode step's cache at ~19 GB/s in fp32 and slower in bf16 (it
-// converts the whole cache before its dot), and it reads every slot of the cache's bucket, valid or not.
-// This kernel reads the cache once, in its own dtype (bf16 halves the bytes), only in the 32-slot blocks
-// that hold a valid slot, and keeps scores, softmax and sums in fp32.
+// Why a kernel of our own: XLA:CPU has no fused attention. A decode step's attention reads the whole cache
+// (~19 GB/s in fp32; a bf16 cache is converted before its dot, slower still), every slot of the cache's
+// bucket, valid or not; a chunked prefill materialises [T, slots] scores and masks, computes the causal half
+// of its own block and pads every row to the longest. This kernel reads the cache in its own dtype (bf16:
+// half the bytes), only the 16-slot blocks a query can see (valid, and at most its own slot), and keeps the
+// scores, softmax and sums in fp32 without materialising anything beyond a tile's scores.
 //
-//   q     [B, H, E]    f32   the new token's queries (RoPE applied; not yet scaled)
-//   kt    [B, K, E, S] T     keys, slots minor (the sampler's KVCache layout), T = f32 or bf16
-//   v     [B, K, S, E] T     values
-//   mask  [B, S]       pred  which slots this row's query may see
-//   out   [B, H, E]    f32   softmax(scale * q.k over the visible slots) . v;  H = K * G (grouped queries)
+//   q      [B, T, H, E]  f32   the new positions' queries (RoPE applied; not yet scaled)
+//   kt     [B, K, E, S]  C     keys, slots minor (the sampler's KVCache layout); C = f32 or bf16
+//   v      [B, K, S, E]  C     values
+//   valid  [B, S]        pred  which slots hold a token (the new positions' included)
+//   index  []            s32   the slot of the first new position
+//   out    [B, T, H, E]  f32   for query t of row b: softmax(scale * q.k) . v over the slots s with valid[b, s]
+//                              and s <= index + t; H = K * G (grouped queries)
 //
-// A row that sees no slot gets zeros (XLA's masked softmax would give the mean of every value; such a row
-// is padding whose output nothing reads).
+// A query whose own slot is not valid (left padding) and a row that sees nothing get zeros: XLA's masked
+// softmax would give some mix of values there, which nothing reads.
 //
-// Work is split over (row, kv head) pairs on XLA's intra-op thread pool; the calling thread takes pairs too.
+// Work is split over (row, kv head, tile of positions) on XLA's intra-op thread pool; the calling thread takes
+// work too.
 
 #include <algorithm>
 #include <atomic>
@@ -36,7 +42,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kBlock = 32;  // slots per score block: one 64-byte line of bf16 keys per head dimension
 constexpr int kLanes = 16;  // floats per vector (one AVX-512 register; two AVX2 ones where that is all)
 
 // GCC/Clang vector extensions: the compiler maps them onto the machine's vector registers (-march=native).
@@ -103,148 +108,201 @@ inline F32x16 ExpNonPositive(F32x16 x) {
   return p * scale;
 }
 
-struct Shape {
-  int64_t B, H, K, E, S;
+
+constexpr float kNegInf = -INFINITY;
+
+// Rows of a tile: Q positions x G query heads of one kv head, about 12 so that a block's scores stay in
+// registers (one vector of 16 slots per row).
+template <int G>
+constexpr int TilePositions() { return G >= 12 ? 1 : 12 / G; }
+
+struct Problem {
+  int64_t B, T, H, K, E, S;
+  int64_t index;
+  float scale;
 };
 
-// One (row b, kv head k) pair: its G query heads over its S slots. `scores` holds G * S floats (S rounded up
-// to a block), `live` a flag per block.
-template <typename T, int G, int E>
-void AttendPair(const float* __restrict q, const T* __restrict kt, const T* __restrict v,
-                const bool* __restrict mask, float* __restrict out, float scale, int64_t S,
-                float* __restrict scores, uint8_t* __restrict live) {
-  static_assert(E % kLanes == 0, "head_dim must be a multiple of 16");
+// The 16 slots from s0 as vectors: their keys' rows read from `kt` (a zero-padded copy when fewer than 16
+// remain) and which of them hold a token.
+template <typename C, int E>
+struct KeyBlock {
+  const C* rows;
+  int64_t stride;
+  I32x16 valid;
+  C tail[E * kLanes];
+
+  void Load(const C* kt, const bool* valid_row, int64_t S, int64_t s0) {
+    const int64_t n = std::min<int64_t>(kLanes, S - s0);
+    bool v[kLanes] = {};
+    std::memcpy(v, valid_row + s0, n);
+    valid = Visible16(v);
+    if (n == kLanes) {
+      rows = kt + s0;
+      stride = S;
+      return;
+    }
+    std::memset(tail, 0, sizeof(tail));
+    for (int e = 0; e < E; ++e) std::memcpy(tail + e * kLanes, kt + e * S + s0, n * sizeof(C));
+    rows = tail;
+    stride = kLanes;
+  }
+};
+
+inline I32x16 Iota() {
+  I32x16 x;
+  for (int i = 0; i < kLanes; ++i) x[i] = i;
+  return x;
+}
+
+inline bool Any(const bool* p, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (p[i]) return true;
+  return false;
+}
+
+// The mix's register block (phase 3): MixRows rows x MixWidth vectors of their head's sums, 12 registers, so
+// that each value vector read (and converted from bf16) serves MixRows rows.
+template <int R>
+constexpr int MixRows() { return R >= 6 ? 6 : 3; }
+template <int R, int V>
+constexpr int MixWidth() { return V < 12 / MixRows<R>() ? V : 12 / MixRows<R>(); }
+template <int R>
+constexpr int PaddedRows() { return (R + MixRows<R>() - 1) / MixRows<R>() * MixRows<R>(); }
+constexpr int kMaxMixRows = 6;
+
+// One tile: positions t0 ... t0 + Q - 1 of row b (those below T) against kv head k. `scores` holds
+// PaddedRows<Q * G>() * S16 floats.
+template <typename C, int G, int E, int Q>
+void AttendTile(const Problem& d, const float* q, const C* kt_all, const C* v_all, const bool* valid_all,
+                float* out, int64_t b, int64_t k, int64_t t0, float* __restrict scores) {
+  constexpr int R = Q * G;
   constexpr int V = E / kLanes;
-  const int64_t stride = (S + kBlock - 1) / kBlock * kBlock;  // scores row per query head
-  float qs[G][E];
-  for (int g = 0; g < G; ++g)
-    for (int e = 0; e < E; ++e) qs[g][e] = q[g * E + e] * scale;
-  F32x16 best[G];
-  for (int g = 0; g < G; ++g) best[g] = F32x16{} - INFINITY;
-  const int64_t blocks = stride / kBlock;
-  bool any_live = false;
-  // 1. scores of the visible slots, block by block (a block with no visible slot is not read)
+  static_assert(E % kLanes == 0, "head_dim must be a multiple of 16");
+  const int64_t S = d.S, S16 = (S + kLanes - 1) / kLanes * kLanes;
+  const int n = static_cast<int>(std::min<int64_t>(Q, d.T - t0));
+  const C* kt = kt_all + (b * d.K + k) * E * S;
+  const C* v = v_all + (b * d.K + k) * S * E;
+  const bool* valid = valid_all + b * S;
+  // each row's query, scaled; its last visible slot (-1: a padding position, sees nothing)
+  float qs[R][E];
+  int64_t last[R];
+  int64_t tile_last = -1;
+  for (int r = 0; r < R; ++r) {
+    const int p = r / G, g = r % G;
+    const int64_t slot = d.index + t0 + p;
+    const bool real = p < n && slot < S && valid[slot];
+    last[r] = real ? slot : -1;
+    tile_last = std::max(tile_last, last[r]);
+    for (int e = 0; e < E; ++e)
+      qs[r][e] = real ? q[((b * d.T + t0 + p) * d.H + k * G + g) * E + e] * d.scale : 0.0f;
+  }
+  const int64_t blocks = tile_last < 0 ? 0 : tile_last / kLanes + 1;
+  // 1. scores, block by block over the slots some row of the tile can see
+  F32x16 best[R];
+  for (int r = 0; r < R; ++r) best[r] = F32x16{} + kNegInf;
+  const I32x16 iota = Iota();
+  KeyBlock<C, E> block;
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t s0 = blk * kBlock;
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, S - s0));
-    bool has = false;
-    for (int j = 0; j < n; ++j) has |= mask[s0 + j];
-    live[blk] = has;
-    if (!has) continue;
-    any_live = true;
-    // the last block, when partial, is read from a zero-padded copy so that one loop serves every block
-    const T* keys = kt + s0;
-    int64_t key_stride = S;
-    T tail[E * kBlock];
-    if (n < kBlock) {
-      std::memset(tail, 0, sizeof(tail));
-      for (int e = 0; e < E; ++e) std::memcpy(tail + e * kBlock, kt + e * S + s0, n * sizeof(T));
-      keys = tail;
-      key_stride = kBlock;
-    }
-    F32x16 acc[G][2];
-    for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = F32x16{};
-    for (int e = 0; e < E; ++e) {
-      const T* row = keys + e * key_stride;
-      const F32x16 k0 = Load16(row), k1 = Load16(row + kLanes);
-      for (int g = 0; g < G; ++g) {
-        acc[g][0] += qs[g][e] * k0;
-        acc[g][1] += qs[g][e] * k1;
+    const int64_t s0 = blk * kLanes;
+    if (!Any(valid + s0, std::min<int64_t>(kLanes, S - s0))) {
+      for (int r = 0; r < R; ++r) {
+        const F32x16 x = F32x16{} + kNegInf;
+        std::memcpy(scores + r * S16 + s0, &x, sizeof(x));
       }
+      continue;
     }
-    bool visible[kBlock] = {};
-    for (int j = 0; j < n; ++j) visible[j] = mask[s0 + j];
-    const I32x16 m0 = Visible16(visible), m1 = Visible16(visible + kLanes);
-    for (int g = 0; g < G; ++g) {
-      const F32x16 x0 = m0 ? acc[g][0] : F32x16{} - INFINITY, x1 = m1 ? acc[g][1] : F32x16{} - INFINITY;
-      std::memcpy(scores + g * stride + s0, &x0, sizeof(x0));
-      std::memcpy(scores + g * stride + s0 + kLanes, &x1, sizeof(x1));
-      best[g] = x0 > best[g] ? x0 : best[g];
-      best[g] = x1 > best[g] ? x1 : best[g];
+    block.Load(kt, valid, S, s0);
+    F32x16 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = F32x16{};
+    for (int e = 0; e < E; ++e) {
+      const F32x16 key = Load16(block.rows + e * block.stride);
+      for (int r = 0; r < R; ++r) acc[r] += qs[r][e] * key;
+    }
+    for (int r = 0; r < R; ++r) {
+      const I32x16 seen = block.valid & (iota <= static_cast<int32_t>(std::min<int64_t>(last[r] - s0, kLanes)));
+      const F32x16 x = seen ? acc[r] : F32x16{} + kNegInf;
+      std::memcpy(scores + r * S16 + s0, &x, sizeof(x));
+      best[r] = x > best[r] ? x : best[r];
     }
   }
-  if (!any_live) {
-    std::fill(out, out + G * E, 0.0f);
-    return;
-  }
-  // 2. probabilities (unnormalised) in place of the scores; invisible slots get exactly 0
-  float total[G];
-  for (int g = 0; g < G; ++g) {
-    const float top = Max(best[g]);
+  // 2. unnormalised probabilities in place of the scores (exactly 0 where a row sees nothing)
+  float total[R];
+  for (int r = 0; r < R; ++r) {
+    const float top = Max(best[r]);
     F32x16 sum{};
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      if (!live[blk]) continue;
-      for (int half = 0; half < 2; ++half) {
-        float* sc = scores + g * stride + blk * kBlock + half * kLanes;
-        const F32x16 x = Load16(sc);
-        const F32x16 p = x == F32x16{} - INFINITY ? F32x16{} : ExpNonPositive(x - top);
-        std::memcpy(sc, &p, sizeof(p));
-        sum += p;
-      }
+      float* sc = scores + r * S16 + blk * kLanes;
+      const F32x16 x = Load16(sc);
+      const F32x16 p = (x == F32x16{} + kNegInf) ? F32x16{} : ExpNonPositive(x - top);
+      std::memcpy(sc, &p, sizeof(p));
+      sum += p;
     }
-    total[g] = Sum(sum);
+    total[r] = top == kNegInf ? 0.0f : Sum(sum);
   }
-  // 3. the probability-weighted values, the visible slots of live blocks only
-  F32x16 acc[G][V];
-  for (int g = 0; g < G; ++g)
-    for (int i = 0; i < V; ++i) acc[g][i] = F32x16{};
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    if (!live[blk]) continue;
-    const int64_t s0 = blk * kBlock;
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, S - s0));
-    for (int j = 0; j < n; ++j) {
-      if (!mask[s0 + j]) continue;
-      const T* row = v + (s0 + j) * E;
-      F32x16 vv[V];
-      for (int i = 0; i < V; ++i) vv[i] = Load16(row + i * kLanes);
-      for (int g = 0; g < G; ++g) {
-        const float p = scores[g * stride + s0 + j];
-        for (int i = 0; i < V; ++i) acc[g][i] += p * vv[i];
+  // 3. the probability-weighted values in register blocks of M rows x W vectors (rows past R read zeros)
+  constexpr int M = MixRows<R>(), W = MixWidth<R, V>();
+  static_assert(V % W == 0, "the head's vectors split into whole blocks");
+  for (int r = R; r < PaddedRows<R>(); ++r) std::fill(scores + r * S16, scores + r * S16 + blocks * kLanes, 0.0f);
+  for (int r0 = 0; r0 < R; r0 += M) {
+    const float* p = scores + r0 * S16;
+    int64_t end = 0;
+    for (int c = 0; c < M && r0 + c < R; ++c) end = std::max(end, last[r0 + c] + 1);
+    for (int i0 = 0; i0 < V; i0 += W) {
+      F32x16 acc[M][W];
+      for (int c = 0; c < M; ++c)
+        for (int i = 0; i < W; ++i) acc[c][i] = F32x16{};
+      for (int64_t s = 0; s < end; ++s) {
+        if (!valid[s]) continue;
+        F32x16 vv[W];
+        for (int i = 0; i < W; ++i) vv[i] = Load16(v + s * E + (i0 + i) * kLanes);
+        for (int c = 0; c < M; ++c) {
+          const float w = p[c * S16 + s];
+          for (int i = 0; i < W; ++i) acc[c][i] += w * vv[i];
+        }
       }
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    const float inv = 1.0f / total[g];
-    for (int i = 0; i < V; ++i) {
-      const F32x16 o = acc[g][i] * inv;
-      std::memcpy(out + g * E + i * kLanes, &o, sizeof(o));
+      for (int c = 0; c < M && r0 + c < R; ++c) {
+        const int r = r0 + c, pos = r / G, g = r % G;
+        if (pos >= n) continue;
+        float* o = out + ((b * d.T + t0 + pos) * d.H + k * G + g) * E;
+        const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+        for (int i = 0; i < W; ++i) {
+          const F32x16 x = acc[c][i] * inv;
+          std::memcpy(o + (i0 + i) * kLanes, &x, sizeof(x));
+        }
+      }
     }
   }
 }
 
-template <typename T>
-using PairFn = void (*)(const float*, const T*, const T*, const bool*, float*, float, int64_t, float*,
-                        uint8_t*);
+template <typename C>
+using TileFn = void (*)(const Problem&, const float*, const C*, const C*, const bool*, float*, int64_t, int64_t,
+                        int64_t, float*);
 
-template <typename T, int E>
-PairFn<T> PickG(int64_t g) {
+// A decode step (T == 1) runs tiles of one position; a chunked prefill, tiles of TilePositions<G>().
+template <typename C, int E>
+TileFn<C> PickG(int64_t g, bool decode, int* positions) {
+#define S3_CASE(G)                                                                \
+  case G:                                                                         \
+    *positions = decode ? 1 : TilePositions<G>();                                 \
+    return decode ? AttendTile<C, G, E, 1> : AttendTile<C, G, E, TilePositions<G>()>;
   switch (g) {
-    case 1: return AttendPair<T, 1, E>;
-    case 2: return AttendPair<T, 2, E>;
-    case 3: return AttendPair<T, 3, E>;
-    case 4: return AttendPair<T, 4, E>;
-    case 5: return AttendPair<T, 5, E>;
-    case 6: return AttendPair<T, 6, E>;
-    case 7: return AttendPair<T, 7, E>;
-    case 8: return AttendPair<T, 8, E>;
+    S3_CASE(1) S3_CASE(2) S3_CASE(3) S3_CASE(4) S3_CASE(5) S3_CASE(6) S3_CASE(7) S3_CASE(8)
     default: return nullptr;
   }
+#undef S3_CASE
 }
 
-template <typename T>
-PairFn<T> Pick(int64_t g, int64_t e) {
+template <typename C>
+TileFn<C> Pick(int64_t g, int64_t e, bool decode, int* positions) {
   switch (e) {
-    case 16: return PickG<T, 16>(g);
-    case 32: return PickG<T, 32>(g);
-    case 64: return PickG<T, 64>(g);
-    case 128: return PickG<T, 128>(g);
+    case 16: return PickG<C, 16>(g, decode, positions);
+    case 32: return PickG<C, 32>(g, decode, positions);
+    case 64: return PickG<C, 64>(g, decode, positions);
+    case 128: return PickG<C, 128>(g, decode, positions);
     default: return nullptr;
   }
 }
 
-// Runs fn(i) for i in [0, count) on the pool's threads and this one; returns when every i has run. Late
-// pool tasks (scheduled but started after the work is done) only touch the shared counters, which they own
-// a reference to.
 template <typename Fn>
 void ParallelFor(ffi::ThreadPool& pool, int64_t count, Fn fn) {
   struct Counters {
@@ -272,60 +330,64 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, Fn fn) {
   while (counters->finished.load(std::memory_order_acquire) < count) std::this_thread::yield();
 }
 
-template <typename T>
-ffi::Error Run(ffi::ThreadPool& pool, const Shape& d, const float* q, const T* kt, const T* v,
-               const bool* mask, float* out, float scale) {
+
+template <typename C>
+ffi::Error Run(ffi::ThreadPool& pool, const Problem& d, const float* q, const C* kt, const C* v,
+               const bool* valid, float* out) {
   const int64_t G = d.H / d.K;
-  PairFn<T> pair = Pick<T>(G, d.E);
-  if (pair == nullptr)
-    return ffi::Error::InvalidArgument("s3_decode_attention: unsupported head_dim " + std::to_string(d.E) +
+  int positions = 1;
+  TileFn<C> tile = Pick<C>(G, d.E, d.T == 1, &positions);
+  if (tile == nullptr)
+    return ffi::Error::InvalidArgument("s3_cached_attention: unsupported head_dim " + std::to_string(d.E) +
                                        " or query heads per kv head " + std::to_string(G));
-  const int64_t S = d.S;
-  const int64_t blocks = (S + kBlock - 1) / kBlock;
-  ParallelFor(pool, d.B * d.K, [&](int64_t i) {
+  const int64_t tiles = (d.T + positions - 1) / positions;
+  const int64_t S16 = (d.S + kLanes - 1) / kLanes * kLanes;
+  const int64_t rows = (positions * G + kMaxMixRows - 1) / kMaxMixRows * kMaxMixRows;  // >= PaddedRows
+  ParallelFor(pool, d.B * d.K * tiles, [&](int64_t i) {
     thread_local std::vector<float> scores;
-    thread_local std::vector<uint8_t> live;
-    const int64_t stride = blocks * kBlock;
-    if (static_cast<int64_t>(scores.size()) < G * stride) scores.resize(G * stride);
-    if (static_cast<int64_t>(live.size()) < blocks) live.resize(blocks);
-    const int64_t b = i / d.K, k = i % d.K;
-    pair(q + (b * d.H + k * G) * d.E, kt + (b * d.K + k) * d.E * S, v + (b * d.K + k) * S * d.E,
-         mask + b * S, out + (b * d.H + k * G) * d.E, scale, S, scores.data(), live.data());
+    if (static_cast<int64_t>(scores.size()) < rows * S16) scores.resize(rows * S16);
+    const int64_t b = i / (d.K * tiles), k = i / tiles % d.K, t0 = i % tiles * positions;
+    tile(d, q, kt, v, valid, out, b, k, t0, scores.data());
   });
   return ffi::Error::Success();
 }
 
-ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kt, ffi::AnyBuffer v,
-                           ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, float scale,
-                           ffi::ThreadPool pool) {
-  auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || md.size() != 2)
-    return ffi::Error::InvalidArgument("s3_decode_attention: ranks must be q 3, kt 4, v 4, mask 2");
-  Shape d{qd[0], qd[1], kd[1], qd[2], kd[3]};
+ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kt, ffi::AnyBuffer v,
+                           ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::S32> index,
+                           ffi::ResultBuffer<ffi::F32> out, float scale, ffi::ThreadPool pool) {
+  auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions(), md = valid.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 || index.dimensions().size() != 0)
+    return ffi::Error::InvalidArgument("s3_cached_attention: ranks must be q 4, kt 4, v 4, valid 2, index 0");
+  Problem d{qd[0], qd[1], qd[2], kd[1], qd[3], kd[3], *index.typed_data(), scale};
   if (kd[0] != d.B || kd[2] != d.E || vd[0] != d.B || vd[1] != d.K || vd[2] != d.S || vd[3] != d.E ||
       md[0] != d.B || md[1] != d.S || d.K == 0 || d.H % d.K != 0)
-    return ffi::Error::InvalidArgument("s3_decode_attention: shapes disagree (q [B,H,E], kt [B,K,E,S], "
-                                       "v [B,K,S,E], mask [B,S], H a multiple of K)");
+    return ffi::Error::InvalidArgument("s3_cached_attention: shapes disagree (q [B,T,H,E], kt [B,K,E,S], "
+                                       "v [B,K,S,E], valid [B,S], H a multiple of K)");
+  if (d.index < 0 || d.index + d.T > d.S)
+    return ffi::Error::InvalidArgument("s3_cached_attention: new positions at slots " +
+                                       std::to_string(d.index) + " ... +" + std::to_string(d.T) +
+                                       " past the cache's " + std::to_string(d.S) + " slots");
   if (kt.element_type() != v.element_type())
-    return ffi::Error::InvalidArgument("s3_decode_attention: keys and values differ in dtype");
-  const bool* m = mask.typed_data();
+    return ffi::Error::InvalidArgument("s3_cached_attention: keys and values differ in dtype");
+  const bool* m = valid.typed_data();
   if (kt.element_type() == ffi::DataType::F32)
     return Run<float>(pool, d, q.typed_data(), static_cast<const float*>(kt.untyped_data()),
-                      static_cast<const float*>(v.untyped_data()), m, out->typed_data(), scale);
+                      static_cast<const float*>(v.untyped_data()), m, out->typed_data());
   if (kt.element_type() == ffi::DataType::BF16)
     return Run<uint16_t>(pool, d, q.typed_data(), static_cast<const uint16_t*>(kt.untyped_data()),
-                         static_cast<const uint16_t*>(v.untyped_data()), m, out->typed_data(), scale);
-  return ffi::Error::InvalidArgument("s3_decode_attention: the cache must be float32 or bfloat16");
+                         static_cast<const uint16_t*>(v.untyped_data()), m, out->typed_data());
+  return ffi::Error::InvalidArgument("s3_cached_attention: the cache must be float32 or bfloat16");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(S3DecodeAttention, DecodeAttention,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(S3CachedAttention, CachedAttention,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Ctx<ffi::ThreadPool>());

@@ -1,10 +1,11 @@
-"""Decode attention on CPU as an XLA FFI custom call (`cpu_attention.cc`), built on first use.
+"""Attention over a KV cache on CPU as an XLA FFI custom call (`cpu_attention.cc`), built on first use: a
+decode step's (one new position per row) and a chunked prefill's (new positions written into a kept cache).
 
-A decode step's attention reads the whole KV cache once per layer: on a laptop CPU it is what bounds a
-sampling step at rollout lengths. XLA:CPU reads an fp32 cache at ~19 GB/s, converts a bf16 one before its
-dot (slower than fp32), and reads every slot of the cache's bucket. The kernel reads the cache in its own
-dtype (bf16: half the bytes), skips 32-slot blocks with no visible slot, and computes scores, softmax and
-sums in fp32 (`benchmarks/README.md`, decode attention).
+XLA:CPU has no fused attention. A decode step's attention reads the whole cache once per layer (~19 GB/s in
+fp32; a bf16 cache is converted before its dot, slower than fp32), every slot of the cache's bucket; a chunked
+prefill materialises [new, slots] scores and masks, computes the causal half of its own block and the padding
+of every row. The kernel reads the cache in its own dtype (bf16: half the bytes), only the 16-slot blocks a
+query can see, and computes scores, softmax and sums in fp32 (`benchmarks/README.md`, cached attention).
 
 The C++ source is compiled with the host's C++ compiler (`$CXX`, else `g++`/`c++`) for this machine's
 instruction set, into `$S3_JAX_CACHE/kernels/` keyed by the source, the flags and the jaxlib headers;
@@ -29,7 +30,7 @@ import numpy as np
 
 from s3_jax import assets
 
-TARGET = "s3_decode_attention"
+TARGET = "s3_cached_attention"
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-ffp-contract=fast",
          "-fno-math-errno", "-shared", "-fPIC")
@@ -74,7 +75,7 @@ def _load() -> tuple[bool, str]:
   if not path.exists():
     _build(compiler, path)
   library = ctypes.cdll.LoadLibrary(str(path))
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.S3DecodeAttention), platform="cpu")
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.S3CachedAttention), platform="cpu")
   return True, ""
 
 
@@ -90,15 +91,19 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
           and num_heads // num_kv_heads <= MAX_GROUP)
 
 
-def decode_attention(q: jax.Array, kt: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query attention of one new position per row: q `[b, h, e]`, cached keys kt `[b, k, e, s]`,
-  values v `[b, k, s, e]` (float32 or bfloat16, the same), visible slots `mask [b, s]` -> float32 `[b, h, e]`,
-  `softmax(q . k / sqrt(e)) . v` over the visible slots (zeros for a row that sees none)."""
+def cached_attention(q: jax.Array, kt: jax.Array, v: jax.Array, valid: jax.Array,
+                     index: jax.Array) -> jax.Array:
+  """Grouped-query attention of new positions over a row's cache: q `[b, t, h, e]`, cached keys kt
+  `[b, k, e, s]` and values v `[b, k, s, e]` (float32 or bfloat16, the same; the new positions' already
+  written at slots `index ... index + t - 1`), `valid [b, s]` the slots holding a token -> float32
+  `[b, t, h, e]`: for query i, `softmax(q . k / sqrt(e)) . v` over the valid slots up to `index + i`; zeros
+  for a query whose own slot is not valid (left padding)."""
   usable, why = status()
   if not usable:
-    raise RuntimeError(f"the CPU decode-attention kernel is not available: {why}")
-  b, h, e = q.shape
+    raise RuntimeError(f"the CPU cached-attention kernel is not available: {why}")
+  b, t, h, e = q.shape
   if not supports(h, kt.shape[1], e):
-    raise ValueError(f"decode_attention: no kernel for {h} heads over {kt.shape[1]} kv heads of dim {e}")
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, h, e), jnp.float32), vmap_method="sequential")
-  return call(q.astype(jnp.float32), kt, v, mask.astype(bool), scale=np.float32(1.0 / np.sqrt(e)))
+    raise ValueError(f"cached_attention: no kernel for {h} heads over {kt.shape[1]} kv heads of dim {e}")
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((b, t, h, e), jnp.float32), vmap_method="sequential")
+  return call(q.astype(jnp.float32), kt, v, valid.astype(bool), jnp.asarray(index, jnp.int32),
+              scale=np.float32(1.0 / np.sqrt(e)))

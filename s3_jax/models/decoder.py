@@ -236,13 +236,13 @@ def _attention(q, k, v, mask, block: int | None = None, prefix=None):
   return jnp.concatenate([attend(start, min(start + block, t)) for start in range(0, t, block)], axis=1)
 
 
-def _cached_attention(q, kt, v, mask, decode_kernel=None):
+def _cached_attention(q, kt, v, mask, kernel=None):
   """Grouped-query attention of q `[b, t, h, e]` over one layer's cache (keys kt `[b, k, e, s]`, values
-  v `[b, k, s, e]`, the new tokens already written), allowed where `mask [b, t, s]`. `decode_kernel`
-  (`kernels.cpu_attention.decode_attention`'s signature) computes it instead when `t == 1`."""
+  v `[b, k, s, e]`, the new tokens already written), allowed where `mask [b, t, s]`. `kernel(q, kt, v)`, when
+  given, computes it instead (`_run_layers` binds the cache's valid slots and index to the CPU kernel)."""
   b, t, h, e = q.shape
-  if decode_kernel is not None and t == 1:
-    return decode_kernel(q[:, 0], kt, v, mask[:, 0]).astype(q.dtype)[:, None]
+  if kernel is not None:
+    return kernel(q, kt, v).astype(q.dtype)
   q = q.reshape(b, t, kt.shape[1], h // kt.shape[1], e)
   if t > 1 and q.dtype == jnp.bfloat16 and kt.dtype != q.dtype:
     # A chunked prefill in bf16 over the sampler's fp32 cache: the scores' dot and the mix in bf16 with f32
@@ -258,11 +258,11 @@ def _cached_attention(q, kt, v, mask, decode_kernel=None):
   return _mix(jax.nn.softmax(scores, axis=-1), v).astype(q.dtype).reshape(b, t, h, e)
 
 
-def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached, prefix=None, decode_kernel=None):
+def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached, prefix=None, kernel=None):
   """One pre-norm block: the new residual stream and this layer's keys/values — the fresh ones `[b, k, t, e]`,
   or with `cached = (kt, v, index)` (one layer's cache, `mask [b, t, slots]`) the cache with the new tokens
   written at slots `index ... + t` first (so the write is in place and attention reads one buffer), or with
-  `prefix = (pk, pv)` (`[1, k, p, e]`) also attending to a shared prefix's keys/values. `decode_kernel`:
+  `prefix = (pk, pv)` (`[1, k, p, e]`) also attending to a shared prefix's keys/values. `kernel`:
   `_cached_attention`'s."""
   dtype = x.dtype
   h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
@@ -284,7 +284,7 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached, prefi
     k = jax.lax.dynamic_update_slice(cached_k, k.transpose(0, 1, 3, 2).astype(cached_k.dtype),
                                      (0, 0, 0, index))
     v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, index, 0))
-    attn = _cached_attention(q, k, v, mask, decode_kernel)
+    attn = _cached_attention(q, k, v, mask, kernel)
   x = x + dense("bthe,hed->btd", attn, p["o"])
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   gate = dense("btd,df->btf", h, p["gate"])
@@ -301,7 +301,7 @@ REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable
 
 
 def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat="none",
-                unroll=False, constrain=None, prefix=None, decode_kernel=None):
+                unroll=False, constrain=None, prefix=None, cache_attention=None):
   """The final-norm hidden states and each layer's fresh keys/values `[b, k, t, e]` (stacked `[layers, ...]`
   from a scan over stacked layers; a list from a loop over `unstack_layers`' per-layer buffers). `prefix`:
   a shared prefix's keys/values as `prefix_kv` returns them (stacked `[layers, 1, k, p, e]`)."""
@@ -313,6 +313,7 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
   inv_freq = jnp.asarray(rope_inv_freq(config))
   mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]
   layers = params["layers"]
+  kernel = None
   if cache is not None:
     if not isinstance(layers, (tuple, list)):
       layers = unstack_layers(params)["layers"]  # static slices: correct, slower (the sampler unstacks once)
@@ -320,12 +321,15 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask, cache.index, axis=1)
     slots = jnp.arange(valid.shape[1])
     mask = valid[:, None, :] & (slots[None, None, :] <= cache.index + jnp.arange(t)[None, :, None])
+    if cache_attention is not None:  # it derives the same mask from the valid slots and the index itself
+      kernel = lambda q, kt, v: cache_attention(q, kt, v, valid, cache.index)  # noqa: E731
+      mask = None
   if isinstance(layers, (tuple, list)):
     kvs = []
     for i, p in enumerate(layers):
       cached = None if cache is None else (cache.k[i], cache.v[i], cache.index)
       pre = None if prefix is None else (prefix[0][i], prefix[1][i])
-      x, kv = _layer(config, x, p, positions, inv_freq, mask, cached, pre, decode_kernel)
+      x, kv = _layer(config, x, p, positions, inv_freq, mask, cached, pre, kernel)
       x = constrain(x)
       kvs.append(kv)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), kvs
@@ -385,7 +389,7 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
             compute_dtype: Any = jnp.float32, remat: str = "none", unroll: bool = False,
             constrain: Callable[[jax.Array], jax.Array] | None = None,
             prefix: tuple[jax.Array, jax.Array] | None = None,
-            decode_kernel: Callable[..., jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
+            cache_attention: Callable[..., jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
 
   `params["layers"]` is either stacked (`[layers, ...]` per weight: a `lax.scan` over layers, training) or a
@@ -404,15 +408,16 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
   every row: each attends to all p prefix positions, then causally to its own; `positions` start at p. The
   result equals the forward pass over the whole rows, restricted to the continuation, and gradients reach the
   parameters through the prefix's keys/values once (summed over rows) instead of once a row.
-  `decode_kernel` (with a cache, one token per row: a decode step) computes each layer's attention over the
-  cache instead of XLA (`kernels.cpu_attention.decode_attention`, the sampler's choice on CPU).
+  `cache_attention` (with a cache) computes each layer's attention over the cache instead of XLA:
+  `cache_attention(q, kt, v, valid, index)` as `kernels.cpu_attention.cached_attention` (the sampler's choice
+  on CPU).
   """
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), bool)
   attention_mask = attention_mask.astype(bool)
   x, fresh = _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat,
-                         unroll, constrain, prefix, decode_kernel)
+                         unroll, constrain, prefix, cache_attention)
   if cache is None:
     return x, None
   return x, KVCache(tuple(k for k, _ in fresh), tuple(v for _, v in fresh),

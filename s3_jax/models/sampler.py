@@ -157,7 +157,7 @@ def _pick_attention_kernel(choice: str, config, mesh) -> tuple[str, str]:
   else:
     usable, why = cpu_attention.status()
     if usable:
-      return "cpu", "decode attention by the CPU kernel"
+      return "cpu", "attention over the cache by the CPU kernel"
   if choice == "cpu":
     raise ValueError(f"attention_kernel='cpu': the CPU decode-attention kernel cannot run here: {why}")
   return "xla", why
@@ -183,12 +183,12 @@ class Sampler:
     # over an fp32 cache; prefill and chunked prefill keep the model's compute dtype (bf16 pays there).
     cpu = jax.default_backend() == "cpu"
     self.decode_dtype = decode_dtype or (jnp.float32 if cpu else self.compute_dtype)
-    # Decode steps' attention over the cache: the CPU kernel (`kernels.cpu_attention`) or XLA's. The kernel
-    # reads a bf16 cache at full speed, so with it the cache takes the model's compute dtype (a bf16 model's
-    # prefill keys/values are bf16 values anyway); XLA's decode steps keep the fp32 cache.
+    # Attention over the cache (decode steps and chunked prefills): the CPU kernel (`kernels.cpu_attention`)
+    # or XLA's. The kernel reads a bf16 cache at full speed, so with it the cache takes the model's compute
+    # dtype (a bf16 model's prefill keys/values are bf16 values anyway); XLA's decode steps keep fp32.
     self.attention_kernel, self.attention_note = _pick_attention_kernel(attention_kernel, self.config, mesh)
-    self.decode_kernel = cpu_attention.decode_attention if self.attention_kernel == "cpu" else None
-    self.cache_dtype = self.compute_dtype if self.decode_kernel is not None else self.decode_dtype
+    self.cache_attention = cpu_attention.cached_attention if self.attention_kernel == "cpu" else None
+    self.cache_dtype = self.compute_dtype if self.cache_attention is not None else self.decode_dtype
     self.tokenizer = tokenizer
     self.pad_token_id = pad_token_id
     self.chunk = chunk
@@ -296,7 +296,7 @@ class Sampler:
       done = s["done"] | hit_eos | (count >= s["max_new"])
       hidden, cache = forward(self.config, params, token[:, None], s["position"][:, None],
                               attention_mask=active[:, None], cache=s["cache"],
-                              compute_dtype=self.decode_dtype, decode_kernel=self.decode_kernel)
+                              compute_dtype=self.decode_dtype, cache_attention=self.cache_attention)
       return {**s, "rng": rng, "tokens": tokens, "logprobs": logprobs, "count": count, "done": done,
               "eos": s["eos"] | hit_eos, "cache": cache, "logits": lm_logits(params, hidden[:, 0]),
               "position": s["position"] + active.astype(jnp.int32), "step": s["step"] + 1}
@@ -308,7 +308,7 @@ class Sampler:
     at `cache.index`; the last position's logits."""
     self._traced("extend", params, cache, tokens, mask, positions)
     hidden, cache = forward(self.config, params, tokens, positions, attention_mask=mask, cache=cache,
-                            compute_dtype=self.compute_dtype)
+                            compute_dtype=self.compute_dtype, cache_attention=self.cache_attention)
     return cache, lm_logits(params, hidden[:, -1])
 
   def _take_rows_fn(self, state, rows, padding):
