@@ -123,7 +123,9 @@ def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
       ("float32", "float32", "bfloat16", "cpu", "greedy"),
       ("float32", "float32", "bfloat16", "cpu", sampled),
       ("bfloat16", "float32", "bfloat16", "xla", "greedy"),
-      ("bfloat16", "bfloat16", "bfloat16", "xla", "greedy")):
+      ("bfloat16", "float32", "bfloat16", "cpu", "greedy"),
+      ("bfloat16", "bfloat16", "bfloat16", "xla", "greedy"),
+      ("bfloat16", "bfloat16", "bfloat16", "cpu", "greedy")):
     model = Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(weights))
     sampler = Sampler(model, decode_dtype=jnp.dtype(compute), chunk=steps, attention_kernel=attention)
     kv, e = config.num_kv_heads, config.head_dim

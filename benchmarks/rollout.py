@@ -15,6 +15,9 @@ the cache's alone.
 `cache-noshare`: the cache kept, but new episodes' common start (s3's instruction template) prefilled in every
 row instead of once (`Sampler(share_prefix=False)`).
 
+`cache-bf16w`: as `cache-bf16` with the weights in bf16 and decode steps computing in bf16 too (as vLLM's
+bf16 model; the default decodes in fp32 on CPU, `Sampler.decode_dtype`).
+
 A path with `-xla` appended (`cache-bf16-xla`, ...) runs decode steps' attention in XLA instead of the CPU
 kernel (`Sampler(attention_kernel="xla")`; the default uses the kernel where it applies).
 
@@ -202,10 +205,11 @@ def main() -> None:
           engine = VllmPolicy(args.vllm_python, str(smollm2), dtype, temperature, top_p)
         else:
           kind = path.removesuffix("-xla")  # "-xla": decode attention by XLA instead of the CPU kernel
-          compute = jnp.bfloat16 if kind == "cache-bf16" else jnp.float32
-          if kind not in ("prefill", "cache", "cache-bf16", "cache-noshare"):
+          compute = jnp.bfloat16 if kind in ("cache-bf16", "cache-bf16w") else jnp.float32
+          if kind not in ("prefill", "cache", "cache-bf16", "cache-bf16w", "cache-noshare"):
             parser.error(f"--paths: unknown path {path!r}")
-          model = load_hf(smollm2, dtype=jnp.float32, compute_dtype=compute)
+          weights = jnp.bfloat16 if kind == "cache-bf16w" else jnp.float32
+          model = load_hf(smollm2, dtype=weights, compute_dtype=compute)
           config = EpisodeConfig.from_config(config_lib.load(f"{CONFIGS / 'smollm2_wiki.py'}:runlocal"))
         if path is not None and path.startswith("vllm"):
           sampler = None
@@ -215,7 +219,8 @@ def main() -> None:
         else:
           attention = "xla" if path is not None and path.endswith("-xla") else "auto"
           sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0,
-                            share_prefix=path != "cache-noshare", attention_kernel=attention)
+                            share_prefix=path != "cache-noshare", attention_kernel=attention,
+                            decode_dtype=jnp.bfloat16 if kind == "cache-bf16w" else None)
           phases = SamplerPhases(sampler)
 
           def policy(sampler=sampler, path=path):
