@@ -169,6 +169,22 @@ def _per_question(data: Mapping[str, Any], metric: str) -> dict[tuple[str, str],
   return {key: statistics.fmean(values) for key, values in scores.items()}
 
 
+# The rows a trained searcher (and a try) is compared with question by question, and their names on the page.
+PAIRED_WITH = {"rag": "naive RAG", "warm_start": "warm start", "untrained": "untrained"}
+
+
+def _difference(label: str, mine: Mapping[tuple[str, str], float], rows: Mapping[str, Mapping[str, Any]],
+                other: str, metric: str) -> str:
+  """`label − other = mean ± 95% interval points (better on n questions, worse on m)` over `mine`'s
+  questions, each of `other`'s scores averaged over its seeds."""
+  theirs = _per_question(rows[other], metric)
+  diffs = [mine[key] - theirs[key] for key in mine]
+  half = 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+  better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+  return (f"{label} − {PAIRED_WITH[other]} = {100 * statistics.fmean(diffs):+.1f} ± {100 * half:.1f} points "
+          f"(better on {better} questions, worse on {worse})")
+
+
 def paired(rows: Mapping[str, Mapping[str, Any]], metric: str = "genacc") -> str:
   """The trained row against naive RAG and the warm start question by question: the mean paired difference
   with its 95% interval (1.96 standard errors over the questions) and how many questions went each way. The
@@ -177,16 +193,7 @@ def paired(rows: Mapping[str, Mapping[str, Any]], metric: str = "genacc") -> str
   if "trained" not in rows:
     return ""
   trained = _per_question(rows["trained"], metric)
-  parts = []
-  for other, name in (("rag", "naive RAG"), ("warm_start", "warm start"), ("untrained", "untrained")):
-    if other not in rows:
-      continue
-    theirs = _per_question(rows[other], metric)
-    diffs = [trained[key] - theirs[key] for key in trained]
-    half = 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    better, worse = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    parts.append(f"trained − {name} = {100 * statistics.fmean(diffs):+.1f} ± {100 * half:.1f} points "
-                 f"(better on {better} questions, worse on {worse})")
+  parts = [_difference("trained", trained, rows, other, metric) for other in PAIRED_WITH if other in rows]
   label = "GenAcc" if metric == "genacc" else "the span check"
   return (f"Question by question ({label}, each question's score averaged over seeds; ± a 95% interval over "
           f"the {len(trained)} questions): " + "; ".join(parts)
@@ -345,10 +352,12 @@ TRY_COLUMNS = (("reward", "reward/mean"), ("searches / episode", "rollout/search
                ("value expl. var.", "critic/explained_variance"))
 
 
-def tries(experiment: Path) -> str:
+def tries(experiment: Path, table_rows: Mapping[str, Mapping[str, Any]] | None = None) -> str:
   """Each `tries/<name>/<seed>/metrics.jsonl` (a setting tried and replaced, e.g. a learning rate that
-  collapsed the policy) as a step table, with its `note.md` and its held-out evaluation (`eval/`) when there
-  is one, so the page shows what was tried before the configuration of the table; "" when there are none."""
+  collapsed the policy, or a remedy) as a step table, with its `note.md` and its held-out evaluation
+  (`eval/`) when there is one — compared question by question with the table's rows (naive RAG, the warm
+  start, the untrained searcher) when it covers their questions — so the page shows what was tried besides
+  the configuration of the table; "" when there are none."""
   blocks = []
   for run in sorted(p for p in (experiment / "tries").glob("*/*") if (p / "metrics.jsonl").is_file()):
     rows = metrics_lib.read_metrics(run)
@@ -361,6 +370,18 @@ def tries(experiment: Path) -> str:
       lines += [f"Held-out evaluation of its last step: GenAcc {100 * means['genacc']:.1f}, "
                 f"EM {100 * means['em']:.1f} on {len(evaluated)} questions. The span check alone (no judge): "
                 f"{100 * means['span']:.1f}.", ""]
+      others = [o for o in PAIRED_WITH if table_rows and o in table_rows]
+      if others:
+        label = f"{run.parent.name} {run.name}"
+        mine = {metric: _per_question({"predictions": {"": evaluated}}, metric)
+                for metric in ("genacc", "span")}
+        if all(set(mine["genacc"]) == set(_per_question(table_rows[o], "genacc")) for o in others):
+          for metric, name in (("genacc", "GenAcc"), ("span", "the span check")):
+            parts = [_difference(label, mine[metric], table_rows, o, metric) for o in others]
+            lines += [f"Question by question ({name}; ± a 95% interval over the {len(mine[metric])} "
+                      "questions): " + "; ".join(parts) + ".", ""]
+        else:
+          lines += ["Its questions are not the table's: no question-by-question comparison.", ""]
     lines += ["| step | " + " | ".join(c for c, _ in TRY_COLUMNS) + " |", "|---|" + "---|" * len(TRY_COLUMNS)]
     for row in rows:
       cells = [_value(row, k) for _, k in TRY_COLUMNS]
@@ -547,7 +568,7 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
       page += ["", "What the reward paid for (seeds that saved their episodes, `rollouts/`):", "", by_search,
                "", FORMAT_NOTE]
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
-  earlier = tries(experiment)
+  earlier = tries(experiment, rows)
   if earlier:
     page += ["", "## Tries (settings replaced, and remedies tried: recorded, not in the table)", "", earlier]
   signal = probes(experiment)

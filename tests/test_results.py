@@ -95,6 +95,17 @@ def test_page_numbers_verdict_curves_and_episodes(tmp_path):
   assert "`tries/slow_head/seed0`: 3 step(s)\n\nReplaced: the head never learned." in page
   # 4 of 10 right; EM on the even ones among them (0, 2)
   assert "Held-out evaluation of its last step: GenAcc 40.0, EM 20.0 on 10 questions." in page
+  # question by question against the table's rows: right on 0-3 against RAG's 0-2 (+10: question 3 only),
+  # against the warm start's seeds (0,1,3 / 1,3 / 0,1,2,3: per question 2/3, 1, 1/3, 1) and the untrained's
+  try_vs_rag = [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+  half = 1.96 * statistics.stdev(try_vs_rag) / np.sqrt(10)
+  assert ("Question by question (GenAcc; ± a 95% interval over the 10 questions): slow_head seed0 − naive "
+          f"RAG = +10.0 ± {100 * half:.1f} points (better on 1 questions, worse on 0); slow_head seed0 − "
+          "warm start = ") in page
+  vs_start = [1 / 3, 0, 2 / 3, 0, 0, 0, 0, 0, 0, 0]
+  half = 1.96 * statistics.stdev(vs_start) / np.sqrt(10)
+  assert (f"slow_head seed0 − warm start = {100 * statistics.fmean(vs_start):+.1f} ± {100 * half:.1f} points "
+          "(better on 2 questions, worse on 0)") in page
   assert "- machine: 2 cores, 23 GiB" in page and "- evaluation rag: 10 questions in 2.5 min" in page
 
 
