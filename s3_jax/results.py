@@ -490,15 +490,19 @@ def rewards_by_search(experiment: Path) -> str:
   earned a nonzero reward, against one that searched; and how many episodes, and how many of the rewarded
   ones, gave the generator exactly naive RAG's documents (the same titles; the run's precompute,
   `_rag_documents`). GBR pays for those whenever the generator answers from D_s3's context format what it
-  missed from naive RAG's: a reward for the format, not for anything the search found. "" when no seed saved
-  its episodes."""
+  missed from naive RAG's: a reward for the format, not for anything the search found. Tries that saved
+  their episodes (`tries/<name>/<seed>/rollouts/`) get rows of their own, after the seeds. "" when no run
+  saved its episodes."""
   import json
 
   lines = ["| seed | steps | episodes without a search: rewarded / all | with a search: rewarded / all "
            "| episodes whose generator read naive RAG's own documents | rewarded episodes that did |",
            "|---|---|---|---|---|---|"]
-  seeds = _seed_folders(experiment / "train") if (experiment / "train").is_dir() else {}
-  for label, folder in seeds.items():
+  runs = _seed_folders(experiment / "train") if (experiment / "train").is_dir() else {}
+  runs = {label or "run": folder for label, folder in runs.items()}
+  runs.update({f"try `{p.parent.name}` {p.name}": p for p in sorted((experiment / "tries").glob("*/*"))
+               if (p / "rollouts").is_dir()})
+  for label, folder in runs.items():
     files = sorted((folder / "rollouts").glob("step_*.jsonl"))
     if not files:
       continue
@@ -515,7 +519,7 @@ def rewards_by_search(experiment: Path) -> str:
       same = [_read_rag_documents(e, rag, folder) for e in episodes]
       rewarded = [x for x, e in zip(same, episodes, strict=True) if e["reward"] != 0]
       cells += [f"{sum(same)} / {len(episodes)}", f"{sum(rewarded)} / {len(rewarded)}"]
-    lines.append(f"| {label or 'run'} | {len(files)} | {' | '.join(cells)} |")
+    lines.append(f"| {label} | {len(files)} | {' | '.join(cells)} |")
   return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -565,8 +569,8 @@ def write_page(experiment: Path, out: Path, curves: Path, episode_count: int = 4
              training_signal(experiment, steps)]
     by_search = rewards_by_search(experiment)
     if by_search:
-      page += ["", "What the reward paid for (seeds that saved their episodes, `rollouts/`):", "", by_search,
-               "", FORMAT_NOTE]
+      page += ["", "What the reward paid for (seeds and tries that saved their episodes, `rollouts/`):", "",
+               by_search, "", FORMAT_NOTE]
   page += ["", "## Machine and wall time", "", *wall_times(experiment, rows)]
   earlier = tries(experiment, rows)
   if earlier:

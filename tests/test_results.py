@@ -277,6 +277,16 @@ def test_rewards_by_search_counts_saved_episodes_with_and_without_a_search(tmp_p
   table = results.rewards_by_search(exp)
   assert "| seed0 | 2 | 1 / 4 (25.0%) | 1 / 2 (50.0%) | 3 / 6 | 1 / 2 |" in table
   assert "seed1" not in table
+  # a try that saved its episodes gets its own row, after the seeds
+  tried = exp / "tries" / "d_s3" / "seed0"
+  (tried / "rollouts").mkdir(parents=True)
+  (tried / "rollouts" / "step_1.jsonl").write_text((rollouts / "step_2.jsonl").read_text())
+  (tried / "config.json").write_text((exp / "train" / "seed0" / "config.json").read_text())
+  table = results.rewards_by_search(exp)
+  assert "| try `d_s3` seed0 | 1 | 0 / 1 (0.0%) | 0 / 1 (0.0%) | 1 / 2 | 0 / 0 |" in table
+  assert table.index("| seed0 |") < table.index("| try `d_s3` seed0 |")
+  (tried / "rollouts" / "step_1.jsonl").unlink()
+  (tried / "rollouts").rmdir()
   # an episode whose question the precompute lacks is an error, not a silent miss
   (pre / "retrieval_train.jsonl").write_text("")
   with pytest.raises(ValueError, match="q1-0"):
