@@ -58,7 +58,8 @@ def kernel_bkes(q, kt, v, valid):
   """The CPU kernel (`s3_jax/kernels/cpu_attention.cc`): keys [b, k, e, s], reads only blocks with a valid
   slot, in the cache's dtype."""
   b, k, g, e = q.shape
-  return cpu_attention.decode_attention(q.reshape(b, k * g, e), kt, v, valid).reshape(b, k, g, e)
+  index = kt.shape[3] - 1  # the new token's slot: the last (valid in every row, see main)
+  return cpu_attention.cached_attention(q.reshape(b, 1, k * g, e), kt, v, valid, index).reshape(b, k, g, e)
 
 
 VARIANTS = {"reduce bkse": (reduce_bkse, False), "dot bkse": (dot_bkse, False),
@@ -87,6 +88,7 @@ def main() -> None:
   k = rng.standard_normal((b, kh, s, e), np.float32)
   v = rng.standard_normal((b, kh, s, e), np.float32)
   valid = np.arange(s)[None, :] < np.linspace(args.valid * s * 0.8, args.valid * s, b).astype(int)[:, None]
+  valid[:, -1] = True  # the new token's own slot
   reference = None
   print(f"batch {b}, slots {s}, 3 kv heads x 3 queries, head_dim 64; {jax.devices()[0].platform}")
   print(f"{'variant':<20} {'cache':<9} {'ms/call':>8} {'GB/s':>6} {'max|diff|':>10}")
