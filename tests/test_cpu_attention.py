@@ -152,16 +152,15 @@ def test_sampler_with_the_kernel_equals_xla_attention_over_turns(tiny):
                 for c, t in zip(contexts, outs[0].tokens, strict=True)]
 
 
-def test_a_bf16_model_keeps_a_bf16_cache_with_the_kernel(tiny):
-  """A bf16 model's prefill keys/values are bf16 values, so a bf16 cache holds them exactly; only the decode
-  steps' own keys/values are rounded. Greedy tokens stay those of the fp32-cache XLA path."""
+def test_a_bf16_model_with_the_kernel_gives_the_xla_paths_tokens(tiny):
+  """A bf16 model (bf16 prefills, fp32 decode steps over an fp32 cache): the kernel's greedy tokens equal
+  XLA's attention's, log-probs within bf16 rounding."""
   _, model = tiny
   kernel, xla = Sampler(model), Sampler(model, attention_kernel="xla")
-  assert (kernel.cache_dtype, xla.cache_dtype) == (jnp.bfloat16, jnp.float32)
+  assert kernel.attention_kernel == "cpu" and kernel.cache_dtype == xla.cache_dtype == jnp.float32
   prompts = [np.random.default_rng(i).integers(1, 128, n).tolist() for i, n in enumerate((5, 40, 17))]
   a = kernel.generate(prompts, SamplingParams(max_new_tokens=16))
   b = xla.generate(prompts, SamplingParams(max_new_tokens=16))
   assert a.tokens == b.tokens
   for got, want in zip(a.logprobs, b.logprobs, strict=True):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-2)
-
