@@ -105,7 +105,7 @@ def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
   from flax import nnx
 
   from s3_jax import assets
-  from s3_jax.models.decoder import Decoder, KVCache
+  from s3_jax.models.decoder import Decoder, KVCache, cache_storage, to_cache
   from s3_jax.models.hf import read_config
   from s3_jax.models.sampler import Sampler
 
@@ -129,7 +129,8 @@ def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
     model = Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(weights))
     sampler = Sampler(model, decode_dtype=jnp.dtype(compute), chunk=steps, attention_kernel=attention)
     kv, e = config.num_kv_heads, config.head_dim
-    layer = lambda shape, dt=cache_dtype: jnp.asarray(rng.standard_normal(shape, np.float32), dt)  # noqa: E731
+    layer = lambda shape, dt=cache_dtype: to_cache(  # noqa: E731  (a bf16 cache as the sampler keeps it)
+        jnp.asarray(rng.standard_normal(shape, np.float32)), cache_storage(dt))
     start = slots - (repeats + 2) * steps  # each call writes `steps` more slots
     valid = np.zeros((batch, slots), bool)
     valid[:, :start] = rng.random((batch, start)) < 0.9

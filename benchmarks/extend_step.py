@@ -39,7 +39,7 @@ def main() -> None:
 
   from s3_jax import assets
   from s3_jax.models import decoder
-  from s3_jax.models.decoder import Decoder, KVCache
+  from s3_jax.models.decoder import Decoder, KVCache, cache_storage, to_cache
   from s3_jax.models.hf import read_config
   from s3_jax.models.sampler import Sampler
 
@@ -57,8 +57,11 @@ def main() -> None:
     slots = kept + t + new
 
     def make_cache(dtype, b=b, slots=slots, kept=kept):
-      return KVCache(tuple(jnp.asarray(rng.standard_normal((b, kv, e, slots)), dtype) for _ in layers),
-                     tuple(jnp.asarray(rng.standard_normal((b, kv, slots, e)), dtype) for _ in layers),
+      def buffer(shape):  # a bf16 cache as the sampler keeps it: its bits (`decoder.cache_storage`)
+        return to_cache(jnp.asarray(rng.standard_normal(shape), jnp.float32), cache_storage(dtype))
+
+      return KVCache(tuple(buffer((b, kv, e, slots)) for _ in layers),
+                     tuple(buffer((b, kv, slots, e)) for _ in layers),
                      jnp.asarray(np.arange(slots)[None, :].repeat(b, 0) < kept), jnp.int32(kept))
 
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (b, t)), jnp.int32)

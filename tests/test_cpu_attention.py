@@ -153,11 +153,12 @@ def test_sampler_with_the_kernel_equals_xla_attention_over_turns(tiny):
 
 
 def test_a_bf16_model_with_the_kernel_gives_the_xla_paths_tokens(tiny):
-  """A bf16 model (bf16 prefills, fp32 decode steps over an fp32 cache): the kernel's greedy tokens equal
-  XLA's attention's, log-probs within bf16 rounding."""
+  """A bf16 model (bf16 prefills and decode steps over a bf16 cache kept as its bits): the kernel's greedy
+  tokens equal XLA's attention's, log-probs within bf16 rounding."""
   _, model = tiny
   kernel, xla = Sampler(model), Sampler(model, attention_kernel="xla")
-  assert kernel.attention_kernel == "cpu" and kernel.cache_dtype == xla.cache_dtype == jnp.float32
+  assert kernel.attention_kernel == "cpu" and kernel.cache_dtype == xla.cache_dtype == jnp.bfloat16
+  assert jax.tree.leaves(kernel.params)[0].dtype == jnp.bfloat16
   prompts = [np.random.default_rng(i).integers(1, 128, n).tolist() for i, n in enumerate((5, 40, 17))]
   a = kernel.generate(prompts, SamplingParams(max_new_tokens=16))
   b = xla.generate(prompts, SamplingParams(max_new_tokens=16))

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from s3_jax import sharding
 from s3_jax.models import load_hf, save_hf
-from s3_jax.models.decoder import KVCache, ValueModel, forward, lm_logits
+from s3_jax.models.config import DecoderConfig
+from s3_jax.models.decoder import Decoder, KVCache, ValueModel, cache_storage, forward, lm_logits
 
 _CONFIGS = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
             "Qwen3ForCausalLM": transformers.Qwen3Config}
@@ -264,9 +266,11 @@ def test_missing_folder_keys_or_weights(tmp_path):
     load_hf(tmp_path)
 
 
-def test_bfloat16_chunked_prefill_over_an_fp32_cache_tracks_transformers(tmp_path):
-  """The sampler's chunked prefill: bf16 compute over an fp32 KV cache (attention in bf16 with f32 sums),
-  in two chunks, then one decode step, against transformers' fp32 logits of the whole rows."""
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
+def test_bfloat16_chunked_prefill_tracks_transformers(tmp_path, cache_dtype):
+  """The sampler's chunked prefill: bf16 compute over an fp32 or bf16 KV cache (attention in bf16 with f32
+  sums; a bf16 cache kept as its bits), in two chunks, then one decode step, against transformers' fp32
+  logits of the whole rows."""
   reference = make_hf_model("Qwen3ForCausalLM", tmp_path, head_dim=32)
   ids = _ids(2, 21, seed=9)
   with torch.no_grad():
@@ -274,14 +278,14 @@ def test_bfloat16_chunked_prefill_over_an_fp32_cache_tracks_transformers(tmp_pat
   model = load_hf(tmp_path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
   params, config = model.arrays(), model.config
   positions = jnp.broadcast_to(jnp.arange(21), (2, 21))
-  cache = KVCache.zeros(config, batch=2, slots=32, dtype=jnp.float32)
+  cache = KVCache.zeros(config, batch=2, slots=32, dtype=cache_dtype)
   steps = []
   for start, end in ((0, 12), (12, 20), (20, 21)):
     chunk = jnp.asarray(ids[:, start:end], jnp.int32)
     hidden, cache = forward(config, params, chunk, positions[:, start:end], cache=cache,
                             compute_dtype=jnp.bfloat16)
     steps.append(lm_logits(params, hidden))
-  assert cache.k[0].dtype == jnp.float32 and int(cache.index) == 21
+  assert cache.k[0].dtype == cache_storage(cache_dtype) and int(cache.index) == 21
   # the bf16 bound of test_bfloat16_compute_and_parameter_dtypes
   assert _relative_error(jnp.concatenate(steps, axis=1), expected) <= 1.6e-2
 
@@ -415,3 +419,46 @@ def test_a_shared_prefix_computed_once_matches_transformers_and_the_whole_rows_g
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()),
                                err_msg=jax.tree_util.keystr(path))
   assert float(jnp.abs(g_whole["layers"]["k"]).max()) > 0  # the prefix's keys get a gradient to check
+
+
+def test_a_bfloat16_cache_is_kept_as_its_bits():
+  """A bf16 cache's buffers are uint16 holding bf16's bits: a prefill's keys/values and a decode step's new
+  slot read back as the bf16 rounding (NumPy's) of the same values computed into an fp32 cache."""
+  from s3_jax.models.decoder import cache_values, prefill
+
+  config = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=16)
+  params = Decoder(config, rngs=nnx.Rngs(5)).arrays()
+  tokens = jnp.asarray(_ids(2, 7, seed=4, vocab=64), jnp.int32)
+  mask = jnp.ones_like(tokens, bool)
+  caches = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    _, cache = prefill(config, params, tokens, mask, 12, jnp.float32, cache_dtype=dtype)
+    step = jnp.asarray([[3], [9]], jnp.int32)
+    _, cache = forward(config, params, step, jnp.full((2, 1), 7), cache=cache, compute_dtype=jnp.float32)
+    caches[dtype] = cache
+  bits = caches[jnp.bfloat16]
+  assert bits.k[0].dtype == bits.v[0].dtype == jnp.uint16 and cache_storage(jnp.bfloat16) == jnp.uint16
+  for got, want in ((bits.k[0], caches[jnp.float32].k[0]), (bits.v[0], caches[jnp.float32].v[0])):
+    # layer 0's keys/values depend on the tokens only, so they are the fp32 ones rounded, slot for slot
+    np.testing.assert_array_equal(np.asarray(cache_values(got), np.float32), _bf16(want).astype(np.float32))
+  np.testing.assert_array_equal(np.asarray(bits.valid), np.asarray(caches[jnp.float32].valid))
+
+
+def test_one_row_bfloat16_products_match_numpy():
+  """A one-row bf16 weight matmul and logits (computed on two rows, `_two_rows`) against float64 NumPy on the
+  same bf16-rounded operands."""
+  from s3_jax.models.decoder import dense
+
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((1, 1, 16)).astype(np.float32)
+  w = rng.standard_normal((16, 40)).astype(np.float32)
+  got = dense("btd,df->btf", jnp.asarray(x, jnp.bfloat16), jnp.asarray(w))
+  ref = _bf16(x).reshape(1, 16) @ _bf16(w)
+  assert got.shape == (1, 1, 40) and got.dtype == jnp.bfloat16
+  assert np.abs(np.asarray(got, np.float64).reshape(1, 40) - ref).max() <= 8e-3 * np.abs(ref).max()
+  embed = rng.standard_normal((40, 16)).astype(np.float32)
+  logits = lm_logits({"embed": jnp.asarray(embed)}, jnp.asarray(x[:, 0], jnp.bfloat16))
+  assert logits.shape == (1, 40) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits, np.float64), _bf16(x[:, 0]) @ _bf16(embed).T, rtol=1e-5,
+                             atol=1e-5)

@@ -174,7 +174,8 @@ def test_vllm_backend_matches_the_jax_backend_greedy(asset, backend):
 
 
 def test_bfloat16_compute_backend_answers_and_is_another_generator_in_cache_keys(asset, backend):
-  """`generator.compute_dtype=bfloat16`: the jax backend keeps fp32 weights, prefills in bf16, still
+  """`generator.compute_dtype=bfloat16`: the jax backend's sampler keeps a bf16 copy of the weights (the
+  loaded model stays fp32), prefills and decodes in bf16, still
   answers the context questions, and its answers never share cache entries with fp32's."""
   from s3_jax import config_lib
   from s3_jax.reward.scorer import generator_id
@@ -187,7 +188,8 @@ def test_bfloat16_compute_backend_answers_and_is_another_generator_in_cache_keys
   assert generator_id(config) == fp32_id + "@bfloat16"
   bf16 = backend_from_config(config.generator)
   assert bf16.sampler.compute_dtype == jnp.bfloat16 and backend.sampler.compute_dtype == jnp.float32
-  assert bf16.sampler.params["layers"][0]["q"].dtype == jnp.float32
+  assert bf16.sampler.params["layers"][0]["q"].dtype == jnp.bfloat16
+  assert backend.sampler.params["layers"][0]["q"].dtype == jnp.float32
   chats = [answer_messages(QUESTION, generator_context(CARMEN)),
            [{"role": "user", "content": "What is the capital of France?"}]]
   got = bf16.generate(chats, GenerationParams(temperature=0.0, max_tokens=24))

@@ -373,10 +373,10 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kt, ffi::AnyB
   if (kt.element_type() == ffi::DataType::F32)
     return Run<float>(pool, d, q.typed_data(), static_cast<const float*>(kt.untyped_data()),
                       static_cast<const float*>(v.untyped_data()), m, out->typed_data());
-  if (kt.element_type() == ffi::DataType::BF16)
+  if (kt.element_type() == ffi::DataType::BF16 || kt.element_type() == ffi::DataType::U16)  // bits of bf16
     return Run<uint16_t>(pool, d, q.typed_data(), static_cast<const uint16_t*>(kt.untyped_data()),
                          static_cast<const uint16_t*>(v.untyped_data()), m, out->typed_data());
-  return ffi::Error::InvalidArgument("s3_cached_attention: the cache must be float32 or bfloat16");
+  return ffi::Error::InvalidArgument("s3_cached_attention: the cache must be float32, bfloat16 or bfloat16 bits (uint16)");
 }
 
 }  // namespace

@@ -94,10 +94,10 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
 def cached_attention(q: jax.Array, kt: jax.Array, v: jax.Array, valid: jax.Array,
                      index: jax.Array) -> jax.Array:
   """Grouped-query attention of new positions over a row's cache: q `[b, t, h, e]`, cached keys kt
-  `[b, k, e, s]` and values v `[b, k, s, e]` (float32 or bfloat16, the same; the new positions' already
-  written at slots `index ... index + t - 1`), `valid [b, s]` the slots holding a token -> float32
-  `[b, t, h, e]`: for query i, `softmax(q . k / sqrt(e)) . v` over the valid slots up to `index + i`; zeros
-  for a query whose own slot is not valid (left padding)."""
+  `[b, k, e, s]` and values v `[b, k, s, e]` (float32, bfloat16 or bfloat16's bits as uint16, both the same;
+  the new positions' already written at slots `index ... index + t - 1`), `valid [b, s]` the slots holding a
+  token -> float32 `[b, t, h, e]`: for query i, `softmax(q . k / sqrt(e)) . v` over the valid slots up to
+  `index + i`; zeros for a query whose own slot is not valid (left padding)."""
   usable, why = status()
   if not usable:
     raise RuntimeError(f"the CPU cached-attention kernel is not available: {why}")

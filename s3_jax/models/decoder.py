@@ -15,7 +15,8 @@ k kv heads, g query heads per kv head, e head_dim, f mlp, v vocab.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -32,7 +33,7 @@ class KVCache(NamedTuple):
   """One layer's keys `k[l] [batch, kv_heads, head_dim, slots]` (slots minor: a decode step's scores are one
   batched dot over them) and values `v[l] [batch, kv_heads, slots, head_dim]`, each layer its own buffer;
   which slots hold real tokens (`valid [batch, slots]`) and the next slot to write (`index`, shared by all
-  rows).
+  rows). A bfloat16 cache's buffers hold its bits as uint16 (`cache_storage`, `cache_values`).
 
   Separate buffers per layer, not one stacked array: XLA:CPU reads a layer's slice of a stacked cache inside
   the layer loop at about half the speed of a buffer of its own, and decode attention is what bounds a decode
@@ -46,6 +47,7 @@ class KVCache(NamedTuple):
   @classmethod
   def zeros(cls, config: DecoderConfig, batch: int, slots: int, dtype: Any) -> KVCache:
     kv, e = config.num_kv_heads, config.head_dim
+    dtype = cache_storage(dtype)
     return cls(tuple(jnp.zeros((batch, kv, e, slots), dtype) for _ in range(config.num_layers)),
                tuple(jnp.zeros((batch, kv, slots, e), dtype) for _ in range(config.num_layers)),
                jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
@@ -57,6 +59,37 @@ class KVCache(NamedTuple):
   @property
   def slots(self) -> int:
     return self.valid.shape[1]
+
+
+# A bfloat16 cache is kept as its bits (uint16): XLA:CPU widens a bfloat16 dynamic-update-slice to float32
+# and back, a whole-buffer convert, write and convert that made every decode step rewrite every layer's cache
+# (SmolLM2, batch 16, 1,088 slots: 125 ms a step over a bf16 cache against 91 ms over fp32;
+# `benchmarks/decode_step.py`); on 16-bit integers the same write is an in-place copy of the new slots, and
+# even a bitcast of a bf16 buffer to uint16 around the write still copies it. The CPU kernel reads the bits
+# as bfloat16; XLA's attention views them as bfloat16 (`cache_values`).
+_CACHE_BITS = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}
+
+
+def cache_storage(dtype: Any) -> Any:
+  """The dtype a cache of `dtype` values is kept in: uint16 bits for bfloat16, else `dtype` itself."""
+  return _CACHE_BITS.get(jnp.dtype(dtype), jnp.dtype(dtype))
+
+
+def cache_values(x: jax.Array) -> jax.Array:
+  """A cache buffer's values: bfloat16 for uint16 bits, else `x` itself."""
+  return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def to_cache(x: jax.Array, storage: Any) -> jax.Array:
+  """`x` as a cache buffer of storage dtype `storage` (`cache_storage`)."""
+  if jnp.dtype(storage) == jnp.uint16:
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+  return x.astype(storage)
+
+
+def update_slice(buffer: jax.Array, update: jax.Array, starts: Sequence[Any]) -> jax.Array:
+  """`update` written into the cache buffer `buffer` at `starts`, in `buffer`'s storage (in place)."""
+  return jax.lax.dynamic_update_slice(buffer, to_cache(update, buffer.dtype), starts)
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
@@ -117,8 +150,19 @@ def dense(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
     raise ValueError(f"dense {equation!r}: x {x.shape} and w {w.shape} are not [b, t, *in] @ [*in, *out]")
   b, t = x.shape[:2]
   out = w.shape[n_in:]
-  flat = _bf16_matmul(x.reshape(b * t, -1), w.reshape(int(np.prod(x.shape[2:])), -1))
+  rows = x.reshape(b * t, -1)
+  if b * t == 1:  # XLA:CPU's bf16 matrix-vector product is slow: multiply two rows (`_two_rows`)
+    flat = _bf16_matmul(_two_rows(rows), w.reshape(int(np.prod(x.shape[2:])), -1))[:1]
+  else:
+    flat = _bf16_matmul(rows, w.reshape(int(np.prod(x.shape[2:])), -1))
   return flat.reshape(b, t, *out)
+
+
+def _two_rows(x: jax.Array) -> jax.Array:
+  """A one-row operand `[1, k]` padded with a zero row: XLA:CPU multiplies one bf16 row by a matrix 2-10x
+  slower than two (one decode step's 576 x 49,152 logits: 39.6 ms for one row, 3.8 ms for two, 3.5 ms in
+  fp32; `benchmarks/README.md`, bf16 decode steps), so a batch-1 decode step multiplies two and keeps one."""
+  return jnp.pad(x, [(0, 1), (0, 0)])
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -243,6 +287,7 @@ def _cached_attention(q, kt, v, mask, kernel=None):
   b, t, h, e = q.shape
   if kernel is not None:
     return kernel(q, kt, v).astype(q.dtype)
+  kt, v = cache_values(kt), cache_values(v)
   q = q.reshape(b, t, kt.shape[1], h // kt.shape[1], e)
   if t > 1 and q.dtype == jnp.bfloat16 and kt.dtype != q.dtype:
     # A chunked prefill in bf16 over the sampler's fp32 cache: the scores' dot and the mix in bf16 with f32
@@ -281,9 +326,8 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached, prefi
     attn = _attention(q, k, v, mask, prefix=prefix)
   else:
     cached_k, cached_v, index = cached
-    k = jax.lax.dynamic_update_slice(cached_k, k.transpose(0, 1, 3, 2).astype(cached_k.dtype),
-                                     (0, 0, 0, index))
-    v = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), (0, 0, index, 0))
+    k = update_slice(cached_k, k.transpose(0, 1, 3, 2), (0, 0, 0, index))
+    v = update_slice(cached_v, v, (0, 0, index, 0))
     attn = _cached_attention(q, k, v, mask, kernel)
   x = x + dense("bthe,hed->btd", attn, p["o"])
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
@@ -354,8 +398,8 @@ def prefill(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, at
             slots: int, compute_dtype: Any = jnp.float32, unroll: bool = False,
             cache_dtype: Any = None) -> tuple[jax.Array, KVCache]:
   """Hidden states of left-padded prompts `[b, t]` and a fresh `slots`-slot cache holding their keys and
-  values in `cache_dtype` (default: the compute dtype) — no attention over an empty cache, which XLA would
-  otherwise constant-fold for ages."""
+  values in `cache_dtype` (default: the compute dtype; bfloat16 kept as its bits, `cache_storage`) — no
+  attention over an empty cache, which XLA would otherwise constant-fold for ages."""
   attention_mask = attention_mask.astype(bool)
   hidden, fresh = _run_layers(config, params, tokens, default_positions(attention_mask), attention_mask, None,
                               compute_dtype, unroll=unroll)
@@ -363,9 +407,9 @@ def prefill(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, at
     fresh = [(fresh[0][i], fresh[1][i]) for i in range(config.num_layers)]
   pad = slots - tokens.shape[1]
   valid = jnp.pad(attention_mask, [(0, 0), (0, pad)])
-  dtype = cache_dtype or compute_dtype
-  k = tuple(jnp.pad(k.transpose(0, 1, 3, 2).astype(dtype), [(0, 0)] * 3 + [(0, pad)]) for k, _ in fresh)
-  v = tuple(jnp.pad(v.astype(dtype), [(0, 0), (0, 0), (0, pad), (0, 0)]) for _, v in fresh)
+  dtype = cache_storage(cache_dtype or compute_dtype)
+  k = tuple(jnp.pad(to_cache(k.transpose(0, 1, 3, 2), dtype), [(0, 0)] * 3 + [(0, pad)]) for k, _ in fresh)
+  v = tuple(jnp.pad(to_cache(v, dtype), [(0, 0), (0, 0), (0, pad), (0, 0)]) for _, v in fresh)
   return hidden, KVCache(k, v, valid, jnp.int32(tokens.shape[1]))
 
 
@@ -427,6 +471,8 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
 
 def lm_logits(params: dict[str, Any], hidden: jax.Array) -> jax.Array:
   """Float32 logits `[..., vocab]` from final hidden states (tied embeddings when there is no head)."""
+  if hidden.dtype == jnp.bfloat16 and math.prod(hidden.shape[:-1]) == 1:  # one row: `_two_rows`
+    return lm_logits(params, _two_rows(hidden.reshape(1, -1)))[:1].reshape(*hidden.shape[:-1], -1)
   if "lm_head" in params:
     return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(hidden.dtype),
                       preferred_element_type=jnp.float32)

@@ -177,16 +177,14 @@ class Sampler:
     self.config = model.config
     self.share_prefix = share_prefix  # sessions prefill new conversations' common start once
     self.compute_dtype = model.compute_dtype
-    # One token per row: on XLA:CPU decode steps in bf16 run slower than fp32, and a bf16 cache slows fp32
-    # steps down further (SmolLM2, batch 16, 1,088 slots: fp32 83 ms a step; bf16 cache 176 ms; bf16
-    # weights, compute and cache 138 ms; benchmarks/decode_step.py). So on CPU, decode steps compute in fp32
-    # over an fp32 cache; prefill and chunked prefill keep the model's compute dtype (bf16 pays there).
-    cpu = jax.default_backend() == "cpu"
-    self.decode_dtype = decode_dtype or (jnp.float32 if cpu else self.compute_dtype)
+    # Decode steps compute in the model's compute dtype unless told otherwise. A bf16 sampler keeps its
+    # weights in bf16 (`set_params`: every matmul casts them to bf16 anyway, so the numbers are the same)
+    # and its cache as bf16 bits (`decoder.cache_storage`): SmolLM2, batch 16, 1,088 slots, 54-55 ms a step
+    # against 85-94 ms in fp32 (`benchmarks/decode_step.py`). The fp32 decode steps once used here on CPU
+    # were faster only while a bf16 cache write copied the whole cache and one-row bf16 products were slow.
+    self.decode_dtype = jnp.dtype(decode_dtype or self.compute_dtype)
     # Attention over the cache (decode steps and chunked prefills): the CPU kernel (`kernels.cpu_attention`)
-    # or XLA's. The cache stays in the decode steps' dtype: a bf16 cache made an fp32 decode step slower
-    # with either attention (SmolLM2, batch 16, 1,088 slots: kernel 99.7 ms fp32 cache, 164.2 ms bf16;
-    # benchmarks/decode_step.py), and the kernel's chunked prefill reads fp32 as fast as bf16.
+    # or XLA's. The cache is in the decode steps' dtype.
     self.attention_kernel, self.attention_note = _pick_attention_kernel(attention_kernel, self.config, mesh)
     self.cache_attention = cpu_attention.cached_attention if self.attention_kernel == "cpu" else None
     self.cache_dtype = self.decode_dtype
@@ -224,8 +222,12 @@ class Sampler:
     from now on, placed with the sampling rules. Same shapes, so nothing recompiles.
 
     The sampler keeps them unstacked (`decoder.unstack_layers`: one buffer per layer's weight), the layout
-    its layer loop runs fastest on; `self.params` is that copy."""
+    its layer loop runs fastest on; `self.params` is that copy (in bf16 when the sampler computes in bf16:
+    its matmuls, norms and embedding lookups cast the weights to bf16 anyway)."""
     params = unstack_layers(params)
+    if self.compute_dtype == self.decode_dtype == jnp.bfloat16:  # bf16 everywhere: the matmuls' own rounding
+      params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                            params)
     if self.mesh is not None:
       def place(weights):
         return {name: x if name == "layers" else jax.device_put(
