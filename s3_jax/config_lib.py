@@ -242,9 +242,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.generator.model = "asset:smollm2-135m-instruct"
   c.generator.address = ""
   c.generator.max_tokens = 64
-  # jax backend in this process: the compute dtype (weights stay float32); "auto" = bfloat16 where the
-  # hardware has bf16 units. float32 by default: the answers are the reward (benchmarks/README.md).
-  c.generator.compute_dtype = "float32"
+  # jax backend in this process: the compute dtype (the loaded weights stay float32; a bf16 sampler keeps a
+  # bf16 copy); "auto" = bfloat16 where the hardware has bf16 units (s3 generates with vLLM in bf16). On this
+  # CPU bf16 answers the reward benchmark's 120 prompts 1.34x faster; 15 answers change, one verdict
+  # (benchmarks/README.md, generator_dtype.py). A bf16 generator is another generator in answer caches.
+  c.generator.compute_dtype = "auto"
   c.generator.base_url = ""  # openai backend: the endpoint, e.g. http://127.0.0.1:8000/v1
   c.generator.key_env = "OPENAI_API_KEY"  # openai backend: the environment variable holding the API key
 
@@ -271,6 +273,12 @@ def default_config() -> ml_collections.ConfigDict:
   # The sampler's copy of the policy: "" = searcher.param_dtype; bfloat16 halves its memory and decode traffic
   # (s3/verl sample with vLLM in bf16); the update keeps the master weights' dtype.
   c.rollout.param_dtype = ""
+  # The sampler's compute (searcher sampling in training, evaluation and probes): "" = searcher.compute_dtype;
+  # auto = bfloat16 where the hardware has bf16 units (TPU, GPU, AMX/AVX512-BF16 CPU), else float32. In bf16
+  # the sampler keeps bf16 weights and a bf16 cache and decodes in bf16 (a warm SmolLM2 rollout 19.4 s vs 31.7
+  # s in fp32, benchmarks/README.md); the learner rescores every sampled token in its own dtype, so sampling
+  # in bf16 changes which tokens are drawn, never the loss's log-probs (s3 and verl sample in bf16 with vLLM).
+  c.rollout.compute_dtype = "auto"
   # Keep each episode's KV cache across turns and prefill only what the environment appended (s3/verl
   # re-prefill the whole context every turn: False, the reference the cached path is tested against).
   c.rollout.keep_cache = True
@@ -424,6 +432,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "evaluate.search_r1_prompt": tuple(SEARCH_R1_PROMPTS), "ppo.micro_batch_padding": PADDINGS,
                 "searcher.param_dtype": dtypes, "searcher.compute_dtype": ("auto", *dtypes),
                 "generator.compute_dtype": ("auto", *dtypes), "rollout.param_dtype": ("", *dtypes),
+                "rollout.compute_dtype": ("", "auto", *dtypes),
                 "searcher.remat": tuple(REMAT_POLICIES), "critic.head_init": VALUE_HEAD_INITS,
                 "reward.judge.retry": JUDGE_RETRIES, "evaluate.judge.retry": JUDGE_RETRIES,
                 "evaluate.agent_backend": _AGENT_BACKENDS, "rollout.attention_kernel": ATTENTION_KERNELS}

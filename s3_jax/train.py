@@ -86,9 +86,11 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
     sampler = Sampler(actor_model, tokenizer=tokenizer, pad_token_id=pad_id,
                       mesh=sharding_lib.rollout_mesh(dict(config.mesh)),
                       rules=[tuple(r) for r in config.sampling_sharding_rules],
-                      attention_kernel=config.rollout.attention_kernel)
-    log(f"sampler: decode attention by {sampler.attention_kernel} ({sampler.attention_note}), "
-        f"KV cache in {jnp.dtype(sampler.cache_dtype).name}")
+                      attention_kernel=config.rollout.attention_kernel,
+                      compute_dtype=precision.sampling_dtype(config))
+    log(f"sampler: {jnp.dtype(sampler.compute_dtype).name} compute, decode attention by "
+        f"{sampler.attention_kernel} ({sampler.attention_note}), KV cache in "
+        f"{jnp.dtype(sampler.cache_dtype).name}")
     scorer = scorer_from_config(config, services.generator, kind=config.reward.kind, rag_cache=data.rag_cache,
                                 cache=AnswerCache(sharding_lib.per_process_name(
                                     config.reward.cache or workdir / "answers.sqlite")))

@@ -20,6 +20,7 @@ from s3_jax.data.eval_sets import retrieval_query
 from s3_jax.data.qa import QAExample
 from s3_jax.methods.base import MethodOutput
 from s3_jax.metrics import Stopwatch
+from s3_jax.models import precision
 from s3_jax.models.searcher import load_searcher
 from s3_jax.search.episode import EpisodeConfig, SamplerPolicy, run_episodes
 
@@ -40,7 +41,8 @@ class S3Searcher:
     self.pad_id = tokenizer_lib.pad_id(self.tokenizer)
     self.sampler = Sampler(model, tokenizer=self.tokenizer, pad_token_id=self.pad_id, mesh=mesh,
                            rules=[tuple(r) for r in config.sampling_sharding_rules],
-                           attention_kernel=config.rollout.attention_kernel)
+                           attention_kernel=config.rollout.attention_kernel,
+                           compute_dtype=precision.sampling_dtype(config))
     self.episode_config = EpisodeConfig.from_config(config)
     r = config.rollout
     self.label = f"s3 {r.topk}-{r.max_select}-{r.max_turns} ({self.source})"

@@ -47,3 +47,8 @@ def resolve(name: str, backend: str | None = None) -> str:
 def dtype(name: str, backend: str | None = None):
   """The JAX dtype `resolve(name)` names."""
   return DTYPES[resolve(name, backend)]
+
+
+def sampling_dtype(config):
+  """The sampler's compute dtype for `config`: `rollout.compute_dtype`, "" = `searcher.compute_dtype`."""
+  return dtype(config.rollout.compute_dtype or config.searcher.compute_dtype)

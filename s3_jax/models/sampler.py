@@ -173,10 +173,12 @@ class Sampler:
                pad_token_id: int = 0, mesh: Mesh | None = None,
                rules: sharding_lib.Rules = sharding_lib.SAMPLING_RULES, chunk: int = 16,
                min_prompt_bucket: int = 16, decode_dtype: Any = None, share_prefix: bool = True,
-               attention_kernel: str = "auto"):
+               attention_kernel: str = "auto", compute_dtype: Any = None):
     self.config = model.config
     self.share_prefix = share_prefix  # sessions prefill new conversations' common start once
-    self.compute_dtype = model.compute_dtype
+    # Prefill and chunked prefill compute in `compute_dtype` (default: the model's), whatever the weights'
+    # dtype: training samples in `rollout.compute_dtype` from an actor updated in `searcher.compute_dtype`.
+    self.compute_dtype = jnp.dtype(compute_dtype or model.compute_dtype)
     # Decode steps compute in the model's compute dtype unless told otherwise. A bf16 sampler keeps its
     # weights in bf16 (`set_params`: every matmul casts them to bf16 anyway, so the numbers are the same)
     # and its cache as bf16 bits (`decoder.cache_storage`): SmolLM2, batch 16, 1,088 slots, 54-55 ms a step
