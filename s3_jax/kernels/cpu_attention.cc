@@ -30,6 +30,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -86,6 +87,47 @@ inline float Max(F32x16 x) {
   for (int i = 1; i < kLanes; ++i) s = x[i] > s ? x[i] : s;
   return s;
 }
+
+#if defined(__AVX512BF16__)
+// A chunked prefill over a bf16 cache multiplies in bf16 pairs with f32 sums (AVX512-BF16's dot product: two
+// products and a sum per lane, twice the multiplies of an fp32 FMA): the query rounded to bf16 (exact when the
+// model computes in bf16, as a sampler with a bf16 cache does), and the softmax's probabilities rounded to bf16
+// before they weight the values, their total summed from the rounded ones.
+constexpr bool kBf16Dots = true;
+
+// Lane i: a[i] in the low half, b[i] in the high half (bf16 bits), a pair for _mm512_dpbf16_ps.
+inline __m512i PairRows(const uint16_t* a, const uint16_t* b) {
+  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+// acc + a.lo * b.lo + a.hi * b.hi per lane, b the same pair of bf16 in every lane.
+inline F32x16 DotPairs(F32x16 acc, __m512i a, uint32_t b) {
+  return reinterpret_cast<F32x16>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc), reinterpret_cast<__m512bh>(a),
+                                                   reinterpret_cast<__m512bh>(_mm512_set1_epi32(b))));
+}
+
+// 16 floats rounded to bf16 (to nearest even), as 16 consecutive bf16 in 32 bytes.
+inline void StoreBf16(uint16_t* out, F32x16 x) {
+  const __m256bh h = _mm512_cvtneps_pbh(reinterpret_cast<__m512>(x));
+  std::memcpy(out, &h, sizeof(h));
+}
+#else
+constexpr bool kBf16Dots = false;
+#endif
+
+// Whether a chunked prefill's (not a decode step's) tile over a cache of C uses the bf16 dot products.
+template <typename C, bool Chunk>
+constexpr bool UseBf16Dots() { return kBf16Dots && std::is_same_v<C, uint16_t> && Chunk; }
+
+inline uint16_t RoundBf16(float x) {  // to nearest even (finite x)
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+constexpr uint16_t kZeroRow[128] = {};  // a zero head (bf16 bits) for pairs with a slot nobody may read
 
 // exp(x) for x <= 0 (a score minus its row's maximum): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], a
 // degree-6 Taylor polynomial (relative error ~2e-7, like expf's); below -87 it returns exp(-87) ~ 2e-38.
@@ -172,7 +214,7 @@ constexpr int kMaxMixRows = 6;
 
 // One tile: positions t0 ... t0 + Q - 1 of row b (those below T) against kv head k. `scores` holds
 // PaddedRows<Q * G>() * S16 floats.
-template <typename C, int G, int E, int Q>
+template <typename C, int G, int E, int Q, bool Chunk>
 void AttendTile(const Problem& d, const float* q, const C* kt_all, const C* v_all, const bool* valid_all,
                 float* out, int64_t b, int64_t k, int64_t t0, float* __restrict scores) {
   constexpr int R = Q * G;
@@ -185,6 +227,7 @@ void AttendTile(const Problem& d, const float* q, const C* kt_all, const C* v_al
   const bool* valid = valid_all + b * S;
   // each row's query, scaled; its last visible slot (-1: a padding position, sees nothing)
   float qs[R][E];
+  uint32_t qp[UseBf16Dots<C, Chunk>() ? R : 1][E / 2];  // the bf16 path's query pairs, unscaled
   int64_t last[R];
   int64_t tile_last = -1;
   for (int r = 0; r < R; ++r) {
@@ -193,8 +236,11 @@ void AttendTile(const Problem& d, const float* q, const C* kt_all, const C* v_al
     const bool real = p < n && slot < S && valid[slot];
     last[r] = real ? slot : -1;
     tile_last = std::max(tile_last, last[r]);
-    for (int e = 0; e < E; ++e)
-      qs[r][e] = real ? q[((b * d.T + t0 + p) * d.H + k * G + g) * E + e] * d.scale : 0.0f;
+    const float* qr = q + ((b * d.T + t0 + p) * d.H + k * G + g) * E;
+    for (int e = 0; e < E; ++e) qs[r][e] = real ? qr[e] * d.scale : 0.0f;
+    if constexpr (UseBf16Dots<C, Chunk>())
+      for (int e = 0; e < E; e += 2)
+        qp[r][e / 2] = real ? RoundBf16(qr[e]) | static_cast<uint32_t>(RoundBf16(qr[e + 1])) << 16 : 0u;
   }
   const int64_t blocks = tile_last < 0 ? 0 : tile_last / kLanes + 1;
   // 1. scores, block by block over the slots some row of the tile can see
@@ -214,9 +260,19 @@ void AttendTile(const Problem& d, const float* q, const C* kt_all, const C* v_al
     block.Load(kt, valid, S, s0);
     F32x16 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = F32x16{};
-    for (int e = 0; e < E; ++e) {
-      const F32x16 key = Load16(block.rows + e * block.stride);
-      for (int r = 0; r < R; ++r) acc[r] += qs[r][e] * key;
+    if constexpr (UseBf16Dots<C, Chunk>()) {
+#if defined(__AVX512BF16__)
+      for (int e = 0; e < E; e += 2) {
+        const __m512i keys = PairRows(block.rows + e * block.stride, block.rows + (e + 1) * block.stride);
+        for (int r = 0; r < R; ++r) acc[r] = DotPairs(acc[r], keys, qp[r][e / 2]);
+      }
+      for (int r = 0; r < R; ++r) acc[r] *= d.scale;
+#endif
+    } else {
+      for (int e = 0; e < E; ++e) {
+        const F32x16 key = Load16(block.rows + e * block.stride);
+        for (int r = 0; r < R; ++r) acc[r] += qs[r][e] * key;
+      }
     }
     for (int r = 0; r < R; ++r) {
       const I32x16 seen = block.valid & (iota <= static_cast<int32_t>(std::min<int64_t>(last[r] - s0, kLanes)));
@@ -234,8 +290,18 @@ void AttendTile(const Problem& d, const float* q, const C* kt_all, const C* v_al
       float* sc = scores + r * S16 + blk * kLanes;
       const F32x16 x = Load16(sc);
       const F32x16 p = (x == F32x16{} + kNegInf) ? F32x16{} : ExpNonPositive(x - top);
-      std::memcpy(sc, &p, sizeof(p));
-      sum += p;
+      if constexpr (UseBf16Dots<C, Chunk>()) {
+#if defined(__AVX512BF16__)
+        // the row's probabilities as bf16 in the first half of its own scores (slot s at bf16 index s: never
+        // past this block's floats, all read already)
+        uint16_t* pb = reinterpret_cast<uint16_t*>(scores + r * S16) + blk * kLanes;
+        StoreBf16(pb, p);
+        sum += Load16(pb);
+#endif
+      } else {
+        std::memcpy(sc, &p, sizeof(p));
+        sum += p;
+      }
     }
     total[r] = top == kNegInf ? 0.0f : Sum(sum);
   }
@@ -243,6 +309,45 @@ void AttendTile(const Problem& d, const float* q, const C* kt_all, const C* v_al
   constexpr int M = MixRows<R>(), W = MixWidth<R, V>();
   static_assert(V % W == 0, "the head's vectors split into whole blocks");
   for (int r = R; r < PaddedRows<R>(); ++r) std::fill(scores + r * S16, scores + r * S16 + blocks * kLanes, 0.0f);
+  if constexpr (UseBf16Dots<C, Chunk>()) {
+#if defined(__AVX512BF16__)
+    for (int r0 = 0; r0 < R; r0 += M) {
+      const uint32_t* pairs = reinterpret_cast<const uint32_t*>(scores + r0 * S16);  // row c's slot pair s/2
+      const int64_t stride = S16;  // uint32 per row: a row's floats
+      int64_t end = 0;
+      for (int c = 0; c < M && r0 + c < R; ++c) end = std::max(end, last[r0 + c] + 1);
+      for (int i0 = 0; i0 < V; i0 += W) {
+        F32x16 acc[M][W];
+        for (int c = 0; c < M; ++c)
+          for (int i = 0; i < W; ++i) acc[c][i] = F32x16{};
+        for (int64_t s = 0; s < end; s += 2) {
+          const bool a = valid[s], z = s + 1 < end && valid[s + 1];
+          if (!a && !z) continue;
+          const uint16_t* va = a ? v + s * E : kZeroRow;
+          const uint16_t* vz = z ? v + (s + 1) * E : kZeroRow;
+          __m512i vv[W];
+          for (int i = 0; i < W; ++i) vv[i] = PairRows(va + (i0 + i) * kLanes, vz + (i0 + i) * kLanes);
+          const uint32_t keep = z ? 0xFFFFFFFFu : 0x0000FFFFu;  // slot s + 1 past `end`: no weight
+          for (int c = 0; c < M; ++c) {
+            const uint32_t w = pairs[c * stride + s / 2] & keep;
+            for (int i = 0; i < W; ++i) acc[c][i] = DotPairs(acc[c][i], vv[i], w);
+          }
+        }
+        for (int c = 0; c < M && r0 + c < R; ++c) {
+          const int r = r0 + c, pos = r / G, g = r % G;
+          if (pos >= n) continue;
+          float* o = out + ((b * d.T + t0 + pos) * d.H + k * G + g) * E;
+          const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+          for (int i = 0; i < W; ++i) {
+            const F32x16 x = acc[c][i] * inv;
+            std::memcpy(o + (i0 + i) * kLanes, &x, sizeof(x));
+          }
+        }
+      }
+    }
+#endif
+    return;
+  }
   for (int r0 = 0; r0 < R; r0 += M) {
     const float* p = scores + r0 * S16;
     int64_t end = 0;
@@ -284,7 +389,7 @@ TileFn<C> PickG(int64_t g, bool decode, int* positions) {
 #define S3_CASE(G)                                                                \
   case G:                                                                         \
     *positions = decode ? 1 : TilePositions<G>();                                 \
-    return decode ? AttendTile<C, G, E, 1> : AttendTile<C, G, E, TilePositions<G>()>;
+    return decode ? AttendTile<C, G, E, 1, false> : AttendTile<C, G, E, TilePositions<G>(), true>;
   switch (g) {
     S3_CASE(1) S3_CASE(2) S3_CASE(3) S3_CASE(4) S3_CASE(5) S3_CASE(6) S3_CASE(7) S3_CASE(8)
     default: return nullptr;
@@ -380,6 +485,9 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer kt, ffi::AnyB
 }
 
 }  // namespace
+
+// Whether chunked prefills over a bf16 cache use AVX512-BF16's dot products (this build's instruction set).
+extern "C" int S3Bf16Dots() { return kBf16Dots ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(S3CachedAttention, CachedAttention,
                               ffi::Ffi::Bind()

@@ -45,10 +45,21 @@ def _compiler() -> str | None:
   return None
 
 
+def _cpu_flags() -> str:
+  """The CPU's feature flags (`/proc/cpuinfo`'s first `flags` line; "" where there is none)."""
+  path = Path("/proc/cpuinfo")
+  if path.exists():
+    for line in path.read_text(errors="replace").splitlines():
+      if line.startswith("flags"):
+        return line
+  return ""
+
+
 def _library_path(compiler: str) -> Path:
   key = hashlib.sha256()
   key.update(SOURCE.read_bytes())
   key.update(" ".join((compiler, *FLAGS, jax.ffi.include_dir(), jax.__version__)).encode())
+  key.update(_cpu_flags().encode())  # -march=native: a build is only good for this instruction set
   return assets.cache_dir() / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
 
 
@@ -76,7 +87,18 @@ def _load() -> tuple[bool, str]:
     _build(compiler, path)
   library = ctypes.cdll.LoadLibrary(str(path))
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.S3CachedAttention), platform="cpu")
+  _library.append(library)
   return True, ""
+
+
+_library: list[ctypes.CDLL] = []
+
+
+def bf16_dots() -> bool:
+  """Whether this host's build multiplies a chunked prefill over a bf16 cache in bf16 pairs (AVX512-BF16):
+  the query and the softmax's probabilities rounded to bf16, sums in fp32. False where the kernel is not
+  usable."""
+  return status()[0] and bool(_library[0].S3Bf16Dots())
 
 
 def status() -> tuple[bool, str]:
@@ -97,7 +119,9 @@ def cached_attention(q: jax.Array, kt: jax.Array, v: jax.Array, valid: jax.Array
   `[b, k, e, s]` and values v `[b, k, s, e]` (float32, bfloat16 or bfloat16's bits as uint16, both the same;
   the new positions' already written at slots `index ... index + t - 1`), `valid [b, s]` the slots holding a
   token -> float32 `[b, t, h, e]`: for query i, `softmax(q . k / sqrt(e)) . v` over the valid slots up to
-  `index + i`; zeros for a query whose own slot is not valid (left padding)."""
+  `index + i`; zeros for a query whose own slot is not valid (left padding). A chunked prefill (t > 1) over a
+  bf16 cache on a host with AVX512-BF16 (`bf16_dots()`) rounds the query and the probabilities to bf16
+  (relative 2^-9 each; exact for a query a bf16 model computed)."""
   usable, why = status()
   if not usable:
     raise RuntimeError(f"the CPU cached-attention kernel is not available: {why}")
