@@ -87,9 +87,11 @@ def get_config(arg=None):
     # rows keep s3's GenAcc (span or judge: --config.reward.use_judge=True) and report the span check beside
     # it.
     c.reward.use_judge = False
-    # fp32 sampling, as every row of experiments/laptop/results.md was computed (before bf16 sampling became
-    # the default where it pays, 2026-12-07): its warm-start and untrained rows stay comparable.
+    # fp32 sampling and answers, as every row of experiments/laptop/results.md was computed (before bf16
+    # became the default where it pays, 2026-12-07): its naive-RAG, warm-start and untrained rows stay
+    # comparable.
     c.rollout.compute_dtype = "float32"
+    c.generator.compute_dtype = "float32"
     c.checkpoint.every = 1  # a session may stop mid-run: lose at most one step
     c.checkpoint.keep = 2
     c.checkpoint.hf_export_every = 4

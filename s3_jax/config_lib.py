@@ -244,10 +244,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.generator.max_tokens = 64
   # jax backend in this process: the compute dtype (the loaded weights stay float32; a bf16 sampler keeps a
   # bf16 copy); "auto" = bfloat16 where the hardware has bf16 units (s3 generates with vLLM in bf16). On this
-  # CPU bf16 answers the reward benchmark's 120 prompts 1.34x faster, but 15 of the 120 answers change (one
-  # verdict; benchmarks/README.md, generator_dtype.py): the answers are the reward and the evaluation's
-  # measure, so float32 stays the default. A bf16 generator is another generator in answer caches.
-  c.generator.compute_dtype = "float32"
+  # CPU bf16 answers the reward benchmark's 120 prompts 1.34x faster; 15 answers change, one verdict
+  # (benchmarks/README.md, generator_dtype.py). A bf16 generator is another generator in answer caches.
+  c.generator.compute_dtype = "auto"
   c.generator.base_url = ""  # openai backend: the endpoint, e.g. http://127.0.0.1:8000/v1
   c.generator.key_env = "OPENAI_API_KEY"  # openai backend: the environment variable holding the API key
 

@@ -183,6 +183,7 @@ def test_bfloat16_compute_backend_answers_and_is_another_generator_in_cache_keys
 
   config = config_lib.load(str(REPO / "configs/tiny.py"))
   config.generator.model = str(asset("smollm2-135m-instruct"))
+  config.generator.compute_dtype = "float32"
   fp32_id = generator_id(config)
   config.generator.compute_dtype = "bfloat16"
   assert generator_id(config) == fp32_id + "@bfloat16"
