@@ -12,12 +12,19 @@ from conftest import FIXTURES, REPO
 
 from s3_jax import config_lib
 from s3_jax.evaluate import METHODS, compare, evaluate
+from s3_jax.models import precision
 from s3_jax.reward.answers import exact_match, f1, span_match
 from s3_jax.search.formats import generator_context
 
 OVERRIDES = ["evaluate.sample=2", "evaluate.agent_max_tokens=24", "evaluate.max_searches=2",
              f"evaluate.flashrag_dir={FIXTURES / 'flashrag'}",
              f"evaluate.mirage_file={FIXTURES / 'mirage' / 'benchmark.json'}"]
+
+
+# The configured generator's name: the default `generator.compute_dtype=auto` computes in bf16 on hardware
+# with bf16 units, a generator of its own in tables and caches (`@bfloat16`).
+GENERATOR = "jax:asset:smollm2-135m-instruct" + (
+    "@bfloat16" if precision.resolve("auto") == "bfloat16" else "")
 
 
 def _config(*extra):
@@ -79,7 +86,7 @@ def _check_reports(out, runs=1):
   assert header == "| Method | " + " | ".join(sources) + " | Avg | Generator | Judge |"
   # Who answered and who judged, in every row and in the table.
   assert len({(r["generator"], r["judge"]) for r in rows}) == 1
-  assert rows[0]["generator"] == "jax:asset:smollm2-135m-instruct"
+  assert rows[0]["generator"] == GENERATOR
   assert table.splitlines()[6].endswith(f"| {rows[0]['generator']} | {rows[0]['judge']} |")
   return rows, summary
 
@@ -168,7 +175,7 @@ def test_mirage_judge_only(services, tmp_path):
            show_progress=False, log=lambda *_: None)
   rows, summary = _check_reports(out)
   assert len(rows) == 3 and all(r["scores"]["judge"] is not None for r in rows)
-  assert rows[0]["judge"] == "jax:asset:smollm2-135m-instruct (the generator)"
+  assert rows[0]["judge"] == f"{GENERATOR} (the generator)"
   assert summary["medqa"]["judge_asked"] == 1.0
   medqa = [r for r in rows if r["data_source"] == "medqa"]
   assert medqa[0]["golden_answers"] == ["C: Vitamin C"]
@@ -282,8 +289,7 @@ def test_a_judge_of_its_own(services, tmp_path, asset, monkeypatch):
   rows = _rows(tmp_path / "judged")
   asked = [r for r in rows if r["scores"]["judge"] is not None]
   assert Counting.calls >= len(asked) > 0  # the endpoint judged (the generator's own service did not)
-  name = f"openai:haiku-stand-in at http://127.0.0.1:{port}/v1; unclear verdicts asked again of " \
-         "jax:asset:smollm2-135m-instruct"
+  name = f"openai:haiku-stand-in at http://127.0.0.1:{port}/v1; unclear verdicts asked again of {GENERATOR}"
   assert {r["judge"] for r in rows} == {name}
   assert (tmp_path / "judged" / "table.md").read_text().splitlines()[6].endswith(f"| {name} |")
   # Each verdict is the endpoint model's own reply to s3's judge prompt (an unclear one goes to the generator,

@@ -136,7 +136,8 @@ def test_a_separate_judge_and_s3s_retry_rule(tmp_path):
 
 def test_judge_sections_of_the_config():
   from s3_jax import config_lib
-  from s3_jax.reward.scorer import judge_from_config, scorer_from_config
+  from s3_jax.models import precision
+  from s3_jax.reward.scorer import generator_id, judge_from_config, scorer_from_config
 
   c = config_lib.default_config()
   assert judge_from_config(c.reward.judge, "gen", "jax:m") == {}  # "same": the generator judges
@@ -145,10 +146,13 @@ def test_judge_sections_of_the_config():
   assert made["judge_id"] == "openai:claude-3-haiku at http://h:1/v1; unclear verdicts asked again of jax:m"
   assert made["judge_retry"] == "gen"
   scorer = scorer_from_config(c, ScriptedGenerator(), kind="genacc", cache=AnswerCache(), judge="evaluate")
-  assert scorer.judge_id == made["judge_id"].replace("jax:m", "jax:asset:smollm2-135m-instruct")
+  generator = generator_id(c)  # the default generator: SmolLM2 in `generator.compute_dtype=auto`
+  assert generator == "jax:asset:smollm2-135m-instruct" + (
+      "@bfloat16" if precision.resolve("auto") == "bfloat16" else "")
+  assert scorer.judge_id == made["judge_id"].replace("jax:m", generator)
   assert scorer.judge_retry is not scorer.judge_generator
   assert scorer_from_config(c, ScriptedGenerator(), kind="genacc", cache=AnswerCache()).judge_id == \
-      "jax:asset:smollm2-135m-instruct (the generator)"
+      f"{generator} (the generator)"
   c.evaluate.judge.base_url = ""
   with pytest.raises(ValueError, match=r"config\.evaluate\.judge\.base_url"):
     config_lib.validate(c)
