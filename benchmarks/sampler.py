@@ -10,8 +10,8 @@ copy bandwidth / weight bytes read per token.
   python benchmarks/sampler.py [--batches 1,16] [--repeats 3] [--dtype bfloat16]
 
 `--dtype bfloat16`: transformers runs the model in bf16; ours loads fp32 weights with bf16 compute, which is
-what the rollout does (`searcher.compute_dtype=bfloat16`: prefill in bf16, decode steps in fp32 on CPU,
-where bf16 decode measured slower; `Sampler.decode_dtype`).
+what the rollout does (`rollout.compute_dtype=auto` on a CPU with bf16 units: the sampler keeps a bf16 copy
+of the weights and a bf16 cache, and prefills and decodes in bf16; `Sampler.decode_dtype`).
 """
 
 from __future__ import annotations
