@@ -20,6 +20,7 @@ import here  # noqa: F401  (this checkout's s3_jax first on sys.path)
 import jax
 import jax.numpy as jnp
 import numpy as np
+from decode_step import random_decode_state
 from timing import median_time
 
 
@@ -80,7 +81,7 @@ def decode_steps(batches: list[int], slots: int, steps: int, repeats: int) -> No
   from flax import nnx
 
   from s3_jax import assets
-  from s3_jax.models.decoder import Decoder, KVCache, cache_storage, to_cache
+  from s3_jax.models.decoder import Decoder
   from s3_jax.models.hf import read_config
   from s3_jax.models.sampler import Sampler
 
@@ -92,20 +93,7 @@ def decode_steps(batches: list[int], slots: int, steps: int, repeats: int) -> No
     for dtype in (jnp.float32, jnp.bfloat16):
       model = Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=dtype)
       sampler = Sampler(model, chunk=steps)
-      kv, e = config.num_kv_heads, config.head_dim
-
-      def layer(shape, dtype=dtype):
-        return to_cache(jnp.asarray(rng.standard_normal(shape, np.float32)), cache_storage(dtype))
-
-      start = slots - (repeats + 2) * steps  # each call writes `steps` more slots
-      valid = np.zeros((batch, slots), bool)
-      valid[:, :start] = True
-      cache = KVCache(tuple(layer((batch, kv, e, slots)) for _ in range(config.num_layers)),
-                      tuple(layer((batch, kv, slots, e)) for _ in range(config.num_layers)),
-                      jnp.asarray(valid), jnp.int32(start))
-      logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
-      position = jnp.full((batch,), start, jnp.int32)
-      held = {"state": sampler._decode_state(cache, logits, position, [steps] * batch, batch, steps, None)}
+      held = {"state": random_decode_state(sampler, rng, batch, slots, steps, repeats, dtype, 1.0)}
 
       def run(sampler=sampler, held=held, batch=batch):
         state = {**held["state"], "step": jnp.int32(0), "count": jnp.zeros(batch, jnp.int32),

@@ -101,11 +101,35 @@ def token_draw(batch: int, repeats: int) -> None:
     print(f"  {name:<40} {ms:7.2f} ms", flush=True)
 
 
+def random_decode_state(sampler, rng, batch: int, slots: int, steps: int, repeats: int, cache_dtype,
+                        valid_fraction: float) -> dict:
+  """A decode state of `sampler` over a random cache of `slots` slots in `cache_dtype` (a bf16 cache as the
+  sampler keeps it: its bits), `valid_fraction` of the slots valid up to the first step's position, room
+  for `repeats + 2` calls of `steps` steps."""
+  from s3_jax.models.decoder import KVCache, cache_storage, to_cache
+
+  config = sampler.config
+  kv, e = config.num_kv_heads, config.head_dim
+
+  def layer(shape):
+    return to_cache(jnp.asarray(rng.standard_normal(shape, np.float32)), cache_storage(cache_dtype))
+
+  start = slots - (repeats + 2) * steps  # each call writes `steps` more slots
+  valid = np.zeros((batch, slots), bool)
+  valid[:, :start] = rng.random((batch, start)) < valid_fraction
+  cache = KVCache(tuple(layer((batch, kv, e, slots)) for _ in range(config.num_layers)),
+                  tuple(layer((batch, kv, slots, e)) for _ in range(config.num_layers)),
+                  jnp.asarray(valid), jnp.int32(start))
+  logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
+  position = jnp.full((batch,), start, jnp.int32)
+  return sampler._decode_state(cache, logits, position, [steps] * batch, batch, steps, None)
+
+
 def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
   from flax import nnx
 
   from s3_jax import assets
-  from s3_jax.models.decoder import Decoder, KVCache, cache_storage, to_cache
+  from s3_jax.models.decoder import Decoder
   from s3_jax.models.hf import read_config
   from s3_jax.models.sampler import Sampler
 
@@ -128,18 +152,7 @@ def decode_steps(batch: int, slots: int, steps: int, repeats: int) -> None:
       ("bfloat16", "bfloat16", "bfloat16", "cpu", "greedy")):
     model = Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(weights))
     sampler = Sampler(model, decode_dtype=jnp.dtype(compute), chunk=steps, attention_kernel=attention)
-    kv, e = config.num_kv_heads, config.head_dim
-    layer = lambda shape, dt=cache_dtype: to_cache(  # noqa: E731  (a bf16 cache as the sampler keeps it)
-        jnp.asarray(rng.standard_normal(shape, np.float32)), cache_storage(dt))
-    start = slots - (repeats + 2) * steps  # each call writes `steps` more slots
-    valid = np.zeros((batch, slots), bool)
-    valid[:, :start] = rng.random((batch, start)) < 0.9
-    cache = KVCache(tuple(layer((batch, kv, e, slots)) for _ in range(config.num_layers)),
-                    tuple(layer((batch, kv, slots, e)) for _ in range(config.num_layers)),
-                    jnp.asarray(valid), jnp.int32(start))
-    logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
-    position = jnp.full((batch,), start, jnp.int32)
-    held = {"state": sampler._decode_state(cache, logits, position, [steps] * batch, batch, steps, None)}
+    held = {"state": random_decode_state(sampler, rng, batch, slots, steps, repeats, cache_dtype, 0.9)}
 
     def run():
       state = held["state"]  # noqa: B023  (the last call's state: its cache was donated and returned)

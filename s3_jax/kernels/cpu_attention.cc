@@ -212,6 +212,23 @@ template <int R>
 constexpr int PaddedRows() { return (R + MixRows<R>() - 1) / MixRows<R>() * MixRows<R>(); }
 constexpr int kMaxMixRows = 6;
 
+// A mix block's sums (rows r0 ... r0 + M - 1 below R, vectors i0 ... i0 + W - 1 of their heads) divided by
+// their rows' totals (0 where a row sees nothing) into `out`; rows past the tile's n positions are skipped.
+template <int G, int E, int M, int W>
+inline void StoreMix(const Problem& d, const F32x16 (&acc)[M][W], const float* total, float* out, int64_t b,
+                     int64_t k, int64_t t0, int n, int r0, int R, int i0) {
+  for (int c = 0; c < M && r0 + c < R; ++c) {
+    const int r = r0 + c, pos = r / G, g = r % G;
+    if (pos >= n) continue;
+    float* o = out + ((b * d.T + t0 + pos) * d.H + k * G + g) * E;
+    const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
+    for (int i = 0; i < W; ++i) {
+      const F32x16 x = acc[c][i] * inv;
+      std::memcpy(o + (i0 + i) * kLanes, &x, sizeof(x));
+    }
+  }
+}
+
 // One tile: positions t0 ... t0 + Q - 1 of row b (those below T) against kv head k. `scores` holds
 // PaddedRows<Q * G>() * S16 floats.
 template <typename C, int G, int E, int Q, bool Chunk>
@@ -333,16 +350,7 @@ void AttendTile(const Problem& d, const float* q, const C* kt_all, const C* v_al
             for (int i = 0; i < W; ++i) acc[c][i] = DotPairs(acc[c][i], vv[i], w);
           }
         }
-        for (int c = 0; c < M && r0 + c < R; ++c) {
-          const int r = r0 + c, pos = r / G, g = r % G;
-          if (pos >= n) continue;
-          float* o = out + ((b * d.T + t0 + pos) * d.H + k * G + g) * E;
-          const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
-          for (int i = 0; i < W; ++i) {
-            const F32x16 x = acc[c][i] * inv;
-            std::memcpy(o + (i0 + i) * kLanes, &x, sizeof(x));
-          }
-        }
+        StoreMix<G, E, M, W>(d, acc, total, out, b, k, t0, n, r0, R, i0);
       }
     }
 #endif
@@ -365,16 +373,7 @@ void AttendTile(const Problem& d, const float* q, const C* kt_all, const C* v_al
           for (int i = 0; i < W; ++i) acc[c][i] += w * vv[i];
         }
       }
-      for (int c = 0; c < M && r0 + c < R; ++c) {
-        const int r = r0 + c, pos = r / G, g = r % G;
-        if (pos >= n) continue;
-        float* o = out + ((b * d.T + t0 + pos) * d.H + k * G + g) * E;
-        const float inv = total[r] > 0.0f ? 1.0f / total[r] : 0.0f;
-        for (int i = 0; i < W; ++i) {
-          const F32x16 x = acc[c][i] * inv;
-          std::memcpy(o + (i0 + i) * kLanes, &x, sizeof(x));
-        }
-      }
+      StoreMix<G, E, M, W>(d, acc, total, out, b, k, t0, n, r0, R, i0);
     }
   }
 }
