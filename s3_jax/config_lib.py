@@ -285,6 +285,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Decode steps' attention over the cache: auto (the CPU kernel, s3_jax/kernels, on a one-device CPU host
   # with a C++ compiler; else XLA's) | cpu (the kernel, or an error saying why not) | xla.
   c.rollout.attention_kernel = "auto"
+  # Decode steps' weight matmuls (a few rows by every weight): auto (the CPU kernel, kernels/cpu_matmul, where
+  # the sampler computes in bf16 on a one-device CPU host with AVX512-BF16; else XLA's) | cpu | xla.
+  c.rollout.matmul_kernel = "auto"
 
   # cache: the scored-answer SQLite file; "" = WORKDIR/answers.sqlite (per run, so metrics never depend on
   # what earlier runs cached).
@@ -435,7 +438,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "rollout.compute_dtype": ("", "auto", *dtypes),
                 "searcher.remat": tuple(REMAT_POLICIES), "critic.head_init": VALUE_HEAD_INITS,
                 "reward.judge.retry": JUDGE_RETRIES, "evaluate.judge.retry": JUDGE_RETRIES,
-                "evaluate.agent_backend": _AGENT_BACKENDS, "rollout.attention_kernel": ATTENTION_KERNELS}
+                "evaluate.agent_backend": _AGENT_BACKENDS, "rollout.attention_kernel": ATTENTION_KERNELS,
+                "rollout.matmul_kernel": ATTENTION_KERNELS}
   for key, choices in choices_of.items():
     if get(key) not in choices:
       raise _bad(key, get(key), f"must be one of {', '.join(choices)}")

@@ -80,6 +80,7 @@ def probe(config: Any, *, init: str | None, questions: int, skip: int, seed: int
       model = load_hf(assets.resolve(init), compute_dtype=precision.dtype(config.searcher.compute_dtype))
       sampler = Sampler(model, tokenizer=tokenizer, pad_token_id=pad_id,
                         attention_kernel=config.rollout.attention_kernel,
+                        matmul_kernel=config.rollout.matmul_kernel,
                         compute_dtype=precision.sampling_dtype(config))
       policy = SamplerPolicy(sampler, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                              top_k=config.rollout.top_k, rng=jax.random.key(seed),

@@ -100,6 +100,7 @@ def test_overrides_take_the_type_of_the_key():
     ("searcher.model.num_kv_heads=3", r"config.searcher.model.num_kv_heads=3: must divide"),
     ("reward.kind=gbr", r"config.reward.kind='gbr': must be one of paper, code, genacc, em, f1"),
     ("generator.compute_dtype=fp16", r"config.generator.compute_dtype='fp16': must be one of auto, float32"),
+    ("rollout.matmul_kernel=amx", r"config.rollout.matmul_kernel='amx': must be one of auto, cpu, xla"),
     # the learner's choices, checked here once (settings.PPOSettings does not check them again)
     ("ppo.micro_batch_padding=rows", r"config.ppo.micro_batch_padding='rows': must be one of own, batch"),
     ("ppo.micro_batch_padding=batch", r"config.ppo.shared_prefix=True: needs ppo.micro_batch_padding=own"),

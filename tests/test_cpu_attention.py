@@ -9,7 +9,7 @@ import pytest
 from test_decoder import make_hf_model
 
 from s3_jax import sharding
-from s3_jax.kernels import cpu_attention
+from s3_jax.kernels import build, cpu_attention
 from s3_jax.models.hf import load_hf
 from s3_jax.models.sampler import Sampler, SamplingParams
 
@@ -57,7 +57,7 @@ def _inputs(rng, shape, dtype):
 @pytest.fixture(autouse=True)
 def _kernel_builds():
   """The kernel must build wherever there is a C++ compiler; without one these tests say so and skip."""
-  if cpu_attention._compiler() is None:
+  if build.compiler() is None:
     pytest.skip("no C++ compiler ($CXX, g++ or c++): the CPU kernel cannot be built here")
   usable, why = cpu_attention.status()
   assert usable, f"the kernel must build on the test machine: {why}"

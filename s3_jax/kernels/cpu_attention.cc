@@ -37,11 +37,14 @@
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using s3::ParallelFor;
 
 constexpr int kLanes = 16;  // floats per vector (one AVX-512 register; two AVX2 ones where that is all)
 
@@ -406,34 +409,6 @@ TileFn<C> Pick(int64_t g, int64_t e, bool decode, int* positions) {
     default: return nullptr;
   }
 }
-
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, Fn fn) {
-  struct Counters {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> finished{0};
-  };
-  auto counters = std::make_shared<Counters>();
-  auto drain = [counters, count, &fn]() {
-    for (int64_t i = counters->next.fetch_add(1); i < count; i = counters->next.fetch_add(1)) {
-      fn(i);
-      counters->finished.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
-  for (int64_t h = 0; h < helpers; ++h) {
-    // A helper may start after this call returned: it then finds no work and never calls fn.
-    pool.Schedule([counters, count, fnp = &fn]() {
-      for (int64_t i = counters->next.fetch_add(1); i < count; i = counters->next.fetch_add(1)) {
-        (*fnp)(i);
-        counters->finished.fetch_add(1, std::memory_order_release);
-      }
-    });
-  }
-  drain();
-  while (counters->finished.load(std::memory_order_acquire) < count) std::this_thread::yield();
-}
-
 
 template <typename C>
 ffi::Error Run(ffi::ThreadPool& pool, const Problem& d, const float* q, const C* kt, const C* v,

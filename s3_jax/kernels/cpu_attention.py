@@ -7,85 +7,33 @@ prefill materialises [new, slots] scores and masks, computes the causal half of 
 of every row. The kernel reads the cache in its own dtype (bf16: half the bytes), only the 16-slot blocks a
 query can see, and computes scores, softmax and sums in fp32 (`benchmarks/README.md`, cached attention).
 
-The C++ source is compiled with the host's C++ compiler (`$CXX`, else `g++`/`c++`) for this machine's
-instruction set, into `$S3_JAX_CACHE/kernels/` keyed by the source, the flags and the jaxlib headers;
-`status()` says whether it is usable and why not. Nothing here is used on GPU/TPU, where XLA's own
-attention runs.
+The C++ source is compiled for this machine on first use (`kernels.build`); `status()` says whether it is
+usable and why not. Nothing here is used on GPU/TPU, where XLA's own attention runs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from s3_jax import assets
+from s3_jax.kernels import build
 
 TARGET = "s3_cached_attention"
-SOURCE = Path(__file__).with_name("cpu_attention.cc")
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-ffp-contract=fast",
-         "-fno-math-errno", "-shared", "-fPIC")
+SOURCE = build.FOLDER / "cpu_attention.cc"
 HEAD_DIMS = (16, 32, 64, 128)  # instantiated in the kernel
 MAX_GROUP = 8  # query heads per kv head
-
-
-def _compiler() -> str | None:
-  for name in (os.environ.get("CXX"), "g++", "c++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
-
-
-def _cpu_flags() -> str:
-  """The CPU's feature flags (`/proc/cpuinfo`'s first `flags` line; "" where there is none)."""
-  path = Path("/proc/cpuinfo")
-  if path.exists():
-    for line in path.read_text(errors="replace").splitlines():
-      if line.startswith("flags"):
-        return line
-  return ""
-
-
-def _library_path(compiler: str) -> Path:
-  key = hashlib.sha256()
-  key.update(SOURCE.read_bytes())
-  key.update(" ".join((compiler, *FLAGS, jax.ffi.include_dir(), jax.__version__)).encode())
-  key.update(_cpu_flags().encode())  # -march=native: a build is only good for this instruction set
-  return assets.cache_dir() / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
-
-
-def _build(compiler: str, out: Path) -> None:
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-    partial = Path(tmp) / out.name
-    command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-      raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
-    os.replace(partial, out)  # atomic: a concurrent process sees the whole library or none
 
 
 @functools.cache
 def _load() -> tuple[bool, str]:
   """Builds (once per source and machine) and registers the kernel; (usable, why not)."""
-  if jax.default_backend() != "cpu":
-    return False, f"the default backend is {jax.default_backend()}, not cpu"
-  compiler = _compiler()
-  if compiler is None:
-    return False, "no C++ compiler ($CXX, g++ or c++) on PATH"
-  path = _library_path(compiler)
-  if not path.exists():
-    _build(compiler, path)
-  library = ctypes.cdll.LoadLibrary(str(path))
+  library, why = build.load(SOURCE)
+  if library is None:
+    return False, why
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.S3CachedAttention), platform="cpu")
   _library.append(library)
   return True, ""

@@ -42,6 +42,7 @@ class S3Searcher:
     self.sampler = Sampler(model, tokenizer=self.tokenizer, pad_token_id=self.pad_id, mesh=mesh,
                            rules=[tuple(r) for r in config.sampling_sharding_rules],
                            attention_kernel=config.rollout.attention_kernel,
+                           matmul_kernel=config.rollout.matmul_kernel,
                            compute_dtype=precision.sampling_dtype(config))
     self.episode_config = EpisodeConfig.from_config(config)
     r = config.rollout

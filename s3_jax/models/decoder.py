@@ -15,6 +15,7 @@ k kv heads, g query heads per kv head, e head_dim, f mlp, v vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -138,11 +139,13 @@ def _bf16_matmul_bwd(residuals, ct):
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def dense(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
+def dense(equation: str, x: jax.Array, w: jax.Array, matmul: SmallMatmul | None = None) -> jax.Array:
   """`dot(equation, x, w)` for a layer's weight matmul (`x [b, t, *in]`, `w [*in, *out]` ->
   `[b, t, *out]`), in bfloat16 as one 2-D matmul whose backward pass does every dot bf16 x bf16 -> f32 with
   the weight gradient's contraction minor (`benchmarks/README.md`, bf16 backward: the gradient of 30 MLP
-  layers 1,963 -> 1,748 ms, against 2,363 in fp32). Other dtypes: `dot` itself (the same einsum as ever)."""
+  layers 1,963 -> 1,748 ms, against 2,363 in fp32). Other dtypes: `dot` itself (the same einsum as ever).
+  `matmul` (bf16, no gradient: the sampler's decode steps) multiplies products of few rows instead
+  (`SmallMatmul`)."""
   if x.dtype != jnp.bfloat16:
     return dot(equation, x, w)
   n_in = x.ndim - 2
@@ -151,11 +154,29 @@ def dense(equation: str, x: jax.Array, w: jax.Array) -> jax.Array:
   b, t = x.shape[:2]
   out = w.shape[n_in:]
   rows = x.reshape(b * t, -1)
-  if b * t == 1:  # XLA:CPU's bf16 matrix-vector product is slow: multiply two rows (`_two_rows`)
-    flat = _bf16_matmul(_two_rows(rows), w.reshape(int(np.prod(x.shape[2:])), -1))[:1]
+  w2 = w.reshape(int(np.prod(x.shape[2:])), -1)
+  if matmul is not None and matmul.applies(rows.shape):
+    flat = matmul(rows, w2.astype(x.dtype)).astype(x.dtype)
+  elif b * t == 1:  # XLA:CPU's bf16 matrix-vector product is slow: multiply two rows (`_two_rows`)
+    flat = _bf16_matmul(_two_rows(rows), w2)[:1]
   else:
-    flat = _bf16_matmul(rows, w.reshape(int(np.prod(x.shape[2:])), -1))
+    flat = _bf16_matmul(rows, w2)
   return flat.reshape(b, t, *out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallMatmul:
+  """A product of few bf16 rows by a weight, `fn(x [m, k], w [k, n]) -> float32 [m, n]`, used where
+  `applies` (at most `max_rows` rows, `k` even): `kernels.cpu_matmul`'s on CPUs with AVX512-BF16, for the
+  sampler's decode steps, which read every weight to multiply a few rows. Not differentiable."""
+  fn: Callable[[jax.Array, jax.Array], jax.Array]
+  max_rows: int
+
+  def applies(self, shape: Sequence[int]) -> bool:
+    return shape[0] <= self.max_rows and shape[1] % 2 == 0
+
+  def __call__(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    return self.fn(x, w)
 
 
 def _two_rows(x: jax.Array) -> jax.Array:
@@ -303,17 +324,18 @@ def _cached_attention(q, kt, v, mask, kernel=None):
   return _mix(jax.nn.softmax(scores, axis=-1), v).astype(q.dtype).reshape(b, t, h, e)
 
 
-def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached, prefix=None, kernel=None):
+def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached, prefix=None, kernel=None,
+           matmul=None):
   """One pre-norm block: the new residual stream and this layer's keys/values — the fresh ones `[b, k, t, e]`,
   or with `cached = (kt, v, index)` (one layer's cache, `mask [b, t, slots]`) the cache with the new tokens
   written at slots `index ... + t` first (so the write is in place and attention reads one buffer), or with
   `prefix = (pk, pv)` (`[1, k, p, e]`) also attending to a shared prefix's keys/values. `kernel`:
-  `_cached_attention`'s."""
+  `_cached_attention`'s; `matmul`: `dense`'s."""
   dtype = x.dtype
   h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
-  q = dense("btd,dhe->bthe", h, p["q"])
-  k = dense("btd,dke->btke", h, p["k"])
-  v = dense("btd,dke->btke", h, p["v"])
+  q = dense("btd,dhe->bthe", h, p["q"], matmul)
+  k = dense("btd,dke->btke", h, p["k"], matmul)
+  v = dense("btd,dke->btke", h, p["v"], matmul)
   if config.qkv_bias:
     q, k, v = q + p["q_bias"].astype(dtype), k + p["k_bias"].astype(dtype), v + p["v_bias"].astype(dtype)
   if config.qk_norm:
@@ -329,11 +351,11 @@ def _layer(config: DecoderConfig, x, p, positions, inv_freq, mask, cached, prefi
     k = update_slice(cached_k, k.transpose(0, 1, 3, 2), (0, 0, 0, index))
     v = update_slice(cached_v, v, (0, 0, index, 0))
     attn = _cached_attention(q, k, v, mask, kernel)
-  x = x + dense("bthe,hed->btd", attn, p["o"])
+  x = x + dense("bthe,hed->btd", attn, p["o"], matmul)
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
-  gate = dense("btd,df->btf", h, p["gate"])
-  up = dense("btd,df->btf", h, p["up"])
-  x = x + dense("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
+  gate = dense("btd,df->btf", h, p["gate"], matmul)
+  up = dense("btd,df->btf", h, p["up"], matmul)
+  x = x + dense("btf,fd->btd", jax.nn.silu(gate) * up, p["down"], matmul)
   return x, (k, v)
 
 
@@ -345,7 +367,7 @@ REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable
 
 
 def _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat="none",
-                unroll=False, constrain=None, prefix=None, cache_attention=None):
+                unroll=False, constrain=None, prefix=None, cache_attention=None, matmul=None):
   """The final-norm hidden states and each layer's fresh keys/values `[b, k, t, e]` (stacked `[layers, ...]`
   from a scan over stacked layers; a list from a loop over `unstack_layers`' per-layer buffers). `prefix`:
   a shared prefix's keys/values as `prefix_kv` returns them (stacked `[layers, 1, k, p, e]`)."""
@@ -373,7 +395,7 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
     for i, p in enumerate(layers):
       cached = None if cache is None else (cache.k[i], cache.v[i], cache.index)
       pre = None if prefix is None else (prefix[0][i], prefix[1][i])
-      x, kv = _layer(config, x, p, positions, inv_freq, mask, cached, pre, kernel)
+      x, kv = _layer(config, x, p, positions, inv_freq, mask, cached, pre, kernel, matmul)
       x = constrain(x)
       kvs.append(kv)
     return rms_norm(x, params["final_norm"], config.rms_norm_eps), kvs
@@ -433,7 +455,8 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
             compute_dtype: Any = jnp.float32, remat: str = "none", unroll: bool = False,
             constrain: Callable[[jax.Array], jax.Array] | None = None,
             prefix: tuple[jax.Array, jax.Array] | None = None,
-            cache_attention: Callable[..., jax.Array] | None = None) -> tuple[jax.Array, KVCache | None]:
+            cache_attention: Callable[..., jax.Array] | None = None,
+            matmul: SmallMatmul | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
 
   `params["layers"]` is either stacked (`[layers, ...]` per weight: a `lax.scan` over layers, training) or a
@@ -454,14 +477,15 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
   parameters through the prefix's keys/values once (summed over rows) instead of once a row.
   `cache_attention` (with a cache) computes each layer's attention over the cache instead of XLA:
   `cache_attention(q, kt, v, valid, index)` as `kernels.cpu_attention.cached_attention` (the sampler's choice
-  on CPU).
+  on CPU). `matmul` (`SmallMatmul`, with per-layer weights: the sampler's loop) multiplies the weight
+  matmuls of few rows (decode steps) instead of XLA.
   """
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), bool)
   attention_mask = attention_mask.astype(bool)
   x, fresh = _run_layers(config, params, tokens, positions, attention_mask, cache, compute_dtype, remat,
-                         unroll, constrain, prefix, cache_attention)
+                         unroll, constrain, prefix, cache_attention, matmul)
   if cache is None:
     return x, None
   return x, KVCache(tuple(k for k, _ in fresh), tuple(v for _, v in fresh),
@@ -469,9 +493,15 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
                     cache.index + t)
 
 
-def lm_logits(params: dict[str, Any], hidden: jax.Array) -> jax.Array:
-  """Float32 logits `[..., vocab]` from final hidden states (tied embeddings when there is no head)."""
-  if hidden.dtype == jnp.bfloat16 and math.prod(hidden.shape[:-1]) == 1:  # one row: `_two_rows`
+def lm_logits(params: dict[str, Any], hidden: jax.Array, matmul: SmallMatmul | None = None) -> jax.Array:
+  """Float32 logits `[..., vocab]` from final hidden states (tied embeddings when there is no head).
+  `matmul` (bf16 hidden states, a `lm_head [d, vocab]`: the sampler keeps one) multiplies few rows."""
+  rows = math.prod(hidden.shape[:-1])
+  if (matmul is not None and hidden.dtype == jnp.bfloat16 and "lm_head" in params
+      and matmul.applies((rows, hidden.shape[-1]))):
+    flat = matmul(hidden.reshape(rows, -1), params["lm_head"].astype(hidden.dtype))
+    return flat.reshape(*hidden.shape[:-1], -1)
+  if hidden.dtype == jnp.bfloat16 and rows == 1:  # one row: `_two_rows`
     return lm_logits(params, _two_rows(hidden.reshape(1, -1)))[:1].reshape(*hidden.shape[:-1], -1)
   if "lm_head" in params:
     return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(hidden.dtype),

@@ -24,9 +24,9 @@ from jax.sharding import Mesh
 
 from s3_jax import sharding as sharding_lib
 from s3_jax import tracing
-from s3_jax.kernels import cpu_attention
+from s3_jax.kernels import cpu_attention, cpu_matmul
 from s3_jax.models import tokenizer as tokenizer_lib
-from s3_jax.models.decoder import Decoder, KVCache, forward, lm_logits, prefill, unstack_layers
+from s3_jax.models.decoder import Decoder, KVCache, SmallMatmul, forward, lm_logits, prefill, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +163,28 @@ def _pick_attention_kernel(choice: str, config, mesh) -> tuple[str, str]:
   return "xla", why
 
 
+def _pick_matmul_kernel(choice: str, mesh, dtype) -> tuple[str, str]:
+  """("cpu" | "xla", why) for `Sampler(matmul_kernel=choice)`: the decode steps' weight matmuls."""
+  if choice not in ATTENTION_KERNELS:
+    raise ValueError(f"matmul_kernel={choice!r} must be one of {', '.join(ATTENTION_KERNELS)}")
+  if choice == "xla":
+    return "xla", "asked for"
+  why = ""
+  if jax.default_backend() != "cpu":
+    why = f"the backend is {jax.default_backend()}"
+  elif mesh is not None and mesh.devices.size > 1:
+    why = f"the sampler's mesh has {mesh.devices.size} devices (the kernel runs on one)"
+  elif dtype != jnp.bfloat16:
+    why = f"the sampler computes in {jnp.dtype(dtype).name} (the kernel multiplies bf16)"
+  else:
+    usable, why = cpu_matmul.status()
+    if usable:
+      return "cpu", f"decode steps' products of at most {cpu_matmul.MAX_ROWS} rows by the CPU kernel"
+  if choice == "cpu":
+    raise ValueError(f"matmul_kernel='cpu': the CPU small-matmul kernel cannot run here: {why}")
+  return "xla", why
+
+
 class Sampler:
   """Generates continuations of token-id prompts with a `Decoder`.
 
@@ -173,7 +195,7 @@ class Sampler:
                pad_token_id: int = 0, mesh: Mesh | None = None,
                rules: sharding_lib.Rules = sharding_lib.SAMPLING_RULES, chunk: int = 16,
                min_prompt_bucket: int = 16, decode_dtype: Any = None, share_prefix: bool = True,
-               attention_kernel: str = "auto", compute_dtype: Any = None):
+               attention_kernel: str = "auto", compute_dtype: Any = None, matmul_kernel: str = "auto"):
     self.config = model.config
     self.share_prefix = share_prefix  # sessions prefill new conversations' common start once
     # Prefill and chunked prefill compute in `compute_dtype` (default: the model's), whatever the weights'
@@ -189,6 +211,13 @@ class Sampler:
     # or XLA's. The cache is in the decode steps' dtype.
     self.attention_kernel, self.attention_note = _pick_attention_kernel(attention_kernel, self.config, mesh)
     self.cache_attention = cpu_attention.cached_attention if self.attention_kernel == "cpu" else None
+    # The decode steps' weight matmuls (a few rows by every weight): the CPU kernel (`kernels.cpu_matmul`)
+    # where the sampler computes in bf16 throughout and the host has AVX512-BF16, else XLA's.
+    bf16 = self.compute_dtype == self.decode_dtype == jnp.bfloat16
+    self.matmul_kernel, self.matmul_note = _pick_matmul_kernel(matmul_kernel, mesh,
+                                                               jnp.bfloat16 if bf16 else self.decode_dtype)
+    self.small_matmul = (SmallMatmul(cpu_matmul.matmul, cpu_matmul.MAX_ROWS) if self.matmul_kernel == "cpu"
+                         else None)
     self.cache_dtype = self.decode_dtype
     self.tokenizer = tokenizer
     self.pad_token_id = pad_token_id
@@ -205,6 +234,7 @@ class Sampler:
     # Logical axes of each weight, a layer's without the leading "layers" axis (the sampler unstacks them).
     self._axes = {name.removeprefix("layers."): p.get_metadata()["logical_axes"][name.startswith("layers."):]
                   for name, p in model.named_params().items()}
+    self._axes.setdefault("lm_head", ("embed", "vocab"))  # the transposed embedding `set_params` may add
     self.set_params(model.arrays())
     self.trace_counts = {"prefill": 0, "decode": 0, "extend": 0, "take": 0, "repack": 0, "gather_rows": 0,
                          "write_rows": 0}
@@ -225,11 +255,15 @@ class Sampler:
 
     The sampler keeps them unstacked (`decoder.unstack_layers`: one buffer per layer's weight), the layout
     its layer loop runs fastest on; `self.params` is that copy (in bf16 when the sampler computes in bf16:
-    its matmuls, norms and embedding lookups cast the weights to bf16 anyway)."""
+    its matmuls, norms and embedding lookups cast the weights to bf16 anyway). With the small-matmul kernel a
+    model with tied embeddings also gets `lm_head`, the embedding transposed (`[d, vocab]`, the kernel's
+    layout; 56 MB for SmolLM2-135M)."""
     params = unstack_layers(params)
     if self.compute_dtype == self.decode_dtype == jnp.bfloat16:  # bf16 everywhere: the matmuls' own rounding
       params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                             params)
+    if self.small_matmul is not None and "lm_head" not in params:
+      params = {**params, "lm_head": params["embed"].T}
     if self.mesh is not None:
       def place(weights):
         return {name: x if name == "layers" else jax.device_put(
@@ -301,9 +335,11 @@ class Sampler:
       done = s["done"] | hit_eos | (count >= s["max_new"])
       hidden, cache = forward(self.config, params, token[:, None], s["position"][:, None],
                               attention_mask=active[:, None], cache=s["cache"],
-                              compute_dtype=self.decode_dtype, cache_attention=self.cache_attention)
+                              compute_dtype=self.decode_dtype, cache_attention=self.cache_attention,
+                              matmul=self.small_matmul)
       return {**s, "rng": rng, "tokens": tokens, "logprobs": logprobs, "count": count, "done": done,
-              "eos": s["eos"] | hit_eos, "cache": cache, "logits": lm_logits(params, hidden[:, 0]),
+              "eos": s["eos"] | hit_eos, "cache": cache,
+              "logits": lm_logits(params, hidden[:, 0], self.small_matmul),
               "position": s["position"] + active.astype(jnp.int32), "step": s["step"] + 1}
 
     return self._constrain_state(jax.lax.while_loop(cond, body, state))
@@ -313,8 +349,9 @@ class Sampler:
     at `cache.index`; the last position's logits."""
     self._traced("extend", params, cache, tokens, mask, positions)
     hidden, cache = forward(self.config, params, tokens, positions, attention_mask=mask, cache=cache,
-                            compute_dtype=self.compute_dtype, cache_attention=self.cache_attention)
-    return cache, lm_logits(params, hidden[:, -1])
+                            compute_dtype=self.compute_dtype, cache_attention=self.cache_attention,
+                            matmul=self.small_matmul)
+    return cache, lm_logits(params, hidden[:, -1], self.small_matmul)
 
   def _take_rows_fn(self, state, rows, padding):
     """The decode state of rows `rows [b']` only (compaction); `padding [b']` rows start done."""

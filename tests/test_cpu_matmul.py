@@ -1,0 +1,126 @@
+"""The CPU small-matmul kernel (`kernels/cpu_matmul.cc`): bf16 products of few rows against NumPy, and the
+sampler's decode steps with it against XLA's products."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from test_decoder import make_hf_model
+
+from s3_jax import sharding
+from s3_jax.kernels import build, cpu_matmul
+from s3_jax.models.hf import load_hf
+from s3_jax.models.sampler import Sampler, SamplingParams
+
+# (m, k, n): decode-step shapes (SmolLM2's 576 / 1,536), column counts that are not a multiple of the kernel's
+# 64-column panels or 512-column tasks, contractions that end mid-block (blocks of 64 rows), one pair of rows.
+SHAPES = [(1, 576, 1536), (2, 1536, 576), (3, 64, 200), (16, 576, 192), (9, 66, 17), (12, 130, 1000),
+          (13, 2, 33), (5, 128, 64), (16, 96, 4100), (7, 576, 49)]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_builds():
+  """The kernel builds wherever there is a C++ compiler; it runs where the CPU has AVX512-BF16."""
+  if build.compiler() is None:
+    pytest.skip("no C++ compiler ($CXX, g++ or c++): the CPU kernel cannot be built here")
+  usable, why = cpu_matmul.status()
+  if not usable and "AVX512-BF16" in why:
+    pytest.skip(f"the small-matmul kernel does not run on this CPU: {why}")
+  assert usable, f"the kernel must build on the test machine: {why}"
+
+
+def _bf16(rng, *shape):
+  return rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_matches_numpy(shape):
+  """Exact bf16 products summed in fp32: within fp32 summation's bound of the float64 product of the same
+  bf16 values (each step of the kernel's dot product adds two products: 2 roundings of 2^-24 a step)."""
+  m, k, n = shape
+  rng = np.random.default_rng(sum(shape))
+  x, w = _bf16(rng, m, k), _bf16(rng, k, n)
+  got = np.asarray(jax.jit(cpu_matmul.matmul)(jnp.asarray(x), jnp.asarray(w)))
+  assert got.shape == (m, n) and got.dtype == np.float32
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  want = x64 @ w64
+  bound = k * 2.0**-23 * (np.abs(x64) @ np.abs(w64))
+  assert np.all(np.abs(got - want) <= bound), float(np.max(np.abs(got - want) - bound))
+  # not vacuous: the error is far below the values themselves
+  assert np.max(np.abs(got - want)) < 1e-3 * np.max(np.abs(want))
+
+
+def test_kernel_takes_bf16_bits_and_matches_xla():
+  """bf16's bits as uint16 (the sampler's cache dtype) multiply as bf16; the result agrees with XLA's own
+  bf16 product with a float32 result within the same bound."""
+  rng = np.random.default_rng(0)
+  x, w = jnp.asarray(_bf16(rng, 4, 576)), jnp.asarray(_bf16(rng, 576, 300))
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
+  call = jax.ffi.ffi_call(cpu_matmul.TARGET, jax.ShapeDtypeStruct((4, 300), jnp.float32))
+  got = np.asarray(call(bits, w))
+  xla = np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32))
+  bound = 576 * 2.0**-22 * np.asarray(jnp.dot(jnp.abs(x), jnp.abs(w), preferred_element_type=jnp.float32))
+  assert np.all(np.abs(got - xla) <= bound)
+
+
+def test_bad_shapes_are_errors():
+  x = jnp.zeros((2, 5), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"the contraction \(5\) must be even"):
+    cpu_matmul.matmul(x, jnp.zeros((5, 8), jnp.bfloat16))
+  with pytest.raises(ValueError, match=r"x \(2, 4\) and w \(6, 8\) are not \[m, k\] @ \[k, n\]"):
+    cpu_matmul.matmul(jnp.zeros((2, 4), jnp.bfloat16), jnp.zeros((6, 8), jnp.bfloat16))
+  call = jax.ffi.ffi_call(cpu_matmul.TARGET, jax.ShapeDtypeStruct((2, 8), jnp.float32))
+  with pytest.raises(Exception, match="x and w must be bfloat16"):
+    jax.block_until_ready(call(jnp.zeros((2, 4), jnp.float32), jnp.zeros((4, 8), jnp.float32)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("tiny_matmul")
+  # tied embeddings, as SmolLM2's
+  make_hf_model("LlamaForCausalLM", folder, num_hidden_layers=3, max_position_embeddings=1024,
+                tie_word_embeddings=True)
+  return load_hf(folder), load_hf(folder, compute_dtype=jnp.bfloat16)
+
+
+def test_sampler_uses_the_kernel_in_bf16_and_says_why_not_otherwise(tiny):
+  fp32, bf16 = tiny
+  sampler = Sampler(bf16)
+  assert sampler.matmul_kernel == "cpu"
+  assert "lm_head" not in bf16.arrays()
+  # tied embeddings: the sampler keeps the embedding transposed for the logits' product
+  assert sampler.params["lm_head"].shape == sampler.params["embed"].shape[::-1]
+  np.testing.assert_array_equal(np.asarray(sampler.params["lm_head"]), np.asarray(sampler.params["embed"]).T)
+  assert Sampler(bf16, matmul_kernel="xla").matmul_kernel == "xla"
+  assert "lm_head" not in Sampler(bf16, matmul_kernel="xla").params
+  assert Sampler(fp32).matmul_kernel == "xla"
+  assert "computes in float32" in Sampler(fp32).matmul_note
+  with pytest.raises(ValueError, match="matmul_kernel='cpu': the CPU small-matmul kernel cannot run here: "
+                     "the sampler computes in float32"):
+    Sampler(fp32, matmul_kernel="cpu")
+  with pytest.raises(ValueError, match="matmul_kernel='amx' must be one of auto, cpu, xla"):
+    Sampler(bf16, matmul_kernel="amx")
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
+  assert Sampler(bf16, mesh=mesh).matmul_kernel == "xla"
+
+
+def test_bf16_sessions_with_the_kernel_give_xlas_tokens(tiny):
+  """Greedy multi-turn bf16 sessions (cache kept, rows of different lengths finishing at different steps, so
+  decode batches of 1 to 20 rows: the kernel up to 16, XLA above) give the same tokens with the kernel's
+  products as with XLA's, log-probs within bf16 rounding."""
+  _, model = tiny
+  rng = np.random.default_rng(7)
+  kernel, xla = Sampler(model), Sampler(model, matmul_kernel="xla")
+  sessions = kernel.session(), xla.session()
+  contexts = [rng.integers(1, 128, int(rng.integers(3, 50))).tolist() for _ in range(20)]
+  for turn in range(3):
+    rows = list(range(len(contexts))) if turn != 1 else [3]  # the second turn: one row alone
+    limits = [int(rng.integers(2, 20)) for _ in rows]
+    outs = [s.generate(rows, [contexts[r] for r in rows], SamplingParams(max_new_tokens=20),
+                       max_new_tokens=limits) for s in sessions]
+    assert outs[0].tokens == outs[1].tokens
+    for got, want in zip(outs[0].logprobs, outs[1].logprobs, strict=True):
+      np.testing.assert_allclose(got, want, rtol=0, atol=2e-2)
+    for r, t in zip(rows, outs[0].tokens, strict=True):
+      contexts[r] = contexts[r] + t + rng.integers(1, 128, int(rng.integers(1, 12))).tolist()
