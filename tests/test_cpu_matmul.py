@@ -1,5 +1,5 @@
-"""The CPU small-matmul kernel (`kernels/cpu_matmul.cc`): bf16 products of few rows against NumPy, and the
-sampler's decode steps with it against XLA's products."""
+"""The CPU matmul kernel (`kernels/cpu_matmul.cc`): bf16 products against NumPy (few rows: decode steps; many:
+prefills; fp32 and bf16 results), and the sampler with it against XLA's products."""
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +14,12 @@ from s3_jax.models.hf import load_hf
 from s3_jax.models.sampler import Sampler, SamplingParams
 
 # (m, k, n): decode-step shapes (SmolLM2's 576 / 1,536), column counts that are not a multiple of the kernel's
-# 64-column panels or 512-column tasks, contractions that end mid-block (blocks of 64 rows), one pair of rows.
+# 64-column panels or 512-column tasks, contractions that end mid-block (blocks of 64 rows), one pair of rows;
+# then more than 16 rows (the prefill path): rows that end mid-pass (6) and mid-task (192), a last panel of 32
+# columns or fewer.
 SHAPES = [(1, 576, 1536), (2, 1536, 576), (3, 64, 200), (16, 576, 192), (9, 66, 17), (12, 130, 1000),
-          (13, 2, 33), (5, 128, 64), (16, 96, 4100), (7, 576, 49)]
+          (13, 2, 33), (5, 128, 64), (16, 96, 4100), (7, 576, 49),
+          (17, 576, 1536), (100, 64, 200), (385, 66, 100), (193, 1536, 576), (40, 2, 70), (64, 128, 96)]
 
 
 @pytest.fixture(autouse=True)
@@ -26,7 +29,7 @@ def _kernel_builds():
     pytest.skip("no C++ compiler ($CXX, g++ or c++): the CPU kernel cannot be built here")
   usable, why = cpu_matmul.status()
   if not usable and "AVX512-BF16" in why:
-    pytest.skip(f"the small-matmul kernel does not run on this CPU: {why}")
+    pytest.skip(f"the matmul kernel does not run on this CPU: {why}")
   assert usable, f"the kernel must build on the test machine: {why}"
 
 
@@ -51,6 +54,18 @@ def test_kernel_matches_numpy(shape):
   assert np.max(np.abs(got - want)) < 1e-3 * np.max(np.abs(want))
 
 
+@pytest.mark.parametrize("shape", [(1, 576, 300), (16, 130, 70), (17, 576, 1536), (385, 66, 100)])
+def test_bf16_result_is_the_fp32_result_rounded(shape):
+  """A bf16 result is the fp32 sums rounded to nearest even, exactly (as NumPy's ml_dtypes rounds)."""
+  m, k, n = shape
+  rng = np.random.default_rng(sum(shape) + 1)
+  x, w = jnp.asarray(_bf16(rng, m, k)), jnp.asarray(_bf16(rng, k, n))
+  f32 = np.asarray(jax.jit(cpu_matmul.matmul)(x, w))
+  b16 = jax.jit(lambda x, w: cpu_matmul.matmul(x, w, jnp.bfloat16))(x, w)
+  assert b16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(b16), f32.astype(ml_dtypes.bfloat16))
+
+
 def test_kernel_takes_bf16_bits_and_matches_xla():
   """bf16's bits as uint16 (the sampler's cache dtype) multiply as bf16; the result agrees with XLA's own
   bf16 product with a float32 result within the same bound."""
@@ -65,6 +80,8 @@ def test_kernel_takes_bf16_bits_and_matches_xla():
 
 
 def test_bad_shapes_are_errors():
+  with pytest.raises(ValueError, match="out_dtype float16 must be float32 or bfloat16"):
+    cpu_matmul.matmul(jnp.zeros((2, 4), jnp.bfloat16), jnp.zeros((4, 8), jnp.bfloat16), jnp.float16)
   x = jnp.zeros((2, 5), jnp.bfloat16)
   with pytest.raises(ValueError, match=r"the contraction \(5\) must be even"):
     cpu_matmul.matmul(x, jnp.zeros((5, 8), jnp.bfloat16))
@@ -96,7 +113,7 @@ def test_sampler_uses_the_kernel_in_bf16_and_says_why_not_otherwise(tiny):
   assert "lm_head" not in Sampler(bf16, matmul_kernel="xla").params
   assert Sampler(fp32).matmul_kernel == "xla"
   assert "computes in float32" in Sampler(fp32).matmul_note
-  with pytest.raises(ValueError, match="matmul_kernel='cpu': the CPU small-matmul kernel cannot run here: "
+  with pytest.raises(ValueError, match="matmul_kernel='cpu': the CPU matmul kernel cannot run here: "
                      "the sampler computes in float32"):
     Sampler(fp32, matmul_kernel="cpu")
   with pytest.raises(ValueError, match="matmul_kernel='amx' must be one of auto, cpu, xla"):
@@ -107,8 +124,8 @@ def test_sampler_uses_the_kernel_in_bf16_and_says_why_not_otherwise(tiny):
 
 def test_bf16_sessions_with_the_kernel_give_xlas_tokens(tiny):
   """Greedy multi-turn bf16 sessions (cache kept, rows of different lengths finishing at different steps, so
-  decode batches of 1 to 20 rows: the kernel up to 16, XLA above) give the same tokens with the kernel's
-  products as with XLA's, log-probs within bf16 rounding."""
+  decode batches of 1 to 20 rows; prefills and chunked prefills of many rows) give the same tokens with the
+  kernel's products as with XLA's, log-probs within bf16 rounding."""
   _, model = tiny
   rng = np.random.default_rng(7)
   kernel, xla = Sampler(model), Sampler(model, matmul_kernel="xla")

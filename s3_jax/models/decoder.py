@@ -139,13 +139,12 @@ def _bf16_matmul_bwd(residuals, ct):
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def dense(equation: str, x: jax.Array, w: jax.Array, matmul: SmallMatmul | None = None) -> jax.Array:
+def dense(equation: str, x: jax.Array, w: jax.Array, matmul: MatmulKernel | None = None) -> jax.Array:
   """`dot(equation, x, w)` for a layer's weight matmul (`x [b, t, *in]`, `w [*in, *out]` ->
   `[b, t, *out]`), in bfloat16 as one 2-D matmul whose backward pass does every dot bf16 x bf16 -> f32 with
   the weight gradient's contraction minor (`benchmarks/README.md`, bf16 backward: the gradient of 30 MLP
   layers 1,963 -> 1,748 ms, against 2,363 in fp32). Other dtypes: `dot` itself (the same einsum as ever).
-  `matmul` (bf16, no gradient: the sampler's decode steps) multiplies products of few rows instead
-  (`SmallMatmul`)."""
+  `matmul` (`MatmulKernel`; bf16, no gradient: the sampler's) multiplies instead of XLA."""
   if x.dtype != jnp.bfloat16:
     return dot(equation, x, w)
   n_in = x.ndim - 2
@@ -156,7 +155,7 @@ def dense(equation: str, x: jax.Array, w: jax.Array, matmul: SmallMatmul | None 
   rows = x.reshape(b * t, -1)
   w2 = w.reshape(int(np.prod(x.shape[2:])), -1)
   if matmul is not None and matmul.applies(rows.shape):
-    flat = matmul(rows, w2.astype(x.dtype)).astype(x.dtype)
+    flat = matmul(rows, w2.astype(x.dtype), x.dtype)
   elif b * t == 1:  # XLA:CPU's bf16 matrix-vector product is slow: multiply two rows (`_two_rows`)
     flat = _bf16_matmul(_two_rows(rows), w2)[:1]
   else:
@@ -165,18 +164,18 @@ def dense(equation: str, x: jax.Array, w: jax.Array, matmul: SmallMatmul | None 
 
 
 @dataclasses.dataclass(frozen=True)
-class SmallMatmul:
-  """A product of few bf16 rows by a weight, `fn(x [m, k], w [k, n]) -> float32 [m, n]`, used where
-  `applies` (at most `max_rows` rows, `k` even): `kernels.cpu_matmul`'s on CPUs with AVX512-BF16, for the
-  sampler's decode steps, which read every weight to multiply a few rows. Not differentiable."""
-  fn: Callable[[jax.Array, jax.Array], jax.Array]
-  max_rows: int
+class MatmulKernel:
+  """A bf16 product by a weight outside XLA, `fn(x [m, k], w [k, n], out_dtype) -> [m, n]` (products exact,
+  fp32 sums), used where `applies` (`k` even): `kernels.cpu_matmul`'s on CPUs with AVX512-BF16, for the
+  sampler's prefills and decode steps (XLA:CPU's bf16 product reads the weights at 1-12 GB/s for the few rows
+  of a decode step and runs a prefill's at 100-380 GFLOP/s). Not differentiable."""
+  fn: Callable[..., jax.Array]
 
   def applies(self, shape: Sequence[int]) -> bool:
-    return shape[0] <= self.max_rows and shape[1] % 2 == 0
+    return shape[1] % 2 == 0
 
-  def __call__(self, x: jax.Array, w: jax.Array) -> jax.Array:
-    return self.fn(x, w)
+  def __call__(self, x: jax.Array, w: jax.Array, out_dtype: Any) -> jax.Array:
+    return self.fn(x, w, out_dtype)
 
 
 def _two_rows(x: jax.Array) -> jax.Array:
@@ -418,13 +417,13 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
 
 def prefill(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, attention_mask: jax.Array,
             slots: int, compute_dtype: Any = jnp.float32, unroll: bool = False,
-            cache_dtype: Any = None) -> tuple[jax.Array, KVCache]:
+            cache_dtype: Any = None, matmul: MatmulKernel | None = None) -> tuple[jax.Array, KVCache]:
   """Hidden states of left-padded prompts `[b, t]` and a fresh `slots`-slot cache holding their keys and
   values in `cache_dtype` (default: the compute dtype; bfloat16 kept as its bits, `cache_storage`) — no
-  attention over an empty cache, which XLA would otherwise constant-fold for ages."""
+  attention over an empty cache, which XLA would otherwise constant-fold for ages. `matmul`: `forward`'s."""
   attention_mask = attention_mask.astype(bool)
   hidden, fresh = _run_layers(config, params, tokens, default_positions(attention_mask), attention_mask, None,
-                              compute_dtype, unroll=unroll)
+                              compute_dtype, unroll=unroll, matmul=matmul)
   if not isinstance(fresh, list):  # stacked [layers, b, k, t, e]
     fresh = [(fresh[0][i], fresh[1][i]) for i in range(config.num_layers)]
   pad = slots - tokens.shape[1]
@@ -456,7 +455,7 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
             constrain: Callable[[jax.Array], jax.Array] | None = None,
             prefix: tuple[jax.Array, jax.Array] | None = None,
             cache_attention: Callable[..., jax.Array] | None = None,
-            matmul: SmallMatmul | None = None) -> tuple[jax.Array, KVCache | None]:
+            matmul: MatmulKernel | None = None) -> tuple[jax.Array, KVCache | None]:
   """Final-norm hidden states `[b, t, d]` for `tokens [b, t]` at `positions [b, t]`.
 
   `params["layers"]` is either stacked (`[layers, ...]` per weight: a `lax.scan` over layers, training) or a
@@ -477,8 +476,8 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
   parameters through the prefix's keys/values once (summed over rows) instead of once a row.
   `cache_attention` (with a cache) computes each layer's attention over the cache instead of XLA:
   `cache_attention(q, kt, v, valid, index)` as `kernels.cpu_attention.cached_attention` (the sampler's choice
-  on CPU). `matmul` (`SmallMatmul`, with per-layer weights: the sampler's loop) multiplies the weight
-  matmuls of few rows (decode steps) instead of XLA.
+  on CPU). `matmul` (`MatmulKernel`, with per-layer weights: the sampler's loop) multiplies the layers' weight
+  matmuls instead of XLA.
   """
   b, t = tokens.shape
   if attention_mask is None:
@@ -493,13 +492,13 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
                     cache.index + t)
 
 
-def lm_logits(params: dict[str, Any], hidden: jax.Array, matmul: SmallMatmul | None = None) -> jax.Array:
+def lm_logits(params: dict[str, Any], hidden: jax.Array, matmul: MatmulKernel | None = None) -> jax.Array:
   """Float32 logits `[..., vocab]` from final hidden states (tied embeddings when there is no head).
-  `matmul` (bf16 hidden states, a `lm_head [d, vocab]`: the sampler keeps one) multiplies few rows."""
+  `matmul` (bf16 hidden states, a `lm_head [d, vocab]`: the sampler keeps one) multiplies instead of XLA."""
   rows = math.prod(hidden.shape[:-1])
   if (matmul is not None and hidden.dtype == jnp.bfloat16 and "lm_head" in params
       and matmul.applies((rows, hidden.shape[-1]))):
-    flat = matmul(hidden.reshape(rows, -1), params["lm_head"].astype(hidden.dtype))
+    flat = matmul(hidden.reshape(rows, -1), params["lm_head"].astype(hidden.dtype), jnp.float32)
     return flat.reshape(*hidden.shape[:-1], -1)
   if hidden.dtype == jnp.bfloat16 and rows == 1:  # one row: `_two_rows`
     return lm_logits(params, _two_rows(hidden.reshape(1, -1)))[:1].reshape(*hidden.shape[:-1], -1)

@@ -26,7 +26,7 @@ from s3_jax import sharding as sharding_lib
 from s3_jax import tracing
 from s3_jax.kernels import cpu_attention, cpu_matmul
 from s3_jax.models import tokenizer as tokenizer_lib
-from s3_jax.models.decoder import Decoder, KVCache, SmallMatmul, forward, lm_logits, prefill, unstack_layers
+from s3_jax.models.decoder import Decoder, KVCache, MatmulKernel, forward, lm_logits, prefill, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +164,7 @@ def _pick_attention_kernel(choice: str, config, mesh) -> tuple[str, str]:
 
 
 def _pick_matmul_kernel(choice: str, mesh, dtype) -> tuple[str, str]:
-  """("cpu" | "xla", why) for `Sampler(matmul_kernel=choice)`: the decode steps' weight matmuls."""
+  """("cpu" | "xla", why) for `Sampler(matmul_kernel=choice)`: prefills' and decode steps' weight matmuls."""
   if choice not in ATTENTION_KERNELS:
     raise ValueError(f"matmul_kernel={choice!r} must be one of {', '.join(ATTENTION_KERNELS)}")
   if choice == "xla":
@@ -179,9 +179,9 @@ def _pick_matmul_kernel(choice: str, mesh, dtype) -> tuple[str, str]:
   else:
     usable, why = cpu_matmul.status()
     if usable:
-      return "cpu", f"decode steps' products of at most {cpu_matmul.MAX_ROWS} rows by the CPU kernel"
+      return "cpu", "bf16 weight matmuls by the CPU kernel"
   if choice == "cpu":
-    raise ValueError(f"matmul_kernel='cpu': the CPU small-matmul kernel cannot run here: {why}")
+    raise ValueError(f"matmul_kernel='cpu': the CPU matmul kernel cannot run here: {why}")
   return "xla", why
 
 
@@ -211,13 +211,12 @@ class Sampler:
     # or XLA's. The cache is in the decode steps' dtype.
     self.attention_kernel, self.attention_note = _pick_attention_kernel(attention_kernel, self.config, mesh)
     self.cache_attention = cpu_attention.cached_attention if self.attention_kernel == "cpu" else None
-    # The decode steps' weight matmuls (a few rows by every weight): the CPU kernel (`kernels.cpu_matmul`)
-    # where the sampler computes in bf16 throughout and the host has AVX512-BF16, else XLA's.
+    # The weight matmuls of prefills and decode steps: the CPU kernel (`kernels.cpu_matmul`) where the sampler
+    # computes in bf16 throughout and the host has AVX512-BF16, else XLA's.
     bf16 = self.compute_dtype == self.decode_dtype == jnp.bfloat16
     self.matmul_kernel, self.matmul_note = _pick_matmul_kernel(matmul_kernel, mesh,
                                                                jnp.bfloat16 if bf16 else self.decode_dtype)
-    self.small_matmul = (SmallMatmul(cpu_matmul.matmul, cpu_matmul.MAX_ROWS) if self.matmul_kernel == "cpu"
-                         else None)
+    self.matmul = MatmulKernel(cpu_matmul.matmul) if self.matmul_kernel == "cpu" else None
     self.cache_dtype = self.decode_dtype
     self.tokenizer = tokenizer
     self.pad_token_id = pad_token_id
@@ -255,14 +254,14 @@ class Sampler:
 
     The sampler keeps them unstacked (`decoder.unstack_layers`: one buffer per layer's weight), the layout
     its layer loop runs fastest on; `self.params` is that copy (in bf16 when the sampler computes in bf16:
-    its matmuls, norms and embedding lookups cast the weights to bf16 anyway). With the small-matmul kernel a
+    its matmuls, norms and embedding lookups cast the weights to bf16 anyway). With the matmul kernel a
     model with tied embeddings also gets `lm_head`, the embedding transposed (`[d, vocab]`, the kernel's
     layout; 56 MB for SmolLM2-135M)."""
     params = unstack_layers(params)
     if self.compute_dtype == self.decode_dtype == jnp.bfloat16:  # bf16 everywhere: the matmuls' own rounding
       params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                             params)
-    if self.small_matmul is not None and "lm_head" not in params:
+    if self.matmul is not None and "lm_head" not in params:
       params = {**params, "lm_head": params["embed"].T}
     if self.mesh is not None:
       def place(weights):
@@ -307,8 +306,8 @@ class Sampler:
   def _prefill_fn(self, params, tokens, mask, slots_like):
     self._traced("prefill", params, tokens, mask, slots_like)
     hidden, cache = prefill(self.config, params, tokens, mask, slots_like.shape[0], self.compute_dtype,
-                            cache_dtype=self.cache_dtype)
-    logits = lm_logits(params, hidden[:, -1])
+                            cache_dtype=self.cache_dtype, matmul=self.matmul)
+    logits = lm_logits(params, hidden[:, -1], self.matmul)
     next_position = jnp.sum(mask, axis=1).astype(jnp.int32)
     return cache, logits, next_position
 
@@ -336,10 +335,10 @@ class Sampler:
       hidden, cache = forward(self.config, params, token[:, None], s["position"][:, None],
                               attention_mask=active[:, None], cache=s["cache"],
                               compute_dtype=self.decode_dtype, cache_attention=self.cache_attention,
-                              matmul=self.small_matmul)
+                              matmul=self.matmul)
       return {**s, "rng": rng, "tokens": tokens, "logprobs": logprobs, "count": count, "done": done,
               "eos": s["eos"] | hit_eos, "cache": cache,
-              "logits": lm_logits(params, hidden[:, 0], self.small_matmul),
+              "logits": lm_logits(params, hidden[:, 0], self.matmul),
               "position": s["position"] + active.astype(jnp.int32), "step": s["step"] + 1}
 
     return self._constrain_state(jax.lax.while_loop(cond, body, state))
@@ -350,8 +349,8 @@ class Sampler:
     self._traced("extend", params, cache, tokens, mask, positions)
     hidden, cache = forward(self.config, params, tokens, positions, attention_mask=mask, cache=cache,
                             compute_dtype=self.compute_dtype, cache_attention=self.cache_attention,
-                            matmul=self.small_matmul)
-    return cache, lm_logits(params, hidden[:, -1], self.small_matmul)
+                            matmul=self.matmul)
+    return cache, lm_logits(params, hidden[:, -1], self.matmul)
 
   def _take_rows_fn(self, state, rows, padding):
     """The decode state of rows `rows [b']` only (compaction); `padding [b']` rows start done."""
