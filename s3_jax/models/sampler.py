@@ -14,7 +14,7 @@ quantity PPO needs as old log-probs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -140,10 +140,13 @@ def draw_token(scaled: jax.Array, rng: jax.Array, block: int = 128) -> jax.Array
 ATTENTION_KERNELS = ("auto", "cpu", "xla")
 
 
-def _pick_attention_kernel(choice: str, config, mesh) -> tuple[str, str]:
-  """("cpu" | "xla", why) for `Sampler(attention_kernel=choice)`."""
+def _pick_kernel(option: str, choice: str, mesh, unfit: str, status: Callable[[], tuple[bool, str]],
+                 name: str, used: str) -> tuple[str, str]:
+  """("cpu" | "xla", why) for `Sampler(<option>=choice)` and a CPU kernel (`name`, for errors) that runs on a
+  one-device CPU host where `status()` says it is usable; `unfit`, when not "", is why the model's settings
+  rule it out; `used` is the note when it runs."""
   if choice not in ATTENTION_KERNELS:
-    raise ValueError(f"attention_kernel={choice!r} must be one of {', '.join(ATTENTION_KERNELS)}")
+    raise ValueError(f"{option}={choice!r} must be one of {', '.join(ATTENTION_KERNELS)}")
   if choice == "xla":
     return "xla", "asked for"
   why = ""
@@ -151,38 +154,32 @@ def _pick_attention_kernel(choice: str, config, mesh) -> tuple[str, str]:
     why = f"the backend is {jax.default_backend()}"
   elif mesh is not None and mesh.devices.size > 1:
     why = f"the sampler's mesh has {mesh.devices.size} devices (the kernel runs on one)"
-  elif not cpu_attention.supports(config.num_heads, config.num_kv_heads, config.head_dim):
-    why = (f"no kernel for {config.num_heads} heads over {config.num_kv_heads} kv heads of dim "
-           f"{config.head_dim}")
+  elif unfit:
+    why = unfit
   else:
-    usable, why = cpu_attention.status()
+    usable, why = status()
     if usable:
-      return "cpu", "attention over the cache by the CPU kernel"
+      return "cpu", used
   if choice == "cpu":
-    raise ValueError(f"attention_kernel='cpu': the CPU decode-attention kernel cannot run here: {why}")
+    raise ValueError(f"{option}='cpu': the CPU {name} kernel cannot run here: {why}")
   return "xla", why
+
+
+def _pick_attention_kernel(choice: str, config, mesh) -> tuple[str, str]:
+  """("cpu" | "xla", why) for `Sampler(attention_kernel=choice)`."""
+  c = config
+  unfit = ("" if cpu_attention.supports(c.num_heads, c.num_kv_heads, c.head_dim) else
+           f"no kernel for {c.num_heads} heads over {c.num_kv_heads} kv heads of dim {c.head_dim}")
+  return _pick_kernel("attention_kernel", choice, mesh, unfit, cpu_attention.status, "decode-attention",
+                      "attention over the cache by the CPU kernel")
 
 
 def _pick_matmul_kernel(choice: str, mesh, dtype) -> tuple[str, str]:
   """("cpu" | "xla", why) for `Sampler(matmul_kernel=choice)`: prefills' and decode steps' weight matmuls."""
-  if choice not in ATTENTION_KERNELS:
-    raise ValueError(f"matmul_kernel={choice!r} must be one of {', '.join(ATTENTION_KERNELS)}")
-  if choice == "xla":
-    return "xla", "asked for"
-  why = ""
-  if jax.default_backend() != "cpu":
-    why = f"the backend is {jax.default_backend()}"
-  elif mesh is not None and mesh.devices.size > 1:
-    why = f"the sampler's mesh has {mesh.devices.size} devices (the kernel runs on one)"
-  elif dtype != jnp.bfloat16:
-    why = f"the sampler computes in {jnp.dtype(dtype).name} (the kernel multiplies bf16)"
-  else:
-    usable, why = cpu_matmul.status()
-    if usable:
-      return "cpu", "bf16 weight matmuls by the CPU kernel"
-  if choice == "cpu":
-    raise ValueError(f"matmul_kernel='cpu': the CPU matmul kernel cannot run here: {why}")
-  return "xla", why
+  unfit = ("" if dtype == jnp.bfloat16 else
+           f"the sampler computes in {jnp.dtype(dtype).name} (the kernel multiplies bf16)")
+  return _pick_kernel("matmul_kernel", choice, mesh, unfit, cpu_matmul.status, "matmul",
+                      "bf16 weight matmuls by the CPU kernel")
 
 
 class Sampler:
