@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import median_time
 
-from s3_jax.kernels import cpu_attention, cpu_matmul
+from s3_jax.kernels import cpu_attention
 
 SHAPES = {"first turn": (16, 512, 704, 64), "later turn": (16, 128, 1408, 64)}  # rows, chunk, kept slots, new
 
@@ -40,7 +40,7 @@ def main() -> None:
 
   from s3_jax import assets
   from s3_jax.models import decoder
-  from s3_jax.models.decoder import Decoder, KVCache, MatmulKernel, cache_storage, to_cache
+  from s3_jax.models.decoder import Decoder, KVCache, cache_storage, to_cache
   from s3_jax.models.hf import read_config
   from s3_jax.models.sampler import Sampler
 
@@ -53,7 +53,7 @@ def main() -> None:
   if samplers["CPU attention + matmul kernels"].matmul_kernel != "cpu":
     print(f"(no matmul kernel here: {samplers.pop('CPU attention + matmul kernels').matmul_note})")
   layers = samplers["CPU attention kernel"].params["layers"]
-  matmul_kernel = MatmulKernel(cpu_matmul.matmul) if cpu_matmul.status()[0] else None
+  kernel_sampler = samplers.get("CPU attention + matmul kernels")  # its weights packed for the kernel
   rng = np.random.default_rng(0)
   kv, e, heads = config.num_kv_heads, config.head_dim, config.num_heads
   per_token = 2 * sum(int(np.prod(w.shape)) for layer in layers for w in layer.values() if w.ndim > 1)
@@ -123,7 +123,7 @@ def main() -> None:
 
     x = jnp.asarray(rng.standard_normal((b, t, config.hidden_size)), compute)
 
-    def matmuls(x, kernel):
+    def matmuls(x, layers, kernel):
       kv_sum = jnp.zeros((), jnp.float32)  # keeps the k/v projections from being dropped as unused
       for p in layers:
         h = decoder.dense("btd,dhe->bthe", x, p["q"], kernel)
@@ -136,10 +136,11 @@ def main() -> None:
         x = x + decoder.dense("btf,fd->btd", jax.nn.silu(gate) * up, p["down"], kernel)
       return x, kv_sum
 
-    for label, kernel in (("XLA", None), ("matmul kernel", matmul_kernel)):
-      if kernel is None and label != "XLA":
-        continue
-      fn = jax.jit(lambda x, kernel=kernel: matmuls(x, kernel))
+    runs = [("XLA", layers, None)]
+    if kernel_sampler is not None:
+      runs.append(("matmul kernel", kernel_sampler.params["layers"], kernel_sampler.matmul))
+    for label, weights, kernel in runs:
+      fn = jax.jit(lambda x, weights=weights, kernel=kernel: matmuls(x, weights, kernel))
       ms = median_time(lambda fn=fn: jax.block_until_ready(fn(x)), args.repeats) * 1e3  # noqa: B023
       label = f"30 layers' weight matmuls alone, {label}"
       print(f"  {label:<42} {ms:8.1f} ms  {matmul_flop / ms / 1e6:6.1f} GFLOP/s")

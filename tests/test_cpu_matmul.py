@@ -33,6 +33,14 @@ def _kernel_builds():
   assert usable, f"the kernel must build on the test machine: {why}"
 
 
+def _unpack(w):
+  """The matrix [k, n] back from a PackedWeight's layout (NumPy: panel p, pair j, column c, row r of the pair
+  at data[p, j, 2c + r])."""
+  data = np.asarray(w.data)
+  panels, pairs, _ = data.shape
+  return data.reshape(panels, pairs, 64, 2).transpose(1, 3, 0, 2).reshape(2 * pairs, 64 * panels)[:, :w.n]
+
+
 def _bf16(rng, *shape):
   return rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
 
@@ -67,13 +75,15 @@ def test_bf16_result_is_the_fp32_result_rounded(shape):
 
 
 def test_kernel_takes_bf16_bits_and_matches_xla():
-  """bf16's bits as uint16 (the sampler's cache dtype) multiply as bf16; the result agrees with XLA's own
+  """bf16's bits as uint16 (the sampler's cache dtype), the rows' and the packed weight's, multiply as bf16;
+  the result agrees with XLA's own
   bf16 product with a float32 result within the same bound."""
   rng = np.random.default_rng(0)
   x, w = jnp.asarray(_bf16(rng, 4, 576)), jnp.asarray(_bf16(rng, 576, 300))
   bits = jax.lax.bitcast_convert_type(x, jnp.uint16)
   call = jax.ffi.ffi_call(cpu_matmul.TARGET, jax.ShapeDtypeStruct((4, 300), jnp.float32))
-  got = np.asarray(call(bits, w))
+  packed = cpu_matmul.pack(w).data
+  got = np.asarray(call(bits, jax.lax.bitcast_convert_type(packed, jnp.uint16)))
   xla = np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32))
   bound = 576 * 2.0**-22 * np.asarray(jnp.dot(jnp.abs(x), jnp.abs(w), preferred_element_type=jnp.float32))
   assert np.all(np.abs(got - xla) <= bound)
@@ -85,11 +95,33 @@ def test_bad_shapes_are_errors():
   x = jnp.zeros((2, 5), jnp.bfloat16)
   with pytest.raises(ValueError, match=r"the contraction \(5\) must be even"):
     cpu_matmul.matmul(x, jnp.zeros((5, 8), jnp.bfloat16))
-  with pytest.raises(ValueError, match=r"x \(2, 4\) and w \(6, 8\) are not \[m, k\] @ \[k, n\]"):
+  with pytest.raises(ValueError,
+                     match=r"x \(2, 4\) and w \(k=6, n=8\) are not \[m, k\] @ \[k, n\]"):
     cpu_matmul.matmul(jnp.zeros((2, 4), jnp.bfloat16), jnp.zeros((6, 8), jnp.bfloat16))
+  with pytest.raises(ValueError,
+                     match=r"the contraction of a weight of shape \(3, 5, 8\) \(15\) must be even"):
+    cpu_matmul.pack(jnp.zeros((3, 5, 8), jnp.bfloat16), n_in=2)
+  # the custom call itself checks what it is given
   call = jax.ffi.ffi_call(cpu_matmul.TARGET, jax.ShapeDtypeStruct((2, 8), jnp.float32))
-  with pytest.raises(Exception, match="x and w must be bfloat16"):
-    jax.block_until_ready(call(jnp.zeros((2, 4), jnp.float32), jnp.zeros((4, 8), jnp.float32)))
+  with pytest.raises(Exception, match="x and packed must be bfloat16"):
+    jax.block_until_ready(call(jnp.zeros((2, 4), jnp.float32), jnp.zeros((1, 2, 128), jnp.float32)))
+  with pytest.raises(Exception, match=r"shapes disagree .* packed \[1,3,128\]"):
+    jax.block_until_ready(call(jnp.zeros((2, 4), jnp.bfloat16), jnp.zeros((1, 3, 128), jnp.bfloat16)))
+
+
+def test_pack_lays_out_panels_of_pairs():
+  """`pack`'s layout as the kernel reads it: panel p, pair j, column c holds w[2j + r, 64p + c] at 2c + r,
+  zero past the weight's columns; a weight of several input dims packs as its matrix."""
+  w = np.arange(6 * 70, dtype=np.float32).reshape(6, 70).astype(ml_dtypes.bfloat16)
+  packed = cpu_matmul.pack(jnp.asarray(w))
+  data = np.asarray(packed.data)
+  assert data.shape == (2, 3, 128) and (packed.k, packed.n, packed.shape) == (6, 70, (6, 70))
+  for p, j, c, r in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 2, 63, 1), (1, 1, 5, 0), (1, 2, 5, 1)]:
+    assert data[p, j, 2 * c + r] == w[2 * j + r, 64 * p + c]
+  assert np.all(data[1, :, 12:] == 0)  # columns 70 ... 127
+  three = cpu_matmul.pack(jnp.asarray(w.reshape(2, 3, 70)), n_in=2)
+  assert (three.k, three.n, three.shape) == (6, 70, (2, 3, 70))
+  np.testing.assert_array_equal(np.asarray(three.data), data)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +138,20 @@ def test_sampler_uses_the_kernel_in_bf16_and_says_why_not_otherwise(tiny):
   sampler = Sampler(bf16)
   assert sampler.matmul_kernel == "cpu"
   assert "lm_head" not in bf16.arrays()
-  # tied embeddings: the sampler keeps the embedding transposed for the logits' product
-  assert sampler.params["lm_head"].shape == sampler.params["embed"].shape[::-1]
-  np.testing.assert_array_equal(np.asarray(sampler.params["lm_head"]), np.asarray(sampler.params["embed"]).T)
+  # tied embeddings: the sampler keeps the embedding transposed for the logits' product, and the table for
+  # the lookups as its bf16 bits
+  embed = np.asarray(bf16.arrays()["embed"].astype(jnp.bfloat16))
+  head = sampler.params["lm_head"]
+  assert isinstance(head, cpu_matmul.PackedWeight) and head.shape == embed.T.shape
+  np.testing.assert_array_equal(_unpack(head), embed.T)
+  # every layer's weight matmuls packed once, in the kernel's layout
+  for name, n_in in (("q", 1), ("o", 2), ("down", 1)):
+    want = np.asarray(bf16.arrays()["layers"][name][1].astype(jnp.bfloat16))
+    got = sampler.params["layers"][1][name]
+    assert isinstance(got, cpu_matmul.PackedWeight) and got.shape == want.shape
+    np.testing.assert_array_equal(_unpack(got), want.reshape(int(np.prod(want.shape[:n_in])), -1))
+  assert sampler.params["embed"].dtype == jnp.uint16
+  np.testing.assert_array_equal(np.asarray(sampler.params["embed"]), embed.view(np.uint16))
   assert Sampler(bf16, matmul_kernel="xla").matmul_kernel == "xla"
   assert "lm_head" not in Sampler(bf16, matmul_kernel="xla").params
   assert Sampler(fp32).matmul_kernel == "xla"

@@ -16,6 +16,7 @@ k kv heads, g query heads per kv head, e head_dim, f mlp, v vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from s3_jax.kernels.cpu_matmul import PackedWeight
 from s3_jax.models.config import DecoderConfig
 
 _NEG_INF = float(np.finfo(np.float32).min)
@@ -139,24 +141,29 @@ def _bf16_matmul_bwd(residuals, ct):
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def dense(equation: str, x: jax.Array, w: jax.Array, matmul: MatmulKernel | None = None) -> jax.Array:
+def dense(equation: str, x: jax.Array, w: jax.Array | PackedWeight, matmul: MatmulKernel | None = None
+          ) -> jax.Array:
   """`dot(equation, x, w)` for a layer's weight matmul (`x [b, t, *in]`, `w [*in, *out]` ->
   `[b, t, *out]`), in bfloat16 as one 2-D matmul whose backward pass does every dot bf16 x bf16 -> f32 with
   the weight gradient's contraction minor (`benchmarks/README.md`, bf16 backward: the gradient of 30 MLP
   layers 1,963 -> 1,748 ms, against 2,363 in fp32). Other dtypes: `dot` itself (the same einsum as ever).
-  `matmul` (`MatmulKernel`; bf16, no gradient: the sampler's) multiplies instead of XLA."""
-  if x.dtype != jnp.bfloat16:
-    return dot(equation, x, w)
+  A `PackedWeight` (the bf16 sampler's, `pack_weights`) is multiplied by `matmul` (`MatmulKernel`: no
+  gradient) instead of XLA."""
   n_in = x.ndim - 2
   if w.shape[:n_in] != x.shape[2:]:
     raise ValueError(f"dense {equation!r}: x {x.shape} and w {w.shape} are not [b, t, *in] @ [*in, *out]")
   b, t = x.shape[:2]
   out = w.shape[n_in:]
+  if isinstance(w, PackedWeight):
+    if matmul is None or x.dtype != jnp.bfloat16:
+      raise ValueError(f"dense {equation!r}: a packed weight needs bf16 x (got {x.dtype}) and the matmul "
+                       f"kernel (matmul={matmul})")
+    return matmul(x.reshape(b * t, -1), w, x.dtype).reshape(b, t, *out)
+  if x.dtype != jnp.bfloat16:
+    return dot(equation, x, w)
   rows = x.reshape(b * t, -1)
   w2 = w.reshape(int(np.prod(x.shape[2:])), -1)
-  if matmul is not None and matmul.applies(rows.shape):
-    flat = matmul(rows, w2.astype(x.dtype), x.dtype)
-  elif b * t == 1:  # XLA:CPU's bf16 matrix-vector product is slow: multiply two rows (`_two_rows`)
+  if b * t == 1:  # XLA:CPU's bf16 matrix-vector product is slow: multiply two rows (`_two_rows`)
     flat = _bf16_matmul(_two_rows(rows), w2)[:1]
   else:
     flat = _bf16_matmul(rows, w2)
@@ -165,17 +172,42 @@ def dense(equation: str, x: jax.Array, w: jax.Array, matmul: MatmulKernel | None
 
 @dataclasses.dataclass(frozen=True)
 class MatmulKernel:
-  """A bf16 product by a weight outside XLA, `fn(x [m, k], w [k, n], out_dtype) -> [m, n]` (products exact,
-  fp32 sums), used where `applies` (`k` even): `kernels.cpu_matmul`'s on CPUs with AVX512-BF16, for the
-  sampler's prefills and decode steps (XLA:CPU's bf16 product reads the weights at 1-12 GB/s for the few rows
-  of a decode step and runs a prefill's at 100-380 GFLOP/s). Not differentiable."""
+  """A bf16 product by a weight outside XLA: `fn(x [m, k], w, out_dtype) -> [m, n]` (products exact, fp32
+  sums) of a weight `pack(w, n_in)` laid out for it (a `PackedWeight`; `n_in`: the weight's input dims) —
+  `kernels.cpu_matmul`'s on CPUs with AVX512-BF16, for the sampler's prefills and decode steps (XLA:CPU's
+  bf16 product reads the weights at 1-12 GB/s for the few rows of a decode step and runs a prefill's at
+  100-380 GFLOP/s). Not differentiable."""
   fn: Callable[..., jax.Array]
+  pack: Callable[..., PackedWeight]
 
-  def applies(self, shape: Sequence[int]) -> bool:
-    return shape[1] % 2 == 0
-
-  def __call__(self, x: jax.Array, w: jax.Array, out_dtype: Any) -> jax.Array:
+  def __call__(self, x: jax.Array, w: PackedWeight, out_dtype: Any) -> jax.Array:
     return self.fn(x, w, out_dtype)
+
+
+# A layer's weight matmuls and how many leading dims of each weight its product contracts (`_layer`).
+WEIGHT_INPUT_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+
+
+def pack_weights(params: dict[str, Any], matmul: MatmulKernel) -> dict[str, Any]:
+  """`params` (unstacked layers, `unstack_layers`) with each layer's weight matmuls and `lm_head` packed for
+  `matmul` (`MatmulKernel.pack`; a weight whose contraction is odd stays as it is, for XLA). Packed once per
+  set of weights (the sampler's `set_params`), not per call."""
+  def packed(w, n_in):
+    if math.prod(w.shape[:n_in]) % 2:
+      return w
+    return _packer(matmul.pack, n_in)(w)
+
+  layers = tuple({name: packed(w, WEIGHT_INPUT_DIMS[name]) if name in WEIGHT_INPUT_DIMS else w
+                  for name, w in layer.items()} for layer in params["layers"])
+  out = {**params, "layers": layers}
+  if "lm_head" in params:
+    out["lm_head"] = packed(params["lm_head"], 1)
+  return out
+
+
+@functools.cache
+def _packer(pack: Callable[..., PackedWeight], n_in: int) -> Callable[[jax.Array], PackedWeight]:
+  return jax.jit(lambda w: pack(w, n_in))
 
 
 def _two_rows(x: jax.Array) -> jax.Array:
@@ -183,6 +215,16 @@ def _two_rows(x: jax.Array) -> jax.Array:
   slower than two (one decode step's 576 x 49,152 logits: 39.6 ms for one row, 3.8 ms for two, 3.5 ms in
   fp32; `benchmarks/README.md`, bf16 decode steps), so a batch-1 decode step multiplies two and keeps one."""
   return jnp.pad(x, [(0, 1), (0, 0)])
+
+
+def embed_rows(table: jax.Array, tokens: jax.Array) -> jax.Array:
+  """`table[tokens]` (token ids in range: `mode="clip"`). A uint16 table holds bf16 bits (the bf16 sampler's
+  copy, `Sampler.set_params`): its rows are read as bits and then viewed as bf16. A bf16 table read as such
+  in a decode loop made XLA:CPU (whose elementwise work on bf16 is fp32) move the rows' conversion to fp32
+  before the gather and hoist it out of the loop: the whole table converted once per decode call (SmolLM2's
+  49,152 x 576: 31 ms a call), and a bitcast of the whole table was copied likewise (15 ms a call)."""
+  rows = jnp.take(table, tokens, axis=0, mode="clip")
+  return jax.lax.bitcast_convert_type(rows, jnp.bfloat16) if table.dtype == jnp.uint16 else rows
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -374,7 +416,7 @@ def _run_layers(config, params, tokens, positions, attention_mask, cache, comput
     raise ValueError("a shared prefix and a KV cache are exclusive (the cache already holds the context)")
   t = tokens.shape[1]
   constrain = constrain or (lambda x: x)
-  x = constrain(jnp.take(params["embed"], tokens, axis=0).astype(compute_dtype))
+  x = constrain(embed_rows(params["embed"], tokens).astype(compute_dtype))
   inv_freq = jnp.asarray(rope_inv_freq(config))
   mask = jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask[:, None, :]
   layers = params["layers"]
@@ -494,17 +536,18 @@ def forward(config: DecoderConfig, params: dict[str, Any], tokens: jax.Array, po
 
 def lm_logits(params: dict[str, Any], hidden: jax.Array, matmul: MatmulKernel | None = None) -> jax.Array:
   """Float32 logits `[..., vocab]` from final hidden states (tied embeddings when there is no head).
-  `matmul` (bf16 hidden states, a `lm_head [d, vocab]`: the sampler keeps one) multiplies instead of XLA."""
+  A packed `lm_head` (`pack_weights`: the bf16 sampler's) is multiplied by `matmul` instead of XLA."""
   rows = math.prod(hidden.shape[:-1])
-  if (matmul is not None and hidden.dtype == jnp.bfloat16 and "lm_head" in params
-      and matmul.applies((rows, hidden.shape[-1]))):
-    flat = matmul(hidden.reshape(rows, -1), params["lm_head"].astype(hidden.dtype), jnp.float32)
-    return flat.reshape(*hidden.shape[:-1], -1)
+  head = params.get("lm_head")
+  if isinstance(head, PackedWeight):
+    if matmul is None or hidden.dtype != jnp.bfloat16:
+      raise ValueError(f"lm_logits: a packed lm_head needs bf16 hidden states (got {hidden.dtype}) and the "
+                       f"matmul kernel (matmul={matmul})")
+    return matmul(hidden.reshape(rows, -1), head, jnp.float32).reshape(*hidden.shape[:-1], -1)
   if hidden.dtype == jnp.bfloat16 and rows == 1:  # one row: `_two_rows`
     return lm_logits(params, _two_rows(hidden.reshape(1, -1)))[:1].reshape(*hidden.shape[:-1], -1)
-  if "lm_head" in params:
-    return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+  if head is not None:
+    return jnp.einsum("...d,dv->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
   return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(hidden.dtype),
                     preferred_element_type=jnp.float32)
 

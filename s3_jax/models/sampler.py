@@ -26,7 +26,16 @@ from s3_jax import sharding as sharding_lib
 from s3_jax import tracing
 from s3_jax.kernels import cpu_attention, cpu_matmul
 from s3_jax.models import tokenizer as tokenizer_lib
-from s3_jax.models.decoder import Decoder, KVCache, MatmulKernel, forward, lm_logits, prefill, unstack_layers
+from s3_jax.models.decoder import (
+  Decoder,
+  KVCache,
+  MatmulKernel,
+  forward,
+  lm_logits,
+  pack_weights,
+  prefill,
+  unstack_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +222,7 @@ class Sampler:
     bf16 = self.compute_dtype == self.decode_dtype == jnp.bfloat16
     self.matmul_kernel, self.matmul_note = _pick_matmul_kernel(matmul_kernel, mesh,
                                                                jnp.bfloat16 if bf16 else self.decode_dtype)
-    self.matmul = MatmulKernel(cpu_matmul.matmul) if self.matmul_kernel == "cpu" else None
+    self.matmul = MatmulKernel(cpu_matmul.matmul, cpu_matmul.pack) if self.matmul_kernel == "cpu" else None
     self.cache_dtype = self.decode_dtype
     self.tokenizer = tokenizer
     self.pad_token_id = pad_token_id
@@ -253,13 +262,20 @@ class Sampler:
     its layer loop runs fastest on; `self.params` is that copy (in bf16 when the sampler computes in bf16:
     its matmuls, norms and embedding lookups cast the weights to bf16 anyway). With the matmul kernel a
     model with tied embeddings also gets `lm_head`, the embedding transposed (`[d, vocab]`, the kernel's
-    layout; 56 MB for SmolLM2-135M)."""
+    layout; 56 MB for SmolLM2-135M), its weight matmuls packed in the kernel's layout (`decoder.pack_weights`)
+    and the bf16 embedding table as its bits (uint16, `decoder.embed_rows`: XLA then converts no more than the
+    rows it reads)."""
     params = unstack_layers(params)
     if self.compute_dtype == self.decode_dtype == jnp.bfloat16:  # bf16 everywhere: the matmuls' own rounding
       params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                             params)
     if self.matmul is not None and "lm_head" not in params:
       params = {**params, "lm_head": params["embed"].T}
+    if self.matmul is not None:
+      params = pack_weights(params, self.matmul)  # the kernel's layout, once per set of weights
+      if params["embed"].dtype == jnp.bfloat16:
+        # The logits read `lm_head`; the embedding is only looked up, kept as its bits (`decoder.embed_rows`).
+        params = {**params, "embed": jax.lax.bitcast_convert_type(params["embed"], jnp.uint16)}
     if self.mesh is not None:
       def place(weights):
         return {name: x if name == "layers" else jax.device_put(
