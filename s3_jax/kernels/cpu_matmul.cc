@@ -65,9 +65,11 @@ inline void Store16(uint16_t* o, __mmask16 mask, __m512 x) {
 }
 
 // Rows r0 ... r0 + R - 1 of x times pairs j0 ... j1 - 1 of one panel (columns c ... of out, lanes `mask`):
-// the sums start at zero (`first`) or from out's (fp32), and are stored to out. `kStream`: the panel comes
-// from memory, so prefetch it kAhead pairs ahead.
-template <int R, bool kStream, typename O>
+// the sums start at zero (`first`) or from out's (fp32), and are stored to out. kPrefetch: 0 none; kNear the
+// panel comes from memory, prefetched into L1 kAhead pairs ahead; kFar the next block of the panel (or the next
+// panel's first) into L2 while this pass computes from L1.
+constexpr int kNear = 1, kFar = 2;
+template <int R, int kPrefetch, typename O>
 void Pass(const uint16_t* x, int64_t K, int64_t j0, int64_t j1, const uint16_t* panel, O* out, int64_t N,
           int64_t r0, int64_t c, const __mmask16* mask, bool first) {
   static_assert(std::is_same_v<O, float> || std::is_same_v<O, uint16_t>, "fp32 or bf16 bits out");
@@ -84,9 +86,12 @@ void Pass(const uint16_t* x, int64_t K, int64_t j0, int64_t j1, const uint16_t* 
   const uint16_t* xr = x + r0 * K;
   const uint16_t* pk = panel + j0 * kPairWidth;
   for (int64_t j = j0; j < j1; ++j, pk += kPairWidth) {
-    if constexpr (kStream) {
+    if constexpr (kPrefetch == kNear) {
       const char* ahead = reinterpret_cast<const char*>(pk + kAhead * kPairWidth);
       for (int b = 0; b < 2 * kPairWidth; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    } else if constexpr (kPrefetch == kFar) {
+      const char* ahead = reinterpret_cast<const char*>(pk + kBlockPairs * kPairWidth);
+      for (int b = 0; b < 2 * kPairWidth; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T1);
     }
     __m512bh w[kVectors];
     for (int i = 0; i < kVectors; ++i) w[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pk + 32 * i));
@@ -107,10 +112,11 @@ template <typename O>
 using PassFn = void (*)(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, O*, int64_t, int64_t,
                         int64_t, const __mmask16*, bool);
 
-// passes[stream][R] for R = 1 ... kRows
+// passes[prefetch][R] for R = 1 ... kRows
 template <typename O, int... R>
-constexpr std::array<std::array<PassFn<O>, kRows + 1>, 2> Passes(std::integer_sequence<int, R...>) {
-  return {{{nullptr, Pass<R + 1, false, O>...}, {nullptr, Pass<R + 1, true, O>...}}};
+constexpr std::array<std::array<PassFn<O>, kRows + 1>, 3> Passes(std::integer_sequence<int, R...>) {
+  return {{{nullptr, Pass<R + 1, 0, O>...}, {nullptr, Pass<R + 1, kNear, O>...},
+           {nullptr, Pass<R + 1, kFar, O>...}}};
 }
 
 // The store masks of panel p's four vectors.
@@ -141,7 +147,9 @@ void RunFew(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* packed, fl
         const int64_t j1 = std::min(pairs, j0 + block);
         for (int64_t g = 0, r0 = 0; g < groups; ++g) {
           const int64_t rows = (M - r0) / (groups - g) + ((M - r0) % (groups - g) != 0);
-          passes[g == 0][rows](x, K, j0, j1, panel, out, N, r0, p * kPanel, mask, j0 == 0);
+          // the first pass streams the block (from L2 after the first block), the last fetches the next into L2
+          const int prefetch = g == 0 ? kNear : g == groups - 1 ? kFar : 0;
+          passes[prefetch][rows](x, K, j0, j1, panel, out, N, r0, p * kPanel, mask, j0 == 0);
           r0 += rows;
         }
       }
@@ -163,8 +171,8 @@ void RunMany(ffi::ThreadPool& pool, const uint16_t* x, const uint16_t* packed, O
     Masks(N, p, mask);
     const uint16_t* panel = packed + p * pairs * kPairWidth;
     for (int64_t r0 = m0; r0 < m1; r0 += kRows) {
-      passes[r0 == m0][std::min<int64_t>(kRows, m1 - r0)](x, K, 0, pairs, panel, out, N, r0, p * kPanel, mask,
-                                                          true);
+      passes[r0 == m0 ? kNear : 0][std::min<int64_t>(kRows, m1 - r0)](x, K, 0, pairs, panel, out, N, r0,
+                                                                       p * kPanel, mask, true);
     }
   });
 }
