@@ -91,7 +91,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | Path, *, show_progres
                       compute_dtype=precision.sampling_dtype(config))
     log(f"sampler: {jnp.dtype(sampler.compute_dtype).name} compute, decode attention by "
         f"{sampler.attention_kernel} ({sampler.attention_note}), weight matmuls of prefills and decode steps "
-        f"by {sampler.matmul_kernel} ({sampler.matmul_note}), KV cache in {jnp.dtype(sampler.cache_dtype).name}")
+        f"by {sampler.matmul_kernel} ({sampler.matmul_note}), "
+        f"KV cache in {jnp.dtype(sampler.cache_dtype).name}")
     scorer = scorer_from_config(config, services.generator, kind=config.reward.kind, rag_cache=data.rag_cache,
                                 cache=AnswerCache(sharding_lib.per_process_name(
                                     config.reward.cache or workdir / "answers.sqlite")))
