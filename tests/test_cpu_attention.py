@@ -131,10 +131,21 @@ def tiny(tmp_path_factory):
   return load_hf(folder), load_hf(folder, compute_dtype=jnp.bfloat16)
 
 
+def test_the_kernel_is_taken_by_auto_on_avx512_cpus_only():
+  assert cpu_attention.faster_here("fpu sse2 avx2 fma avx512f avx512bw avx512_bf16") == (True, "")
+  fast, why = cpu_attention.faster_here("fpu sse2 avx avx2 fma")
+  assert not fast and "the CPU has no AVX-512" in why
+  assert not cpu_attention.faster_here("avx512fx avx2")[0]  # whole flags only
+
+
 def test_sampler_uses_the_kernel_on_cpu_and_says_why_not_otherwise(tiny):
   model, _ = tiny
   sampler = Sampler(model)
-  assert (sampler.attention_kernel, sampler.cache_dtype) == ("cpu", jnp.float32)
+  fast, why = cpu_attention.faster_here()
+  assert (sampler.attention_kernel, sampler.cache_dtype) == ("cpu" if fast else "xla", jnp.float32)
+  if not fast:
+    assert sampler.attention_note == why
+  assert Sampler(model, attention_kernel="cpu").attention_kernel == "cpu"  # wherever it runs
   assert Sampler(model, attention_kernel="xla").attention_kernel == "xla"
   with pytest.raises(ValueError, match="attention_kernel='gpu' must be one of auto, cpu, xla"):
     Sampler(model, attention_kernel="gpu")
@@ -150,7 +161,7 @@ def test_sampler_with_the_kernel_equals_xla_attention_over_turns(tiny):
   with the kernel as with XLA's attention, and log-probs within float32 rounding."""
   model, _ = tiny
   rng = np.random.default_rng(4)
-  kernel, xla = Sampler(model), Sampler(model, attention_kernel="xla")
+  kernel, xla = Sampler(model, attention_kernel="cpu"), Sampler(model, attention_kernel="xla")
   sessions = kernel.session(), xla.session()
   contexts = [rng.integers(1, 128, int(rng.integers(3, 60))).tolist() for _ in range(6)]
   for _ in range(3):
@@ -168,7 +179,7 @@ def test_a_bf16_model_with_the_kernel_gives_the_xla_paths_tokens(tiny):
   """A bf16 model (bf16 prefills and decode steps over a bf16 cache kept as its bits): the kernel's greedy
   tokens equal XLA's attention's, log-probs within bf16 rounding."""
   _, model = tiny
-  kernel, xla = Sampler(model), Sampler(model, attention_kernel="xla")
+  kernel, xla = Sampler(model, attention_kernel="cpu"), Sampler(model, attention_kernel="xla")
   assert kernel.attention_kernel == "cpu" and kernel.cache_dtype == xla.cache_dtype == jnp.bfloat16
   assert kernel.params["layers"][0]["q"].dtype == xla.params["layers"][0]["q"].dtype == jnp.bfloat16
   prompts = [np.random.default_rng(i).integers(1, 128, n).tolist() for i, n in enumerate((5, 40, 17))]

@@ -55,6 +55,18 @@ def status() -> tuple[bool, str]:
   return _load()
 
 
+def faster_here(cpuinfo_flags: str | None = None) -> tuple[bool, str]:
+  """(True, "") where the kernel is the faster choice for `Sampler(attention_kernel="auto")`, else (False,
+  why). It was tuned and measured on AVX-512 CPUs; on an AVX2-only CPU (a Zen 1 EPYC, 2026-12-08) the same
+  build ran a chunked prefill's attention 3.7-4.6x and a decode step's 1.2-1.6x slower than XLA's, and a
+  SmolLM2 rollout took 206 s against 110 s with XLA's attention (benchmarks/README.md)."""
+  flags = (build.cpu_flags() if cpuinfo_flags is None else cpuinfo_flags).split()
+  if "avx512f" in flags:
+    return True, ""
+  return False, ("the CPU has no AVX-512 (on AVX2 the kernel measured slower than XLA's attention: "
+                 "benchmarks/README.md)")
+
+
 def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
   """Whether the kernel is instantiated for these attention shapes."""
   return (head_dim in HEAD_DIMS and num_kv_heads > 0 and num_heads % num_kv_heads == 0

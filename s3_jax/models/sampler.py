@@ -145,15 +145,18 @@ def draw_token(scaled: jax.Array, rng: jax.Array, block: int = 128) -> jax.Array
 
 
 # Sampler(attention_kernel=...): "auto" = the CPU kernel where it applies (CPU backend, one device, a
-# compiler, supported head shapes), else XLA; "cpu" = the kernel or an error saying why not; "xla" = never.
+# compiler, supported head shapes) and is the faster one there (attention: an AVX-512 CPU), else XLA; "cpu" =
+# the kernel or an error saying why not; "xla" = never.
 ATTENTION_KERNELS = ("auto", "cpu", "xla")
 
 
 def _pick_kernel(option: str, choice: str, mesh, unfit: str, status: Callable[[], tuple[bool, str]],
-                 name: str, used: str) -> tuple[str, str]:
+                 name: str, used: str,
+                 faster: Callable[[], tuple[bool, str]] | None = None) -> tuple[str, str]:
   """("cpu" | "xla", why) for `Sampler(<option>=choice)` and a CPU kernel (`name`, for errors) that runs on a
   one-device CPU host where `status()` says it is usable; `unfit`, when not "", is why the model's settings
-  rule it out; `used` is the note when it runs."""
+  rule it out; `used` is the note when it runs; `faster()`, when given, says whether "auto" should take it on
+  this host ("cpu" takes it wherever it runs)."""
   if choice not in ATTENTION_KERNELS:
     raise ValueError(f"{option}={choice!r} must be one of {', '.join(ATTENTION_KERNELS)}")
   if choice == "xla":
@@ -167,6 +170,8 @@ def _pick_kernel(option: str, choice: str, mesh, unfit: str, status: Callable[[]
     why = unfit
   else:
     usable, why = status()
+    if usable and choice == "auto" and faster is not None:
+      usable, why = faster()
     if usable:
       return "cpu", used
   if choice == "cpu":
@@ -180,7 +185,7 @@ def _pick_attention_kernel(choice: str, config, mesh) -> tuple[str, str]:
   unfit = ("" if cpu_attention.supports(c.num_heads, c.num_kv_heads, c.head_dim) else
            f"no kernel for {c.num_heads} heads over {c.num_kv_heads} kv heads of dim {c.head_dim}")
   return _pick_kernel("attention_kernel", choice, mesh, unfit, cpu_attention.status, "decode-attention",
-                      "attention over the cache by the CPU kernel")
+                      "attention over the cache by the CPU kernel", cpu_attention.faster_here)
 
 
 def _pick_matmul_kernel(choice: str, mesh, dtype) -> tuple[str, str]:
