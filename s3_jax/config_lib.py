@@ -282,8 +282,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Keep each episode's KV cache across turns and prefill only what the environment appended (s3/verl
   # re-prefill the whole context every turn: False, the reference the cached path is tested against).
   c.rollout.keep_cache = True
-  # Decode steps' attention over the cache: auto (the CPU kernel, s3_jax/kernels, on a one-device CPU host
-  # with a C++ compiler; else XLA's) | cpu (the kernel, or an error saying why not) | xla.
+  # Decode steps' and chunked prefills' attention over the cache: auto (the CPU kernel, s3_jax/kernels, on a
+  # one-device AVX-512 CPU host with a C++ compiler; else XLA's) | cpu (the kernel, or an error saying why
+  # not) | xla.
   c.rollout.attention_kernel = "auto"
   # Decode steps' weight matmuls (a few rows by every weight): auto (the CPU kernel, kernels/cpu_matmul, where
   # the sampler computes in bf16 on a one-device CPU host with AVX512-BF16; else XLA's) | cpu | xla.
