@@ -23,6 +23,7 @@ def test_the_demo_config_is_a_short_learn_run():
 
 
 @pytest.mark.slow
+@pytest.mark.late(seconds=150)
 def test_the_demo_trains_evaluates_three_rows_and_writes_the_page(tmp_path, asset):
   for name in ("smollm2-135m-instruct", "wiki-vital", "qa-trivia"):
     asset(name)

@@ -213,7 +213,8 @@ def _greedy_rollouts(model, tokenizer, client, examples, initial, config):
   return out[True], out[False]
 
 
-@pytest.mark.parametrize("model_name", ["tiny", pytest.param("smollm2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_name", ["tiny", pytest.param("smollm2", marks=[pytest.mark.slow,
+                                                                              pytest.mark.late(seconds=180)])])
 def test_cached_turns_give_the_re_prefill_trajectories(model_name, asset, tokenizer, retriever, tmp_path):
   import jax.numpy as jnp
   from test_decoder import make_hf_model

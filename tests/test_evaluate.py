@@ -99,7 +99,8 @@ def _s3_rag_context(docs, k=3):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.late(seconds=120)) if m == "ircot"
+                                    else m for m in METHODS])
 def test_every_method_end_to_end(method, services, tmp_path):
   out = tmp_path / method
   evaluate(_config(), method, out, datasets="fanout,nq", services=services, show_progress=False,

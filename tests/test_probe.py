@@ -15,6 +15,7 @@ def _config():
   return config_lib.load(str(REPO / "configs/tiny.py"), ["rollout.max_response_length=128"])
 
 
+@pytest.mark.late(seconds=240)  # 231 s on an AVX2 Zen 1
 def test_counts_follow_the_scripts_and_skip_leaves_questions_out():
   from s3_jax import assets
   from s3_jax.data.qa import read_qa

@@ -43,6 +43,7 @@ def _recording_instances(monkeypatch, cls):
 
 
 @pytest.mark.slow
+@pytest.mark.late(seconds=120)
 def test_train_main_two_steps_on_tiny(tmp_path, asset, monkeypatch):
   from s3_jax import train
   from s3_jax.models.sampler import Sampler
