@@ -160,6 +160,7 @@ def test_ablation_switches(tokenizer, retriever):
 
 
 @pytest.mark.slow
+@pytest.mark.late(seconds=70)
 def test_real_policy_batch_of_4(asset, tokenizer, retriever):
   import jax.numpy as jnp
 

@@ -168,6 +168,7 @@ def test_runs_resume_and_guards(services, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.late(seconds=70)
 def test_mirage_judge_only(services, tmp_path):
   out = tmp_path / "mirage"
   with pytest.raises(ValueError, match="judge alone"):

@@ -556,7 +556,8 @@ def test_shared_prefix_length_is_common_real_tokens_before_every_window(monkeypa
   assert learner_lib.PPOLearner(SETTINGS, CONFIG).layout(batch).prefix == 0  # off
 
 
-@pytest.mark.parametrize("separate, loss_agg, mesh", [(True, "token_mean", False),
+@pytest.mark.parametrize("separate, loss_agg, mesh", [pytest.param(True, "token_mean", False,
+                                                                   marks=pytest.mark.late(seconds=100)),
                                                       (True, "micro_token_mean", False),
                                                       (False, "token_mean", True)])
 def test_a_shared_prefix_computed_once_gives_the_same_scores_and_update(separate, loss_agg, mesh,
