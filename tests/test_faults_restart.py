@@ -18,7 +18,7 @@ from conftest import REPO
 from s3_jax import config_lib
 from s3_jax import metrics as metrics_lib
 
-pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.late]
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.late(seconds=220)]
 
 
 def _free_port():

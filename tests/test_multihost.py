@@ -71,7 +71,7 @@ def _metrics(workdir):
 
 @pytest.mark.slow
 @pytest.mark.entry
-@pytest.mark.late
+@pytest.mark.late(seconds=340)
 def test_training_two_processes_match_one(tmp_path):
   _run_single(TRAIN, 8, tmp_path / "single")
   _run_hosts(lambda i: [*TRAIN, "--workdir", str(tmp_path / "multi")], 4)
@@ -102,7 +102,7 @@ EVALUATE = ["s3_jax.evaluate", "--config", "configs/tiny.py", "--method", "rag",
 
 @pytest.mark.slow
 @pytest.mark.entry
-@pytest.mark.late
+@pytest.mark.late(seconds=250)
 def test_precompute_and_evaluate_two_processes_match_one(tmp_path):
   _run_single(PRECOMPUTE, 1, tmp_path / "pre1")
   _run_single(EVALUATE, 1, tmp_path / "eval1")

@@ -52,7 +52,7 @@ def test_bad_sweep_launches_nothing(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.entry
-@pytest.mark.late
+@pytest.mark.late(seconds=190)
 def test_local_sweep_of_two_tiny_runs(tmp_path):
   done = _sweep("--config", "configs/tiny.py:steps=1", "--root", str(tmp_path))
   assert done.returncode == 0, done.stderr[-3000:]

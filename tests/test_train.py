@@ -146,7 +146,7 @@ def _cli(workdir, steps, env_extra=None, *extra):
 
 @pytest.mark.slow
 @pytest.mark.entry
-@pytest.mark.late
+@pytest.mark.late(seconds=280)
 def test_killed_run_resumes_to_the_same_metrics_and_parameters(tmp_path, asset):
   for name in ("smollm2-135m-instruct", "wiki-vital", "qa-fanout"):
     asset(name)
@@ -177,7 +177,7 @@ def test_killed_run_resumes_to_the_same_metrics_and_parameters(tmp_path, asset):
 @pytest.mark.faults
 @pytest.mark.slow
 @pytest.mark.entry
-@pytest.mark.late
+@pytest.mark.late(seconds=110)
 def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, asset):
   """64 bytes changed in the newest checkpoint's largest data file (orbax alone restored it silently and the
   next step went NaN): the rerun names the file, moves the step aside, resumes from the step before and ends
